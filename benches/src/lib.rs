@@ -1,0 +1,1 @@
+//! Benches live in `benches/`; scripts for peer comparisons beside them.

@@ -1,0 +1,103 @@
+//! [`ImageBackend`]: the catalogue of one storage system (a directory, a bucket, a LUN...).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::source::DynSource;
+
+/// A shared, type-erased backend.
+pub type DynBackend = Arc<dyn ImageBackend>;
+
+/// How an image is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Reads only; write-class calls fail with [`ErrorKind::ReadOnly`].
+    ReadOnly,
+    /// Reads and writes (private vdisks, maintenance).
+    ReadWrite,
+}
+
+/// What a backend knows about one image without opening it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageStat {
+    /// The image name inside the backend.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Changes whenever the content may have changed (see [`crate::SourceInfo`]).
+    pub generation: String,
+    /// The backend would open it [`OpenMode::ReadWrite`].
+    pub writable: bool,
+}
+
+/// One storage system holding images.
+///
+/// # Contract
+/// - Image names are plain names (`[A-Za-z0-9._-]`, not starting with `.`); a name that
+///   could escape the backend's root is [`ErrorKind::InvalidInput`], a missing image
+///   [`ErrorKind::NotFound`]. [`validate_image_name`] does the check for every backend.
+/// - `open` returns a source whose [`crate::SourceInfo`] matches what `stat` said at that
+///   moment; `ReadWrite` on a backend or image that is not writable is
+///   [`ErrorKind::ReadOnly`].
+/// - `list` is cheap enough to call on every protocol-level listing.
+#[async_trait]
+pub trait ImageBackend: Send + Sync + Debug {
+    /// The instance name from the configuration (`[backends.NAME]`).
+    fn name(&self) -> &str;
+
+    /// The registry kind (`file`, `s3`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// Every image this backend holds, sorted by name.
+    async fn list(&self) -> Result<Vec<ImageStat>>;
+
+    /// Size and generation of one image.
+    async fn stat(&self, image: &str) -> Result<ImageStat>;
+
+    /// Opens one image as a block source.
+    async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource>;
+}
+
+/// Checks that `name` is a plain image name that cannot escape a backend's root.
+pub fn validate_image_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "invalid image name {name:?}: use letters, digits, '.', '_' and '-', \
+                 not starting with '.'"
+            ),
+        )
+        .with_op("validate_image_name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_escape_are_refused() {
+        for bad in ["", "..", "../etc/passwd", "a/b", ".hidden", "a\0b", "a b"] {
+            assert_eq!(
+                validate_image_name(bad).unwrap_err().kind(),
+                ErrorKind::InvalidInput,
+                "{bad:?}"
+            );
+        }
+        for good in ["demo", "win10.v2", "ubuntu-24_04"] {
+            validate_image_name(good).unwrap();
+        }
+    }
+}

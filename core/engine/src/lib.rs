@@ -1,0 +1,64 @@
+//! The osstream engine.
+//!
+//! Every byte a client reads takes one path: an [`ImageBackend`] opens an image as a
+//! [`BlockSource`]; [`Layer`]s wrap it (the [`CacheLayer`] over a [`RamTier`] by default);
+//! a [`BootProtocol`] (NBD, HTTP, TFTP) turns client requests into
+//! [`BlockSource::read_at`] calls on the result. Backends are chosen by a configuration
+//! `kind` through the explicit [`Registry`]. There is one error type, [`Error`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use osstream_core::{BlockSource, CacheLayer, Layer, RamTier, ReadOpts};
+//! # use osstream_core::*;
+//! # #[derive(Debug)] struct Zeros(SourceInfo);
+//! # #[async_trait::async_trait] impl BlockSource for Zeros {
+//! #   fn info(&self) -> &SourceInfo { &self.0 }
+//! #   fn capability(&self) -> Capability { Capability::read_only() }
+//! #   fn geometry(&self) -> Geometry { Geometry::default() }
+//! #   async fn read_at(&self, o: u64, l: usize, _: ReadOpts) -> Result<Bytes> {
+//! #     check_range(&self.0, "read_at", o, l as u64)?; Ok(Bytes::from(vec![0; l])) }
+//! #   async fn write_at(&self, _: u64, _: Bytes, _: WriteOpts) -> Result<()> { Err(read_only_error(&self.0, "write_at")) }
+//! #   async fn flush(&self) -> Result<()> { Ok(()) }
+//! #   async fn trim(&self, _: u64, _: u64) -> Result<()> { Err(read_only_error(&self.0, "trim")) }
+//! #   async fn write_zeroes(&self, _: u64, _: u64, _: ZeroOpts) -> Result<()> { Err(read_only_error(&self.0, "write_zeroes")) }
+//! #   async fn extents(&self, _: u64, l: u64) -> Result<Vec<Extent>> { Ok(vec![Extent { length: l, kind: ExtentKind::Data }]) }
+//! # }
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let image = Arc::new(Zeros(SourceInfo { name: "demo".into(), size: 1 << 20, generation: "1".into() }));
+//! let cache = CacheLayer::new(Arc::new(RamTier::new(64 << 20)), 64 * 1024);
+//! let source = cache.layer(image);
+//! let block = source.read_at(4096, 512, ReadOpts::default()).await.unwrap();
+//! assert_eq!(block.len(), 512);
+//! source.read_at(4096, 512, ReadOpts::default()).await.unwrap();
+//! assert_eq!(cache.stats().hits, 1);
+//! # });
+//! ```
+
+mod backend;
+pub mod cache;
+mod error;
+mod exports;
+mod layer;
+mod protocol;
+mod registry;
+mod source;
+pub mod units;
+
+pub use backend::{DynBackend, ImageBackend, ImageStat, OpenMode, validate_image_name};
+pub use cache::{BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, TierStats};
+pub use error::{Error, ErrorKind, Result};
+pub use exports::{ExportEntry, Exports};
+pub use layer::Layer;
+pub use protocol::{BootProtocol, ServeContext};
+pub use registry::{BackendContext, BackendFactory, Registry, config_error, parse_table};
+pub use source::{
+    BlockSource, BlockSourceExt, Capability, DynSource, Extent, ExtentKind, Geometry, ReadOpts,
+    SourceInfo, WriteOpts, ZeroOpts, check_range, read_only_error,
+};
+pub use units::{ByteSize, Seconds};
+
+/// Re-exported so that implementations need no direct dependency to name them.
+pub use async_trait::async_trait;
+pub use bytes::Bytes;
+pub use tokio_util::sync::CancellationToken;

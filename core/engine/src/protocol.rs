@@ -1,0 +1,36 @@
+//! [`BootProtocol`]: a network protocol that serves exports to clients (NBD, HTTP, TFTP).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::exports::Exports;
+
+/// What a protocol needs from the engine while serving.
+#[derive(Debug, Clone)]
+pub struct ServeContext {
+    /// Names clients may open, resolved to layered sources.
+    pub exports: Arc<Exports>,
+}
+
+/// A protocol server.
+///
+/// # Contract
+/// - `bind` claims every socket the protocol listens on and returns their addresses; it
+///   fails at start-up (a port clash stops the server before any client is served).
+/// - `serve` runs until `shutdown` is cancelled, then stops accepting, lets requests in
+///   flight finish, and returns. Errors of one client never end `serve`.
+#[async_trait]
+pub trait BootProtocol: Send + Sync + Debug {
+    /// A short name for logs (`nbd`, `http`, `tftp`).
+    fn name(&self) -> &'static str;
+
+    /// Binds the configured listeners; returns what was bound, for logs.
+    async fn bind(&mut self) -> Result<Vec<String>>;
+
+    /// Serves clients until `shutdown` is cancelled and in-flight work has drained.
+    async fn serve(self: Box<Self>, ctx: ServeContext, shutdown: CancellationToken) -> Result<()>;
+}

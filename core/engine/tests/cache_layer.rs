@@ -1,0 +1,165 @@
+//! The cache layer over the RAM tier passes the conformance suites, is single-flight,
+//! survives eviction pressure, never caches errors and drops blocks on writes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use osstream_core::{CacheLayer, ErrorKind, Layer, RamTier, ReadOpts, WriteOpts};
+use osstream_testkit::{InstrumentedSource, MemSource, conformance, pattern};
+
+fn cache(capacity: u64, block_size: u64) -> CacheLayer {
+    CacheLayer::new(Arc::new(RamTier::new(capacity)), block_size)
+}
+
+#[tokio::test]
+async fn mem_source_passes_read_suite() {
+    let data = pattern(1, 1_000_003);
+    conformance::read_suite(Arc::new(MemSource::new("m", data.clone())), &data).await;
+}
+
+#[tokio::test]
+async fn cache_layer_passes_read_suite_at_several_block_sizes() {
+    let data = pattern(2, 1_000_003);
+    for block_size in [512, 3000, 4096, 65_536, 1 << 20] {
+        let layer = cache(64 << 20, block_size);
+        let source = layer.layer(Arc::new(MemSource::new("m", data.clone())));
+        conformance::read_suite(source.clone(), &data).await;
+        // A second pass is served from the tier and must be just as right.
+        conformance::read_suite(source, &data).await;
+        assert!(
+            layer.stats().hits > 0,
+            "block size {block_size}: {:?}",
+            layer.stats()
+        );
+    }
+}
+
+#[tokio::test]
+async fn cache_layer_under_eviction_pressure_stays_correct() {
+    let data = pattern(3, 4 << 20);
+    let layer = cache(256 << 10, 16 << 10);
+    let source = layer.layer(Arc::new(MemSource::new("m", data.clone())));
+    conformance::read_suite(source.clone(), &data).await;
+    conformance::read_suite(source, &data).await;
+    let tier = layer.tier().stats();
+    assert!(
+        tier.evictions > 0 && tier.bytes <= tier.capacity,
+        "{tier:?}"
+    );
+}
+
+#[tokio::test]
+async fn cache_layer_is_single_flight() {
+    conformance::single_flight_suite(&cache(16 << 20, 64 << 10)).await;
+}
+
+#[tokio::test]
+async fn adjacent_misses_share_one_backend_read() {
+    let data = pattern(4, 1 << 20);
+    let counter =
+        InstrumentedSource::counting(Arc::new(MemSource::new("m", data.clone())), Duration::ZERO);
+    let layer = cache(16 << 20, 4096);
+    let source = layer.layer(counter.clone());
+    let got = source
+        .read_at(100, 200_000, ReadOpts::default())
+        .await
+        .unwrap();
+    assert!(got[..] == data[100..200_100]);
+    assert_eq!(counter.reads(), 1);
+    assert_eq!(layer.stats().misses, 49);
+}
+
+#[tokio::test]
+async fn errors_reach_every_waiter_and_are_not_cached() {
+    let data = pattern(5, 1 << 20);
+    let flaky = InstrumentedSource::builder(Arc::new(MemSource::new("m", data.clone())))
+        .delay(Duration::from_millis(30))
+        .fail_every(1)
+        .build();
+    let source = cache(16 << 20, 65_536).layer(flaky.clone());
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let source = source.clone();
+            tokio::spawn(async move { source.read_at(0, 4096, ReadOpts::default()).await })
+        })
+        .collect();
+    for reader in readers {
+        let err = reader.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Io);
+        assert!(err.is_temporary());
+    }
+    assert_eq!(flaky.reads(), 1, "waiters share the failed fill");
+
+    // The failure was not cached: a healthy backend now serves the block.
+    let healthy =
+        InstrumentedSource::counting(Arc::new(MemSource::new("m", data.clone())), Duration::ZERO);
+    let layer = cache(16 << 20, 65_536);
+    let source = layer.layer(healthy.clone());
+    assert!(source.read_at(0, 4096, ReadOpts::default()).await.unwrap()[..] == data[..4096]);
+}
+
+#[tokio::test]
+async fn a_cancelled_filler_does_not_strand_its_waiters() {
+    let data = pattern(6, 1 << 20);
+    let slow = InstrumentedSource::counting(
+        Arc::new(MemSource::new("m", data.clone())),
+        Duration::from_millis(200),
+    );
+    let source = cache(16 << 20, 65_536).layer(slow.clone());
+    let leader = {
+        let source = source.clone();
+        tokio::spawn(async move { source.read_at(0, 10, ReadOpts::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let waiter = {
+        let source = source.clone();
+        tokio::spawn(async move { source.read_at(5, 10, ReadOpts::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    leader.abort();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("waiter hung")
+        .unwrap()
+        .unwrap();
+    assert!(got[..] == data[5..15]);
+    assert_eq!(
+        slow.reads(),
+        2,
+        "the waiter refilled after the leader was cancelled"
+    );
+}
+
+#[tokio::test]
+async fn writes_drop_cached_blocks() {
+    let data = pattern(7, 1 << 20);
+    let layer = cache(16 << 20, 65_536);
+    let source = layer.layer(Arc::new(MemSource::writable("w", data.clone())));
+    assert!(source.read_at(0, 100, ReadOpts::default()).await.unwrap()[..] == data[..100]);
+    source
+        .write_at(10, Bytes::from_static(b"fresh"), WriteOpts::default())
+        .await
+        .unwrap();
+    let got = source.read_at(0, 100, ReadOpts::default()).await.unwrap();
+    assert_eq!(&got[10..15], b"fresh");
+    conformance::write_suite(source).await;
+}
+
+#[tokio::test]
+async fn changed_generation_is_not_served_stale() {
+    let layer = cache(16 << 20, 65_536);
+    let old = layer.layer(Arc::new(MemSource::new("img", vec![1; 8192])));
+    old.read_at(0, 8192, ReadOpts::default()).await.unwrap();
+    // Same name, new content and generation: a different key space.
+    let mut new_source = MemSource::new("img", vec![2; 8192]);
+    new_source = MemSource::renamed_generation(new_source, "mem-2");
+    let new = layer.layer(Arc::new(new_source));
+    assert!(
+        new.read_at(0, 8192, ReadOpts::default())
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 2)
+    );
+}

@@ -1,0 +1,12 @@
+//! Test support for osstream: one conformance suite that every backend, layer, tier and
+//! plugin adapter runs, and small sources to build stacks from.
+//!
+//! - [`MemSource`]: an in-memory image (read-only or writable).
+//! - [`InstrumentedSource`]: counts the reads that reach it (to prove single-flight and
+//!   caching), delays them (a slow backend or link) and fails chosen ones (faults).
+//! - [`conformance`]: the suites.
+
+pub mod conformance;
+mod sources;
+
+pub use sources::{InstrumentedBuilder, InstrumentedSource, MemSource, pattern};
