@@ -1,1 +1,164 @@
+//! The `file` image backend: raw images in a directory.
+//!
+//! The directory may be on a local disk or on a kernel NFS/NAS mount. Each `NAME.img` file
+//! directly inside `root` is the image `NAME`. Reads and writes are positional
+//! (`pread`/`pwrite` on a blocking-pool thread), so concurrent requests never serialise on
+//! a shared file cursor. Images open read-write only when the backend is configured
+//! `writable = true`; `flush` is `fdatasync`. The generation is the file's mtime and
+//! size, so a replaced image never serves stale cached blocks.
+//!
+//! ```toml
+//! [backends.images]
+//! kind = "file"
+//! root = "images"      # relative to data_dir
+//! writable = false
+//! ```
 
+mod config;
+mod error;
+mod source;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use osstream_core::{
+    BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageStat, OpenMode,
+    Registry, Result, async_trait, parse_table, validate_image_name,
+};
+
+pub use config::FileConfig;
+use error::io_error;
+use source::FileSource;
+
+/// The registry kind.
+pub const KIND: &str = "file";
+
+/// Adds the `file` kind to `registry`.
+pub fn register(registry: &mut Registry) {
+    registry.register_backend(KIND, |ctx, name, table| {
+        let config: FileConfig = parse_table(&format!("backends.{name}"), table)?;
+        Ok(Arc::new(FileBackend::new(ctx, name, config)) as DynBackend)
+    });
+}
+
+/// Raw images in one directory.
+#[derive(Debug)]
+pub struct FileBackend {
+    name: String,
+    root: PathBuf,
+    config: FileConfig,
+}
+
+impl FileBackend {
+    /// A backend named `name` over `config.root` (resolved against the data directory).
+    pub fn new(ctx: &BackendContext, name: &str, config: FileConfig) -> Self {
+        FileBackend {
+            name: name.to_owned(),
+            root: ctx.resolve(&config.root),
+            config,
+        }
+    }
+
+    /// The directory images are read from.
+    pub fn root(&self) -> &std::path::Path {
+        &self.root
+    }
+
+    fn path_of(&self, image: &str) -> Result<PathBuf> {
+        validate_image_name(image)?;
+        Ok(self.root.join(format!("{image}.{}", self.config.extension)))
+    }
+
+    fn stat_path(&self, image: &str, path: &std::path::Path) -> Result<ImageStat> {
+        let meta = std::fs::metadata(path).map_err(|e| {
+            io_error(e, "stat", path)
+                .with_context("image", image)
+                .with_context("backend", &self.name)
+        })?;
+        if !meta.is_file() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{} is not a regular file", path.display()),
+            )
+            .with_op("stat")
+            .with_context("backend", &self.name));
+        }
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(ImageStat {
+            name: image.to_owned(),
+            size: meta.len(),
+            generation: format!("{mtime}-{}", meta.len()),
+            writable: self.config.writable && !meta.permissions().readonly(),
+        })
+    }
+}
+
+#[async_trait]
+impl ImageBackend for FileBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn list(&self) -> Result<Vec<ImageStat>> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) => {
+                return Err(io_error(e, "list", &self.root).with_context("backend", &self.name));
+            }
+        };
+        let suffix = format!(".{}", self.config.extension);
+        let mut images = Vec::new();
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(image) = file_name.to_str().and_then(|n| n.strip_suffix(&suffix)) else {
+                continue;
+            };
+            if validate_image_name(image).is_err() {
+                tracing::debug!(backend = %self.name, file = ?file_name, "skipping file whose name is not a valid image name");
+                continue;
+            }
+            match self.stat_path(image, &entry.path()) {
+                Ok(stat) => images.push(stat),
+                Err(e) => tracing::debug!(backend = %self.name, %e, "skipping entry"),
+            }
+        }
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(images)
+    }
+
+    async fn stat(&self, image: &str) -> Result<ImageStat> {
+        let path = self.path_of(image)?;
+        self.stat_path(image, &path)
+    }
+
+    async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource> {
+        let path = self.path_of(image)?;
+        let stat = self.stat_path(image, &path)?;
+        let writable = match mode {
+            OpenMode::ReadOnly => false,
+            OpenMode::ReadWrite if stat.writable => true,
+            OpenMode::ReadWrite => {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    format!(
+                        "image '{image}' on backend '{}' is not writable (set writable = true in [backends.{}])",
+                        self.name, self.name
+                    ),
+                )
+                .with_op("open"));
+            }
+        };
+        let source = tokio::task::spawn_blocking(move || FileSource::open(path, stat, writable))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unexpected, format!("open task failed: {e}")))??;
+        Ok(Arc::new(source))
+    }
+}

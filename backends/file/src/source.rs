@@ -1,0 +1,288 @@
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use osstream_core::{
+    BlockSource, Bytes, Capability, Error, ErrorKind, Extent, ExtentKind, Geometry, ImageStat,
+    ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
+};
+
+use crate::error::io_error;
+
+/// One open image file.
+#[derive(Debug)]
+pub(crate) struct FileSource {
+    file: Arc<File>,
+    path: Arc<PathBuf>,
+    info: SourceInfo,
+    writable: bool,
+}
+
+impl FileSource {
+    pub(crate) fn open(path: PathBuf, stat: ImageStat, writable: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&path)
+            .map_err(|e| io_error(e, "open", &path))?;
+        Ok(FileSource {
+            file: Arc::new(file),
+            path: Arc::new(path),
+            info: SourceInfo {
+                name: stat.name,
+                size: stat.size,
+                generation: stat.generation,
+            },
+            writable,
+        })
+    }
+
+    /// Runs `work` with the file on the blocking pool, where positional I/O belongs.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&File, &std::path::Path) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let file = self.file.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || work(&file, &path))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Unexpected,
+                    format!("blocking I/O task failed: {e}"),
+                )
+            })?
+    }
+
+    fn check_writable(&self, op: &'static str) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(read_only_error(&self.info, op))
+        }
+    }
+}
+
+/// `fallocate` with `mode` over a range; `Ok(false)` when the filesystem does not support it.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<bool> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the descriptor stays open for
+    // the whole call because `file` is borrowed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+/// Writes zeroes by hand, in bounded chunks, where `fallocate` cannot.
+fn write_zero_bytes(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        file.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// `lseek` with `whence` (`SEEK_DATA`/`SEEK_HOLE`); `None` past the last data.
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek only reads its integer arguments; `file` keeps the descriptor open.
+    // It moves the shared file offset, which this backend never uses (all I/O is
+    // positional), so concurrent readers are unaffected.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if rc >= 0 {
+        return Ok(Some(rc as u64));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
+
+/// Maps `offset..offset+len` to data and hole extents with `SEEK_DATA`/`SEEK_HOLE`.
+fn map_extents(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+    let end = offset + len;
+    let mut extents = Vec::new();
+    let mut position = offset;
+    while position < end {
+        let data_start = seek(file, position, libc::SEEK_DATA)?
+            .unwrap_or(end)
+            .min(end);
+        if data_start > position {
+            extents.push(Extent {
+                length: data_start - position,
+                kind: ExtentKind::Hole,
+            });
+            position = data_start;
+            continue;
+        }
+        let hole_start = seek(file, position, libc::SEEK_HOLE)?
+            .unwrap_or(end)
+            .min(end);
+        let data_end = hole_start.max(position + 1).min(end);
+        extents.push(Extent {
+            length: data_end - position,
+            kind: ExtentKind::Data,
+        });
+        position = data_end;
+        if extents.len() >= 1024 {
+            break; // enough for one reply; the client asks again for the rest
+        }
+    }
+    Ok(extents)
+}
+
+#[async_trait]
+impl BlockSource for FileSource {
+    fn info(&self) -> &SourceInfo {
+        &self.info
+    }
+
+    fn capability(&self) -> Capability {
+        Capability {
+            write: self.writable,
+            flush: self.writable,
+            fua: self.writable,
+            trim: self.writable,
+            write_zeroes: self.writable,
+            extents: true,
+            multi_conn: true,
+            rotational: false,
+        }
+    }
+
+    fn geometry(&self) -> Geometry {
+        Geometry::default()
+    }
+
+    async fn read_at(&self, offset: u64, len: usize, _opts: ReadOpts) -> Result<Bytes> {
+        check_range(&self.info, "read_at", offset, len as u64)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        self.blocking(move |file, path| {
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, offset).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::new(
+                        ErrorKind::Io,
+                        format!("{} is shorter than when it was opened", path.display()),
+                    )
+                    .with_op("read_at")
+                } else {
+                    io_error(e, "read_at", path)
+                }
+                .with_context("offset", offset)
+            })?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
+        self.check_writable("write_at")?;
+        check_range(&self.info, "write_at", offset, data.len() as u64)?;
+        self.blocking(move |file, path| {
+            file.write_all_at(&data, offset)
+                .map_err(|e| io_error(e, "write_at", path))?;
+            if opts.fua {
+                file.sync_data()
+                    .map_err(|e| io_error(e, "fdatasync", path))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.blocking(|file, path| file.sync_data().map_err(|e| io_error(e, "fdatasync", path)))
+            .await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable("trim")?;
+        check_range(&self.info, "trim", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.blocking(move |file, path| {
+            // Trim is advisory: where holes cannot be punched, keeping the data is correct.
+            fallocate(
+                file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .map(drop)
+            .map_err(|e| io_error(e, "trim", path))
+        })
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, opts: ZeroOpts) -> Result<()> {
+        self.check_writable("write_zeroes")?;
+        check_range(&self.info, "write_zeroes", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.blocking(move |file, path| {
+            let map = |e| io_error(e, "write_zeroes", path);
+            let done = if opts.may_trim {
+                fallocate(
+                    file,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .map_err(map)?
+            } else {
+                fallocate(
+                    file,
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .map_err(map)?
+            };
+            if !done {
+                write_zero_bytes(file, offset, len).map_err(map)?;
+            }
+            if opts.fua {
+                file.sync_data()
+                    .map_err(|e| io_error(e, "fdatasync", path))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(&self.info, "extents", offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.blocking(move |file, path| {
+            map_extents(file, offset, len).map_err(|e| io_error(e, "extents", path))
+        })
+        .await
+    }
+}

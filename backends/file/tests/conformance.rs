@@ -1,0 +1,140 @@
+//! The file backend passes the conformance suites, alone and under the RAM cache, and
+//! keeps to its root and its read-only default.
+
+use std::sync::Arc;
+
+use figment::value::{Dict, Value};
+use osstream_backend_file::{FileBackend, FileConfig};
+use osstream_core::{
+    BackendContext, CacheLayer, ErrorKind, ExtentKind, ImageBackend, Layer, OpenMode, RamTier,
+    Registry, WriteOpts,
+};
+use osstream_testkit::{conformance, pattern};
+
+fn backend(dir: &std::path::Path, writable: bool) -> FileBackend {
+    let ctx = BackendContext {
+        data_dir: dir.to_path_buf(),
+    };
+    FileBackend::new(
+        &ctx,
+        "images",
+        FileConfig {
+            root: "images".into(),
+            writable,
+            extension: "img".into(),
+        },
+    )
+}
+
+fn setup(len: usize) -> (tempfile::TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("images")).unwrap();
+    let data = pattern(11, len);
+    std::fs::write(dir.path().join("images/disk.img"), &data).unwrap();
+    (dir, data)
+}
+
+#[tokio::test]
+async fn file_backend_passes_read_suite() {
+    let (dir, data) = setup(3_000_001);
+    let backend = backend(dir.path(), false);
+    let source = backend.open("disk", OpenMode::ReadOnly).await.unwrap();
+    conformance::read_suite(source.clone(), &data).await;
+    let cached = CacheLayer::new(Arc::new(RamTier::new(64 << 20)), 65_536).layer(source);
+    conformance::read_suite(cached.clone(), &data).await;
+    conformance::read_suite(cached, &data).await;
+}
+
+#[tokio::test]
+async fn writable_file_backend_passes_write_suite_and_reports_holes() {
+    let (dir, _) = setup(4 << 20);
+    let backend = backend(dir.path(), true);
+    let source = backend.open("disk", OpenMode::ReadWrite).await.unwrap();
+    conformance::write_suite(source.clone()).await;
+    source.trim(1 << 20, 1 << 20).await.unwrap();
+    let extents = source.extents(0, 4 << 20).await.unwrap();
+    assert!(
+        extents.iter().any(|e| e.kind == ExtentKind::Hole),
+        "{extents:?}"
+    );
+    assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 4 << 20);
+}
+
+#[tokio::test]
+async fn read_only_by_default() {
+    let (dir, _) = setup(1 << 20);
+    let backend = backend(dir.path(), false);
+    let err = backend.open("disk", OpenMode::ReadWrite).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly);
+    assert!(err.to_string().contains("writable = true"), "{err}");
+    let source = backend.open("disk", OpenMode::ReadOnly).await.unwrap();
+    assert!(!source.capability().write);
+    let err = source
+        .write_at(0, bytes::Bytes::from_static(b"x"), WriteOpts::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly);
+}
+
+#[tokio::test]
+async fn names_never_escape_the_root() {
+    let (dir, _) = setup(4096);
+    std::fs::write(dir.path().join("secret.img"), b"secret").unwrap();
+    let backend = backend(dir.path(), false);
+    for name in [
+        "../secret",
+        "..",
+        "/etc/passwd",
+        "images/../../x",
+        ".hidden",
+    ] {
+        let err = backend.open(name, OpenMode::ReadOnly).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{name}: {err}");
+    }
+    assert_eq!(
+        backend
+            .open("missing", OpenMode::ReadOnly)
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[tokio::test]
+async fn lists_images_and_changes_generation_when_replaced() {
+    let (dir, _) = setup(8192);
+    std::fs::write(dir.path().join("images/notes.txt"), b"not an image").unwrap();
+    let backend = backend(dir.path(), false);
+    let list = backend.list().await.unwrap();
+    assert_eq!(
+        list.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["disk"]
+    );
+    let before = backend.stat("disk").await.unwrap().generation;
+    std::fs::write(dir.path().join("images/disk.img"), vec![1u8; 16384]).unwrap();
+    let after = backend.stat("disk").await.unwrap();
+    assert_ne!(before, after.generation);
+    assert_eq!(after.size, 16384);
+}
+
+#[tokio::test]
+async fn registry_builds_it_and_rejects_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut registry = Registry::new();
+    osstream_backend_file::register(&mut registry);
+    let ctx = BackendContext {
+        data_dir: dir.path().to_path_buf(),
+    };
+    let mut table = Dict::new();
+    table.insert("kind".into(), Value::from("file"));
+    table.insert("root".into(), Value::from("images"));
+    let backend = registry
+        .build_backend(&ctx, "images", table.clone())
+        .unwrap();
+    assert_eq!(backend.kind(), "file");
+    table.insert("rot".into(), Value::from("x"));
+    let err = registry.build_backend(&ctx, "images", table).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("rot"), "{err}");
+}
