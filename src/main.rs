@@ -1,1 +1,112 @@
-fn main() {}
+//! `osstream`: the OS-streaming server and its admin commands.
+
+mod config;
+mod demo;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use figment::value::{Dict, Value};
+
+/// osstream streams operating-system disks to network-booted, diskless machines.
+///
+/// Configuration comes from built-in defaults, then a TOML file (--config FILE, else
+/// ./osstream.toml if present), then OSSTREAM_* environment variables (nested keys with
+/// `__`, e.g. OSSTREAM_NBD__LISTEN='["0.0.0.0:10809"]'), then command-line flags.
+/// With none of them, `osstream serve` runs the embedded default: images in
+/// ./osstream-data/images, a RAM cache, NBD on 127.0.0.1:10809.
+#[derive(Debug, Parser)]
+#[command(name = "osstream", version, about, long_about)]
+struct Cli {
+    /// Read configuration from FILE (default: ./osstream.toml if it exists).
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve vdisks until SIGINT or SIGTERM (in-flight requests are finished first).
+    Serve(ServeArgs),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Data directory (overrides `data_dir`).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// NBD listen address, HOST:PORT or unix:PATH; repeat for several (overrides `nbd.listen`).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Log filter such as `debug` or `info,osstream_nbd=debug` (overrides `log.filter`).
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults, file, environment merged) as TOML.
+    Show {
+        /// Print JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn overrides(args: &ServeArgs) -> Dict {
+    let mut dict = Dict::new();
+    if let Some(dir) = &args.data_dir {
+        dict.insert("data_dir".into(), Value::from(dir.display().to_string()));
+    }
+    if !args.listen.is_empty() {
+        let mut nbd = Dict::new();
+        nbd.insert("listen".into(), Value::from(args.listen.clone()));
+        dict.insert("nbd".into(), Value::from(nbd));
+    }
+    if let Some(filter) = &args.log {
+        let mut log = Dict::new();
+        log.insert("filter".into(), Value::from(filter.clone()));
+        dict.insert("log".into(), Value::from(log));
+    }
+    dict
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Serve(args) => config::load(config::Sources {
+            file: cli.config.as_deref(),
+            overrides: overrides(args),
+        })
+        .and_then(serve::run),
+        Command::Config(ConfigCommand::Show { json }) => config::load(config::Sources {
+            file: cli.config.as_deref(),
+            overrides: Dict::new(),
+        })
+        .and_then(|config| {
+            let text = if *json {
+                serde_json::to_string_pretty(&config).map_err(|e| {
+                    osstream_core::Error::new(osstream_core::ErrorKind::Unexpected, e.to_string())
+                })?
+            } else {
+                config::to_toml(&config)?
+            };
+            println!("{text}");
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("osstream: {err}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,27 @@
+//! The osstream NBD server.
+//!
+//! Fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`, `INFO`, `GO`, `LIST`, `ABORT`,
+//! `STRUCTURED_REPLY` and `LIST`/`SET_META_CONTEXT` (`base:allocation`); commands `READ`,
+//! `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`, `CACHE`, `BLOCK_STATUS` and `DISC`, with `FUA`
+//! where the export's capability allows it. Many requests run at once on one connection
+//! and replies go out as they complete.
+//!
+//! The wire format lives in [`proto`] (pure, fuzzed), negotiation and request handling in
+//! socket-free modules, and `server.rs` alone owns sockets.
+//!
+//! Bad input never takes the server down: a malformed option gets an error reply, a bad
+//! request gets the right NBD error while the connection keeps working, and frames that
+//! cannot be resynchronised (bad magic, options over 64 KiB, a stalled handshake) close
+//! that one connection with a log line.
 
+mod config;
+mod negotiation;
+pub mod proto;
+mod server;
+mod transmission;
+
+pub use config::NbdConfig;
+pub use server::NbdServer;
+
+/// The protocol name used in configuration (`[nbd]`) and logs.
+pub const KIND: &str = "nbd";

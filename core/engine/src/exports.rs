@@ -32,18 +32,12 @@ pub struct ExportEntry {
 pub struct Exports {
     backends: Vec<DynBackend>,
     layers: Vec<Arc<dyn Layer>>,
-    base_exports: bool,
 }
 
 impl Exports {
-    /// Exports over `backends`, wrapped in `layers`. With `base_exports` off, no image is
-    /// reachable by its plain name (clients then need a session; see the catalog).
-    pub fn new(backends: Vec<DynBackend>, layers: Vec<Arc<dyn Layer>>, base_exports: bool) -> Self {
-        Exports {
-            backends,
-            layers,
-            base_exports,
-        }
+    /// Exports over `backends`, wrapped in `layers`.
+    pub fn new(backends: Vec<DynBackend>, layers: Vec<Arc<dyn Layer>>) -> Self {
+        Exports { backends, layers }
     }
 
     /// The configured backends.
@@ -66,11 +60,8 @@ impl Exports {
         Ok(all)
     }
 
-    /// Every export, sorted by name. Empty when base exports are off.
+    /// Every export, sorted by name.
     pub async fn list(&self) -> Result<Vec<ExportEntry>> {
-        if !self.base_exports {
-            return Ok(Vec::new());
-        }
         let images = self.all_images().await?;
         let mut owners: BTreeMap<&str, usize> = BTreeMap::new();
         for (_, stat) in &images {
@@ -98,15 +89,6 @@ impl Exports {
 
     /// Opens the export `name` (`IMAGE` or `BACKEND/IMAGE`) with every layer applied.
     pub async fn open(&self, name: &str) -> Result<(DynSource, ExportEntry)> {
-        if !self.base_exports {
-            return Err(Error::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "export {name:?} refused: base exports are off ([nbd] base_exports = false)"
-                ),
-            )
-            .with_op("open_export"));
-        }
         let (backend, stat) = self.resolve(name).await?;
         let mode = if stat.writable {
             OpenMode::ReadWrite

@@ -1,0 +1,327 @@
+//! Option negotiation (fixed newstyle), free of sockets: one decoded option in, the
+//! reply bytes and the next step out.
+
+use bytes::BytesMut;
+use osstream_core::{DynSource, ErrorKind, ExportEntry, Exports};
+
+use crate::proto::{
+    self, BASE_ALLOCATION, BASE_ALLOCATION_ID, ClientOption, info, opt, rep, tflag,
+};
+
+/// What the connection does after an option.
+pub(crate) enum Step {
+    /// Read the next option.
+    Continue,
+    /// Close the connection (after sending the replies).
+    Close(&'static str),
+    /// Enter transmission on this export.
+    Transmit(Attached),
+}
+
+/// An export a client has attached to, with what was negotiated for it.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    pub source: DynSource,
+    pub entry: ExportEntry,
+    pub flags: u16,
+    pub structured: bool,
+    pub base_allocation: bool,
+}
+
+/// Negotiation state of one connection.
+pub(crate) struct Negotiation<'a> {
+    exports: &'a Exports,
+    base_exports: bool,
+    default_export: Option<&'a str>,
+    max_request: u32,
+    pub no_zeroes: bool,
+    structured: bool,
+    /// Export name for which `base:allocation` was selected, if any.
+    meta_for: Option<String>,
+}
+
+/// Transmission flags for a source: exactly what its capability says.
+pub(crate) fn transmission_flags(source: &DynSource, structured: bool) -> u16 {
+    let cap = source.capability();
+    let mut flags = tflag::HAS_FLAGS | tflag::SEND_CACHE;
+    if !cap.write {
+        flags |= tflag::READ_ONLY;
+    }
+    if cap.write && cap.flush {
+        flags |= tflag::SEND_FLUSH;
+    }
+    if cap.write && cap.fua {
+        flags |= tflag::SEND_FUA;
+    }
+    if cap.write && cap.trim {
+        flags |= tflag::SEND_TRIM;
+    }
+    if cap.write && cap.write_zeroes {
+        flags |= tflag::SEND_WRITE_ZEROES;
+    }
+    if cap.multi_conn {
+        flags |= tflag::CAN_MULTI_CONN;
+    }
+    if cap.rotational {
+        flags |= tflag::ROTATIONAL;
+    }
+    if structured {
+        // Every read reply is one chunk, so "don't fragment" always holds.
+        flags |= tflag::SEND_DF;
+    }
+    flags
+}
+
+impl<'a> Negotiation<'a> {
+    pub(crate) fn new(
+        exports: &'a Exports,
+        base_exports: bool,
+        default_export: Option<&'a str>,
+        max_request: u32,
+        client_flags: u32,
+    ) -> Self {
+        Negotiation {
+            exports,
+            base_exports,
+            default_export,
+            max_request,
+            no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
+            structured: false,
+            meta_for: None,
+        }
+    }
+
+    /// Handles one option; appends the replies to `out`.
+    pub(crate) async fn on_option(&mut self, option: u32, data: &[u8], out: &mut BytesMut) -> Step {
+        let parsed = match proto::parse_option(option, data) {
+            Ok(parsed) => parsed,
+            Err(err) if option == opt::EXPORT_NAME => {
+                tracing::warn!(%err, "bad NBD_OPT_EXPORT_NAME");
+                return Step::Close("malformed NBD_OPT_EXPORT_NAME");
+            }
+            Err(err) => {
+                proto::put_option_error(out, option, rep::ERR_INVALID, &err.to_string());
+                return Step::Continue;
+            }
+        };
+        match parsed {
+            ClientOption::Abort => {
+                proto::put_option_reply(out, option, rep::ACK, &[]);
+                Step::Close("client sent NBD_OPT_ABORT")
+            }
+            ClientOption::StartTls => {
+                proto::put_option_error(
+                    out,
+                    option,
+                    rep::ERR_UNSUP,
+                    "TLS is not offered by this server",
+                );
+                Step::Continue
+            }
+            ClientOption::Unsupported(code) => {
+                proto::put_option_error(
+                    out,
+                    option,
+                    rep::ERR_UNSUP,
+                    &format!("option {code} is not supported"),
+                );
+                Step::Continue
+            }
+            ClientOption::StructuredReply => {
+                self.structured = true;
+                proto::put_option_reply(out, option, rep::ACK, &[]);
+                Step::Continue
+            }
+            ClientOption::List => {
+                self.list(option, out).await;
+                Step::Continue
+            }
+            ClientOption::MetaContext { set, name, queries } => {
+                self.meta_context(option, set, name, &queries, out);
+                Step::Continue
+            }
+            ClientOption::Info { go, name, requests } => {
+                self.info(option, go, &name, &requests, out).await
+            }
+            ClientOption::ExportName(name) => match self.attach(&name).await {
+                Ok(attached) => {
+                    out.extend_from_slice(&proto::export_name_reply(
+                        attached.entry.size,
+                        attached.flags,
+                        self.no_zeroes,
+                    ));
+                    Step::Transmit(attached)
+                }
+                Err((_, message)) => {
+                    tracing::warn!(export = %name, %message, "NBD_OPT_EXPORT_NAME refused");
+                    Step::Close("export refused")
+                }
+            },
+        }
+    }
+
+    async fn list(&self, option: u32, out: &mut BytesMut) {
+        if !self.base_exports {
+            proto::put_option_reply(out, option, rep::ACK, &[]);
+            return;
+        }
+        match self.exports.list().await {
+            Ok(entries) => {
+                for entry in entries {
+                    proto::put_option_reply(
+                        out,
+                        option,
+                        rep::SERVER,
+                        &proto::server_entry(&entry.name, &entry.description),
+                    );
+                }
+                proto::put_option_reply(out, option, rep::ACK, &[]);
+            }
+            Err(err) => {
+                tracing::warn!(%err, "listing exports failed");
+                proto::put_option_error(
+                    out,
+                    option,
+                    rep::ERR_PLATFORM,
+                    &format!("cannot list exports: {err}"),
+                );
+            }
+        }
+    }
+
+    fn meta_context(
+        &mut self,
+        option: u32,
+        set: bool,
+        name: String,
+        queries: &[String],
+        out: &mut BytesMut,
+    ) {
+        if set && !self.structured {
+            proto::put_option_error(
+                out,
+                option,
+                rep::ERR_INVALID,
+                "negotiate structured replies before meta contexts",
+            );
+            return;
+        }
+        // An empty query list asks for everything; "base:" is a wildcard only when listing.
+        let matched = if queries.is_empty() {
+            !set
+        } else {
+            queries
+                .iter()
+                .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
+        };
+        if matched {
+            proto::put_option_reply(
+                out,
+                option,
+                rep::META_CONTEXT,
+                &proto::meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION),
+            );
+        }
+        if set {
+            self.meta_for = matched.then_some(name);
+        }
+        proto::put_option_reply(out, option, rep::ACK, &[]);
+    }
+
+    async fn info(
+        &mut self,
+        option: u32,
+        go: bool,
+        name: &str,
+        requests: &[u16],
+        out: &mut BytesMut,
+    ) -> Step {
+        let attached = match self.attach(name).await {
+            Ok(attached) => attached,
+            Err((code, message)) => {
+                tracing::info!(export = %name, %message, "export refused");
+                proto::put_option_error(out, option, code, &message);
+                return Step::Continue;
+            }
+        };
+        proto::put_option_reply(
+            out,
+            option,
+            rep::INFO,
+            &proto::info_export(attached.entry.size, attached.flags),
+        );
+        if requests.contains(&info::NAME) {
+            proto::put_option_reply(
+                out,
+                option,
+                rep::INFO,
+                &proto::info_string(info::NAME, &attached.entry.name),
+            );
+        }
+        if requests.contains(&info::DESCRIPTION) {
+            proto::put_option_reply(
+                out,
+                option,
+                rep::INFO,
+                &proto::info_string(info::DESCRIPTION, &attached.entry.description),
+            );
+        }
+        let geometry = attached.source.geometry();
+        let maximum = geometry.maximum.min(self.max_request);
+        proto::put_option_reply(
+            out,
+            option,
+            rep::INFO,
+            &proto::info_block_size(geometry.minimum, geometry.preferred.min(maximum), maximum),
+        );
+        proto::put_option_reply(out, option, rep::ACK, &[]);
+        if go {
+            Step::Transmit(attached)
+        } else {
+            Step::Continue
+        }
+    }
+
+    /// Opens `name` as the client would get it; on refusal, the option error and message.
+    async fn attach(&self, name: &str) -> Result<Attached, (u32, String)> {
+        let resolved = if name.is_empty() {
+            match self.default_export {
+                Some(default) => default,
+                None => {
+                    return Err((
+                        rep::ERR_UNKNOWN,
+                        "no default export is configured; ask for an export by name (nbdinfo --list shows them)".to_owned(),
+                    ));
+                }
+            }
+        } else {
+            name
+        };
+        if !self.base_exports {
+            return Err((
+                rep::ERR_POLICY,
+                format!(
+                    "export {resolved:?} refused: base exports are off ([nbd] base_exports = false)"
+                ),
+            ));
+        }
+        let (source, mut entry) = self.exports.open(resolved).await.map_err(|err| {
+            let code = match err.kind() {
+                ErrorKind::PermissionDenied => rep::ERR_POLICY,
+                ErrorKind::InvalidInput => rep::ERR_INVALID,
+                ErrorKind::Shutdown => rep::ERR_SHUTDOWN,
+                _ => rep::ERR_UNKNOWN,
+            };
+            (code, err.to_string())
+        })?;
+        entry.name = name.to_owned();
+        let base_allocation = self.structured && self.meta_for.as_deref() == Some(name);
+        Ok(Attached {
+            flags: transmission_flags(&source, self.structured),
+            source,
+            entry,
+            structured: self.structured,
+            base_allocation,
+        })
+    }
+}

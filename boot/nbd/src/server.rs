@@ -1,0 +1,461 @@
+//! The one file that owns sockets: listeners, the handshake loop, the request loop.
+
+use std::future::Future;
+use std::io::IoSlice;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use osstream_core::{BootProtocol, Error, ErrorKind, Exports, Result, ServeContext, async_trait};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::NbdConfig;
+use crate::negotiation::{Attached, Negotiation, Step};
+use crate::proto::{self, OptionHeader, Request, cmd};
+use crate::transmission::{Reply, Transmission, command_name};
+
+/// Budget of in-flight work per connection, in units of one request plus one per 64 KiB
+/// of payload: bounds the memory a single client can pin.
+const IN_FLIGHT_UNITS: u32 = 2048;
+
+/// The NBD server: fixed newstyle negotiation, simple and structured replies,
+/// `base:allocation`, many requests in flight per connection, replies out of order.
+#[derive(Debug)]
+pub struct NbdServer {
+    config: NbdConfig,
+    listeners: Vec<Listener>,
+}
+
+#[derive(Debug)]
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl NbdServer {
+    /// A server for `config`; nothing is bound until [`BootProtocol::bind`].
+    pub fn new(config: NbdConfig) -> Self {
+        NbdServer {
+            config,
+            listeners: Vec::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl BootProtocol for NbdServer {
+    fn name(&self) -> &'static str {
+        "nbd"
+    }
+
+    async fn bind(&mut self) -> Result<Vec<String>> {
+        let mut bound = Vec::new();
+        for address in &self.config.listen {
+            if let Some(path) = address.strip_prefix("unix:") {
+                let path = PathBuf::from(path);
+                remove_stale_socket(&path)?;
+                let listener = UnixListener::bind(&path).map_err(|e| {
+                    Error::from_io(
+                        e,
+                        format!("cannot listen on unix socket {}", path.display()),
+                    )
+                    .with_op("bind")
+                })?;
+                bound.push(format!("unix:{}", path.display()));
+                self.listeners.push(Listener::Unix(listener, path));
+            } else {
+                let listener = TcpListener::bind(address.as_str()).await.map_err(|e| {
+                    Error::from_io(
+                        e,
+                        format!(
+                            "cannot listen on {address} (in use, or not an address of this host?)"
+                        ),
+                    )
+                    .with_op("bind")
+                })?;
+                let local = listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| address.clone());
+                bound.push(local);
+                self.listeners.push(Listener::Tcp(listener));
+            }
+        }
+        Ok(bound)
+    }
+
+    async fn serve(self: Box<Self>, ctx: ServeContext, shutdown: CancellationToken) -> Result<()> {
+        let shared = Arc::new(Shared {
+            exports: ctx.exports,
+            connections: AtomicUsize::new(0),
+            max_request: u32::try_from(self.config.max_request.bytes()).unwrap_or(u32::MAX),
+            config: self.config,
+        });
+        let tracker = TaskTracker::new();
+        let mut sockets = Vec::new();
+        for listener in self.listeners {
+            let (shared, shutdown, tracker2) = (shared.clone(), shutdown.clone(), tracker.clone());
+            if let Listener::Unix(_, path) = &listener {
+                sockets.push(path.clone());
+            }
+            tracker.spawn(accept_loop(listener, shared, shutdown, tracker2));
+        }
+        shutdown.cancelled().await;
+        tracker.close();
+        let drain = shared.config.drain_timeout.0;
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                ?drain,
+                "NBD connections did not drain in time; closing them"
+            );
+        }
+        for path in sockets {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+}
+
+/// Removes a socket file left by an earlier run; refuses to remove anything else.
+fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
+            Error::from_io(e, format!("cannot remove stale socket {}", path.display()))
+        }),
+        Ok(_) => Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+struct Shared {
+    exports: Arc<Exports>,
+    config: NbdConfig,
+    connections: AtomicUsize,
+    max_request: u32,
+}
+
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = accept(&listener) => accepted,
+        };
+        let (read, write, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if shared.connections.load(Ordering::Relaxed) >= shared.config.max_connections {
+            tracing::warn!(%peer, max = shared.config.max_connections, "too many NBD connections; refusing");
+            continue;
+        }
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            serve_connection(read, write, &peer, &shared, shutdown).await;
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+async fn accept(listener: &Listener) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+    match listener {
+        Listener::Tcp(listener) => {
+            let (stream, peer) = listener.accept().await?;
+            // Replies are written whole; Nagle would only add latency to small ones.
+            stream.set_nodelay(true)?;
+            let (read, write) = stream.into_split();
+            Ok((Box::new(read), Box::new(write), peer.to_string()))
+        }
+        Listener::Unix(listener, path) => {
+            let (stream, _) = listener.accept().await?;
+            let (read, write) = stream.into_split();
+            Ok((
+                Box::new(read),
+                Box::new(write),
+                format!("unix:{}", path.display()),
+            ))
+        }
+    }
+}
+
+async fn serve_connection(
+    read: BoxRead,
+    mut write: BoxWrite,
+    peer: &str,
+    shared: &Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut reader = BufReader::with_capacity(256 * 1024, read);
+    let handshake = tokio::time::timeout(
+        shared.config.handshake_timeout.0,
+        negotiate(&mut reader, &mut write, shared),
+    );
+    let attached = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        outcome = handshake => match outcome {
+            Err(_) => {
+                tracing::warn!(%peer, timeout = %shared.config.handshake_timeout, "NBD handshake timed out; closing");
+                return;
+            }
+            Ok(Err(reason)) => {
+                tracing::info!(%peer, %reason, "NBD connection closed during handshake");
+                return;
+            }
+            Ok(Ok(attached)) => attached,
+        },
+    };
+    let export = attached.entry.name.clone();
+    tracing::info!(%peer, %export, structured = attached.structured, flags = format_args!("{:#x}", attached.flags), "NBD client attached");
+    let started = Instant::now();
+    let stats = Arc::new(ConnStats::default());
+    let outcome = transmit(reader, write, attached, shared, shutdown, stats.clone()).await;
+    tracing::info!(
+        %peer,
+        %export,
+        requests = stats.requests.load(Ordering::Relaxed),
+        read_bytes = stats.read_bytes.load(Ordering::Relaxed),
+        written_bytes = stats.written_bytes.load(Ordering::Relaxed),
+        errors = stats.errors.load(Ordering::Relaxed),
+        seconds = started.elapsed().as_secs_f64(),
+        reason = %outcome,
+        "NBD client detached"
+    );
+}
+
+/// Runs option negotiation until the client attaches to an export or goes away.
+async fn negotiate<R, W>(
+    reader: &mut R,
+    write: &mut W,
+    shared: &Shared,
+) -> std::result::Result<Attached, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let io = |e: std::io::Error| format!("I/O error: {e}");
+    write
+        .write_all(&proto::server_greeting())
+        .await
+        .map_err(io)?;
+    let client_flags = reader.read_u32().await.map_err(io)?;
+    if client_flags & proto::FLAG_C_FIXED_NEWSTYLE == 0 {
+        return Err(format!(
+            "client flags {client_flags:#x} lack FIXED_NEWSTYLE; only fixed newstyle is served"
+        ));
+    }
+    if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+        return Err(format!("unknown client flags {client_flags:#x}"));
+    }
+    let mut negotiation = Negotiation::new(
+        &shared.exports,
+        shared.config.base_exports,
+        shared.config.default_export.as_deref(),
+        shared.max_request,
+        client_flags,
+    );
+    let mut data = Vec::new();
+    loop {
+        let mut header = [0u8; proto::OPTION_HEADER_LEN];
+        reader.read_exact(&mut header).await.map_err(io)?;
+        let header = OptionHeader::parse(&header).map_err(|e| format!("bad option header: {e}"))?;
+        data.resize(header.length as usize, 0);
+        reader.read_exact(&mut data).await.map_err(io)?;
+        let mut out = BytesMut::new();
+        let step = negotiation.on_option(header.option, &data, &mut out).await;
+        write.write_all(&out).await.map_err(io)?;
+        match step {
+            Step::Continue => {}
+            Step::Close(reason) => return Err(reason.to_owned()),
+            Step::Transmit(attached) => return Ok(attached),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ConnStats {
+    requests: AtomicU64,
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Writes a reply whole, header and body in as few syscalls as the socket allows.
+async fn write_reply<W: AsyncWrite + Unpin>(
+    writer: &Mutex<W>,
+    reply: &Reply,
+) -> std::io::Result<()> {
+    let mut writer = writer.lock().await;
+    let mut slices = [IoSlice::new(reply.head()), IoSlice::new(&reply.body)];
+    let mut slices: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let n = writer.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Polls a future once without a real waker: requests served from memory finish here
+/// and skip a task spawn; the rest are spawned and polled again with a real waker.
+fn poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(future).poll(&mut cx) {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
+    }
+}
+
+/// The request loop of one attached connection. Returns why it ended.
+async fn transmit<R>(
+    mut reader: BufReader<R>,
+    write: BoxWrite,
+    attached: Attached,
+    shared: &Arc<Shared>,
+    shutdown: CancellationToken,
+    stats: Arc<ConnStats>,
+) -> String
+where
+    R: AsyncRead + Unpin,
+{
+    let writer = Arc::new(Mutex::new(write));
+    let conn = Arc::new(Transmission {
+        source: attached.source,
+        structured: attached.structured,
+        base_allocation: attached.base_allocation,
+        max_request: shared.max_request,
+    });
+    let budget = Arc::new(Semaphore::new(IN_FLIGHT_UNITS as usize));
+    let in_flight = TaskTracker::new();
+    let broken = CancellationToken::new();
+    let reason = loop {
+        let mut header = [0u8; proto::REQUEST_HEADER_LEN];
+        let read = tokio::select! {
+            biased;
+            _ = broken.cancelled() => break "a reply could not be written".to_owned(),
+            _ = shutdown.cancelled() => break "server shutting down".to_owned(),
+            read = reader.read_exact(&mut header) => read,
+        };
+        if let Err(err) = read {
+            break if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                "client closed the connection without NBD_CMD_DISC".to_owned()
+            } else {
+                format!("read error: {err}")
+            };
+        }
+        let req = match Request::parse(&header) {
+            Ok(req) => req,
+            Err(err) => {
+                tracing::warn!(%err, "bad NBD request; closing the connection");
+                break format!("bad request: {err}");
+            }
+        };
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        if req.command == cmd::DISC {
+            break "client sent NBD_CMD_DISC".to_owned();
+        }
+        let units = 1 + req.length / (64 * 1024);
+        let permit = match budget
+            .clone()
+            .acquire_many_owned(units.min(IN_FLIGHT_UNITS))
+            .await
+        {
+            Ok(permit) => permit,
+            Err(_) => break "internal: budget closed".to_owned(),
+        };
+        let checked = conn.validate(&req);
+        let mut payload = Bytes::new();
+        if req.command == cmd::WRITE {
+            if req.length > shared.max_request {
+                // Too big to hold: skip the payload without buffering it, then refuse.
+                let skipped = tokio::io::copy(
+                    &mut (&mut reader).take(u64::from(req.length)),
+                    &mut tokio::io::sink(),
+                )
+                .await;
+                if skipped.map_or(true, |n| n != u64::from(req.length)) {
+                    break "client closed the connection inside a write payload".to_owned();
+                }
+            } else {
+                let mut buf = BytesMut::zeroed(req.length as usize);
+                if reader.read_exact(&mut buf).await.is_err() {
+                    break "client closed the connection inside a write payload".to_owned();
+                }
+                payload = buf.freeze();
+            }
+        }
+        if let Err(failure) = checked {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, message = %failure.message, "request refused");
+            let reply = conn.error_reply(&req, &failure);
+            if write_reply(&writer, &reply).await.is_err() {
+                break "a reply could not be written".to_owned();
+            }
+            continue;
+        }
+        match req.command {
+            cmd::READ => stats
+                .read_bytes
+                .fetch_add(u64::from(req.length), Ordering::Relaxed),
+            cmd::WRITE => stats
+                .written_bytes
+                .fetch_add(u64::from(req.length), Ordering::Relaxed),
+            _ => 0,
+        };
+        let (conn2, writer2, stats2, broken2) =
+            (conn.clone(), writer.clone(), stats.clone(), broken.clone());
+        let mut work = Box::pin(async move {
+            let reply = match conn2.execute(req, payload).await {
+                Ok(reply) => reply,
+                Err(failure) => {
+                    stats2.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, message = %failure.message, "request failed");
+                    conn2.error_reply(&req, &failure)
+                }
+            };
+            if let Err(err) = write_reply(&writer2, &reply).await {
+                tracing::debug!(%err, "reply write failed");
+                broken2.cancel();
+            }
+            drop(permit);
+        });
+        if poll_once(&mut work).is_none() {
+            in_flight.spawn(work);
+        }
+    };
+    in_flight.close();
+    in_flight.wait().await;
+    let mut writer = writer.lock().await;
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
+    reason
+}

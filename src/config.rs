@@ -1,0 +1,322 @@
+//! The effective configuration: built-in defaults < TOML file < `OSSTREAM_*` environment
+//! < command-line flags, merged by figment.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use osstream_core::{ByteSize, Error, ErrorKind, Result};
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "boot-nbd")]
+pub use osstream_nbd::NbdConfig;
+
+/// The configuration file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "osstream.toml";
+
+/// Everything `osstream` can be configured with. `examples/osstream.toml` documents each key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where osstream keeps its state: images of the default backend, caches, the catalog.
+    pub data_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+    /// The demo vdisk created on first run.
+    pub demo: DemoConfig,
+    /// Image backends by name; each table has a `kind` and that kind's keys.
+    pub backends: BTreeMap<String, Dict>,
+    /// Cache tiers.
+    pub cache: CacheConfig,
+    /// The NBD server.
+    #[cfg(feature = "boot-nbd")]
+    pub nbd: NbdConfig,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A level (`error`, `warn`, `info`, `debug`, `trace`) or per-target levels such as
+    /// `"info,osstream_nbd=debug"`. Default: `info`.
+    pub filter: String,
+}
+
+/// `[demo]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoConfig {
+    /// On first run, create `<data_dir>/images/demo.img` so the quickstart works.
+    /// Default: true.
+    pub create: bool,
+    /// Its size. Default: `64MiB`.
+    pub size: ByteSize,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// `[cache.ram]`: the RAM tier shared by every client of every image.
+    pub ram: RamCacheConfig,
+}
+
+/// `[cache.ram]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RamCacheConfig {
+    /// Put the RAM cache in front of every backend. Default: true.
+    pub enabled: bool,
+    /// Most bytes held. Default: `1GiB`.
+    pub capacity: ByteSize,
+    /// Cache block size: reads are filled from the backend in aligned blocks of this
+    /// size. Default: `64KiB`.
+    pub block_size: ByteSize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./osstream-data"),
+            log: LogConfig::default(),
+            demo: DemoConfig::default(),
+            backends: BTreeMap::new(),
+            cache: CacheConfig::default(),
+            #[cfg(feature = "boot-nbd")]
+            nbd: NbdConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            create: true,
+            size: ByteSize::mib(64),
+        }
+    }
+}
+
+impl Default for RamCacheConfig {
+    fn default() -> Self {
+        RamCacheConfig {
+            enabled: true,
+            capacity: ByteSize::gib(1),
+            block_size: ByteSize::kib(64),
+        }
+    }
+}
+
+/// The backend used when the configuration names none: raw images in
+/// `<data_dir>/images`, read-only.
+pub const DEFAULT_BACKEND: &str = "images";
+
+fn default_backends() -> BTreeMap<String, Dict> {
+    let mut table = Dict::new();
+    table.insert("kind".into(), Value::from("file"));
+    table.insert("root".into(), Value::from("images"));
+    BTreeMap::from([(DEFAULT_BACKEND.to_owned(), table)])
+}
+
+/// Where the configuration comes from, besides the built-in defaults and the environment.
+#[derive(Debug, Default)]
+pub struct Sources<'a> {
+    /// `--config FILE`: must exist.
+    pub file: Option<&'a Path>,
+    /// Flag overrides, as a figment dictionary of the same shape as [`Config`].
+    pub overrides: Dict,
+}
+
+/// Builds the effective configuration and checks it (unknown keys, bad values).
+pub fn load(sources: Sources<'_>) -> Result<Config> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    match sources.file {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("configuration file {} does not exist", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+            figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE));
+        }
+        None => {}
+    }
+    figment = figment
+        .merge(Env::prefixed("OSSTREAM_").split("__"))
+        .merge(Serialized::defaults(sources.overrides));
+    let mut config: Config = figment.extract().map_err(|err| {
+        let lines: Vec<String> = err.into_iter().map(|e| describe(&e)).collect();
+        Error::new(
+            ErrorKind::Config,
+            format!("invalid configuration:\n  {}", lines.join("\n  ")),
+        )
+    })?;
+    if config.backends.is_empty() {
+        config.backends = default_backends();
+    }
+    check(&config)?;
+    Ok(config)
+}
+
+/// One figment error as a line that names the key and where the value came from.
+fn describe(err: &figment::Error) -> String {
+    let key = err.path.join(".");
+    let origin = err
+        .metadata
+        .as_ref()
+        .map(|m| match &m.source {
+            Some(source) => format!(" (from {source})"),
+            None => format!(" (from {})", m.name),
+        })
+        .unwrap_or_default();
+    if key.is_empty() {
+        format!("{}{origin}", err.kind)
+    } else {
+        format!("{key}: {}{origin}", err.kind)
+    }
+}
+
+fn check(config: &Config) -> Result<()> {
+    let ram = &config.cache.ram;
+    if ram.enabled && (ram.block_size.bytes() < 512 || !ram.block_size.bytes().is_power_of_two()) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "cache.ram.block_size = {} must be a power of two of at least 512 bytes",
+                ram.block_size
+            ),
+        ));
+    }
+    if ram.enabled && ram.block_size.bytes() > 16 << 20 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "cache.ram.block_size must be at most 16MiB",
+        ));
+    }
+    for (name, table) in &config.backends {
+        if name.is_empty() || name.contains('/') {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("backend name {name:?} must be non-empty and contain no '/'"),
+            ));
+        }
+        if !table.contains_key("kind") {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("[backends.{name}] needs a `kind`"),
+            ));
+        }
+    }
+    #[cfg(feature = "boot-nbd")]
+    {
+        let nbd = &config.nbd;
+        if nbd.enabled && nbd.listen.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "nbd.listen is empty; give at least one HOST:PORT or unix:PATH, or set nbd.enabled = false",
+            ));
+        }
+        let max = nbd.max_request.bytes();
+        if !(4096..=(1 << 30)).contains(&max) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "nbd.max_request = {} must be between 4KiB and 1GiB",
+                    nbd.max_request
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The effective configuration as TOML, for `osstream config show`.
+pub fn to_toml(config: &Config) -> Result<String> {
+    toml::to_string_pretty(config).map_err(|e| {
+        Error::new(
+            ErrorKind::Unexpected,
+            format!("cannot print the configuration: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_from(text: &str) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        load(Sources {
+            file: Some(&path),
+            overrides: Dict::new(),
+        })
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_server() {
+        let config = load_from("").unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("./osstream-data"));
+        assert!(config.backends.contains_key("images"));
+        assert!(config.cache.ram.enabled);
+        #[cfg(feature = "boot-nbd")]
+        assert_eq!(config.nbd.listen, vec!["127.0.0.1:10809".to_owned()]);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load_from("[cache.ram]\ncapacty = \"1GiB\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("capacty"), "{text}");
+        assert!(text.contains("capacity"), "{text}");
+        let err = load_from("colour = \"blue\"\n").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_backends_parse() {
+        let config = load_from(
+            "data_dir = \"/srv/osstream\"\n[cache.ram]\ncapacity = \"8GiB\"\nblock_size = \"128KiB\"\n\
+             [backends.nas]\nkind = \"file\"\nroot = \"/mnt/nas/images\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.cache.ram.capacity, ByteSize::gib(8));
+        assert_eq!(
+            config.backends.len(),
+            1,
+            "configured backends replace the default"
+        );
+        assert!(load_from("[cache.ram]\nblock_size = \"1000\"\n").is_err());
+        assert!(
+            load_from("[cache.ram]\ncapacity = \"lots\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("lots")
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = load(Sources {
+            file: Some(Path::new("/nonexistent/osstream.toml")),
+            overrides: Dict::new(),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}

@@ -1,0 +1,152 @@
+//! `osstream serve`: build the engine from the configuration and run the protocols.
+
+use std::sync::Arc;
+
+use osstream_core::{
+    BackendContext, BootProtocol, CacheLayer, DynBackend, Error, ErrorKind, Exports, Layer,
+    RamTier, Registry, Result, ServeContext,
+};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+
+use crate::config::{Config, DEFAULT_BACKEND};
+
+fn init_logging(filter: &str) -> Result<()> {
+    let targets: Targets = filter.parse().map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("log.filter = {filter:?} is not a valid filter: {e}"),
+        )
+    })?;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(false),
+        )
+        .with(targets)
+        .try_init()
+        .map_err(|e| Error::new(ErrorKind::Unexpected, format!("cannot set up logging: {e}")))
+}
+
+/// Every backend kind this build knows.
+pub fn registry() -> Registry {
+    #[allow(unused_mut)]
+    let mut registry = Registry::new();
+    #[cfg(feature = "backend-file")]
+    osstream_backend_file::register(&mut registry);
+    registry
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(config: Config) -> Result<()> {
+    init_logging(&config.log.filter)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("osstream")
+        .build()
+        .map_err(|e| Error::from_io(e, "cannot start the async runtime"))?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        Error::from_io(
+            e,
+            format!("cannot create data_dir {}", config.data_dir.display()),
+        )
+    })?;
+    let ctx = BackendContext {
+        data_dir: config.data_dir.clone(),
+    };
+
+    if config.demo.create && config.backends.contains_key(DEFAULT_BACKEND) {
+        let images = ctx.resolve(std::path::Path::new("images"));
+        if crate::demo::ensure(&config.data_dir, &images, config.demo.size.bytes())? {
+            tracing::info!(path = %images.join("demo.img").display(), size = %config.demo.size, "created the demo vdisk");
+        }
+    }
+
+    let registry = registry();
+    let mut backends: Vec<DynBackend> = Vec::new();
+    for (name, table) in &config.backends {
+        let backend = registry.build_backend(&ctx, name, table.clone())?;
+        let images = backend.list().await.map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("backend '{name}' cannot list its images: {e}"),
+            )
+        })?;
+        tracing::info!(backend = %name, kind = backend.kind(), images = images.len(), "backend ready");
+        backends.push(backend);
+    }
+
+    let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
+    let ram = &config.cache.ram;
+    if ram.enabled {
+        layers.push(Arc::new(CacheLayer::new(
+            Arc::new(RamTier::new(ram.capacity.bytes())),
+            ram.block_size.bytes(),
+        )));
+        tracing::info!(capacity = %ram.capacity, block_size = %ram.block_size, "RAM cache on");
+    }
+    let exports = Arc::new(Exports::new(backends, layers));
+    let names: Vec<String> = exports.list().await?.into_iter().map(|e| e.name).collect();
+
+    let mut protocols: Vec<Box<dyn BootProtocol>> = Vec::new();
+    #[cfg(feature = "boot-nbd")]
+    if config.nbd.enabled {
+        protocols.push(Box::new(osstream_nbd::NbdServer::new(config.nbd.clone())));
+    }
+    if protocols.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "no protocol is enabled; nothing to serve",
+        ));
+    }
+    for protocol in &mut protocols {
+        let bound = protocol.bind().await?;
+        tracing::info!(protocol = protocol.name(), listen = %bound.join(", "), "listening");
+    }
+    tracing::info!(exports = %names.join(", "), "osstream ready");
+
+    let shutdown = CancellationToken::new();
+    let serve_ctx = ServeContext { exports };
+    let mut running = tokio::task::JoinSet::new();
+    for protocol in protocols {
+        let (ctx, shutdown) = (serve_ctx.clone(), shutdown.clone());
+        running.spawn(async move {
+            let name = protocol.name();
+            (name, protocol.serve(ctx, shutdown).await)
+        });
+    }
+    wait_for_signal().await?;
+    tracing::info!("shutting down: finishing requests in flight");
+    shutdown.cancel();
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok((_, Ok(()))) => {}
+            Ok((name, Err(err))) => {
+                tracing::error!(protocol = name, %err, "protocol stopped with an error")
+            }
+            Err(err) => tracing::error!(%err, "protocol task failed"),
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::from_io(e, "cannot watch SIGTERM"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| Error::from_io(e, "cannot watch SIGINT"))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
