@@ -250,7 +250,7 @@ impl BlockSource for InstrumentedSource {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        if self.fail_every > 0 && n % self.fail_every == 0 {
+        if self.fail_every > 0 && n.is_multiple_of(self.fail_every) {
             return Err(
                 Error::new(ErrorKind::Io, format!("injected fault on read #{n}"))
                     .set_temporary()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every osstream test on a fresh Debian machine: installs the packages the tests
+# need (real NBD clients and peers), then runs formatting and lint checks, the Rust
+# suites (unit, conformance, doc tests) and the end-to-end tests against real clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(libnbd-bin python3-libnbd python3-pytest qemu-utils fio nbdkit util-linux)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+echo "== format and lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== Rust tests"
+cargo build --workspace --locked
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --lib --bins --tests
+fi
+cargo test --workspace --locked --doc
+
+echo "== end-to-end tests with real clients"
+# Debian's python3 sees python3-libnbd; a python3 earlier on PATH may not.
+/usr/bin/python3 -m pytest -q tests/python

@@ -1,0 +1,129 @@
+"""The command line and configuration: clear errors, effective config, start-up checks."""
+
+import json
+import os
+import socket
+import subprocess
+
+from conftest import BINARY, Server
+
+
+def run(*args, env=None, cwd=None):
+    return subprocess.run([BINARY, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "osstream.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_help_explains_commands_and_sources():
+    out = run("--help")
+    assert out.returncode == 0
+    for word in ("serve", "config", "OSSTREAM_", "osstream.toml"):
+        assert word in out.stdout
+    assert "--listen" in run("serve", "--help").stdout
+
+
+def test_config_show_merges_file_env_and_defaults(tmp_path):
+    path = write(tmp_path, '[cache.ram]\ncapacity = "2GiB"\n')
+    out = run("--config", path, "config", "show", "--json",
+              env={"OSSTREAM_NBD__LISTEN": '["127.0.0.1:20000", "unix:/tmp/x.sock"]'})
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)
+    assert config["cache"]["ram"]["capacity"] == "2GiB"
+    assert config["nbd"]["listen"] == ["127.0.0.1:20000", "unix:/tmp/x.sock"]
+    assert config["backends"]["images"]["kind"] == "file"
+    toml_out = run("--config", path, "config", "show")
+    assert 'capacity = "2GiB"' in toml_out.stdout
+
+
+def test_osstream_toml_in_the_working_directory_is_read(tmp_path):
+    (tmp_path / "osstream.toml").write_text('data_dir = "/srv/elsewhere"\n')
+    out = run("config", "show", "--json", cwd=tmp_path)
+    assert json.loads(out.stdout)["data_dir"] == "/srv/elsewhere"
+
+
+def test_unknown_key_is_named_with_its_origin(tmp_path):
+    out = run("--config", write(tmp_path, '[nbd]\nlisten = ["127.0.0.1:1"]\nlissen = 1\n'), "config", "show")
+    assert out.returncode == 2
+    assert "lissen" in out.stderr and "listen" in out.stderr and "osstream.toml" in out.stderr
+    out = run("config", "show", env={"OSSTREAM_CACHE__RAM__SIZE": "1G"})
+    assert out.returncode == 2 and "size" in out.stderr and "capacity" in out.stderr
+
+
+def test_bad_values_are_explained(tmp_path):
+    out = run("--config", write(tmp_path, '[cache.ram]\ncapacity = "lots"\n'), "config", "show")
+    assert out.returncode == 2 and "lots" in out.stderr
+    out = run("--config", write(tmp_path, '[cache.ram]\nblock_size = "3000"\n'), "config", "show")
+    assert out.returncode == 2 and "power of two" in out.stderr
+    out = run("--config", str(tmp_path / "missing.toml"), "config", "show")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_unknown_backend_kind_lists_known_kinds(tmp_path):
+    path = write(tmp_path, f'data_dir = "{tmp_path}/d"\n[backends.tapes]\nkind = "tape"\n[nbd]\nlisten = ["127.0.0.1:0"]\n')
+    out = run("--config", path, "serve")
+    assert out.returncode == 2
+    assert 'unknown backend kind "tape"' in out.stderr and "known kinds: file" in out.stderr
+
+
+def test_backend_with_missing_root_stops_start_up(tmp_path):
+    path = write(tmp_path, f'data_dir = "{tmp_path}/d"\n[backends.nas]\nkind = "file"\nroot = "/nonexistent/images"\n'
+                           '[nbd]\nlisten = ["127.0.0.1:0"]\n')
+    out = run("--config", path, "serve")
+    assert out.returncode == 2 and "backend 'nas' cannot list its images" in out.stderr
+
+
+def test_port_clash_stops_start_up(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write(tmp_path, f'data_dir = "{tmp_path}/d"\n[nbd]\nlisten = ["127.0.0.1:{port}"]\n')
+        out = run("--config", path, "serve")
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_flags_override_file(tmp_path):
+    s = Server(tmp_path)
+    s.config.write_text(f'data_dir = "{tmp_path}/ignored"\n[nbd]\nlisten = ["127.0.0.1:1"]\n')
+    proc = subprocess.Popen([BINARY, "--config", str(s.config), "serve", "--data-dir", str(s.data_dir),
+                             "--listen", f"127.0.0.1:{s.port}"], stdout=subprocess.DEVNULL,
+                            stderr=open(s.log, "w"))
+    s.proc = proc
+    s.log_file = open(os.devnull, "w")
+    s.wait_ready()
+    out = subprocess.run(["nbdinfo", "--size", s.uri("demo")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (s.data_dir / "images" / "demo.img").exists()
+    assert s.stop() == 0
+
+
+def flat_keys(table, prefix=""):
+    keys = set()
+    for key, value in table.items():
+        if isinstance(value, dict):
+            keys |= flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def test_example_config_documents_every_key():
+    import tomllib
+    from conftest import ROOT
+    example_path = os.path.join(ROOT, "examples", "osstream.toml")
+    with open(example_path, "rb") as f:
+        example = flat_keys(tomllib.load(f))
+    out = run("--config", example_path, "config", "show", "--json")
+    assert out.returncode == 0, out.stderr
+    effective = flat_keys(json.loads(out.stdout))
+    commented = {"nbd.default_export"}  # optional keys shown commented out
+    text = open(example_path).read()
+    for key in commented:
+        assert f"# {key.split('.')[-1]} =" in text
+    assert effective - commented == example - commented, (effective ^ example)
