@@ -16,7 +16,10 @@ use osstream_testkit::{MemSource, pattern};
 const IMAGE: usize = 64 << 20;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap()
 }
 
 fn image() -> DynSource {
@@ -29,7 +32,10 @@ fn hit(c: &mut Criterion) {
     let cached = CacheLayer::new(Arc::new(RamTier::new(256 << 20)), 64 << 10).layer(plain.clone());
     rt.block_on(async {
         for offset in (0..IMAGE as u64).step_by(1 << 20) {
-            cached.read_at(offset, 1 << 20, ReadOpts::default()).await.unwrap();
+            cached
+                .read_at(offset, 1 << 20, ReadOpts::default())
+                .await
+                .unwrap();
         }
     });
     let mut group = c.benchmark_group("hit");
@@ -41,7 +47,12 @@ fn hit(c: &mut Criterion) {
                 b.to_async(&rt).iter(|| {
                     offset = (offset + 7 * 65536 + 4096) % (IMAGE as u64 - len as u64);
                     let source = source.clone();
-                    async move { source.read_at(offset, len, ReadOpts::default()).await.unwrap() }
+                    async move {
+                        source
+                            .read_at(offset, len, ReadOpts::default())
+                            .await
+                            .unwrap()
+                    }
                 })
             });
         }
@@ -58,10 +69,14 @@ fn cold(c: &mut Criterion) {
     for block_size in [4096u64, 64 << 10, 1 << 20] {
         group.bench_function(BenchmarkId::new("pass-64MiB", block_size), |b| {
             b.to_async(&rt).iter(|| {
-                let cached = CacheLayer::new(Arc::new(RamTier::new(256 << 20)), block_size).layer(plain.clone());
+                let cached = CacheLayer::new(Arc::new(RamTier::new(256 << 20)), block_size)
+                    .layer(plain.clone());
                 async move {
                     for offset in (0..IMAGE as u64).step_by(256 << 10) {
-                        cached.read_at(offset, 256 << 10, ReadOpts::default()).await.unwrap();
+                        cached
+                            .read_at(offset, 256 << 10, ReadOpts::default())
+                            .await
+                            .unwrap();
                     }
                 }
             })
@@ -83,7 +98,12 @@ fn evicting(c: &mut Criterion) {
             state ^= state << 17;
             let offset = (state % (IMAGE as u64 / 4096)) * 4096;
             let cached = cached.clone();
-            async move { cached.read_at(offset, 4096, ReadOpts::default()).await.unwrap() }
+            async move {
+                cached
+                    .read_at(offset, 4096, ReadOpts::default())
+                    .await
+                    .unwrap()
+            }
         })
     });
     group.finish();
