@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use osstream_core::{
-    BlockSource, Bytes, Capability, Error, ErrorKind, Extent, ExtentKind, Geometry, ImageStat,
-    ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
+    BlockSource, Bytes, Capability, Chunks, Error, ErrorKind, Extent, ExtentKind, Geometry,
+    ImageStat, ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range,
+    read_only_error,
 };
 
 use crate::error::io_error;
@@ -171,10 +172,10 @@ impl BlockSource for FileSource {
         Geometry::default()
     }
 
-    async fn read_at(&self, offset: u64, len: usize, _opts: ReadOpts) -> Result<Bytes> {
+    async fn read_at(&self, offset: u64, len: usize, _opts: ReadOpts) -> Result<Chunks> {
         check_range(&self.info, "read_at", offset, len as u64)?;
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(Chunks::new());
         }
         self.blocking(move |file, path| {
             let mut buf = vec![0u8; len];
@@ -190,7 +191,7 @@ impl BlockSource for FileSource {
                 }
                 .with_context("offset", offset)
             })?;
-            Ok(Bytes::from(buf))
+            Ok(Chunks::from(buf))
         })
         .await
     }

@@ -311,12 +311,16 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     writer: &Mutex<W>,
     reply: &Reply,
 ) -> std::io::Result<()> {
-    let mut writer = writer.lock().await;
-    let mut slices = [IoSlice::new(reply.head()), IoSlice::new(&reply.body)];
+    let parts = reply.body.parts();
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + parts.len());
+    slices.push(IoSlice::new(reply.head()));
+    slices.extend(parts.iter().map(|part| IoSlice::new(part)));
     let mut slices: &mut [IoSlice<'_>] = &mut slices;
-    IoSlice::advance_slices(&mut slices, 0);
+    let mut writer = writer.lock().await;
     while !slices.is_empty() {
-        let n = writer.write_vectored(slices).await?;
+        // writev takes at most IOV_MAX (1024) slices per call.
+        let batch = slices.len().min(1024);
+        let n = writer.write_vectored(&slices[..batch]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }

@@ -2,27 +2,28 @@
 
 use bytes::Bytes;
 use osstream_core::{
-    BlockSourceExt, DynSource, Error, ErrorKind, ExtentKind, ReadOpts, WriteOpts, ZeroOpts,
+    BlockSourceExt, Chunks, DynSource, Error, ErrorKind, ExtentKind, ReadOpts, WriteOpts, ZeroOpts,
 };
 
 use crate::proto::{self, BASE_ALLOCATION_ID, Request, alloc, cflag, cmd, errno};
 
-/// One reply, ready for the wire: a small header and a body (data, or a whole chunk).
+/// One reply, ready for the wire: a small header and a body (read data, or a whole
+/// structured chunk), written with one vectored write.
 #[derive(Debug)]
 pub(crate) struct Reply {
     head: [u8; 28],
     head_len: u8,
-    pub body: Bytes,
+    pub body: Chunks,
 }
 
 impl Reply {
-    fn with_head(head: &[u8], body: Bytes) -> Self {
+    fn with_head(head: &[u8], body: impl Into<Chunks>) -> Self {
         let mut buf = [0u8; 28];
         buf[..head.len()].copy_from_slice(head);
         Reply {
             head: buf,
             head_len: head.len() as u8,
-            body,
+            body: body.into(),
         }
     }
 
@@ -267,10 +268,10 @@ impl Transmission {
     }
 
     fn ok_reply(&self, req: Request) -> Reply {
-        Reply::with_head(&proto::simple_reply(req.cookie, 0), Bytes::new())
+        Reply::with_head(&proto::simple_reply(req.cookie, 0), Chunks::new())
     }
 
-    fn data_reply(&self, req: Request, data: Bytes) -> Reply {
+    fn data_reply(&self, req: Request, data: Chunks) -> Reply {
         if self.structured {
             Reply::with_head(
                 &proto::offset_data_header(req.cookie, req.offset, data.len()),
@@ -292,7 +293,7 @@ impl Transmission {
         } else {
             Reply::with_head(
                 &proto::simple_reply(req.cookie, failure.errno),
-                Bytes::new(),
+                Chunks::new(),
             )
         }
     }

@@ -16,8 +16,8 @@
 //! #   fn info(&self) -> &SourceInfo { &self.0 }
 //! #   fn capability(&self) -> Capability { Capability::read_only() }
 //! #   fn geometry(&self) -> Geometry { Geometry::default() }
-//! #   async fn read_at(&self, o: u64, l: usize, _: ReadOpts) -> Result<Bytes> {
-//! #     check_range(&self.0, "read_at", o, l as u64)?; Ok(Bytes::from(vec![0; l])) }
+//! #   async fn read_at(&self, o: u64, l: usize, _: ReadOpts) -> Result<Chunks> {
+//! #     check_range(&self.0, "read_at", o, l as u64)?; Ok(Chunks::from(vec![0; l])) }
 //! #   async fn write_at(&self, _: u64, _: Bytes, _: WriteOpts) -> Result<()> { Err(read_only_error(&self.0, "write_at")) }
 //! #   async fn flush(&self) -> Result<()> { Ok(()) }
 //! #   async fn trim(&self, _: u64, _: u64) -> Result<()> { Err(read_only_error(&self.0, "trim")) }
@@ -37,6 +37,7 @@
 
 mod backend;
 pub mod cache;
+mod chunks;
 mod error;
 mod exports;
 mod layer;
@@ -47,6 +48,7 @@ pub mod units;
 
 pub use backend::{DynBackend, ImageBackend, ImageStat, OpenMode, validate_image_name};
 pub use cache::{BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, TierStats};
+pub use chunks::Chunks;
 pub use error::{Error, ErrorKind, Result};
 pub use exports::{ExportEntry, Exports};
 pub use layer::Layer;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::chunks::Chunks;
 use crate::error::{Error, ErrorKind, Result};
 
 /// A shared, type-erased block source: what protocols hold.
@@ -130,7 +131,8 @@ pub struct Extent {
 /// so nothing is inherited by accident. Conveniences live in [`BlockSourceExt`].
 ///
 /// # Contract
-/// - `read_at(offset, len)` returns exactly `len` bytes or an error, never a short read.
+/// - `read_at(offset, len)` returns exactly `len` bytes (in one or more [`Chunks`]) or
+///   an error, never a short read.
 ///   `offset + len > size` is [`ErrorKind::OutOfRange`] and reads nothing.
 /// - An operation absent from [`BlockSource::capability`] returns
 ///   [`ErrorKind::Unsupported`] (for writes on a read-only source: [`ErrorKind::ReadOnly`]).
@@ -149,7 +151,7 @@ pub trait BlockSource: Send + Sync + Debug {
     fn geometry(&self) -> Geometry;
 
     /// Reads `len` bytes at `offset`.
-    async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Bytes>;
+    async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Chunks>;
 
     /// Writes `data` at `offset`. Durable after `flush`, or on return with `opts.fua`.
     async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()>;
@@ -212,7 +214,15 @@ pub trait BlockSourceExt: BlockSource {
                 "source is larger than memory can hold",
             )
         })?;
-        self.read_at(0, size, ReadOpts::default()).await
+        self.read_bytes(0, size).await
+    }
+
+    /// Reads `len` bytes at `offset` into one contiguous buffer.
+    async fn read_bytes(&self, offset: u64, len: usize) -> Result<Bytes> {
+        Ok(self
+            .read_at(offset, len, ReadOpts::default())
+            .await?
+            .into_bytes())
     }
 
     /// Reads a range and drops the data: warms the caches in the stack (NBD `CACHE`).

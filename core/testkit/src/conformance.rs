@@ -60,10 +60,7 @@ pub async fn read_suite(source: DynSource, expected: &[u8]) {
             .await
             .unwrap_or_else(|e| panic!("read {len}@{offset}: {e}"));
         let want = &expected[offset as usize..offset as usize + len];
-        assert!(
-            got[..] == want[..],
-            "read {len}@{offset} returned wrong bytes"
-        );
+        assert!(got == want[..], "read {len}@{offset} returned wrong bytes");
     }
     assert_eq!(read(size / 3, 0).await.expect("zero-length read").len(), 0);
 
@@ -89,7 +86,7 @@ pub async fn read_suite(source: DynSource, expected: &[u8]) {
     for reader in readers {
         let got = reader.await.expect("reader task").expect("concurrent read");
         assert!(
-            got[..] == expected[offset as usize..offset as usize + len],
+            got == expected[offset as usize..offset as usize + len],
             "concurrent reader got wrong bytes"
         );
     }
@@ -125,13 +122,17 @@ pub async fn write_suite(source: DynSource) {
         .read_at(offset, data.len(), ReadOpts::default())
         .await
         .expect("read back");
-    assert!(got == data, "write did not read back");
+    assert!(got == data[..], "write did not read back");
     source
         .write_at(0, Bytes::from_static(b"x"), WriteOpts { fua: true })
         .await
         .expect("fua write");
     assert_eq!(
-        &source.read_at(0, 1, ReadOpts::default()).await.unwrap()[..],
+        &source
+            .read_at(0, 1, ReadOpts::default())
+            .await
+            .unwrap()
+            .to_vec()[..],
         b"x"
     );
     source
@@ -150,7 +151,7 @@ pub async fn write_suite(source: DynSource) {
         .await
         .unwrap();
     assert!(
-        got.iter().all(|&b| b == 0),
+        got.to_vec().iter().all(|&b| b == 0),
         "write_zeroes did not read back as zeroes"
     );
     source.flush().await.expect("flush");
@@ -187,7 +188,7 @@ pub async fn single_flight_suite(layer: &dyn Layer) {
         let got = reader.await.unwrap().expect("read");
         let start = 8192 + i * 16;
         assert!(
-            got[..] == data[start..start + 512],
+            got == data[start..start + 512],
             "reader {i} got wrong bytes"
         );
     }

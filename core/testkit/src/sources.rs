@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use osstream_core::{
-    BlockSource, Capability, DynSource, Error, ErrorKind, Extent, ExtentKind, Geometry, ReadOpts,
-    Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
+    BlockSource, Capability, Chunks, DynSource, Error, ErrorKind, Extent, ExtentKind, Geometry,
+    ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
 };
 
 /// Deterministic, non-repeating test content: `len` bytes from a seeded xorshift stream.
@@ -108,11 +108,13 @@ impl BlockSource for MemSource {
         Geometry::default()
     }
 
-    async fn read_at(&self, offset: u64, len: usize, _opts: ReadOpts) -> Result<Bytes> {
+    async fn read_at(&self, offset: u64, len: usize, _opts: ReadOpts) -> Result<Chunks> {
         check_range(&self.info, "read_at", offset, len as u64)?;
         let data = self.data.lock().unwrap();
         let start = offset as usize;
-        Ok(Bytes::copy_from_slice(&data[start..start + len]))
+        Ok(Chunks::from(Bytes::copy_from_slice(
+            &data[start..start + len],
+        )))
     }
 
     async fn write_at(&self, offset: u64, bytes: Bytes, _opts: WriteOpts) -> Result<()> {
@@ -244,7 +246,7 @@ impl BlockSource for InstrumentedSource {
         self.inner.geometry()
     }
 
-    async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Bytes> {
+    async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Chunks> {
         let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
         self.bytes.fetch_add(len as u64, Ordering::SeqCst);
         if !self.delay.is_zero() {

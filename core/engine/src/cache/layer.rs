@@ -4,10 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::tier::{BlockKey, DynTier, stable_hash};
+use crate::chunks::Chunks;
 use crate::error::{Error, ErrorKind, Result};
 use crate::layer::Layer;
 use crate::source::{
@@ -284,7 +285,7 @@ impl CacheSource {
                 .backend_bytes
                 .fetch_add(len as u64, Ordering::Relaxed);
             let data = match self.inner.read_at(offset, len, opts).await {
-                Ok(data) if data.len() == len => data,
+                Ok(data) if data.len() == len => data.into_bytes(),
                 Ok(data) => {
                     let err = Error::new(
                         ErrorKind::Unexpected,
@@ -376,29 +377,27 @@ impl BlockSource for CacheSource {
         self.inner.geometry()
     }
 
-    async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Bytes> {
+    async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Chunks> {
         check_range(self.info(), "read_at", offset, len as u64)?;
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(Chunks::new());
         }
         let bs = self.state.block_size;
         let first = offset / bs;
         let last = (offset + len as u64 - 1) / bs;
         let blocks = self.blocks(first, last, opts).await?;
-        if blocks.len() == 1 {
-            let start = (offset - first * bs) as usize;
-            return Ok(blocks[0].slice(start..start + len));
-        }
-        let mut out = BytesMut::with_capacity(len);
+        // Hand out slices of the cached blocks themselves: no copy, no new buffer.
+        let mut parts = Vec::with_capacity(blocks.len());
         let mut position = offset;
-        for (i, block) in blocks.iter().enumerate() {
+        let end = offset + len as u64;
+        for (i, block) in blocks.into_iter().enumerate() {
             let block_start = (first + i as u64) * bs;
             let from = (position - block_start) as usize;
-            let take = (block.len() - from).min(len - out.len());
-            out.extend_from_slice(&block[from..from + take]);
-            position += take as u64;
+            let to = ((end - block_start) as usize).min(block.len());
+            parts.push(block.slice(from..to));
+            position = block_start + to as u64;
         }
-        Ok(out.freeze())
+        Ok(Chunks::from_parts(parts))
     }
 
     async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
