@@ -85,11 +85,14 @@ async fn serve(config: Config) -> Result<()> {
 
     let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
     let ram = &config.cache.ram;
+    let mut ram_cache = None;
     if ram.enabled {
-        layers.push(Arc::new(CacheLayer::new(
+        let cache = Arc::new(CacheLayer::new(
             Arc::new(RamTier::new(ram.capacity.bytes())),
             ram.block_size.bytes(),
-        )));
+        ));
+        layers.push(cache.clone());
+        ram_cache = Some(cache);
         tracing::info!(capacity = %ram.capacity, block_size = %ram.block_size, "RAM cache on");
     }
     let exports = Arc::new(Exports::new(backends, layers));
@@ -133,6 +136,20 @@ async fn serve(config: Config) -> Result<()> {
             }
             Err(err) => tracing::error!(%err, "protocol task failed"),
         }
+    }
+    if let Some(cache) = ram_cache {
+        let stats = cache.stats();
+        let tier = cache.tier().stats();
+        tracing::info!(
+            hits = stats.hits,
+            misses = stats.misses,
+            coalesced = stats.coalesced,
+            backend_reads = stats.backend_reads,
+            backend_bytes = stats.backend_bytes,
+            evictions = tier.evictions,
+            cached_bytes = tier.bytes,
+            "RAM cache statistics (blocks)"
+        );
     }
     tracing::info!("stopped");
     Ok(())
