@@ -138,6 +138,8 @@ def test_out_of_range_and_oversized_reads_fail_and_connection_survives(server):
             h.pwrite(b"x" * 512, 0)  # read-only export
         assert errno_name(err.value) == "EPERM"
         assert h.pread(4096, 8192) == data[8192:12288]
+        assert h.pread(0, 4096) == b"", "a zero-length read succeeds (NONE chunk when structured)"
+        assert h.pread(4096, 8192) == data[8192:12288]
         h.shutdown()
 
 
@@ -236,3 +238,10 @@ def test_default_export_serves_the_empty_name(make_server):
     s.start()
     out = subprocess.run(["nbdinfo", "--size", s.uri()], check=True, capture_output=True, text=True).stdout
     assert int(out) == 64 * MIB
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.set_full_info(True)
+    h.connect_uri(s.uri())
+    h.opt_info()
+    assert h.get_canonical_export_name() == "demo", "NBD_INFO_NAME reports the canonical name"
+    h.opt_abort()

@@ -93,6 +93,10 @@ impl<'a> Negotiation<'a> {
 
     /// Handles one option; appends the replies to `out`.
     pub(crate) async fn on_option(&mut self, option: u32, data: &[u8], out: &mut BytesMut) -> Step {
+        if option == opt::SET_META_CONTEXT {
+            // "replaces all previously-set metadata contexts (including when this command fails)"
+            self.meta_for = None;
+        }
         let parsed = match proto::parse_option(option, data) {
             Ok(parsed) => parsed,
             Err(err) if option == opt::EXPORT_NAME => {
@@ -219,7 +223,8 @@ impl<'a> Negotiation<'a> {
                 out,
                 option,
                 rep::META_CONTEXT,
-                &proto::meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION),
+                // Ids in replies to LIST are reserved and zero; SET assigns the real one.
+                &proto::meta_context(if set { BASE_ALLOCATION_ID } else { 0 }, BASE_ALLOCATION),
             );
         }
         if set {
@@ -305,7 +310,7 @@ impl<'a> Negotiation<'a> {
                 ),
             ));
         }
-        let (source, mut entry) = self.exports.open(resolved).await.map_err(|err| {
+        let (source, entry) = self.exports.open(resolved).await.map_err(|err| {
             let code = match err.kind() {
                 ErrorKind::PermissionDenied => rep::ERR_POLICY,
                 ErrorKind::InvalidInput => rep::ERR_INVALID,
@@ -314,7 +319,8 @@ impl<'a> Negotiation<'a> {
             };
             (code, err.to_string())
         })?;
-        entry.name = name.to_owned();
+        // `entry.name` stays the canonical name (what NBD_INFO_NAME reports); the meta
+        // context selection is matched against the name exactly as the client sent it.
         let base_allocation = self.structured && self.meta_for.as_deref() == Some(name);
         Ok(Attached {
             flags: transmission_flags(&source, self.structured),

@@ -18,12 +18,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::NbdConfig;
 use crate::negotiation::{Attached, Negotiation, Step};
-use crate::proto::{self, OptionHeader, Request, cmd};
-use crate::transmission::{Reply, Transmission, command_name};
+use crate::proto::{self, OptionHeader, Request, cmd, errno};
+use crate::transmission::{Failure, Reply, Transmission, command_name};
 
 /// Budget of in-flight work per connection, in units of one request plus one per 64 KiB
-/// of payload: bounds the memory a single client can pin.
+/// of payload: bounds the memory a single client can pin (about 128 MiB).
 const IN_FLIGHT_UNITS: u32 = 2048;
+/// The same budget shared by all connections together (about 1 GiB).
+const SERVER_IN_FLIGHT_UNITS: u32 = 16 * 1024;
+
+/// Units a request of `length` bytes takes from the in-flight budgets.
+fn request_units(length: u32) -> u32 {
+    1 + length / (64 * 1024)
+}
 
 /// The NBD server: fixed newstyle negotiation, simple and structured replies,
 /// `base:allocation`, many requests in flight per connection, replies out of order.
@@ -92,10 +99,15 @@ impl BootProtocol for NbdServer {
     }
 
     async fn serve(self: Box<Self>, ctx: ServeContext, shutdown: CancellationToken) -> Result<()> {
+        let max_request = u32::try_from(self.config.max_request.bytes()).unwrap_or(u32::MAX);
         let shared = Arc::new(Shared {
             exports: ctx.exports,
             connections: AtomicUsize::new(0),
-            max_request: u32::try_from(self.config.max_request.bytes()).unwrap_or(u32::MAX),
+            // One request of the largest size must always fit in either budget.
+            budget: Arc::new(Semaphore::new(
+                SERVER_IN_FLIGHT_UNITS.max(request_units(max_request)) as usize,
+            )),
+            max_request,
             config: self.config,
         });
         let tracker = TaskTracker::new();
@@ -145,7 +157,36 @@ struct Shared {
     exports: Arc<Exports>,
     config: NbdConfig,
     connections: AtomicUsize,
+    budget: Arc<Semaphore>,
     max_request: u32,
+}
+
+/// Counts a connection for `max_connections` until dropped, however the task ends.
+struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Polls a future inside `catch_unwind`, so a panic in one request (a bug in a layer or
+/// a backend) becomes an error reply instead of a silent hang for that client.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(inner).poll(cx)
+        })) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
 }
 
 async fn accept_loop(
@@ -173,10 +214,11 @@ async fn accept_loop(
             continue;
         }
         shared.connections.fetch_add(1, Ordering::Relaxed);
+        let slot = ConnectionSlot(shared.clone());
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
         tracker.spawn(async move {
+            let _slot = slot;
             serve_connection(read, write, &peer, &shared, shutdown).await;
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -358,7 +400,8 @@ where
         base_allocation: attached.base_allocation,
         max_request: shared.max_request,
     });
-    let budget = Arc::new(Semaphore::new(IN_FLIGHT_UNITS as usize));
+    let per_request_max = request_units(shared.max_request);
+    let budget = Arc::new(Semaphore::new(IN_FLIGHT_UNITS.max(per_request_max) as usize));
     let in_flight = TaskTracker::new();
     let broken = CancellationToken::new();
     let reason = loop {
@@ -387,14 +430,14 @@ where
         if req.command == cmd::DISC {
             break "client sent NBD_CMD_DISC".to_owned();
         }
-        let units = 1 + req.length / (64 * 1024);
-        let permit = match budget
-            .clone()
-            .acquire_many_owned(units.min(IN_FLIGHT_UNITS))
-            .await
-        {
-            Ok(permit) => permit,
-            Err(_) => break "internal: budget closed".to_owned(),
+        // Lengths beyond max_request are refused below; they only cost one request's worth.
+        let units = request_units(req.length).min(per_request_max);
+        let permits = match (
+            budget.clone().acquire_many_owned(units).await,
+            shared.budget.clone().acquire_many_owned(units).await,
+        ) {
+            (Ok(mine), Ok(everyone)) => (mine, everyone),
+            _ => break "internal: budget closed".to_owned(),
         };
         let checked = conn.validate(&req);
         let mut payload = Bytes::new();
@@ -438,7 +481,15 @@ where
         let (conn2, writer2, stats2, broken2) =
             (conn.clone(), writer.clone(), stats.clone(), broken.clone());
         let mut work = Box::pin(async move {
-            let reply = match conn2.execute(req, payload).await {
+            let outcome = CatchUnwind(Box::pin(conn2.execute(req, payload)))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure::new(
+                        errno::EIO,
+                        "internal error (a panic) while serving this request",
+                    ))
+                });
+            let reply = match outcome {
                 Ok(reply) => reply,
                 Err(failure) => {
                     stats2.errors.fetch_add(1, Ordering::Relaxed);
@@ -450,14 +501,20 @@ where
                 tracing::debug!(%err, "reply write failed");
                 broken2.cancel();
             }
-            drop(permit);
+            drop(permits);
         });
         if poll_once(&mut work).is_none() {
             in_flight.spawn(work);
         }
     };
     in_flight.close();
-    in_flight.wait().await;
+    let drain = shared.config.drain_timeout.0;
+    if tokio::time::timeout(drain, in_flight.wait()).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            "requests still in flight after the drain timeout; closing anyway"
+        );
+    }
     let mut writer = writer.lock().await;
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;

@@ -5,7 +5,7 @@ use osstream_core::{
     BlockSourceExt, Chunks, DynSource, Error, ErrorKind, ExtentKind, ReadOpts, WriteOpts, ZeroOpts,
 };
 
-use crate::proto::{self, BASE_ALLOCATION_ID, Request, alloc, cflag, cmd, errno};
+use crate::proto::{self, BASE_ALLOCATION_ID, Request, alloc, cflag, chunk, cmd, errno};
 
 /// One reply, ready for the wire: a small header and a body (read data, or a whole
 /// structured chunk), written with one vectored write.
@@ -49,7 +49,7 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
-    fn new(errno: u32, message: impl Into<String>) -> Self {
+    pub(crate) fn new(errno: u32, message: impl Into<String>) -> Self {
         Failure {
             errno,
             message: message.into(),
@@ -135,6 +135,9 @@ impl Transmission {
             }
             _ => {}
         }
+        if req.command == cmd::BLOCK_STATUS && req.length == 0 {
+            return Err(Failure::new(errno::EINVAL, "BLOCK_STATUS of zero bytes"));
+        }
         if matches!(req.command, cmd::READ | cmd::WRITE) && req.length > self.max_request {
             return Err(Failure::new(
                 errno::EINVAL,
@@ -183,6 +186,13 @@ impl Transmission {
                     .map_err(map)?;
                 if data.len() != len {
                     return Err(Failure::new(errno::EIO, "short read from the source"));
+                }
+                if len == 0 && self.structured {
+                    // An OFFSET_DATA chunk must carry at least one byte.
+                    return Ok(Reply::with_head(
+                        &proto::chunk_header(req.cookie, chunk::FLAG_DONE, chunk::NONE, 0),
+                        Chunks::new(),
+                    ));
                 }
                 Ok(self.data_reply(req, data))
             }
@@ -237,7 +247,7 @@ impl Transmission {
                     .await
                     .map_err(map)?;
                 let mut descriptors: Vec<(u32, u32)> = Vec::with_capacity(extents.len());
-                for extent in extents {
+                for extent in extents.into_iter().filter(|e| e.length > 0) {
                     let flags = match extent.kind {
                         ExtentKind::Data => 0,
                         ExtentKind::Zero => alloc::ZERO,
@@ -251,6 +261,8 @@ impl Transmission {
                         _ => descriptors.push((length, flags)),
                     }
                 }
+                // The spec caps a chunk at 2^20 descriptors; a shorter answer is allowed.
+                descriptors.truncate(1 << 20);
                 if descriptors.is_empty() {
                     descriptors.push((req.length, 0));
                 }

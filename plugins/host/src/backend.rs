@@ -226,18 +226,15 @@ impl ImageBackend for PluginBackend {
             let text = self
                 .plugin()
                 .call("generation", move |_, error| {
-                    let mut buf = [0 as c_char; 256];
+                    let mut buf = [0u8; 256];
                     // SAFETY: a live handle and a buffer of the stated length.
-                    let rc =
-                        unsafe { generation_fn(ptr.get(), buf.as_mut_ptr(), buf.len(), error) };
-                    // SAFETY: on success the plugin wrote a NUL-terminated string into buf.
-                    let text = if rc == 0 {
-                        unsafe { CStr::from_ptr(buf.as_ptr()) }
-                            .to_string_lossy()
-                            .into_owned()
-                    } else {
-                        String::new()
+                    let rc = unsafe {
+                        generation_fn(ptr.get(), buf.as_mut_ptr().cast(), buf.len(), error)
                     };
+                    // A plugin that forgot the NUL gets no generation, not an overread.
+                    let text = CStr::from_bytes_until_nul(&buf)
+                        .map(|text| text.to_string_lossy().into_owned())
+                        .unwrap_or_default();
                     (rc, text)
                 })
                 .await?;
@@ -256,21 +253,23 @@ impl ImageBackend for PluginBackend {
                     (rc, (min, pref, max))
                 })
                 .await;
-            if let Ok((min, pref, max)) = sizes {
-                if min.is_power_of_two() && pref >= min && max >= pref {
-                    geometry = Geometry {
-                        minimum: min,
-                        preferred: pref,
-                        maximum: max,
-                    };
-                }
+            if let Ok((min, pref, max)) = sizes
+                && min.is_power_of_two()
+                && pref >= min
+                && max >= pref
+            {
+                geometry = Geometry {
+                    minimum: min,
+                    preferred: pref,
+                    maximum: max,
+                };
             }
         }
         let can_write = match table.can_write {
-            // SAFETY: a live handle.
             Some(can_write) if writable => {
                 self.plugin()
                     .call("can_write", move |_, _| {
+                        // SAFETY: a live handle.
                         (0, unsafe { can_write(ptr.get()) } == 1)
                     })
                     .await?

@@ -382,8 +382,8 @@ pub mod trampolines {
     /// # Safety
     /// Host-provided handle.
     pub unsafe extern "C" fn can_write<P: Plugin>(handle: *mut c_void) -> c_int {
-        // SAFETY: host-provided handle.
         catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: a live handle from `open`, per this function's contract.
             c_int::from(unsafe { image::<P>(handle) }.can_write())
         }))
         .unwrap_or(0)
@@ -483,10 +483,8 @@ pub mod trampolines {
     /// `host` is null or points to the host's `HostInfo`.
     pub unsafe fn init(host: *const HostInfo) {
         // SAFETY: per this function's contract.
-        if let Some(host) = unsafe { host.as_ref() } {
-            if let Some(log) = host.log {
-                HOST_LOG.store(log as usize, Ordering::Release);
-            }
+        if let Some(log) = unsafe { host.as_ref() }.and_then(|host| host.log) {
+            HOST_LOG.store(log as usize, Ordering::Release);
         }
     }
 
