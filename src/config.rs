@@ -30,6 +30,8 @@ pub struct Config {
     pub backends: BTreeMap<String, Dict>,
     /// Cache tiers.
     pub cache: CacheConfig,
+    /// The catalog of vdisks, clients and sessions.
+    pub catalog: CatalogConfig,
     /// The NBD server.
     #[cfg(feature = "boot-nbd")]
     pub nbd: NbdConfig,
@@ -53,6 +55,15 @@ pub struct DemoConfig {
     pub create: bool,
     /// Its size. Default: `64MiB`.
     pub size: ByteSize,
+}
+
+/// `[catalog]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// `sqlite://PATH` or `postgres://USER@HOST:PORT/DB`. Default: unset, meaning
+    /// `sqlite://<data_dir>/catalog.db`.
+    pub url: Option<String>,
 }
 
 /// `[cache]`.
@@ -84,6 +95,7 @@ impl Default for Config {
             demo: DemoConfig::default(),
             backends: BTreeMap::new(),
             cache: CacheConfig::default(),
+            catalog: CatalogConfig::default(),
             #[cfg(feature = "boot-nbd")]
             nbd: NbdConfig::default(),
         }
@@ -114,6 +126,16 @@ impl Default for RamCacheConfig {
             capacity: ByteSize::gib(1),
             block_size: ByteSize::kib(64),
         }
+    }
+}
+
+impl Config {
+    /// The catalog URL: configured, or a SQLite file in the data directory.
+    pub fn catalog_url(&self) -> String {
+        self.catalog
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("catalog.db").display()))
     }
 }
 

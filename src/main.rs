@@ -1,5 +1,6 @@
 //! `osstream`: the OS-streaming server and its admin commands.
 
+mod admin;
 mod config;
 mod demo;
 mod serve;
@@ -24,6 +25,10 @@ struct Cli {
     #[arg(long, short, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
+    /// Print JSON instead of tables (admin commands) or TOML (config show).
+    #[arg(long, global = true)]
+    json: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +40,18 @@ enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage vdisks: images of a backend that clients boot.
+    #[command(subcommand)]
+    Vdisk(admin::VdiskCommand),
+    /// Manage clients (by MAC) and what each may boot.
+    #[command(subcommand)]
+    Client(admin::ClientCommand),
+    /// List, open and close client sessions.
+    #[command(subcommand)]
+    Session(admin::SessionCommand),
+    /// What happens when an unknown MAC boots.
+    #[command(subcommand)]
+    Policy(admin::PolicyCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,11 +70,7 @@ struct ServeArgs {
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Print the effective configuration (defaults, file, environment merged) as TOML.
-    Show {
-        /// Print JSON instead of TOML.
-        #[arg(long)]
-        json: bool,
-    },
+    Show,
 }
 
 fn overrides(args: &ServeArgs) -> Dict {
@@ -78,6 +91,27 @@ fn overrides(args: &ServeArgs) -> Dict {
     dict
 }
 
+/// Loads the configuration and runs one admin command on a small runtime.
+fn admin_command(cli: &Cli) -> osstream_core::Result<()> {
+    let config = config::load(config::Sources {
+        file: cli.config.as_deref(),
+        overrides: Dict::new(),
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| osstream_core::Error::from_io(e, "cannot start the async runtime"))?;
+    runtime.block_on(async {
+        match &cli.command {
+            Command::Vdisk(command) => admin::vdisk(&config, command, cli.json).await,
+            Command::Client(command) => admin::client(&config, command, cli.json).await,
+            Command::Session(command) => admin::session(&config, command, cli.json).await,
+            Command::Policy(command) => admin::policy(&config, command, cli.json).await,
+            _ => unreachable!("only admin commands come here"),
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -86,12 +120,15 @@ fn main() -> ExitCode {
             overrides: overrides(args),
         })
         .and_then(serve::run),
-        Command::Config(ConfigCommand::Show { json }) => config::load(config::Sources {
+        Command::Vdisk(_) | Command::Client(_) | Command::Session(_) | Command::Policy(_) => {
+            admin_command(&cli)
+        }
+        Command::Config(ConfigCommand::Show) => config::load(config::Sources {
             file: cli.config.as_deref(),
             overrides: Dict::new(),
         })
         .and_then(|config| {
-            let text = if *json {
+            let text = if cli.json {
                 serde_json::to_string_pretty(&config).map_err(|e| {
                     osstream_core::Error::new(osstream_core::ErrorKind::Unexpected, e.to_string())
                 })?

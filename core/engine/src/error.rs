@@ -27,6 +27,8 @@ pub enum ErrorKind {
     NoSpace,
     /// Configuration is wrong: unknown key or kind, bad value.
     Config,
+    /// The thing exists already, or is in use or locked by someone else.
+    Conflict,
     /// The operation was stopped because the server is shutting down.
     Shutdown,
     /// An I/O error from the storage underneath.
@@ -47,6 +49,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission denied",
             ErrorKind::NoSpace => "no space",
             ErrorKind::Config => "configuration error",
+            ErrorKind::Conflict => "conflict",
             ErrorKind::Shutdown => "shutting down",
             ErrorKind::Io => "I/O error",
             ErrorKind::Unexpected => "unexpected error",

@@ -1,0 +1,377 @@
+//! The records of the catalog.
+
+use std::fmt;
+use std::str::FromStr;
+
+use osstream_core::{Error, ErrorKind, Result};
+use serde::{Deserialize, Serialize};
+
+/// A MAC address, stored normalised as `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Mac(String);
+
+impl Mac {
+    /// The normalised text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Mac {
+    type Err = Error;
+
+    /// Accepts `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` and `aabbccddeeff`, any case.
+    fn from_str(text: &str) -> Result<Self> {
+        let trimmed = text.trim();
+        let hex: String = match trimmed.len() {
+            17 => {
+                let separator = trimmed.as_bytes()[2];
+                if !matches!(separator, b':' | b'-') {
+                    return Err(bad_mac(text));
+                }
+                let parts: Vec<&str> = trimmed.split(separator as char).collect();
+                if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
+                    return Err(bad_mac(text));
+                }
+                parts.concat()
+            }
+            12 => trimmed.to_owned(),
+            _ => return Err(bad_mac(text)),
+        };
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad_mac(text));
+        }
+        let hex = hex.to_ascii_lowercase();
+        let pairs: Vec<&str> = (0..6).map(|i| &hex[i * 2..i * 2 + 2]).collect();
+        Ok(Mac(pairs.join(":")))
+    }
+}
+
+fn bad_mac(text: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "invalid MAC address {text:?}: use aa:bb:cc:dd:ee:ff, aa-bb-cc-dd-ee-ff or aabbccddeeff"
+        ),
+    )
+}
+
+impl TryFrom<String> for Mac {
+    type Error = Error;
+    fn try_from(text: String) -> Result<Self> {
+        text.parse()
+    }
+}
+
+impl From<Mac> for String {
+    fn from(mac: Mac) -> String {
+        mac.0
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Declares a text enum stored by name, with parse errors that list the choices.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every choice, as written in commands and the database.
+            pub const CHOICES: &'static [&'static str] = &[$($text),+];
+
+            /// The name as written in commands and the database.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(text: &str) -> Result<Self> {
+                match text {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("invalid {} {other:?}; choose one of: {}", $what, Self::CHOICES.join(", ")),
+                    )),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum!(
+    /// Who may write a vdisk.
+    VdiskMode, "mode" {
+        /// Shared base image; every session writes to its own overlay.
+        Standard = "standard",
+        /// One writer at a time, writing to the vdisk itself.
+        Private = "private",
+    }
+);
+
+text_enum!(
+    /// Where a standard-mode session's writes go.
+    WriteCache, "write cache" {
+        /// Server RAM, bounded; when full, writes fail with ENOSPC.
+        Ram = "ram",
+        /// Server RAM first, least recently used blocks spill to server disk.
+        RamOverflowDisk = "ram-overflow-disk",
+        /// A file on the server's disk, discarded when the client's next session starts.
+        ServerDisk = "server-disk",
+        /// A file on the server's disk, kept across the client's reboots.
+        ServerDiskPersistent = "server-disk-persistent",
+    }
+);
+
+text_enum!(
+    /// How a client boots the vdisk.
+    BootMethod, "boot method" {
+        /// Kernel and initrd over the network, root streamed over NBD.
+        LinuxNbd = "linux-nbd",
+        /// The firmware boots the disk itself (iPXE `sanboot`).
+        Sanboot = "sanboot",
+    }
+);
+
+/// A virtual disk: an image on a backend, and how clients use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vdisk {
+    /// Unique name.
+    pub name: String,
+    /// The backend (`[backends.NAME]`) holding the image.
+    pub backend: String,
+    /// The image's name inside the backend.
+    pub key: String,
+    /// Size in bytes when it was added.
+    pub size: u64,
+    /// Who may write.
+    pub mode: VdiskMode,
+    /// Where standard-mode writes go.
+    pub write_cache: WriteCache,
+    /// How it boots.
+    pub boot: BootMethod,
+    /// Kernel image (key on the backend), for `linux-nbd`.
+    pub kernel: Option<String>,
+    /// Initrd image (key on the backend), for `linux-nbd`.
+    pub initrd: Option<String>,
+    /// Kernel command line, for `linux-nbd`.
+    pub cmdline: Option<String>,
+    /// Free text for listings and boot menus.
+    pub description: String,
+    /// Disabled vdisks are not offered to clients.
+    pub enabled: bool,
+    /// The session holding a private vdisk's write lock, if any.
+    pub locked_by: Option<String>,
+    /// When it was added (Unix milliseconds).
+    pub created_at: i64,
+}
+
+/// A machine that boots from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Client {
+    /// Its MAC address: the identity the network gives us.
+    pub mac: Mac,
+    /// A unique short name.
+    pub name: Option<String>,
+    /// A unique hostname it is given.
+    pub hostname: Option<String>,
+    /// A group, for bulk assignments and policies.
+    pub group: Option<String>,
+    /// Free text.
+    pub notes: String,
+    /// When it first booted (Unix milliseconds).
+    pub first_seen: Option<i64>,
+    /// When it last booted (Unix milliseconds).
+    pub last_seen: Option<i64>,
+    /// When it was added (Unix milliseconds).
+    pub created_at: i64,
+}
+
+/// A vdisk a client may boot, in menu order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The client.
+    pub mac: Mac,
+    /// The vdisk.
+    pub vdisk: String,
+    /// Menu position (0 first).
+    pub position: i64,
+    /// Booted when the client does not choose.
+    pub is_default: bool,
+}
+
+/// A client's attachment to a vdisk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Short id for admins.
+    pub id: String,
+    /// Unguessable token; the export name is `s/<token>`.
+    pub token: String,
+    /// The client.
+    pub mac: Mac,
+    /// The vdisk.
+    pub vdisk: String,
+    /// The last peer address seen.
+    pub peer: Option<String>,
+    /// When it was opened (Unix milliseconds).
+    pub started_at: i64,
+    /// When it last carried I/O (Unix milliseconds).
+    pub last_active: i64,
+    /// Bytes read through it.
+    pub bytes_read: u64,
+    /// Bytes written through it.
+    pub bytes_written: u64,
+    /// When it was closed; `None` while live.
+    pub closed_at: Option<i64>,
+}
+
+impl Session {
+    /// The NBD export name that reaches this session.
+    pub fn export_name(&self) -> String {
+        format!("s/{}", self.token)
+    }
+}
+
+/// What the server does when an unknown MAC boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "kebab-case")]
+pub enum UnknownClientPolicy {
+    /// Nothing: unknown clients get no vdisk.
+    Ignore,
+    /// Add it to the catalog, with no vdisks.
+    Register,
+    /// Add it and give it the vdisks of the template client.
+    RegisterAndAssign {
+        /// MAC of the client whose assignments are copied.
+        template: Mac,
+    },
+}
+
+impl fmt::Display for UnknownClientPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnknownClientPolicy::Ignore => f.write_str("ignore"),
+            UnknownClientPolicy::Register => f.write_str("register"),
+            UnknownClientPolicy::RegisterAndAssign { template } => {
+                write!(f, "register-and-assign:{template}")
+            }
+        }
+    }
+}
+
+impl FromStr for UnknownClientPolicy {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text.split_once(':') {
+            None if text == "ignore" => Ok(UnknownClientPolicy::Ignore),
+            None if text == "register" => Ok(UnknownClientPolicy::Register),
+            Some(("register-and-assign", mac)) => Ok(UnknownClientPolicy::RegisterAndAssign {
+                template: mac.parse()?,
+            }),
+            _ => Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "invalid unknown-client policy {text:?}; choose ignore, register or register-and-assign:TEMPLATE_MAC"
+                ),
+            )),
+        }
+    }
+}
+
+/// Checks a vdisk, client or group name: 1-64 of `[A-Za-z0-9._-]`, not starting with `.`
+/// or `-`.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "invalid {what} {name:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_normalise() {
+        for text in [
+            "AA:bb:CC:dd:EE:ff",
+            "aa-bb-cc-dd-ee-ff",
+            "aabbccddeeff",
+            " AABBCCDDEEFF ",
+        ] {
+            assert_eq!(text.parse::<Mac>().unwrap().as_str(), "aa:bb:cc:dd:ee:ff");
+        }
+        for bad in [
+            "",
+            "aa:bb:cc:dd:ee",
+            "aa:bb:cc:dd:ee:gg",
+            "aa:bb-cc:dd:ee:ff",
+            "aabbccddeeff00",
+            "a:bb:cc:dd:ee:fff",
+        ] {
+            let err = bad.parse::<Mac>().unwrap_err();
+            assert!(
+                err.to_string().contains("invalid MAC address"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn enums_list_their_choices() {
+        assert_eq!(
+            "server-disk".parse::<WriteCache>().unwrap(),
+            WriteCache::ServerDisk
+        );
+        let err = "disk".parse::<WriteCache>().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("ram, ram-overflow-disk, server-disk, server-disk-persistent"),
+            "{err}"
+        );
+        assert!("shared".parse::<VdiskMode>().is_err());
+    }
+
+    #[test]
+    fn policies_parse() {
+        assert_eq!(
+            "ignore".parse::<UnknownClientPolicy>().unwrap(),
+            UnknownClientPolicy::Ignore
+        );
+        let p: UnknownClientPolicy = "register-and-assign:aabbccddeeff".parse().unwrap();
+        assert_eq!(p.to_string(), "register-and-assign:aa:bb:cc:dd:ee:ff");
+        assert!("assign".parse::<UnknownClientPolicy>().is_err());
+    }
+}

@@ -1,0 +1,631 @@
+//! The admin commands: `vdisk`, `client`, `session`, `policy`. They use the same
+//! configuration as the server, so they reach the same catalog and backends.
+
+use clap::{Args, Subcommand};
+use osstream_catalog::{
+    BootMethod, Catalog, Client, ClientChanges, Mac, SqlCatalog, UnknownClientPolicy, Vdisk,
+    VdiskChanges, VdiskMode, WriteCache,
+};
+use osstream_core::{BackendContext, Error, ErrorKind, Result};
+use serde::Serialize;
+
+use crate::config::Config;
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum VdiskCommand {
+    /// Register an image of a backend as a vdisk.
+    Add(VdiskAdd),
+    /// List vdisks.
+    List,
+    /// Show one vdisk.
+    Show { name: String },
+    /// Change a vdisk.
+    Set(VdiskSet),
+    /// Remove a vdisk (refused while it has live sessions, unless --force).
+    Rm {
+        name: String,
+        /// Close its live sessions and remove it anyway.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Clear a private vdisk's write lock left by a session that is gone.
+    Unlock { name: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VdiskAdd {
+    /// The vdisk's name (letters, digits, '.', '_', '-').
+    name: String,
+    /// The backend holding the image (`[backends.NAME]` in the configuration).
+    #[arg(long)]
+    backend: String,
+    /// The image's name on the backend (default: the vdisk's name).
+    #[arg(long)]
+    key: Option<String>,
+    /// standard: shared base, per-session overlays; private: one writer, writes to the vdisk.
+    #[arg(long, default_value = "standard")]
+    mode: String,
+    /// Where standard-mode writes go: ram, ram-overflow-disk, server-disk, server-disk-persistent.
+    #[arg(long, default_value = "ram-overflow-disk")]
+    write_cache: String,
+    /// How clients boot it: linux-nbd or sanboot.
+    #[arg(long, default_value = "sanboot")]
+    boot: String,
+    /// Kernel image key on the same backend (linux-nbd).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Initrd image key on the same backend (linux-nbd).
+    #[arg(long)]
+    initrd: Option<String>,
+    /// Kernel command line (linux-nbd).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Free text for listings and boot menus.
+    #[arg(long, default_value = "")]
+    description: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VdiskSet {
+    name: String,
+    #[arg(long)]
+    mode: Option<String>,
+    #[arg(long)]
+    write_cache: Option<String>,
+    #[arg(long)]
+    boot: Option<String>,
+    /// Kernel key; an empty string clears it.
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Initrd key; an empty string clears it.
+    #[arg(long)]
+    initrd: Option<String>,
+    /// Kernel command line; an empty string clears it.
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    /// Offer it to clients again.
+    #[arg(long, conflicts_with = "disable")]
+    enable: bool,
+    /// Stop offering it to clients (live sessions continue).
+    #[arg(long)]
+    disable: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientCommand {
+    /// Register a client by MAC (aa:bb:cc:dd:ee:ff, aa-bb-.. or aabbcc..).
+    Add(ClientFields),
+    /// List clients.
+    List,
+    /// Show one client with its vdisks.
+    Show { mac: String },
+    /// Change a client (an empty value clears a field).
+    Set(ClientFields),
+    /// Remove a client (its sessions are closed).
+    Rm { mac: String },
+    /// Let a client boot a vdisk.
+    Assign {
+        mac: String,
+        vdisk: String,
+        /// Make it the client's default vdisk.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Take a vdisk away from a client.
+    Unassign { mac: String, vdisk: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientFields {
+    mac: String,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    hostname: Option<String>,
+    #[arg(long)]
+    group: Option<String>,
+    #[arg(long)]
+    notes: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SessionCommand {
+    /// List live sessions (--all: closed ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Open a session of a client on one of its vdisks; prints the client's nbd:// URI.
+    Open { mac: String, vdisk: String },
+    /// Close a session by id.
+    Close { id: String },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PolicyCommand {
+    /// Show what happens when an unknown MAC boots.
+    Show,
+    /// Set it: ignore, register, or register-and-assign:TEMPLATE_MAC.
+    Set { policy: String },
+}
+
+/// The catalog the configuration names.
+pub async fn open_catalog(config: &Config) -> Result<SqlCatalog> {
+    let url = config.catalog_url();
+    if url.starts_with("sqlite:") {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::from_io(
+                e,
+                format!("cannot create data_dir {}", config.data_dir.display()),
+            )
+        })?;
+    }
+    SqlCatalog::open(&url).await
+}
+
+fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
+    value.map(|v| if v.is_empty() { None } else { Some(v) })
+}
+
+/// Prints `value` as JSON, or `rows` as an aligned table under `headers`.
+fn output<T: Serialize>(
+    json: bool,
+    value: &T,
+    headers: &[&str],
+    rows: Vec<Vec<String>>,
+) -> Result<()> {
+    if json {
+        let text = serde_json::to_string_pretty(value)
+            .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+    Ok(())
+}
+
+fn opt(value: &Option<String>) -> String {
+    value.clone().unwrap_or_else(|| "-".to_owned())
+}
+
+fn when(ms: Option<i64>) -> String {
+    match ms {
+        None => "-".to_owned(),
+        Some(ms) => {
+            let secs = ms / 1000;
+            let (days, rest) = (secs / 86_400, secs % 86_400);
+            // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+            let z = days + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let day = doy - (153 * mp + 2) / 5 + 1;
+            let month = if mp < 10 { mp + 3 } else { mp - 9 };
+            let year = yoe + era * 400 + i64::from(month <= 2);
+            format!(
+                "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+                rest / 3600,
+                rest % 3600 / 60,
+                rest % 60
+            )
+        }
+    }
+}
+
+fn vdisk_rows(vdisks: &[Vdisk]) -> Vec<Vec<String>> {
+    vdisks
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                format!("{}:{}", v.backend, v.key),
+                osstream_core::ByteSize(v.size).to_string(),
+                v.mode.to_string(),
+                v.write_cache.to_string(),
+                v.boot.to_string(),
+                if v.enabled { "yes".into() } else { "no".into() },
+                opt(&v.locked_by),
+                v.description.clone(),
+            ]
+        })
+        .collect()
+}
+
+const VDISK_HEADERS: &[&str] = &[
+    "NAME",
+    "IMAGE",
+    "SIZE",
+    "MODE",
+    "WRITE CACHE",
+    "BOOT",
+    "ENABLED",
+    "LOCKED BY",
+    "DESCRIPTION",
+];
+
+pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Result<()> {
+    let catalog = open_catalog(config).await?;
+    match command.clone() {
+        VdiskCommand::Add(add) => {
+            let key = add.key.clone().unwrap_or_else(|| add.name.clone());
+            let table = config.backends.get(&add.backend).cloned().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no backend named {:?}; configured backends: {}",
+                        add.backend,
+                        config
+                            .backends
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+            let ctx = BackendContext {
+                data_dir: config.data_dir.clone(),
+            };
+            let backend = crate::serve::registry().build_backend(&ctx, &add.backend, table)?;
+            let stat = backend.stat(&key).await.map_err(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("backend {:?} has no image {key:?}", add.backend),
+                    )
+                } else {
+                    e
+                }
+            })?;
+            let vdisk = Vdisk {
+                name: add.name.clone(),
+                backend: add.backend,
+                key,
+                size: stat.size,
+                mode: add.mode.parse::<VdiskMode>()?,
+                write_cache: add.write_cache.parse::<WriteCache>()?,
+                boot: add.boot.parse::<BootMethod>()?,
+                kernel: add.kernel,
+                initrd: add.initrd,
+                cmdline: add.cmdline,
+                description: add.description,
+                enabled: true,
+                locked_by: None,
+                created_at: 0,
+            };
+            catalog.add_vdisk(&vdisk).await?;
+            let vdisk = catalog.vdisk(&vdisk.name).await?;
+            output(
+                json,
+                &vdisk,
+                VDISK_HEADERS,
+                vdisk_rows(std::slice::from_ref(&vdisk)),
+            )
+        }
+        VdiskCommand::List => {
+            let vdisks = catalog.vdisks().await?;
+            output(json, &vdisks, VDISK_HEADERS, vdisk_rows(&vdisks))
+        }
+        VdiskCommand::Show { name } => {
+            let vdisk = catalog.vdisk(&name).await?;
+            output(
+                json,
+                &vdisk,
+                VDISK_HEADERS,
+                vdisk_rows(std::slice::from_ref(&vdisk)),
+            )
+        }
+        VdiskCommand::Set(set) => {
+            let changes = VdiskChanges {
+                mode: set.mode.map(|m| m.parse()).transpose()?,
+                write_cache: set.write_cache.map(|m| m.parse()).transpose()?,
+                boot: set.boot.map(|m| m.parse()).transpose()?,
+                kernel: empty_is_none(set.kernel),
+                initrd: empty_is_none(set.initrd),
+                cmdline: empty_is_none(set.cmdline),
+                description: set.description,
+                enabled: if set.enable {
+                    Some(true)
+                } else if set.disable {
+                    Some(false)
+                } else {
+                    None
+                },
+            };
+            let vdisk = catalog.update_vdisk(&set.name, &changes).await?;
+            output(
+                json,
+                &vdisk,
+                VDISK_HEADERS,
+                vdisk_rows(std::slice::from_ref(&vdisk)),
+            )
+        }
+        VdiskCommand::Rm { name, force } => {
+            catalog.remove_vdisk(&name, force).await?;
+            if !json {
+                println!("removed vdisk {name}");
+            }
+            Ok(())
+        }
+        VdiskCommand::Unlock { name } => {
+            catalog.unlock_vdisk(&name).await?;
+            if !json {
+                println!("vdisk {name} is unlocked");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn client_rows(clients: &[Client]) -> Vec<Vec<String>> {
+    clients
+        .iter()
+        .map(|c| {
+            vec![
+                c.mac.to_string(),
+                opt(&c.name),
+                opt(&c.hostname),
+                opt(&c.group),
+                when(c.first_seen),
+                when(c.last_seen),
+                c.notes.clone(),
+            ]
+        })
+        .collect()
+}
+
+const CLIENT_HEADERS: &[&str] = &[
+    "MAC",
+    "NAME",
+    "HOSTNAME",
+    "GROUP",
+    "FIRST SEEN",
+    "LAST SEEN",
+    "NOTES",
+];
+
+pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Result<()> {
+    let catalog = open_catalog(config).await?;
+    match command.clone() {
+        ClientCommand::Add(fields) => {
+            let client = Client {
+                mac: fields.mac.parse()?,
+                name: fields.name.filter(|v| !v.is_empty()),
+                hostname: fields.hostname.filter(|v| !v.is_empty()),
+                group: fields.group.filter(|v| !v.is_empty()),
+                notes: fields.notes.unwrap_or_default(),
+                first_seen: None,
+                last_seen: None,
+                created_at: 0,
+            };
+            catalog.add_client(&client).await?;
+            let client = catalog.client(&client.mac).await?;
+            output(
+                json,
+                &client,
+                CLIENT_HEADERS,
+                client_rows(std::slice::from_ref(&client)),
+            )
+        }
+        ClientCommand::List => {
+            let clients = catalog.clients().await?;
+            output(json, &clients, CLIENT_HEADERS, client_rows(&clients))
+        }
+        ClientCommand::Show { mac } => {
+            let mac: Mac = mac.parse()?;
+            let client = catalog.client(&mac).await?;
+            let assignments = catalog.assignments(&mac).await?;
+            if json {
+                #[derive(Serialize)]
+                struct Shown<'a> {
+                    #[serde(flatten)]
+                    client: &'a Client,
+                    vdisks: &'a [osstream_catalog::Assignment],
+                }
+                return output(
+                    true,
+                    &Shown {
+                        client: &client,
+                        vdisks: &assignments,
+                    },
+                    &[],
+                    Vec::new(),
+                );
+            }
+            output(
+                false,
+                &client,
+                CLIENT_HEADERS,
+                client_rows(std::slice::from_ref(&client)),
+            )?;
+            println!();
+            let rows = assignments
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.position.to_string(),
+                        a.vdisk.clone(),
+                        if a.is_default {
+                            "default".into()
+                        } else {
+                            String::new()
+                        },
+                    ]
+                })
+                .collect();
+            output(false, &assignments, &["#", "VDISK", ""], rows)
+        }
+        ClientCommand::Set(fields) => {
+            let mac: Mac = fields.mac.parse()?;
+            let changes = ClientChanges {
+                name: empty_is_none(fields.name),
+                hostname: empty_is_none(fields.hostname),
+                group: empty_is_none(fields.group),
+                notes: fields.notes,
+            };
+            let client = catalog.update_client(&mac, &changes).await?;
+            output(
+                json,
+                &client,
+                CLIENT_HEADERS,
+                client_rows(std::slice::from_ref(&client)),
+            )
+        }
+        ClientCommand::Rm { mac } => {
+            let mac: Mac = mac.parse()?;
+            catalog.remove_client(&mac).await?;
+            if !json {
+                println!("removed client {mac}");
+            }
+            Ok(())
+        }
+        ClientCommand::Assign {
+            mac,
+            vdisk,
+            default,
+        } => {
+            let mac: Mac = mac.parse()?;
+            let assignment = catalog.assign(&mac, &vdisk, default).await?;
+            let row = vec![vec![
+                mac.to_string(),
+                vdisk,
+                assignment.position.to_string(),
+                assignment.is_default.to_string(),
+            ]];
+            output(
+                json,
+                &assignment,
+                &["MAC", "VDISK", "POSITION", "DEFAULT"],
+                row,
+            )
+        }
+        ClientCommand::Unassign { mac, vdisk } => {
+            let mac: Mac = mac.parse()?;
+            catalog.unassign(&mac, &vdisk).await?;
+            if !json {
+                println!("vdisk {vdisk} is no longer assigned to {mac}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The `nbd://` URI clients use for an export name, from the first TCP listener.
+fn nbd_uri(config: &Config, export: &str) -> String {
+    let listen = config
+        .nbd
+        .listen
+        .iter()
+        .find(|a| !a.starts_with("unix:"))
+        .cloned()
+        .unwrap_or_else(|| "127.0.0.1:10809".into());
+    let listen = listen
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    format!("nbd://{listen}/{export}")
+}
+
+pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> Result<()> {
+    let catalog = open_catalog(config).await?;
+    match command.clone() {
+        SessionCommand::List { all } => {
+            let sessions = catalog.sessions(all).await?;
+            let rows = sessions
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.mac.to_string(),
+                        s.vdisk.clone(),
+                        opt(&s.peer),
+                        when(Some(s.started_at)),
+                        osstream_core::ByteSize(s.bytes_read).to_string(),
+                        osstream_core::ByteSize(s.bytes_written).to_string(),
+                        if s.closed_at.is_some() {
+                            "closed".into()
+                        } else {
+                            "live".into()
+                        },
+                    ]
+                })
+                .collect();
+            output(
+                json,
+                &sessions,
+                &[
+                    "ID", "MAC", "VDISK", "PEER", "STARTED", "READ", "WRITTEN", "STATE",
+                ],
+                rows,
+            )
+        }
+        SessionCommand::Open { mac, vdisk } => {
+            let mac: Mac = mac.parse()?;
+            let session = catalog.open_session(&mac, &vdisk, None).await?;
+            let uri = nbd_uri(config, &session.export_name());
+            if json {
+                #[derive(Serialize)]
+                struct Opened<'a> {
+                    #[serde(flatten)]
+                    session: &'a osstream_catalog::Session,
+                    uri: &'a str,
+                }
+                return output(
+                    true,
+                    &Opened {
+                        session: &session,
+                        uri: &uri,
+                    },
+                    &[],
+                    Vec::new(),
+                );
+            }
+            println!("{uri}");
+            Ok(())
+        }
+        SessionCommand::Close { id } => {
+            catalog.close_session(&id).await?;
+            if !json {
+                println!("closed session {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn policy(config: &Config, command: &PolicyCommand, json: bool) -> Result<()> {
+    let catalog = open_catalog(config).await?;
+    let policy = match command.clone() {
+        PolicyCommand::Show => catalog.unknown_client_policy().await?,
+        PolicyCommand::Set { policy } => {
+            let policy: UnknownClientPolicy = policy.parse()?;
+            catalog.set_unknown_client_policy(&policy).await?;
+            policy
+        }
+    };
+    if json {
+        return output(true, &policy, &[], Vec::new());
+    }
+    println!("unknown clients: {policy}");
+    Ok(())
+}
