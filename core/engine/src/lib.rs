@@ -38,6 +38,7 @@
 mod backend;
 pub mod cache;
 mod chunks;
+pub mod cow;
 mod error;
 mod exports;
 mod layer;
@@ -49,6 +50,7 @@ pub mod units;
 pub use backend::{DynBackend, ImageBackend, ImageStat, OpenMode, validate_image_name};
 pub use cache::{BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, TierStats};
 pub use chunks::Chunks;
+pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};
 pub use error::{Error, ErrorKind, Result};
 pub use exports::{ExportEntry, Exports};
 pub use layer::Layer;
