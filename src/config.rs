@@ -32,6 +32,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// The catalog of vdisks, clients and sessions.
     pub catalog: CatalogConfig,
+    /// Client sessions and their write overlays.
+    pub sessions: SessionsConfig,
     /// The NBD server.
     #[cfg(feature = "boot-nbd")]
     pub nbd: NbdConfig,
@@ -66,6 +68,33 @@ pub struct CatalogConfig {
     pub url: Option<String>,
 }
 
+/// `[sessions]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// Folder of disk write overlays (`<dir>/<client>/<vdisk>/`); relative to `data_dir`.
+    /// Default: `overlays`.
+    pub overlay_dir: PathBuf,
+    /// RAM one session's `ram` / `ram-overflow-disk` overlay may use. Default: `512MiB`.
+    pub ram_capacity: ByteSize,
+    /// Copy-on-write granularity. Default: `4KiB`.
+    pub block_size: ByteSize,
+    /// How often sessions closed in the catalog are checked for, to end their
+    /// connections. Default: `2s`.
+    pub reconcile_interval: osstream_core::Seconds,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            overlay_dir: PathBuf::from("overlays"),
+            ram_capacity: ByteSize::mib(512),
+            block_size: ByteSize::kib(4),
+            reconcile_interval: osstream_core::Seconds(std::time::Duration::from_secs(2)),
+        }
+    }
+}
+
 /// `[cache]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -96,6 +125,7 @@ impl Default for Config {
             backends: BTreeMap::new(),
             cache: CacheConfig::default(),
             catalog: CatalogConfig::default(),
+            sessions: SessionsConfig::default(),
             #[cfg(feature = "boot-nbd")]
             nbd: NbdConfig::default(),
         }
@@ -227,6 +257,15 @@ fn check(config: &Config) -> Result<()> {
         return Err(Error::new(
             ErrorKind::Config,
             "cache.ram.block_size must be at most 16MiB",
+        ));
+    }
+    let overlay = &config.sessions.block_size;
+    if overlay.bytes() < 512 || !overlay.bytes().is_power_of_two() || overlay.bytes() > 1 << 20 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "sessions.block_size = {overlay} must be a power of two from 512 bytes to 1MiB"
+            ),
         ));
     }
     for (name, table) in &config.backends {

@@ -4,6 +4,7 @@ mod admin;
 mod config;
 mod demo;
 mod serve;
+mod sessions;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

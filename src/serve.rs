@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use osstream_core::{
     BackendContext, BootProtocol, CacheLayer, DynBackend, Error, ErrorKind, Exports, Layer,
-    RamTier, Registry, Result, ServeContext,
+    OverlaySettings, RamTier, Registry, Result, ServeContext,
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::Targets;
@@ -97,7 +97,17 @@ async fn serve(config: Config) -> Result<()> {
         ram_cache = Some(cache);
         tracing::info!(capacity = %ram.capacity, block_size = %ram.block_size, "RAM cache on");
     }
-    let exports = Arc::new(Exports::new(backends, layers));
+    let catalog = crate::admin::open_catalog(&config).await?;
+    tracing::info!(catalog = catalog.flavour(), "catalog ready");
+    let overlays = OverlaySettings {
+        dir: ctx.resolve(&config.sessions.overlay_dir),
+        ram_capacity: config.sessions.ram_capacity.bytes(),
+        block_size: config.sessions.block_size.bytes(),
+    };
+    let exports = Arc::new(Exports::new(backends, layers).with_sessions(
+        Arc::new(crate::sessions::CatalogSessions::new(catalog.clone())),
+        overlays,
+    ));
     let names: Vec<String> = exports.list().await?.into_iter().map(|e| e.name).collect();
 
     let mut protocols: Vec<Box<dyn BootProtocol>> = Vec::new();
@@ -118,6 +128,12 @@ async fn serve(config: Config) -> Result<()> {
     tracing::info!(exports = %names.join(", "), "osstream ready");
 
     let shutdown = CancellationToken::new();
+    tokio::spawn(crate::sessions::reconcile(
+        catalog,
+        exports.clone(),
+        config.sessions.reconcile_interval.0,
+        shutdown.clone(),
+    ));
     let serve_ctx = ServeContext { exports };
     let mut running = tokio::task::JoinSet::new();
     for protocol in protocols {

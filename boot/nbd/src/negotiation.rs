@@ -2,7 +2,7 @@
 //! reply bytes and the next step out.
 
 use bytes::BytesMut;
-use osstream_core::{DynSource, ErrorKind, ExportEntry, Exports};
+use osstream_core::{DynSource, ErrorKind, ExportEntry, Exports, SessionGuard};
 
 use crate::proto::{
     self, BASE_ALLOCATION, BASE_ALLOCATION_ID, ClientOption, info, opt, rep, tflag,
@@ -15,7 +15,7 @@ pub(crate) enum Step {
     /// Close the connection (after sending the replies).
     Close(&'static str),
     /// Enter transmission on this export.
-    Transmit(Attached),
+    Transmit(Box<Attached>),
 }
 
 /// An export a client has attached to, with what was negotiated for it.
@@ -23,6 +23,8 @@ pub(crate) enum Step {
 pub(crate) struct Attached {
     pub source: DynSource,
     pub entry: ExportEntry,
+    /// The session this connection belongs to, for `s/<token>` exports.
+    pub session: Option<SessionGuard>,
     pub flags: u16,
     pub structured: bool,
     pub base_allocation: bool,
@@ -31,6 +33,7 @@ pub(crate) struct Attached {
 /// Negotiation state of one connection.
 pub(crate) struct Negotiation<'a> {
     exports: &'a Exports,
+    peer: &'a str,
     base_exports: bool,
     default_export: Option<&'a str>,
     max_request: u32,
@@ -75,6 +78,7 @@ pub(crate) fn transmission_flags(source: &DynSource, structured: bool) -> u16 {
 impl<'a> Negotiation<'a> {
     pub(crate) fn new(
         exports: &'a Exports,
+        peer: &'a str,
         base_exports: bool,
         default_export: Option<&'a str>,
         max_request: u32,
@@ -82,6 +86,7 @@ impl<'a> Negotiation<'a> {
     ) -> Self {
         Negotiation {
             exports,
+            peer,
             base_exports,
             default_export,
             max_request,
@@ -147,14 +152,14 @@ impl<'a> Negotiation<'a> {
             ClientOption::Info { go, name, requests } => {
                 self.info(option, go, &name, &requests, out).await
             }
-            ClientOption::ExportName(name) => match self.attach(&name).await {
+            ClientOption::ExportName(name) => match self.attach(&name, true).await {
                 Ok(attached) => {
                     out.extend_from_slice(&proto::export_name_reply(
                         attached.entry.size,
                         attached.flags,
                         self.no_zeroes,
                     ));
-                    Step::Transmit(attached)
+                    Step::Transmit(Box::new(attached))
                 }
                 Err((_, message)) => {
                     tracing::warn!(export = %name, %message, "NBD_OPT_EXPORT_NAME refused");
@@ -241,7 +246,7 @@ impl<'a> Negotiation<'a> {
         requests: &[u16],
         out: &mut BytesMut,
     ) -> Step {
-        let attached = match self.attach(name).await {
+        let attached = match self.attach(name, go).await {
             Ok(attached) => attached,
             Err((code, message)) => {
                 tracing::info!(export = %name, %message, "export refused");
@@ -281,14 +286,38 @@ impl<'a> Negotiation<'a> {
         );
         proto::put_option_reply(out, option, rep::ACK, &[]);
         if go {
-            Step::Transmit(attached)
+            Step::Transmit(Box::new(attached))
         } else {
             Step::Continue
         }
     }
 
     /// Opens `name` as the client would get it; on refusal, the option error and message.
-    async fn attach(&self, name: &str) -> Result<Attached, (u32, String)> {
+    async fn attach(&self, name: &str, go: bool) -> Result<Attached, (u32, String)> {
+        if let Some(token) = name.strip_prefix("s/") {
+            let (source, entry, session) = self
+                .exports
+                .open_session(token, self.peer, go)
+                .await
+                .map_err(|err| {
+                    let code = match err.kind() {
+                        ErrorKind::PermissionDenied | ErrorKind::Conflict => rep::ERR_POLICY,
+                        ErrorKind::Shutdown => rep::ERR_SHUTDOWN,
+                        _ => rep::ERR_UNKNOWN,
+                    };
+                    tracing::warn!(peer = %self.peer, %err, "session export refused");
+                    (code, err.to_string())
+                })?;
+            let base_allocation = self.structured && self.meta_for.as_deref() == Some(name);
+            return Ok(Attached {
+                flags: transmission_flags(&source, self.structured),
+                source,
+                entry,
+                session,
+                structured: self.structured,
+                base_allocation,
+            });
+        }
         let resolved = if name.is_empty() {
             match self.default_export {
                 Some(default) => default,
@@ -326,6 +355,7 @@ impl<'a> Negotiation<'a> {
             flags: transmission_flags(&source, self.structured),
             source,
             entry,
+            session: None,
             structured: self.structured,
             base_allocation,
         })

@@ -257,7 +257,7 @@ async fn serve_connection(
     let mut reader = BufReader::with_capacity(256 * 1024, read);
     let handshake = tokio::time::timeout(
         shared.config.handshake_timeout.0,
-        negotiate(&mut reader, &mut write, shared),
+        negotiate(&mut reader, &mut write, shared, peer),
     );
     let attached = tokio::select! {
         _ = shutdown.cancelled() => return,
@@ -277,7 +277,30 @@ async fn serve_connection(
     tracing::info!(%peer, %export, structured = attached.structured, flags = format_args!("{:#x}", attached.flags), "NBD client attached");
     let started = Instant::now();
     let stats = Arc::new(ConnStats::default());
-    let outcome = transmit(reader, write, attached, shared, shutdown, stats.clone()).await;
+    let mut attached = attached;
+    let session = attached.session.take();
+    // A session replaced by a newer one (the client rebooted) ends this connection.
+    let ended = session
+        .as_ref()
+        .map(|s| s.ended.clone())
+        .unwrap_or_default();
+    let outcome = transmit(
+        reader,
+        write,
+        attached,
+        shared,
+        shutdown,
+        ended,
+        stats.clone(),
+    )
+    .await;
+    if let Some(session) = session {
+        let (read, written) = (
+            stats.read_bytes.load(Ordering::Relaxed),
+            stats.written_bytes.load(Ordering::Relaxed),
+        );
+        shared.exports.close_session(session, read, written).await;
+    }
     tracing::info!(
         %peer,
         %export,
@@ -296,6 +319,7 @@ async fn negotiate<R, W>(
     reader: &mut R,
     write: &mut W,
     shared: &Shared,
+    peer: &str,
 ) -> std::result::Result<Attached, String>
 where
     R: AsyncRead + Unpin,
@@ -317,6 +341,7 @@ where
     }
     let mut negotiation = Negotiation::new(
         &shared.exports,
+        peer,
         shared.config.base_exports,
         shared.config.default_export.as_deref(),
         shared.max_request,
@@ -335,7 +360,7 @@ where
         match step {
             Step::Continue => {}
             Step::Close(reason) => return Err(reason.to_owned()),
-            Step::Transmit(attached) => return Ok(attached),
+            Step::Transmit(attached) => return Ok(*attached),
         }
     }
 }
@@ -388,6 +413,7 @@ async fn transmit<R>(
     attached: Attached,
     shared: &Arc<Shared>,
     shutdown: CancellationToken,
+    session_ended: CancellationToken,
     stats: Arc<ConnStats>,
 ) -> String
 where
@@ -410,6 +436,7 @@ where
             biased;
             _ = broken.cancelled() => break "a reply could not be written".to_owned(),
             _ = shutdown.cancelled() => break "server shutting down".to_owned(),
+            _ = session_ended.cancelled() => break "the session was replaced or closed".to_owned(),
             read = reader.read_exact(&mut header) => read,
         };
         if let Err(err) = read {

@@ -64,11 +64,19 @@ pub struct RamOverlay {
 impl RamOverlay {
     /// An empty overlay that holds at most `capacity` bytes.
     pub fn new(capacity: u64) -> Self {
-        RamOverlay { blocks: Mutex::new(HashMap::new()), bytes: Mutex::new(0), capacity }
+        RamOverlay {
+            blocks: Mutex::new(HashMap::new()),
+            bytes: Mutex::new(0),
+            capacity,
+        }
     }
 
     fn take(&self, block: u64) -> Option<Bytes> {
-        let data = self.blocks.lock().unwrap_or_else(|p| p.into_inner()).remove(&block)?;
+        let data = self
+            .blocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&block)?;
         *self.bytes.lock().unwrap_or_else(|p| p.into_inner()) -= data.len() as u64;
         Some(data)
     }
@@ -77,7 +85,12 @@ impl RamOverlay {
 #[async_trait]
 impl OverlayStore for RamOverlay {
     async fn get(&self, block: u64) -> Result<Option<Bytes>> {
-        Ok(self.blocks.lock().unwrap_or_else(|p| p.into_inner()).get(&block).cloned())
+        Ok(self
+            .blocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&block)
+            .cloned())
     }
 
     async fn put(&self, block: u64, data: Bytes) -> Result<()> {
@@ -122,7 +135,10 @@ pub struct DiskOverlay {
 
 impl fmt::Debug for DiskOverlay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DiskOverlay").field("map", &self.map_path).field("block_size", &self.block_size).finish()
+        f.debug_struct("DiskOverlay")
+            .field("map", &self.map_path)
+            .field("block_size", &self.block_size)
+            .finish()
     }
 }
 
@@ -153,16 +169,33 @@ impl DiskOverlay {
         if stored_block_size != block_size {
             return Err(Error::new(
                 ErrorKind::Conflict,
-                format!("overlay {} was written with {stored_block_size}-byte blocks, not {block_size}", dir.display()),
+                format!(
+                    "overlay {} was written with {stored_block_size}-byte blocks, not {block_size}",
+                    dir.display()
+                ),
             ));
         }
-        let data = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&data_path).map_err(|e| io(e, "open"))?;
-        Ok(DiskOverlay { data: Arc::new(data), map_path, block_size, present: Mutex::new(present), dirty: Mutex::new(false) })
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(|e| io(e, "open"))?;
+        Ok(DiskOverlay {
+            data: Arc::new(data),
+            map_path,
+            block_size,
+            present: Mutex::new(present),
+            dirty: Mutex::new(false),
+        })
     }
 
     fn is_present(&self, block: u64) -> bool {
         let present = self.present.lock().unwrap_or_else(|p| p.into_inner());
-        present.get((block / 64) as usize).is_some_and(|w| w & (1 << (block % 64)) != 0)
+        present
+            .get((block / 64) as usize)
+            .is_some_and(|w| w & (1 << (block % 64)) != 0)
     }
 }
 
@@ -172,7 +205,11 @@ impl OverlayStore for DiskOverlay {
         if !self.is_present(block) {
             return Ok(None);
         }
-        let (file, offset, len) = (self.data.clone(), block * self.block_size, self.block_size as usize);
+        let (file, offset, len) = (
+            self.data.clone(),
+            block * self.block_size,
+            self.block_size as usize,
+        );
         tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len];
             // The last block of an image may be short; reading past the file end is fine.
@@ -188,14 +225,27 @@ impl OverlayStore for DiskOverlay {
             Ok(Some(Bytes::from(buf)))
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Unexpected, format!("overlay read task failed: {e}")))?
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Unexpected,
+                format!("overlay read task failed: {e}"),
+            )
+        })?
     }
 
     async fn put(&self, block: u64, data: Bytes) -> Result<()> {
         let (file, offset) = (self.data.clone(), block * self.block_size);
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset).map_err(|e| Error::from_io(e, "write the write overlay")))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Unexpected, format!("overlay write task failed: {e}")))??;
+        tokio::task::spawn_blocking(move || {
+            file.write_all_at(&data, offset)
+                .map_err(|e| Error::from_io(e, "write the write overlay"))
+        })
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Unexpected,
+                format!("overlay write task failed: {e}"),
+            )
+        })??;
         let mut present = self.present.lock().unwrap_or_else(|p| p.into_inner());
         let word = (block / 64) as usize;
         if word >= present.len() {
@@ -216,7 +266,12 @@ impl OverlayStore for DiskOverlay {
         }
         let mut map = Vec::new();
         map.extend_from_slice(&self.block_size.to_le_bytes());
-        for word in self.present.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for word in self
+            .present
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             map.extend_from_slice(&word.to_le_bytes());
         }
         let (file, map_path) = (self.data.clone(), self.map_path.clone());
@@ -235,7 +290,12 @@ impl OverlayStore for DiskOverlay {
             Ok(())
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Unexpected, format!("overlay flush task failed: {e}")))?;
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Unexpected,
+                format!("overlay flush task failed: {e}"),
+            )
+        })?;
         if let Err(e) = outcome {
             *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = true;
             return Err(Error::from_io(e, "flush the write overlay"));
@@ -248,7 +308,13 @@ impl OverlayStore for DiskOverlay {
     }
 
     fn usage(&self) -> (u64, u64) {
-        let blocks: u64 = self.present.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|w| u64::from(w.count_ones())).sum();
+        let blocks: u64 = self
+            .present
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
         (0, blocks * self.block_size)
     }
 }
@@ -264,7 +330,11 @@ pub struct SpillOverlay {
 impl SpillOverlay {
     /// `capacity` bytes of RAM in front of `disk`.
     pub fn new(capacity: u64, disk: DiskOverlay) -> Self {
-        SpillOverlay { ram: RamOverlay::new(capacity), disk, order: Mutex::new(VecDeque::new()) }
+        SpillOverlay {
+            ram: RamOverlay::new(capacity),
+            disk,
+            order: Mutex::new(VecDeque::new()),
+        }
     }
 }
 
@@ -281,19 +351,26 @@ impl OverlayStore for SpillOverlay {
         loop {
             match self.ram.put(block, data.clone()).await {
                 Ok(()) => {
-                    self.order.lock().unwrap_or_else(|p| p.into_inner()).push_back(block);
+                    self.order
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push_back(block);
                     return Ok(());
                 }
                 Err(e) if e.kind() == ErrorKind::NoSpace => {
-                    let victim = self.order.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                    let victim = self
+                        .order
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pop_front();
                     match victim {
                         Some(victim) => {
-                            if let Some(old) = self.ram.take(victim) {
-                                if let Err(err) = self.disk.put(victim, old.clone()).await {
-                                    // Put it back: the block must not be lost.
-                                    let _ = self.ram.put(victim, old).await;
-                                    return Err(err);
-                                }
+                            if let Some(old) = self.ram.take(victim)
+                                && let Err(err) = self.disk.put(victim, old.clone()).await
+                            {
+                                // Put it back: the block must not be lost.
+                                let _ = self.ram.put(victim, old).await;
+                                return Err(err);
                             }
                         }
                         // Nothing left to spill (a block bigger than RAM): straight to disk.
@@ -332,7 +409,10 @@ struct CowState {
 
 impl fmt::Debug for CowLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CowLayer").field("store", &self.state.store).field("block_size", &self.state.block_size).finish()
+        f.debug_struct("CowLayer")
+            .field("store", &self.state.store)
+            .field("block_size", &self.state.block_size)
+            .finish()
     }
 }
 
@@ -344,7 +424,11 @@ impl CowLayer {
     pub fn new(store: Box<dyn OverlayStore>, block_size: u64) -> Self {
         assert!(block_size > 0, "overlay block size must be positive");
         CowLayer {
-            state: Arc::new(CowState { store, block_size, stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect() }),
+            state: Arc::new(CowState {
+                store,
+                block_size,
+                stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            }),
         }
     }
 
@@ -363,7 +447,11 @@ impl Layer for CowLayer {
         let mut info = inner.info().clone();
         // The client's view changes with its writes, not with the base alone.
         info.generation = format!("{}+cow", info.generation);
-        Arc::new(CowSource { inner, info, state: self.state.clone() })
+        Arc::new(CowSource {
+            inner,
+            info,
+            state: self.state.clone(),
+        })
     }
 }
 
@@ -375,14 +463,19 @@ struct CowSource {
 
 impl fmt::Debug for CowSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CowSource").field("inner", &self.inner).finish()
+        f.debug_struct("CowSource")
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 
 impl CowSource {
     fn span(&self, block: u64) -> (u64, usize) {
         let start = block * self.state.block_size;
-        (start, ((start + self.state.block_size).min(self.info.size) - start) as usize)
+        (
+            start,
+            ((start + self.state.block_size).min(self.info.size) - start) as usize,
+        )
     }
 
     /// The whole current content of `block`: overlay, else base.
@@ -391,7 +484,11 @@ impl CowSource {
             return Ok(data);
         }
         let (start, len) = self.span(block);
-        Ok(self.inner.read_at(start, len, ReadOpts::default()).await?.into_bytes())
+        Ok(self
+            .inner
+            .read_at(start, len, ReadOpts::default())
+            .await?
+            .into_bytes())
     }
 
     /// Applies `fill(block_start, buf)` to each block of `offset..offset+len`.
@@ -411,7 +508,10 @@ impl CowSource {
             } else {
                 BytesMut::from(&self.current(block).await?[..])
             };
-            fill(from, &mut buf[(from - start) as usize..(to - start) as usize]);
+            fill(
+                from,
+                &mut buf[(from - start) as usize..(to - start) as usize],
+            );
             self.state.store.put(block, buf.freeze()).await?;
         }
         Ok(())
@@ -458,7 +558,14 @@ impl BlockSource for CowSource {
             match self.state.store.get(block).await? {
                 Some(data) => {
                     if let Some((run_from, run_to)) = base_run.take() {
-                        parts.extend(self.inner.read_at(run_from, (run_to - run_from) as usize, opts).await?.parts().iter().cloned());
+                        parts.extend(
+                            self.inner
+                                .read_at(run_from, (run_to - run_from) as usize, opts)
+                                .await?
+                                .parts()
+                                .iter()
+                                .cloned(),
+                        );
                     }
                     parts.push(data.slice((from - start) as usize..(to - start) as usize));
                 }
@@ -467,7 +574,14 @@ impl BlockSource for CowSource {
             }
         }
         if let Some((run_from, run_to)) = base_run {
-            parts.extend(self.inner.read_at(run_from, (run_to - run_from) as usize, opts).await?.parts().iter().cloned());
+            parts.extend(
+                self.inner
+                    .read_at(run_from, (run_to - run_from) as usize, opts)
+                    .await?
+                    .parts()
+                    .iter()
+                    .cloned(),
+            );
         }
         Ok(Chunks::from_parts(parts))
     }
@@ -479,7 +593,11 @@ impl BlockSource for CowSource {
             buf.copy_from_slice(&data[from..from + buf.len()]);
         })
         .await?;
-        if opts.fua { self.state.store.flush().await } else { Ok(()) }
+        if opts.fua {
+            self.state.store.flush().await
+        } else {
+            Ok(())
+        }
     }
 
     async fn flush(&self) -> Result<()> {
@@ -495,11 +613,18 @@ impl BlockSource for CowSource {
     async fn write_zeroes(&self, offset: u64, len: u64, opts: ZeroOpts) -> Result<()> {
         check_range(&self.info, "write_zeroes", offset, len)?;
         self.modify(offset, len, |_, buf| buf.fill(0)).await?;
-        if opts.fua { self.state.store.flush().await } else { Ok(()) }
+        if opts.fua {
+            self.state.store.flush().await
+        } else {
+            Ok(())
+        }
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(&self.info, "extents", offset, len)?;
-        Ok(vec![Extent { length: len, kind: ExtentKind::Data }])
+        Ok(vec![Extent {
+            length: len,
+            kind: ExtentKind::Data,
+        }])
     }
 }

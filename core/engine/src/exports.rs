@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::backend::{DynBackend, ImageStat, OpenMode, validate_image_name};
+use crate::cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layer::Layer;
+use crate::sessions::{LiveSessions, OverlayKind, OverlaySettings, SessionDirectory, SessionGuard};
 use crate::source::DynSource;
 
 /// One name a client may open, as a listing shows it.
@@ -32,12 +34,133 @@ pub struct ExportEntry {
 pub struct Exports {
     backends: Vec<DynBackend>,
     layers: Vec<Arc<dyn Layer>>,
+    sessions: Option<(Arc<dyn SessionDirectory>, OverlaySettings)>,
+    live: LiveSessions,
 }
 
 impl Exports {
     /// Exports over `backends`, wrapped in `layers`.
     pub fn new(backends: Vec<DynBackend>, layers: Vec<Arc<dyn Layer>>) -> Self {
-        Exports { backends, layers }
+        Exports {
+            backends,
+            layers,
+            sessions: None,
+            live: LiveSessions::default(),
+        }
+    }
+
+    /// Serves session exports (`s/<token>`) resolved by `directory`, with overlays built
+    /// as `overlays` says.
+    pub fn with_sessions(
+        mut self,
+        directory: Arc<dyn SessionDirectory>,
+        overlays: OverlaySettings,
+    ) -> Self {
+        self.sessions = Some((directory, overlays));
+        self
+    }
+
+    /// Opens the session export of `token` for a client at `peer`: the vdisk under the
+    /// shared layers, plus the client's overlay (standard) or read-write (private).
+    ///
+    /// With `join` false (a client only asking about the export, NBD `OPT_INFO`), nothing
+    /// of the live session is touched: the source has a throwaway overlay and no guard.
+    pub async fn open_session(
+        &self,
+        token: &str,
+        peer: &str,
+        join: bool,
+    ) -> Result<(DynSource, ExportEntry, Option<SessionGuard>)> {
+        let Some((directory, overlays)) = &self.sessions else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "this server has no sessions configured",
+            )
+            .with_op("open_session"));
+        };
+        let target = directory.resolve(token, peer).await?;
+        let backend = self
+            .backends
+            .iter()
+            .find(|b| b.name() == target.backend)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "vdisk {:?} lives on backend {:?}, which this server does not configure",
+                        target.vdisk, target.backend
+                    ),
+                )
+            })?;
+        let mode = if target.overlay.is_some() {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        };
+        let mut source = backend.open(&target.image, mode).await?;
+        for layer in &self.layers {
+            source = layer.layer(source);
+        }
+        let blocks = source.info().size.div_ceil(overlays.block_size);
+        if !join {
+            if target.overlay.is_some() {
+                source =
+                    CowLayer::new(Box::new(RamOverlay::new(0)), overlays.block_size).layer(source);
+            }
+            let entry = ExportEntry {
+                name: format!("s/{}", target.session),
+                description: target.description.clone(),
+                size: source.info().size,
+                writable: true,
+            };
+            return Ok((source, entry, None));
+        }
+        let (overlay, guard) = self.live.join(&target, peer, || match target.overlay {
+            None => Ok(None),
+            Some(kind) => {
+                let dir = overlays
+                    .dir
+                    .join(target.client.replace(':', "-"))
+                    .join(&target.vdisk);
+                let store: Box<dyn OverlayStore> = match kind {
+                    OverlayKind::Ram => Box::new(RamOverlay::new(overlays.ram_capacity)),
+                    OverlayKind::RamOverflowDisk => Box::new(SpillOverlay::new(
+                        overlays.ram_capacity,
+                        DiskOverlay::open(&dir, overlays.block_size, blocks, false)?,
+                    )),
+                    OverlayKind::ServerDisk => {
+                        Box::new(DiskOverlay::open(&dir, overlays.block_size, blocks, false)?)
+                    }
+                    OverlayKind::ServerDiskPersistent => {
+                        Box::new(DiskOverlay::open(&dir, overlays.block_size, blocks, true)?)
+                    }
+                };
+                Ok(Some(Arc::new(CowLayer::new(store, overlays.block_size))))
+            }
+        })?;
+        if let Some(overlay) = overlay {
+            source = overlay.layer(source);
+        }
+        let entry = ExportEntry {
+            name: format!("s/{}", target.session),
+            description: target.description.clone(),
+            size: source.info().size,
+            writable: true,
+        };
+        Ok((source, entry, Some(guard)))
+    }
+
+    /// Ends the connections of live sessions that `is_live` no longer accepts.
+    pub fn retain_sessions(&self, is_live: impl Fn(&str) -> bool) {
+        self.live.retain(is_live);
+    }
+
+    /// Ends a connection's hold on its session and accounts for its I/O.
+    pub async fn close_session(&self, guard: SessionGuard, read: u64, written: u64) {
+        let last = self.live.leave(&guard);
+        if let Some((directory, _)) = &self.sessions {
+            directory.detached(&guard.target, read, written, last).await;
+        }
     }
 
     /// The configured backends.

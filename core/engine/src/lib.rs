@@ -44,6 +44,7 @@ mod exports;
 mod layer;
 mod protocol;
 mod registry;
+mod sessions;
 mod source;
 pub mod units;
 
@@ -56,6 +57,7 @@ pub use exports::{ExportEntry, Exports};
 pub use layer::Layer;
 pub use protocol::{BootProtocol, ServeContext};
 pub use registry::{BackendContext, BackendFactory, Registry, config_error, parse_table};
+pub use sessions::{OverlayKind, OverlaySettings, SessionDirectory, SessionGuard, SessionTarget};
 pub use source::{
     BlockSource, BlockSourceExt, Capability, DynSource, Extent, ExtentKind, Geometry, ReadOpts,
     SourceInfo, WriteOpts, ZeroOpts, check_range, read_only_error,

@@ -21,8 +21,16 @@ async fn sessions_see_only_their_own_writes_and_the_base_is_never_written() {
     let (base, data) = base(1 << 20);
     let a = CowLayer::new(Box::new(RamOverlay::new(1 << 20)), BS).layer(base.clone());
     let b = CowLayer::new(Box::new(RamOverlay::new(1 << 20)), BS).layer(base.clone());
-    a.write_at(100, Bytes::from_static(b"client A was here"), WriteOpts::default()).await.unwrap();
-    b.write_at(100, Bytes::from_static(b"client B"), WriteOpts::default()).await.unwrap();
+    a.write_at(
+        100,
+        Bytes::from_static(b"client A was here"),
+        WriteOpts::default(),
+    )
+    .await
+    .unwrap();
+    b.write_at(100, Bytes::from_static(b"client B"), WriteOpts::default())
+        .await
+        .unwrap();
     let got_a = a.read_bytes(0, 8192).await.unwrap();
     let got_b = b.read_bytes(0, 8192).await.unwrap();
     assert_eq!(&got_a[100..117], b"client A was here");
@@ -47,12 +55,25 @@ async fn cow_source_passes_the_conformance_suites() {
 async fn a_full_ram_overlay_refuses_writes_with_no_space() {
     let (base, _) = base(1 << 20);
     let source = CowLayer::new(Box::new(RamOverlay::new(8 * BS)), BS).layer(base);
-    source.write_at(0, Bytes::from(vec![1u8; 8 * BS as usize]), WriteOpts::default()).await.unwrap();
-    let err = source.write_at(8 * BS, Bytes::from(vec![2u8; 10]), WriteOpts::default()).await.unwrap_err();
+    source
+        .write_at(
+            0,
+            Bytes::from(vec![1u8; 8 * BS as usize]),
+            WriteOpts::default(),
+        )
+        .await
+        .unwrap();
+    let err = source
+        .write_at(8 * BS, Bytes::from(vec![2u8; 10]), WriteOpts::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NoSpace);
     assert!(err.to_string().contains("overlay is full"), "{err}");
     // Blocks already held can still be rewritten.
-    source.write_at(0, Bytes::from(vec![3u8; 10]), WriteOpts::default()).await.unwrap();
+    source
+        .write_at(0, Bytes::from(vec![3u8; 10]), WriteOpts::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -62,7 +83,15 @@ async fn concurrent_writes_to_one_block_both_survive() {
     let tasks: Vec<_> = (0..16u8)
         .map(|i| {
             let source = source.clone();
-            tokio::spawn(async move { source.write_at(u64::from(i) * 100, Bytes::from(vec![i + 1; 100]), WriteOpts::default()).await })
+            tokio::spawn(async move {
+                source
+                    .write_at(
+                        u64::from(i) * 100,
+                        Bytes::from(vec![i + 1; 100]),
+                        WriteOpts::default(),
+                    )
+                    .await
+            })
         })
         .collect();
     for task in tasks {
@@ -70,7 +99,12 @@ async fn concurrent_writes_to_one_block_both_survive() {
     }
     let got = source.read_bytes(0, 1600).await.unwrap();
     for i in 0..16usize {
-        assert!(got[i * 100..(i + 1) * 100].iter().all(|&b| b == i as u8 + 1), "write {i} was lost");
+        assert!(
+            got[i * 100..(i + 1) * 100]
+                .iter()
+                .all(|&b| b == i as u8 + 1),
+            "write {i} was lost"
+        );
     }
 }
 
@@ -80,19 +114,43 @@ async fn a_flushed_disk_overlay_survives_reopening_and_a_discarded_one_does_not(
     let (base, data) = base(1 << 20);
     let blocks = (1u64 << 20) / BS;
     {
-        let layer = CowLayer::new(Box::new(DiskOverlay::open(dir.path(), BS, blocks, true).unwrap()), BS);
+        let layer = CowLayer::new(
+            Box::new(DiskOverlay::open(dir.path(), BS, blocks, true).unwrap()),
+            BS,
+        );
         let source = layer.layer(base.clone());
-        source.write_at(5000, Bytes::from_static(b"persistent"), WriteOpts::default()).await.unwrap();
+        source
+            .write_at(
+                5000,
+                Bytes::from_static(b"persistent"),
+                WriteOpts::default(),
+            )
+            .await
+            .unwrap();
         source.flush().await.unwrap();
-        source.write_at(9000, Bytes::from_static(b"fua"), WriteOpts { fua: true }).await.unwrap();
+        source
+            .write_at(9000, Bytes::from_static(b"fua"), WriteOpts { fua: true })
+            .await
+            .unwrap();
     }
-    let reopened = CowLayer::new(Box::new(DiskOverlay::open(dir.path(), BS, blocks, true).unwrap()), BS).layer(base.clone());
+    let reopened = CowLayer::new(
+        Box::new(DiskOverlay::open(dir.path(), BS, blocks, true).unwrap()),
+        BS,
+    )
+    .layer(base.clone());
     let got = reopened.read_bytes(0, 16384).await.unwrap();
     assert_eq!(&got[5000..5010], b"persistent");
     assert_eq!(&got[9000..9003], b"fua");
     assert!(got[..5000] == data[..5000]);
-    let fresh = CowLayer::new(Box::new(DiskOverlay::open(dir.path(), BS, blocks, false).unwrap()), BS).layer(base);
-    assert!(fresh.read_bytes(0, 16384).await.unwrap()[..] == data[..16384], "a discarded overlay shows the base again");
+    let fresh = CowLayer::new(
+        Box::new(DiskOverlay::open(dir.path(), BS, blocks, false).unwrap()),
+        BS,
+    )
+    .layer(base);
+    assert!(
+        fresh.read_bytes(0, 16384).await.unwrap()[..] == data[..16384],
+        "a discarded overlay shows the base again"
+    );
 }
 
 #[tokio::test]
@@ -103,7 +161,14 @@ async fn a_spill_overlay_moves_old_blocks_to_disk_and_loses_none() {
     let layer = CowLayer::new(Box::new(SpillOverlay::new(4 * BS, disk)), BS);
     let source = layer.layer(base);
     for block in 0..32u64 {
-        source.write_at(block * BS, Bytes::from(vec![block as u8 + 1; BS as usize]), WriteOpts::default()).await.unwrap();
+        source
+            .write_at(
+                block * BS,
+                Bytes::from(vec![block as u8 + 1; BS as usize]),
+                WriteOpts::default(),
+            )
+            .await
+            .unwrap();
     }
     for block in 0..32u64 {
         let got = source.read_bytes(block * BS, BS as usize).await.unwrap();

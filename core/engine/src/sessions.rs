@@ -1,0 +1,188 @@
+//! Session exports: how a client's token becomes its own view of a vdisk.
+//!
+//! The catalog (outside the engine) implements [`SessionDirectory`]; [`crate::Exports`]
+//! turns a resolved [`SessionTarget`] into a source: the vdisk's image under the shared
+//! layers, plus the client's copy-on-write overlay for standard vdisks, or opened
+//! read-write for private ones. One overlay serves every connection of a session; a new
+//! session of the same client replaces the old one and ends its connections.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::cow::CowLayer;
+use crate::error::Result;
+
+/// Where a standard-mode session's writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayKind {
+    /// Server RAM, bounded; full means `NoSpace` on writes.
+    Ram,
+    /// RAM first, spilling to a per-session file on the server's disk.
+    RamOverflowDisk,
+    /// A file on the server's disk, discarded when the client's next session starts.
+    ServerDisk,
+    /// A file on the server's disk, kept across the client's sessions.
+    ServerDiskPersistent,
+}
+
+/// What a session token resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTarget {
+    /// The session id (for logs, accounting and overlay reuse).
+    pub session: String,
+    /// The client's identity (its MAC).
+    pub client: String,
+    /// The vdisk's name.
+    pub vdisk: String,
+    /// The backend holding the image.
+    pub backend: String,
+    /// The image's name on that backend.
+    pub image: String,
+    /// `Some(kind)` for standard vdisks (an overlay of that kind); `None` for private
+    /// vdisks, which are opened read-write.
+    pub overlay: Option<OverlayKind>,
+    /// For listings and logs.
+    pub description: String,
+}
+
+/// The catalog as the engine sees it.
+///
+/// # Contract
+/// - `resolve` fails with `NotFound` for unknown or ended sessions, `PermissionDenied`
+///   when the vdisk is no longer assigned to the client or disabled, and `Conflict` when
+///   a private vdisk is locked by another session.
+/// - `detached` is called when a connection of the session ends, with the bytes it moved;
+///   `last` is true when no other connection of the session remains.
+#[async_trait]
+pub trait SessionDirectory: Send + Sync + Debug {
+    /// Looks a token up for a client connecting from `peer`.
+    async fn resolve(&self, token: &str, peer: &str) -> Result<SessionTarget>;
+    /// Accounts for a finished connection.
+    async fn detached(&self, target: &SessionTarget, read: u64, written: u64, last: bool);
+}
+
+/// How overlays are built.
+#[derive(Debug, Clone)]
+pub struct OverlaySettings {
+    /// Folder for disk overlays: `<dir>/<client>/<vdisk>/`.
+    pub dir: PathBuf,
+    /// RAM a `ram` or `ram-overflow-disk` overlay may use, per session.
+    pub ram_capacity: u64,
+    /// Overlay block size (copy-on-write granularity).
+    pub block_size: u64,
+}
+
+/// The live sessions of this server: one overlay per client, shared by its connections.
+#[derive(Debug, Default)]
+pub(crate) struct LiveSessions {
+    by_client: Mutex<HashMap<String, LiveSession>>,
+}
+
+#[derive(Debug)]
+struct LiveSession {
+    session: String,
+    overlay: Option<Arc<CowLayer>>,
+    ended: CancellationToken,
+    connections: usize,
+    peers: HashSet<String>,
+}
+
+/// A connection's hold on its session: ended when the session is replaced or closed.
+#[derive(Debug)]
+pub struct SessionGuard {
+    /// What the token resolved to.
+    pub target: SessionTarget,
+    /// Cancelled when a newer session of the same client replaces this one.
+    pub ended: CancellationToken,
+}
+
+impl LiveSessions {
+    /// Joins (or starts) the live session of `target`; `make_overlay` builds its overlay
+    /// the first time. Returns the overlay and the guard.
+    pub(crate) fn join(
+        &self,
+        target: &SessionTarget,
+        peer: &str,
+        make_overlay: impl FnOnce() -> Result<Option<Arc<CowLayer>>>,
+    ) -> Result<(Option<Arc<CowLayer>>, SessionGuard)> {
+        let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        let host = peer
+            .rsplit_once(':')
+            .map_or(peer, |(host, _)| host)
+            .to_owned();
+        let current = live
+            .get_mut(&target.client)
+            .filter(|s| s.session == target.session);
+        let entry = match current {
+            Some(entry) => {
+                if entry.connections > 0 && !entry.peers.contains(&host) {
+                    tracing::warn!(client = %target.client, session = %target.session, new_peer = %peer,
+                        existing = ?entry.peers, "two live peers claim one client: conflict");
+                }
+                entry
+            }
+            None => {
+                if let Some(old) = live.remove(&target.client) {
+                    tracing::info!(client = %target.client, old = %old.session, new = %target.session,
+                        "a new session replaces the client's old one; closing its connections");
+                    old.ended.cancel();
+                }
+                let overlay = make_overlay()?;
+                live.entry(target.client.clone()).or_insert(LiveSession {
+                    session: target.session.clone(),
+                    overlay,
+                    ended: CancellationToken::new(),
+                    connections: 0,
+                    peers: HashSet::new(),
+                })
+            }
+        };
+        entry.connections += 1;
+        entry.peers.insert(host);
+        Ok((
+            entry.overlay.clone(),
+            SessionGuard {
+                target: target.clone(),
+                ended: entry.ended.clone(),
+            },
+        ))
+    }
+
+    /// Ends the connections of every live session whose id `is_live` rejects (closed by
+    /// an administrator, or the client removed), so catalog changes reach running clients.
+    pub(crate) fn retain(&self, is_live: impl Fn(&str) -> bool) {
+        let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|client, session| {
+            let keep = is_live(&session.session);
+            if !keep {
+                tracing::info!(%client, session = %session.session, "session closed in the catalog; ending its connections");
+                session.ended.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Leaves the session; returns whether that was its last connection.
+    pub(crate) fn leave(&self, guard: &SessionGuard) -> bool {
+        let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        match live
+            .get_mut(&guard.target.client)
+            .filter(|s| s.session == guard.target.session)
+        {
+            Some(entry) => {
+                entry.connections = entry.connections.saturating_sub(1);
+                if entry.connections == 0 {
+                    entry.peers.clear();
+                }
+                entry.connections == 0
+            }
+            // Replaced meanwhile: this was the old session's last word.
+            None => true,
+        }
+    }
+}

@@ -1,0 +1,163 @@
+"""Sessions over NBD: per-client overlays, private locks, tokens, persistence across a
+crash, and catalog changes reaching a running server."""
+
+import os
+import signal
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from conftest import BINARY, random_image, sha256
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def lab(make_server):
+    """A running server with three vdisks and two clients, and a CLI on its config."""
+    s = make_server('[backends.images]\nkind = "file"\nroot = "images"\nwritable = true\n'
+                    '[sessions]\nreconcile_interval = "200ms"\nram_capacity = "1MiB"\n'
+                    '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
+    s.config.write_text(s.config.read_text().replace("PORT", str(s.port)))
+    for name, seed in (("win11", 1), ("dev", 2), ("kiosk", 3)):
+        random_image(s.images / f"{name}.img", 16 * MIB, seed=seed)
+    s.start()
+
+    def cli(*args, ok=True):
+        out = subprocess.run([BINARY, "--config", str(s.config), *args], capture_output=True, text=True, timeout=60)
+        assert (out.returncode == 0) == ok, f"{args}: {out.stdout}{out.stderr}"
+        return out
+
+    cli("vdisk", "add", "win11", "--backend", "images", "--write-cache", "ram-overflow-disk")
+    cli("vdisk", "add", "dev", "--backend", "images", "--mode", "private")
+    cli("vdisk", "add", "kiosk", "--backend", "images", "--write-cache", "server-disk-persistent")
+    for mac in ("aa:bb:cc:00:00:01", "aa:bb:cc:00:00:02"):
+        cli("client", "add", mac)
+        for vdisk in ("win11", "dev", "kiosk"):
+            cli("client", "assign", mac, vdisk)
+    s.cli = cli
+    return s
+
+
+def open_session(lab, mac, vdisk):
+    return lab.cli("session", "open", mac, vdisk).stdout.strip()
+
+
+def connect(uri):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def refusal(uri):
+    """The option error the server sent for `uri` (libnbd shows it in its debug log)."""
+    out = subprocess.run(["nbdinfo", uri], capture_output=True, text=True, env={**os.environ, "LIBNBD_DEBUG": "1"})
+    assert out.returncode != 0
+    return next(line.split("server error message:", 1)[1].strip()
+                for line in out.stderr.splitlines() if "server error message:" in line)
+
+
+def test_two_clients_write_one_standard_vdisk_and_each_sees_only_its_own(lab):
+    base = sha256(lab.images / "win11.img")
+    a = connect(open_session(lab, "aa:bb:cc:00:00:01", "win11"))
+    b = connect(open_session(lab, "aa:bb:cc:00:00:02", "win11"))
+    assert not a.is_read_only() and a.can_flush()
+    a.pwrite(b"A" * 100_000, 3 * MIB + 7)
+    b.pwrite(b"B" * 50_000, 3 * MIB + 1000)
+    a.flush()
+    b.flush()
+    got_a = a.pread(200_000, 3 * MIB)
+    got_b = b.pread(200_000, 3 * MIB)
+    assert got_a[7:100_007] == b"A" * 100_000
+    assert got_b[1000:51_000] == b"B" * 50_000
+    assert b"B" * 100 not in got_a and b"A" * 100 not in got_b
+    a.shutdown()
+    b.shutdown()
+    assert sha256(lab.images / "win11.img") == base, "the base image is never written"
+
+
+def test_a_private_vdisk_has_one_writer_at_a_time(lab):
+    uri_a = open_session(lab, "aa:bb:cc:00:00:01", "dev")
+    refused = lab.cli("session", "open", "aa:bb:cc:00:00:02", "dev", ok=False).stderr
+    assert 'private vdisk "dev" is in use by session' in refused and "aa:bb:cc:00:00:01" in refused
+    a = connect(uri_a)
+    a.pwrite(b"private write", 4096)
+    a.flush()
+    a.shutdown()
+    time.sleep(0.3)
+    # The writer disconnected: its lock went with it, the second client may attach.
+    b = connect(open_session(lab, "aa:bb:cc:00:00:02", "dev"))
+    assert b.pread(13, 4096) == b"private write", "private writes reach the vdisk itself"
+    b.shutdown()
+    with open(lab.images / "dev.img", "rb") as f:
+        f.seek(4096)
+        assert f.read(13) == b"private write"
+
+
+def test_tokens_are_checked(lab):
+    uri = open_session(lab, "aa:bb:cc:00:00:01", "win11")
+    base = uri.rsplit("/", 1)[0]
+    assert refusal(f"{base}/{'0' * 48}").startswith("not found: unknown session token")
+    assert "base exports are off" in refusal(lab.uri("win11"))
+    # Taking the vdisk away makes the token useless at once.
+    lab.cli("client", "unassign", "aa:bb:cc:00:00:01", "win11")
+    assert 'vdisk "win11" is not assigned to client aa:bb:cc:00:00:01' in refusal(uri)
+    log = lab.log.read_text()
+    assert "session export refused" in log and "peer" in log
+
+
+def test_a_new_boot_replaces_the_old_session_and_its_overlay(lab):
+    first = connect(open_session(lab, "aa:bb:cc:00:00:01", "win11"))
+    first.pwrite(b"old boot", 0)
+    second = connect(open_session(lab, "aa:bb:cc:00:00:01", "win11"))
+    assert second.pread(8, 0) != b"old boot", "a new session starts from the base"
+    with pytest.raises(nbd.Error):
+        for _ in range(50):
+            first.pread(512, 0)
+            time.sleep(0.05)
+    second.shutdown()
+
+
+def test_closing_a_session_in_the_catalog_ends_its_connections(lab):
+    h = connect(open_session(lab, "aa:bb:cc:00:00:02", "win11"))
+    h.pread(512, 0)
+    session = lab.cli("--json", "session", "list").stdout
+    import json
+    sid = json.loads(session)[0]["id"]
+    lab.cli("session", "close", sid)
+    with pytest.raises(nbd.Error):
+        for _ in range(60):
+            h.pread(512, 0)
+            time.sleep(0.05)
+    assert "session closed in the catalog" in lab.log.read_text()
+
+
+def test_a_full_ram_overlay_gives_enospc_and_keeps_serving(lab):
+    lab.cli("vdisk", "set", "win11", "--write-cache", "ram")
+    h = connect(open_session(lab, "aa:bb:cc:00:00:01", "win11"))
+    h.pwrite(b"x" * MIB, 0)  # exactly the 1 MiB capacity
+    with pytest.raises(nbd.Error) as err:
+        h.pwrite(b"y" * 4096, 8 * MIB)
+    assert err.value.errno in ("ENOSPC", 28)
+    assert h.pread(4096, 0) == b"x" * 4096
+    h.shutdown()
+
+
+def test_flushed_writes_on_a_persistent_overlay_survive_kill_9(lab):
+    uri = open_session(lab, "aa:bb:cc:00:00:01", "kiosk")
+    for round_ in range(3):
+        h = connect(uri)
+        if round_ > 0:
+            for previous in range(round_):
+                assert h.pread(6, previous * MIB) == f"round{previous}".encode(), f"round {previous} lost"
+        h.pwrite(f"round{round_}".encode(), round_ * MIB)
+        h.flush()
+        lab.proc.send_signal(signal.SIGKILL)
+        lab.proc.wait()
+        lab.start()
+    # A new boot of the client (a new session) keeps the persistent overlay too.
+    h = connect(open_session(lab, "aa:bb:cc:00:00:01", "kiosk"))
+    assert h.pread(6, 2 * MIB) == b"round2"
+    h.shutdown()
