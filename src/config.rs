@@ -82,6 +82,9 @@ pub struct SessionsConfig {
     /// How often sessions closed in the catalog are checked for, to end their
     /// connections. Default: `2s`.
     pub reconcile_interval: osstream_core::Seconds,
+    /// A session nobody has used for this long (no connection on any server) is closed,
+    /// and a private vdisk's lock with it. Default: `10m`.
+    pub lease: osstream_core::Seconds,
 }
 
 impl Default for SessionsConfig {
@@ -91,6 +94,7 @@ impl Default for SessionsConfig {
             ram_capacity: ByteSize::mib(512),
             block_size: ByteSize::kib(4),
             reconcile_interval: osstream_core::Seconds(std::time::Duration::from_secs(2)),
+            lease: osstream_core::Seconds(std::time::Duration::from_secs(600)),
         }
     }
 }

@@ -132,6 +132,7 @@ async fn serve(config: Config) -> Result<()> {
         catalog,
         exports.clone(),
         config.sessions.reconcile_interval.0,
+        config.sessions.lease.0,
         shutdown.clone(),
     ));
     let serve_ctx = ServeContext { exports };

@@ -93,6 +93,7 @@ impl SessionDirectory for CatalogSessions {
             ));
         }
         self.catalog.touch_client(&session.mac).await?;
+        self.catalog.set_session_peer(&session.id, peer).await?;
         Ok(SessionTarget {
             session: session.id,
             client: session.mac.to_string(),
@@ -129,16 +130,43 @@ impl SessionDirectory for CatalogSessions {
 
 /// Every `period`, ends the connections of sessions the catalog no longer has live, so
 /// `osstream session close`, `vdisk rm --force` and `client rm` reach running clients.
+///
+/// Every quarter `lease`, marks this server's connected sessions active and closes the
+/// sessions nobody has used for a whole `lease` (on any server sharing the catalog): the
+/// lock of a private vdisk whose server crashed is released that way.
 pub async fn reconcile(
     catalog: SqlCatalog,
     exports: Arc<Exports>,
     period: Duration,
+    lease: Duration,
     shutdown: CancellationToken,
 ) {
+    let heartbeat = (lease / 4).max(period);
+    let mut last_heartbeat: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
+        }
+        if last_heartbeat.is_none_or(|at| at.elapsed() >= heartbeat) {
+            last_heartbeat = Some(std::time::Instant::now());
+            if let Err(err) = catalog.touch_sessions(&exports.connected_sessions()).await {
+                tracing::warn!(%err, "cannot mark connected sessions active");
+            }
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            match catalog
+                .expire_sessions(now_ms - lease.as_millis() as i64)
+                .await
+            {
+                Ok(expired) => {
+                    for session in expired {
+                        tracing::info!(session = %session.id, client = %session.mac, vdisk = %session.vdisk, "session lease expired");
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "cannot expire idle sessions"),
+            }
         }
         match catalog.sessions(false).await {
             Ok(sessions) => {

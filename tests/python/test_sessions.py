@@ -14,11 +14,10 @@ from conftest import BINARY, random_image, sha256
 MIB = 1 << 20
 
 
-@pytest.fixture
-def lab(make_server):
+def build_lab(make_server, sessions_extra=""):
     """A running server with three vdisks and two clients, and a CLI on its config."""
     s = make_server('[backends.images]\nkind = "file"\nroot = "images"\nwritable = true\n'
-                    '[sessions]\nreconcile_interval = "200ms"\nram_capacity = "1MiB"\n'
+                    f'[sessions]\nreconcile_interval = "200ms"\nram_capacity = "1MiB"\n{sessions_extra}'
                     '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
     s.config.write_text(s.config.read_text().replace("PORT", str(s.port)))
     for name, seed in (("win11", 1), ("dev", 2), ("kiosk", 3)):
@@ -27,7 +26,8 @@ def lab(make_server):
 
     def cli(*args, ok=True):
         out = subprocess.run([BINARY, "--config", str(s.config), *args], capture_output=True, text=True, timeout=60)
-        assert (out.returncode == 0) == ok, f"{args}: {out.stdout}{out.stderr}"
+        if ok is not None:
+            assert (out.returncode == 0) == ok, f"{args}: {out.stdout}{out.stderr}"
         return out
 
     cli("vdisk", "add", "win11", "--backend", "images", "--write-cache", "ram-overflow-disk")
@@ -39,6 +39,11 @@ def lab(make_server):
             cli("client", "assign", mac, vdisk)
     s.cli = cli
     return s
+
+
+@pytest.fixture
+def lab(make_server):
+    return build_lab(make_server)
 
 
 def open_session(lab, mac, vdisk):
@@ -161,3 +166,41 @@ def test_flushed_writes_on_a_persistent_overlay_survive_kill_9(lab):
     h = connect(open_session(lab, "aa:bb:cc:00:00:01", "kiosk"))
     assert h.pread(6, 2 * MIB) == b"round2"
     h.shutdown()
+
+
+def test_server_disk_overlays_survive_a_server_restart_but_not_a_new_boot(lab):
+    lab.cli("vdisk", "set", "win11", "--write-cache", "server-disk")
+    uri = open_session(lab, "aa:bb:cc:00:00:02", "win11")
+    h = connect(uri)
+    h.pwrite(b"same session", 0)
+    h.flush()
+    lab.proc.send_signal(signal.SIGKILL)
+    lab.proc.wait()
+    lab.start()
+    h = connect(uri)
+    assert h.pread(12, 0) == b"same session", "a server restart is not the client's next session"
+    h.shutdown()
+    h = connect(open_session(lab, "aa:bb:cc:00:00:02", "win11"))
+    assert h.pread(12, 0) != b"same session", "the next session starts from the base"
+    h.shutdown()
+
+
+def test_an_unused_private_session_expires_and_frees_its_lock(make_server):
+    lab = build_lab(make_server, 'lease = "1s"\n')
+    held = connect(open_session(lab, "aa:bb:cc:00:00:01", "dev"))
+    time.sleep(2.0)
+    # A connected session is kept alive by the heartbeat: still locked.
+    assert "is in use by session" in lab.cli("session", "open", "aa:bb:cc:00:00:02", "dev", ok=False).stderr
+    held.shutdown()
+    time.sleep(0.3)
+    open_session(lab, "aa:bb:cc:00:00:02", "dev")  # freed on disconnect
+    # Opened but never connected (a client that died while booting): the lease ends it.
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        out = lab.cli("session", "open", "aa:bb:cc:00:00:01", "dev", ok=None)
+        if out.returncode == 0:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the idle private session never expired")
+    assert "session lease expired" in lab.log.read_text()

@@ -114,6 +114,14 @@ pub trait Catalog: Send + Sync + std::fmt::Debug {
     async fn close_session(&self, id: &str) -> Result<()>;
     /// Adds I/O counters to a session and marks it active.
     async fn record_io(&self, id: &str, read: u64, written: u64) -> Result<()>;
+    /// Records the peer address a session's client connected from, and marks it active.
+    async fn set_session_peer(&self, id: &str, peer: &str) -> Result<()>;
+    /// Marks sessions active now (a server's heartbeat for its connected sessions).
+    async fn touch_sessions(&self, ids: &[String]) -> Result<()>;
+    /// Closes live sessions inactive since before `before` (Unix milliseconds), releasing
+    /// their private locks; returns them. This is the lease that frees a vdisk whose
+    /// server crashed.
+    async fn expire_sessions(&self, before: i64) -> Result<Vec<Session>>;
 
     /// The policy for MACs the catalog does not know.
     async fn unknown_client_policy(&self) -> Result<UnknownClientPolicy>;

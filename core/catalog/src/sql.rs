@@ -820,6 +820,49 @@ impl Catalog for SqlCatalog {
         Ok(())
     }
 
+    async fn set_session_peer(&self, id: &str, peer: &str) -> Result<()> {
+        sqlx::query("UPDATE sessions SET peer = $2, last_active = $3 WHERE id = $1")
+            .bind(id)
+            .bind(peer)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "record session peer"))?;
+        Ok(())
+    }
+
+    async fn touch_sessions(&self, ids: &[String]) -> Result<()> {
+        let now = now_ms();
+        for id in ids {
+            sqlx::query("UPDATE sessions SET last_active = $2 WHERE id = $1 AND closed_at IS NULL")
+                .bind(id.as_str())
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| db_error(e, "touch sessions"))?;
+        }
+        Ok(())
+    }
+
+    async fn expire_sessions(&self, before: i64) -> Result<Vec<Session>> {
+        let rows =
+            sqlx::query("SELECT * FROM sessions WHERE closed_at IS NULL AND last_active < $1")
+                .bind(before)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| db_error(e, "find expired sessions"))?;
+        let stale: Vec<Session> = rows.iter().map(session_from_row).collect::<Result<_>>()?;
+        let mut expired = Vec::new();
+        for session in stale {
+            // Another server may have closed it meanwhile: close_session only closes live
+            // sessions, and its error then just means someone else got there first.
+            if self.close_session(&session.id).await.is_ok() {
+                expired.push(session);
+            }
+        }
+        Ok(expired)
+    }
+
     async fn unknown_client_policy(&self) -> Result<UnknownClientPolicy> {
         let row = sqlx::query("SELECT value FROM settings WHERE key = $1")
             .bind(POLICY_KEY)

@@ -259,6 +259,38 @@ async fn suite(catalog: &dyn Catalog) {
         .unwrap();
     assert_eq!((third_now.bytes_read, third_now.bytes_written), (1000, 100));
 
+    // Leases: touched sessions stay, idle ones expire and free their locks.
+    catalog
+        .set_session_peer(&third.id, "10.0.0.2:6001")
+        .await
+        .unwrap();
+    catalog
+        .touch_sessions(std::slice::from_ref(&third.id))
+        .await
+        .unwrap();
+    assert!(
+        catalog.expire_sessions(0).await.unwrap().is_empty(),
+        "nothing is idle since the epoch"
+    );
+    let peers: Vec<Option<String>> = catalog
+        .sessions(true)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.id == third.id)
+        .map(|s| s.peer)
+        .collect();
+    assert_eq!(peers, [Some("10.0.0.2:6001".to_owned())]);
+    assert!(catalog.vdisk("build").await.unwrap().locked_by.is_some());
+    let expired = catalog.expire_sessions(i64::MAX).await.unwrap();
+    assert!(!expired.is_empty());
+    assert!(catalog.sessions(false).await.unwrap().is_empty());
+    assert!(
+        catalog.vdisk("build").await.unwrap().locked_by.is_none(),
+        "an expired session's lock is released"
+    );
+    catalog.open_session(&b, "build", None).await.unwrap();
+
     // removal guarded by live sessions
     let err = catalog.remove_vdisk("build", false).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Conflict);

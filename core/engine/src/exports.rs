@@ -129,7 +129,16 @@ impl Exports {
                         DiskOverlay::open(&dir, overlays.block_size, blocks, false)?,
                     )),
                     OverlayKind::ServerDisk => {
-                        Box::new(DiskOverlay::open(&dir, overlays.block_size, blocks, false)?)
+                        // Discarded when the client's *next session* starts, not when this
+                        // server restarts in the middle of the current one.
+                        let owner = dir.join("session");
+                        let same = std::fs::read_to_string(&owner)
+                            .is_ok_and(|s| s.trim() == target.session);
+                        let store = DiskOverlay::open(&dir, overlays.block_size, blocks, same)?;
+                        std::fs::write(&owner, &target.session).map_err(|e| {
+                            Error::from_io(e, format!("cannot write {}", owner.display()))
+                        })?;
+                        Box::new(store)
                     }
                     OverlayKind::ServerDiskPersistent => {
                         Box::new(DiskOverlay::open(&dir, overlays.block_size, blocks, true)?)
@@ -148,6 +157,11 @@ impl Exports {
             writable: true,
         };
         Ok((source, entry, Some(guard)))
+    }
+
+    /// Ids of the sessions with at least one connection on this server.
+    pub fn connected_sessions(&self) -> Vec<String> {
+        self.live.connected()
     }
 
     /// Ends the connections of live sessions that `is_live` no longer accepts.

@@ -167,6 +167,15 @@ impl LiveSessions {
         });
     }
 
+    /// Ids of sessions with at least one connection.
+    pub(crate) fn connected(&self) -> Vec<String> {
+        let live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        live.values()
+            .filter(|s| s.connections > 0)
+            .map(|s| s.session.clone())
+            .collect()
+    }
+
     /// Leaves the session; returns whether that was its last connection.
     pub(crate) fn leave(&self, guard: &SessionGuard) -> bool {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
