@@ -204,3 +204,92 @@ def test_an_unused_private_session_expires_and_frees_its_lock(make_server):
     else:
         raise AssertionError("the idle private session never expired")
     assert "session lease expired" in lab.log.read_text()
+
+
+def test_two_live_peers_on_one_session_are_logged_as_a_conflict(lab):
+    import socket
+    import struct
+    uri = open_session(lab, "aa:bb:cc:00:00:01", "win11")
+    first = connect(uri)
+    token = uri.rsplit("/", 1)[1]
+    # A second machine claiming the same client: connect from another loopback address.
+    raw = socket.socket()
+    raw.bind(("127.0.0.2", 0))
+    raw.connect(("127.0.0.1", lab.port))
+    assert raw.recv(18)[:8] == b"NBDMAGIC"
+    raw.sendall(struct.pack(">I", 3))
+    name = f"s/{token}".encode()
+    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    raw.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(data)) + data)
+    deadline = time.time() + 5
+    while "two live peers claim one client" not in lab.log.read_text():
+        assert time.time() < deadline, "no conflict logged"
+        time.sleep(0.1)
+    raw.close()
+    first.shutdown()
+
+
+def start_postgres(tmp_path):
+    """A throwaway PostgreSQL cluster on loopback; returns (url, stop)."""
+    import glob
+    import socket
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    assert bins, "PostgreSQL is not installed (scripts/test.sh installs it)"
+    bin_dir = bins[-1]
+    import pathlib
+    import shutil
+    import tempfile
+    # Not under pytest's tmp_path: the postgres user must be able to reach the folder.
+    root = pathlib.Path(tempfile.mkdtemp(prefix="osstream-pg-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        subprocess.run(["chown", "postgres:postgres", str(root)], check=True)
+    data = root / "data"
+    subprocess.run(prefix + [f"{bin_dir}/initdb", "-D", str(data), "-A", "trust", "-U", "osstream", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run(prefix + [f"{bin_dir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+
+    def stop():
+        subprocess.run(prefix + [f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    return f"postgres://osstream@127.0.0.1:{port}/postgres", stop
+
+
+def test_the_server_and_cli_run_on_a_postgresql_catalog(make_server, tmp_path):
+    url, stop_pg = start_postgres(tmp_path)
+    s = None
+    try:
+        s = make_server(f'[catalog]\nurl = "{url}"\n[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n',
+                        start=False, demo=False)
+        s.config.write_text(s.config.read_text().replace("PORT", str(s.port)))
+        random_image(s.images / "shared.img", 8 * MIB, seed=9)
+        s.start()
+
+        def cli(*words):
+            return subprocess.run([BINARY, "--config", str(s.config), *words], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+
+        cli("vdisk", "add", "shared", "--backend", "images", "--write-cache", "ram")
+        cli("client", "add", "aa:bb:cc:00:00:07")
+        cli("client", "assign", "aa:bb:cc:00:00:07", "shared")
+        h = connect(cli("session", "open", "aa:bb:cc:00:00:07", "shared"))
+        h.pwrite(b"on postgres", 0)
+        assert h.pread(11, 0) == b"on postgres"
+        h.shutdown()
+        time.sleep(0.3)
+        import json
+        sessions = json.loads(cli("--json", "session", "list"))
+        assert sessions[0]["bytes_written"] == 11 and sessions[0]["peer"].startswith("127.0.0.1:")
+        assert not (s.data_dir / "catalog.db").exists(), "no SQLite file when PostgreSQL is configured"
+        assert "catalog ready catalog=postgres" in s.log.read_text().replace('"', "")
+    finally:
+        if s:
+            s.stop()
+        stop_pg()
