@@ -10,7 +10,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BINARY = os.environ.get("OSSTREAM_BIN", os.path.join(ROOT, "target", "debug", "osstream"))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+BINARY = os.environ.get("OSSTREAM_BIN", os.path.join(TARGET, "debug", "osstream"))
 
 
 def free_port():

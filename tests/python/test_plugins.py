@@ -8,10 +8,9 @@ import threading
 import nbd
 import pytest
 
-from conftest import BINARY, ROOT, random_image, sha256
+from conftest import BINARY, ROOT, TARGET, random_image, sha256
 
 MIB = 1 << 20
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 C_SOURCE = os.path.join(ROOT, "plugins", "examples", "c-rawfile", "rawfile.c")
 HEADERS = os.path.join(ROOT, "plugins", "abi", "include")
 
