@@ -298,12 +298,22 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                     e
                 }
             })?;
+            let mode = add.mode.parse::<VdiskMode>()?;
+            if mode == VdiskMode::Private && !stat.writable {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    format!(
+                        "backend {:?} serves {key:?} read-only; a private vdisk is written by its client: set writable = true in [backends.{}]",
+                        add.backend, add.backend
+                    ),
+                ));
+            }
             let vdisk = Vdisk {
                 name: add.name.clone(),
                 backend: add.backend,
                 key,
                 size: stat.size,
-                mode: add.mode.parse::<VdiskMode>()?,
+                mode,
                 write_cache: add.write_cache.parse::<WriteCache>()?,
                 boot: add.boot.parse::<BootMethod>()?,
                 kernel: add.kernel,

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-BINARY = os.environ.get("OSSTREAM_BIN", os.path.join(TARGET, "debug", "osstream"))
+BINARY = os.environ.get("TEST_OSSTREAM_BIN", os.path.join(TARGET, "debug", "osstream"))
 
 
 def free_port():

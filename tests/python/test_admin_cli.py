@@ -19,7 +19,9 @@ def admin(tmp_path):
     random_image(data / "images" / "win11.img", 4 * MIB, seed=1)
     random_image(data / "images" / "build.img", 2 * MIB, seed=2)
     config = tmp_path / "osstream.toml"
-    config.write_text(f'data_dir = "{data}"\n[demo]\ncreate = false\n[nbd]\nlisten = ["127.0.0.1:10999"]\n')
+    config.write_text(f'data_dir = "{data}"\n[demo]\ncreate = false\n[nbd]\nlisten = ["127.0.0.1:10999"]\n'
+                      '[backends.images]\nkind = "file"\nroot = "images"\nwritable = true\n'
+                      '[backends.readonly]\nkind = "file"\nroot = "images"\n')
 
     def run(*args, ok=True):
         out = subprocess.run([BINARY, "--config", str(config), *args], capture_output=True, text=True, timeout=60)
@@ -41,13 +43,15 @@ def test_vdisk_lifecycle_and_errors(admin):
     out = admin("vdisk", "add", "win11", "--backend", "images", "--description", "Windows 11")
     assert "win11" in out.stdout and "images:win11" in out.stdout and "4MiB" in out.stdout
     admin("vdisk", "add", "dev", "--backend", "images", "--key", "build", "--mode", "private")
-    assert 'no backend named "nas"; configured backends: images' in error(admin, "vdisk", "add", "x", "--backend", "nas")
+    assert 'no backend named "nas"; configured backends: images, readonly' in error(admin, "vdisk", "add", "x", "--backend", "nas")
     assert 'backend "images" has no image "ghost"' in error(admin, "vdisk", "add", "ghost", "--backend", "images")
     assert 'vdisk "win11" already exists' in error(admin, "vdisk", "add", "win11", "--backend", "images")
     assert "choose one of: standard, private" in error(admin, "vdisk", "add", "y", "--backend", "images", "--key", "win11", "--mode", "shared")
     assert "ram, ram-overflow-disk, server-disk, server-disk-persistent" in error(
         admin, "vdisk", "add", "y", "--backend", "images", "--key", "win11", "--write-cache", "disk")
     assert "invalid vdisk name" in error(admin, "vdisk", "add", "../up", "--backend", "images", "--key", "win11")
+    assert "set writable = true in [backends.readonly]" in error(
+        admin, "vdisk", "add", "ro", "--backend", "readonly", "--key", "build", "--mode", "private")
     listed = json.loads(admin("--json", "vdisk", "list").stdout)
     assert [v["name"] for v in listed] == ["dev", "win11"]
     assert listed[0]["mode"] == "private" and listed[1]["size"] == 4 * MIB
