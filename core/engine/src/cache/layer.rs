@@ -27,8 +27,11 @@ type Fill = Option<Result<Bytes>>;
 ///   that block (from any connection, for the same image generation) waits for that fill
 ///   instead of reading the backend again. Adjacent missing blocks are filled with one
 ///   backend read.
-/// - Writes, trims and zeroing pass through and drop the blocks they touch; a fill that
-///   raced with a write is not kept.
+/// - Only read-only sources are cached. A writable source (a private vdisk) is returned
+///   unwrapped: its generation moves with its own writes, so connections opened at
+///   different moments would key its blocks differently and could read stale ones. Its
+///   file still sits in the kernel's page cache, and per-client overlays sit *above* this
+///   layer, so the shared base under them is cached.
 /// - A tier error is logged and the read falls through to the backend: the cache never
 ///   fails a read the backend could serve.
 pub struct CacheLayer {
@@ -39,8 +42,6 @@ struct CacheState {
     tier: DynTier,
     block_size: u64,
     inflight: Mutex<HashMap<BlockKey, watch::Receiver<Fill>>>,
-    /// Bumped by every write-class call, so fills that started before it are not kept.
-    write_epoch: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     coalesced: AtomicU64,
@@ -78,7 +79,6 @@ impl CacheLayer {
                 tier,
                 block_size,
                 inflight: Mutex::new(HashMap::new()),
-                write_epoch: AtomicU64::new(0),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 coalesced: AtomicU64::new(0),
@@ -124,6 +124,9 @@ impl Layer for CacheLayer {
     }
 
     fn layer(&self, inner: DynSource) -> DynSource {
+        if inner.capability().write {
+            return inner;
+        }
         let info = inner.info();
         Arc::new(CacheSource {
             image: stable_hash(&[&info.name]),
@@ -276,7 +279,6 @@ impl CacheSource {
             let (offset, _) = self.block_span(run[0].0);
             let (last_offset, last_len) = self.block_span(run[run.len() - 1].0);
             let len = (last_offset - offset) as usize + last_len;
-            let epoch = self.state.write_epoch.load(Ordering::SeqCst);
             self.state
                 .misses
                 .fetch_add(run.len() as u64, Ordering::Relaxed);
@@ -312,10 +314,6 @@ impl CacheSource {
                 let start = (block_offset - offset) as usize;
                 let piece = data.slice(start..start + block_len);
                 self.tier_put(self.key(*block), piece.clone()).await;
-                if self.state.write_epoch.load(Ordering::SeqCst) != epoch {
-                    // A write raced with this fill: the piece may predate it, do not keep it.
-                    let _ = self.state.tier.remove(&self.key(*block)).await;
-                }
                 tx.send_replace(Some(Ok(piece.clone())));
                 found[(*block - first) as usize] = Some(piece);
             }
@@ -342,22 +340,6 @@ impl CacheSource {
             None => {
                 let mut blocks = Box::pin(self.blocks(block, block, opts)).await?;
                 Ok(blocks.pop().unwrap_or_default())
-            }
-        }
-    }
-
-    /// Drops the cached blocks overlapping `offset..offset+len` after a write-class call.
-    async fn invalidate_range(&self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        self.state.write_epoch.fetch_add(1, Ordering::SeqCst);
-        let first = offset / self.state.block_size;
-        let last = (offset + len - 1) / self.state.block_size;
-        for block in first..=last {
-            if let Err(err) = self.state.tier.remove(&self.key(block)).await {
-                self.state.tier_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(tier = self.state.tier.name(), %err, "cache tier remove failed");
             }
         }
     }
@@ -400,11 +382,10 @@ impl BlockSource for CacheSource {
         Ok(Chunks::from_parts(parts))
     }
 
+    // Only read-only sources are wrapped (see `layer`): write-class calls reach the
+    // source, which refuses them.
     async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
-        let len = data.len() as u64;
-        let result = self.inner.write_at(offset, data, opts).await;
-        self.invalidate_range(offset, len).await;
-        result
+        self.inner.write_at(offset, data, opts).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -412,15 +393,11 @@ impl BlockSource for CacheSource {
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        let result = self.inner.trim(offset, len).await;
-        self.invalidate_range(offset, len).await;
-        result
+        self.inner.trim(offset, len).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, opts: ZeroOpts) -> Result<()> {
-        let result = self.inner.write_zeroes(offset, len, opts).await;
-        self.invalidate_range(offset, len).await;
-        result
+        self.inner.write_zeroes(offset, len, opts).await
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
