@@ -44,9 +44,23 @@ pub fn registry() -> Registry {
     registry
 }
 
+/// Keeps request-sized buffers (up to 64 MiB) on the heap instead of a fresh `mmap`
+/// each: otherwise every large cold read pays page faults and zeroing of new pages
+/// (measured at ~15 % of the server's CPU for 256 KiB reads).
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes glibc's allocation thresholds; it is called once at
+    // start-up, before the runtime's threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub fn run(config: Config) -> Result<()> {
     init_logging(&config.log.filter)?;
+    tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("osstream")

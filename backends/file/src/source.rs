@@ -84,6 +84,35 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::
     }
 }
 
+/// Reads exactly `len` bytes at `offset` into a new buffer that is never zero-filled
+/// first: on a cold read the memset cost as much as a tenth of the server's CPU.
+fn pread_exact(file: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = libc::off_t::try_from(offset + buf.len() as u64)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let missing = len - buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..missing];
+        // SAFETY: pread writes at most `spare.len()` bytes to a pointer valid for that
+        // many writes (the vector's unused capacity); `file` keeps the descriptor open.
+        let n =
+            unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // SAFETY: pread initialised the next `n` bytes, and `n <= spare.len()`.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+    }
+    Ok(buf)
+}
+
 /// Writes zeroes by hand, in bounded chunks, where `fallocate` cannot.
 fn write_zero_bytes(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     const CHUNK: u64 = 1 << 20;
@@ -178,8 +207,7 @@ impl BlockSource for FileSource {
             return Ok(Chunks::new());
         }
         self.blocking(move |file, path| {
-            let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, offset).map_err(|e| {
+            let buf = pread_exact(file, len, offset).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     Error::new(
                         ErrorKind::Io,
