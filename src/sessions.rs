@@ -101,6 +101,7 @@ impl SessionDirectory for CatalogSessions {
             backend: vdisk.backend,
             image: vdisk.key,
             overlay: (vdisk.mode == VdiskMode::Standard).then(|| overlay_kind(vdisk.write_cache)),
+            started_at: session.started_at,
             description: if vdisk.description.is_empty() {
                 vdisk.name
             } else {

@@ -293,3 +293,29 @@ def test_the_server_and_cli_run_on_a_postgresql_catalog(make_server, tmp_path):
         if s:
             s.stop()
         stop_pg()
+
+
+def test_a_ram_overlay_lost_in_a_server_crash_makes_the_client_boot_again(lab):
+    lab.cli("vdisk", "set", "win11", "--write-cache", "ram")
+    uri = open_session(lab, "aa:bb:cc:00:00:01", "win11")
+    h = connect(uri)
+    h.pwrite(b"only in RAM", 0)
+    lab.proc.send_signal(signal.SIGKILL)
+    lab.proc.wait()
+    lab.start()
+    # Serving the base under a mounted filesystem would corrupt it: refuse instead.
+    assert "lost its RAM write overlay" in refusal(uri)
+    h = connect(open_session(lab, "aa:bb:cc:00:00:01", "win11"))
+    assert h.pread(11, 0) != b"only in RAM"
+    h.shutdown()
+
+
+def test_unlocking_a_private_vdisk_ends_the_holders_session(lab):
+    uri = open_session(lab, "aa:bb:cc:00:00:01", "dev")
+    h = connect(uri)
+    lab.cli("vdisk", "unlock", "dev")
+    with pytest.raises(nbd.Error):
+        for _ in range(60):
+            h.pwrite(b"x", 0)
+            time.sleep(0.05)
+    open_session(lab, "aa:bb:cc:00:00:02", "dev")

@@ -458,12 +458,22 @@ impl Catalog for SqlCatalog {
     async fn unlock_vdisk(&self, name: &str) -> Result<()> {
         let vdisk = self.vdisk(name).await?;
         if let Some(holder) = vdisk.locked_by {
+            // The holder's session ends with its lock, so its connections are closed
+            // before anyone else can take the vdisk.
+            let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
             sqlx::query("UPDATE vdisks SET locked_by = NULL WHERE name = $1")
                 .bind(name)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error(e, "unlock"))?;
-            tracing::info!(vdisk = %name, session = %holder, "private vdisk unlocked by the administrator");
+            sqlx::query("UPDATE sessions SET closed_at = $2 WHERE id = $1 AND closed_at IS NULL")
+                .bind(&holder)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(e, "unlock"))?;
+            tx.commit().await.map_err(|e| db_error(e, "unlock"))?;
+            tracing::info!(vdisk = %name, session = %holder, "private vdisk unlocked by the administrator; its session is closed");
         }
         Ok(())
     }
@@ -678,7 +688,7 @@ impl Catalog for SqlCatalog {
         }
         let now = now_ms();
         let session = Session {
-            id: random_hex(4)?,
+            id: random_hex(8)?,
             token: random_hex(24)?,
             mac: mac.clone(),
             vdisk: vdisk_name.to_owned(),
@@ -690,6 +700,14 @@ impl Catalog for SqlCatalog {
             closed_at: None,
         };
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
+        // Touching the client row first takes its row lock on PostgreSQL, so two boots of
+        // one client open their sessions one after the other (SQLite serialises anyway).
+        sqlx::query("UPDATE clients SET last_seen = $2, first_seen = COALESCE(first_seen, $2) WHERE mac = $1")
+            .bind(mac.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(e, "open session"))?;
         // One client, one session: the new boot replaces the old one and its lock.
         sqlx::query("UPDATE vdisks SET locked_by = NULL WHERE locked_by IN (SELECT id FROM sessions WHERE mac = $1 AND closed_at IS NULL)")
             .bind(mac.as_str())
@@ -749,12 +767,6 @@ impl Catalog for SqlCatalog {
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(e, "open session"))?;
-        sqlx::query("UPDATE clients SET last_seen = $2, first_seen = COALESCE(first_seen, $2) WHERE mac = $1")
-            .bind(mac.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(e, "open session"))?;
         tx.commit().await.map_err(|e| db_error(e, "open session"))?;
         Ok(session)
     }

@@ -71,14 +71,47 @@ impl RamOverlay {
         }
     }
 
-    fn take(&self, block: u64) -> Option<Bytes> {
-        let data = self
-            .blocks
+    /// The block's current buffer, if held.
+    fn peek(&self, block: u64) -> Option<Bytes> {
+        self.blocks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&block)?;
-        *self.bytes.lock().unwrap_or_else(|p| p.into_inner()) -= data.len() as u64;
-        Some(data)
+            .get(&block)
+            .cloned()
+    }
+
+    /// Drops the block only if it still holds exactly `expected` (not rewritten since).
+    fn remove_if_same(&self, block: u64, expected: &Bytes) -> bool {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        let same = blocks
+            .get(&block)
+            .is_some_and(|b| b.as_ptr() == expected.as_ptr() && b.len() == expected.len());
+        if same {
+            blocks.remove(&block);
+            *self.bytes.lock().unwrap_or_else(|p| p.into_inner()) -= expected.len() as u64;
+        }
+        same
+    }
+
+    /// Stores a block; returns whether it was not held before.
+    fn insert(&self, block: u64, data: Bytes) -> Result<bool> {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let old = blocks.get(&block).map(|b| b.len() as u64);
+        let new_total = *bytes - old.unwrap_or(0) + data.len() as u64;
+        if new_total > self.capacity {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "the RAM write overlay is full ({} bytes); the vdisk's write cache needs more room",
+                    self.capacity
+                ),
+            )
+            .with_op("write_at"));
+        }
+        *bytes = new_total;
+        blocks.insert(block, data);
+        Ok(old.is_none())
     }
 }
 
@@ -94,20 +127,7 @@ impl OverlayStore for RamOverlay {
     }
 
     async fn put(&self, block: u64, data: Bytes) -> Result<()> {
-        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        let old = blocks.get(&block).map_or(0, |b| b.len() as u64);
-        let new_total = *bytes - old + data.len() as u64;
-        if new_total > self.capacity {
-            return Err(Error::new(
-                ErrorKind::NoSpace,
-                format!("the RAM write overlay is full ({} bytes); the vdisk's write cache needs more room", self.capacity),
-            )
-            .with_op("write_at"));
-        }
-        *bytes = new_total;
-        blocks.insert(block, data);
-        Ok(())
+        self.insert(block, data).map(drop)
     }
 
     async fn flush(&self) -> Result<()> {
@@ -129,8 +149,12 @@ pub struct DiskOverlay {
     data: Arc<File>,
     map_path: PathBuf,
     block_size: u64,
+    image_size: u64,
     present: Mutex<Vec<u64>>,
     dirty: Mutex<bool>,
+    /// Held across a whole flush: a second FLUSH must not return while the first one is
+    /// still making earlier writes durable, nor race it on the map file.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for DiskOverlay {
@@ -143,9 +167,12 @@ impl fmt::Debug for DiskOverlay {
 }
 
 impl DiskOverlay {
-    /// Opens the overlay in `dir` (created if missing). With `keep` false, an existing
-    /// overlay there is discarded first (a new session of a `server-disk` vdisk).
-    pub fn open(dir: &Path, block_size: u64, blocks: u64, keep: bool) -> Result<Self> {
+    /// Opens the overlay in `dir` (created if missing) for an image of `image_size`
+    /// bytes. With `keep` false, an existing overlay there is discarded first (a new
+    /// session of a `server-disk` vdisk). A kept overlay made for another block size or
+    /// image size is refused: laying it over a changed base would corrupt the client's view.
+    pub fn open(dir: &Path, block_size: u64, image_size: u64, keep: bool) -> Result<Self> {
+        let blocks = image_size.div_ceil(block_size);
         let io = |e, what: &str| Error::from_io(e, format!("overlay {}: {what}", dir.display()));
         std::fs::create_dir_all(dir).map_err(|e| io(e, "create"))?;
         let data_path = dir.join("overlay.data");
@@ -156,24 +183,29 @@ impl DiskOverlay {
         }
         let words = blocks.div_ceil(64) as usize;
         let mut present = vec![0u64; words];
-        let mut stored_block_size = block_size;
         if let Ok(bytes) = std::fs::read(&map_path) {
-            // Layout: block size (u64 LE), then the bitmap words (u64 LE).
-            if bytes.len() >= 8 {
-                stored_block_size = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-                for (i, word) in bytes[8..].chunks_exact(8).take(words).enumerate() {
-                    present[i] = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-                }
+            // Layout: block size, image size (u64 LE each), then the bitmap words (u64 LE).
+            let header = |i: usize| {
+                bytes
+                    .get(i * 8..i * 8 + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            };
+            let (stored_block, stored_size) = (header(0), header(1));
+            if stored_block != Some(block_size) || stored_size != Some(image_size) {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "overlay {} was made for {:?}-byte blocks of a {:?}-byte image, not {block_size} of {image_size}; \
+                         the base changed under a persistent overlay (remove the folder to start over)",
+                        dir.display(),
+                        stored_block,
+                        stored_size
+                    ),
+                ));
             }
-        }
-        if stored_block_size != block_size {
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!(
-                    "overlay {} was written with {stored_block_size}-byte blocks, not {block_size}",
-                    dir.display()
-                ),
-            ));
+            for (i, word) in bytes[16..].chunks_exact(8).take(words).enumerate() {
+                present[i] = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            }
         }
         let data = OpenOptions::new()
             .read(true)
@@ -186,8 +218,10 @@ impl DiskOverlay {
             data: Arc::new(data),
             map_path,
             block_size,
+            image_size,
             present: Mutex::new(present),
             dirty: Mutex::new(false),
+            flushing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -257,6 +291,7 @@ impl OverlayStore for DiskOverlay {
     }
 
     async fn flush(&self) -> Result<()> {
+        let _flushing = self.flushing.lock().await;
         {
             let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
             if !*dirty {
@@ -266,6 +301,7 @@ impl OverlayStore for DiskOverlay {
         }
         let mut map = Vec::new();
         map.extend_from_slice(&self.block_size.to_le_bytes());
+        map.extend_from_slice(&self.image_size.to_le_bytes());
         for word in self
             .present
             .lock()
@@ -349,12 +385,14 @@ impl OverlayStore for SpillOverlay {
 
     async fn put(&self, block: u64, data: Bytes) -> Result<()> {
         loop {
-            match self.ram.put(block, data.clone()).await {
-                Ok(()) => {
-                    self.order
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push_back(block);
+            match self.ram.insert(block, data.clone()) {
+                Ok(new) => {
+                    if new {
+                        self.order
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_back(block);
+                    }
                     return Ok(());
                 }
                 Err(e) if e.kind() == ErrorKind::NoSpace => {
@@ -363,18 +401,28 @@ impl OverlayStore for SpillOverlay {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .pop_front();
-                    match victim {
-                        Some(victim) => {
-                            if let Some(old) = self.ram.take(victim)
-                                && let Err(err) = self.disk.put(victim, old.clone()).await
-                            {
-                                // Put it back: the block must not be lost.
-                                let _ = self.ram.put(victim, old).await;
-                                return Err(err);
-                            }
-                        }
-                        // Nothing left to spill (a block bigger than RAM): straight to disk.
-                        None => return self.disk.put(block, data).await,
+                    let Some(victim) = victim else {
+                        // Nothing left to spill (a block larger than RAM): straight to disk.
+                        return self.disk.put(block, data).await;
+                    };
+                    let Some(old) = self.ram.peek(victim) else {
+                        continue;
+                    };
+                    // Disk first, RAM second: readers keep finding the block in RAM until
+                    // the disk copy is in place, so they never see an older version.
+                    if let Err(err) = self.disk.put(victim, old.clone()).await {
+                        self.order
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_front(victim);
+                        return Err(err);
+                    }
+                    if !self.ram.remove_if_same(victim, &old) {
+                        // Rewritten meanwhile: the newer RAM copy stays and wins.
+                        self.order
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_back(victim);
                     }
                 }
                 Err(e) => return Err(e),

@@ -35,7 +35,7 @@ pub struct Exports {
     backends: Vec<DynBackend>,
     layers: Vec<Arc<dyn Layer>>,
     sessions: Option<(Arc<dyn SessionDirectory>, OverlaySettings)>,
-    live: LiveSessions,
+    live: Arc<LiveSessions>,
 }
 
 impl Exports {
@@ -45,7 +45,7 @@ impl Exports {
             backends,
             layers,
             sessions: None,
-            live: LiveSessions::default(),
+            live: Arc::default(),
         }
     }
 
@@ -101,7 +101,7 @@ impl Exports {
         for layer in &self.layers {
             source = layer.layer(source);
         }
-        let blocks = source.info().size.div_ceil(overlays.block_size);
+        let image_size = source.info().size;
         if !join {
             if target.overlay.is_some() {
                 source =
@@ -118,32 +118,7 @@ impl Exports {
         let (overlay, guard) = self.live.join(&target, peer, || match target.overlay {
             None => Ok(None),
             Some(kind) => {
-                let dir = overlays
-                    .dir
-                    .join(target.client.replace(':', "-"))
-                    .join(&target.vdisk);
-                let store: Box<dyn OverlayStore> = match kind {
-                    OverlayKind::Ram => Box::new(RamOverlay::new(overlays.ram_capacity)),
-                    OverlayKind::RamOverflowDisk => Box::new(SpillOverlay::new(
-                        overlays.ram_capacity,
-                        DiskOverlay::open(&dir, overlays.block_size, blocks, false)?,
-                    )),
-                    OverlayKind::ServerDisk => {
-                        // Discarded when the client's *next session* starts, not when this
-                        // server restarts in the middle of the current one.
-                        let owner = dir.join("session");
-                        let same = std::fs::read_to_string(&owner)
-                            .is_ok_and(|s| s.trim() == target.session);
-                        let store = DiskOverlay::open(&dir, overlays.block_size, blocks, same)?;
-                        std::fs::write(&owner, &target.session).map_err(|e| {
-                            Error::from_io(e, format!("cannot write {}", owner.display()))
-                        })?;
-                        Box::new(store)
-                    }
-                    OverlayKind::ServerDiskPersistent => {
-                        Box::new(DiskOverlay::open(&dir, overlays.block_size, blocks, true)?)
-                    }
-                };
+                let store = make_overlay(overlays, &target, kind, image_size)?;
                 Ok(Some(Arc::new(CowLayer::new(store, overlays.block_size))))
             }
         })?;
@@ -170,8 +145,8 @@ impl Exports {
     }
 
     /// Ends a connection's hold on its session and accounts for its I/O.
-    pub async fn close_session(&self, guard: SessionGuard, read: u64, written: u64) {
-        let last = self.live.leave(&guard);
+    pub async fn close_session(&self, mut guard: SessionGuard, read: u64, written: u64) {
+        let last = guard.leave();
         if let Some((directory, _)) = &self.sessions {
             directory.detached(&guard.target, read, written, last).await;
         }
@@ -290,6 +265,70 @@ impl Exports {
             }
         }
     }
+}
+
+/// Builds the overlay store of a session that has none on this server yet.
+///
+/// Folders are per session (`<dir>/<client>/<vdisk>/<session>/`), so a replaced session
+/// still finishing requests never writes into its successor's files; older sessions'
+/// folders are removed. Persistent overlays share `<dir>/<client>/<vdisk>/persistent/`.
+fn make_overlay(
+    overlays: &OverlaySettings,
+    target: &crate::sessions::SessionTarget,
+    kind: OverlayKind,
+    image_size: u64,
+) -> Result<Box<dyn OverlayStore>> {
+    let base = overlays
+        .dir
+        .join(target.client.replace(':', "-"))
+        .join(&target.vdisk);
+    if kind == OverlayKind::ServerDiskPersistent {
+        return Ok(Box::new(DiskOverlay::open(
+            &base.join("persistent"),
+            overlays.block_size,
+            image_size,
+            true,
+        )?));
+    }
+    let dir = base.join(format!("session-{}", target.session));
+    let existed = dir.exists();
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with("session-") && entry.path() != dir {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    if existed && kind != OverlayKind::ServerDisk {
+        // The session had a RAM overlay on this host before (the server restarted): its
+        // writes are gone, and serving the base now would show the client's filesystem
+        // an older state under its feet. Make it boot again instead.
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "session {} lost its RAM write overlay when the server restarted; the client must boot again",
+                target.session
+            ),
+        )
+        .with_op("open_session"));
+    }
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::from_io(e, format!("cannot create {}", dir.display())))?;
+    Ok(match kind {
+        OverlayKind::Ram => Box::new(RamOverlay::new(overlays.ram_capacity)),
+        OverlayKind::RamOverflowDisk => Box::new(SpillOverlay::new(
+            overlays.ram_capacity,
+            DiskOverlay::open(&dir, overlays.block_size, image_size, false)?,
+        )),
+        // Kept when the *server* restarts within the session; a new session has a new folder.
+        _ => Box::new(DiskOverlay::open(
+            &dir,
+            overlays.block_size,
+            image_size,
+            true,
+        )?),
+    })
 }
 
 fn describe(backend: &DynBackend, stat: &ImageStat) -> String {

@@ -48,6 +48,9 @@ pub struct SessionTarget {
     pub overlay: Option<OverlayKind>,
     /// For listings and logs.
     pub description: String,
+    /// When the session was opened (Unix milliseconds): a newer session of the client
+    /// replaces an older one, never the other way round.
+    pub started_at: i64,
 }
 
 /// The catalog as the engine sees it.
@@ -79,13 +82,14 @@ pub struct OverlaySettings {
 
 /// The live sessions of this server: one overlay per client, shared by its connections.
 #[derive(Debug, Default)]
-pub(crate) struct LiveSessions {
+pub struct LiveSessions {
     by_client: Mutex<HashMap<String, LiveSession>>,
 }
 
 #[derive(Debug)]
 struct LiveSession {
     session: String,
+    started_at: i64,
     overlay: Option<Arc<CowLayer>>,
     ended: CancellationToken,
     connections: usize,
@@ -93,19 +97,38 @@ struct LiveSession {
 }
 
 /// A connection's hold on its session: ended when the session is replaced or closed.
+/// Dropping it (a connection that failed before transmission) leaves the session too.
 #[derive(Debug)]
 pub struct SessionGuard {
     /// What the token resolved to.
     pub target: SessionTarget,
     /// Cancelled when a newer session of the same client replaces this one.
     pub ended: CancellationToken,
+    live: Arc<LiveSessions>,
+    left: bool,
+}
+
+impl SessionGuard {
+    /// Leaves the session (once); returns whether that was its last connection.
+    pub(crate) fn leave(&mut self) -> bool {
+        if std::mem::replace(&mut self.left, true) {
+            return false;
+        }
+        self.live.leave(&self.target)
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 impl LiveSessions {
     /// Joins (or starts) the live session of `target`; `make_overlay` builds its overlay
     /// the first time. Returns the overlay and the guard.
     pub(crate) fn join(
-        &self,
+        self: &Arc<Self>,
         target: &SessionTarget,
         peer: &str,
         make_overlay: impl FnOnce() -> Result<Option<Arc<CowLayer>>>,
@@ -115,6 +138,19 @@ impl LiveSessions {
             .rsplit_once(':')
             .map_or(peer, |(host, _)| host)
             .to_owned();
+        if let Some(newer) = live
+            .get(&target.client)
+            .filter(|s| s.session != target.session && s.started_at > target.started_at)
+        {
+            return Err(crate::Error::new(
+                crate::ErrorKind::NotFound,
+                format!(
+                    "session {} was replaced by the client's newer session {}",
+                    target.session, newer.session
+                ),
+            )
+            .with_op("open_session"));
+        }
         let current = live
             .get_mut(&target.client)
             .filter(|s| s.session == target.session);
@@ -135,6 +171,7 @@ impl LiveSessions {
                 let overlay = make_overlay()?;
                 live.entry(target.client.clone()).or_insert(LiveSession {
                     session: target.session.clone(),
+                    started_at: target.started_at,
                     overlay,
                     ended: CancellationToken::new(),
                     connections: 0,
@@ -149,6 +186,8 @@ impl LiveSessions {
             SessionGuard {
                 target: target.clone(),
                 ended: entry.ended.clone(),
+                live: self.clone(),
+                left: false,
             },
         ))
     }
@@ -177,11 +216,11 @@ impl LiveSessions {
     }
 
     /// Leaves the session; returns whether that was its last connection.
-    pub(crate) fn leave(&self, guard: &SessionGuard) -> bool {
+    fn leave(&self, target: &SessionTarget) -> bool {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         match live
-            .get_mut(&guard.target.client)
-            .filter(|s| s.session == guard.target.session)
+            .get_mut(&target.client)
+            .filter(|s| s.session == target.session)
         {
             Some(entry) => {
                 entry.connections = entry.connections.saturating_sub(1);

@@ -112,10 +112,9 @@ async fn concurrent_writes_to_one_block_both_survive() {
 async fn a_flushed_disk_overlay_survives_reopening_and_a_discarded_one_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let (base, data) = base(1 << 20);
-    let blocks = (1u64 << 20) / BS;
     {
         let layer = CowLayer::new(
-            Box::new(DiskOverlay::open(dir.path(), BS, blocks, true).unwrap()),
+            Box::new(DiskOverlay::open(dir.path(), BS, 1 << 20, true).unwrap()),
             BS,
         );
         let source = layer.layer(base.clone());
@@ -134,7 +133,7 @@ async fn a_flushed_disk_overlay_survives_reopening_and_a_discarded_one_does_not(
             .unwrap();
     }
     let reopened = CowLayer::new(
-        Box::new(DiskOverlay::open(dir.path(), BS, blocks, true).unwrap()),
+        Box::new(DiskOverlay::open(dir.path(), BS, 1 << 20, true).unwrap()),
         BS,
     )
     .layer(base.clone());
@@ -143,7 +142,7 @@ async fn a_flushed_disk_overlay_survives_reopening_and_a_discarded_one_does_not(
     assert_eq!(&got[9000..9003], b"fua");
     assert!(got[..5000] == data[..5000]);
     let fresh = CowLayer::new(
-        Box::new(DiskOverlay::open(dir.path(), BS, blocks, false).unwrap()),
+        Box::new(DiskOverlay::open(dir.path(), BS, 1 << 20, false).unwrap()),
         BS,
     )
     .layer(base);
@@ -157,7 +156,7 @@ async fn a_flushed_disk_overlay_survives_reopening_and_a_discarded_one_does_not(
 async fn a_spill_overlay_moves_old_blocks_to_disk_and_loses_none() {
     let dir = tempfile::tempdir().unwrap();
     let (base, _) = base(1 << 20);
-    let disk = DiskOverlay::open(dir.path(), BS, 256, false).unwrap();
+    let disk = DiskOverlay::open(dir.path(), BS, 1 << 20, false).unwrap();
     let layer = CowLayer::new(Box::new(SpillOverlay::new(4 * BS, disk)), BS);
     let source = layer.layer(base);
     for block in 0..32u64 {
