@@ -37,6 +37,8 @@ pub fn registry() -> Registry {
     let mut registry = Registry::new();
     #[cfg(feature = "backend-file")]
     osstream_backend_file::register(&mut registry);
+    #[cfg(feature = "backend-nfs")]
+    osstream_backend_nfs::register(&mut registry);
     #[cfg(feature = "backend-block")]
     osstream_backend_block::register(&mut registry);
     #[cfg(feature = "backend-plugin")]

@@ -66,5 +66,5 @@ pub use units::{ByteSize, Seconds};
 
 /// Re-exported so that implementations need no direct dependency to name them.
 pub use async_trait::async_trait;
-pub use bytes::Bytes;
+pub use bytes::{Bytes, BytesMut};
 pub use tokio_util::sync::CancellationToken;
