@@ -54,6 +54,8 @@ class Server:
         self.port = free_port()
         self.listen = listen or [f"127.0.0.1:{self.port}"]
         self.config = tmp_path / "osstream.toml"
+        # Tests that write their own [nbd] table say PORT where this server's port goes.
+        config_extra = config_extra.replace("PORT", str(self.port))
         listen_toml = ", ".join(f'"{a}"' for a in self.listen)
         self.config.write_text(
             f'data_dir = "{self.data_dir}"\n'

@@ -93,7 +93,6 @@ def quick_server(make_server):
 
 
 def start(s):
-    s.config.write_text(s.config.read_text().replace("PORT", str(s.port)))
     return s.start()
 
 

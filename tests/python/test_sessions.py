@@ -19,7 +19,6 @@ def build_lab(make_server, sessions_extra=""):
     s = make_server('[backends.images]\nkind = "file"\nroot = "images"\nwritable = true\n'
                     f'[sessions]\nreconcile_interval = "200ms"\nram_capacity = "1MiB"\n{sessions_extra}'
                     '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
-    s.config.write_text(s.config.read_text().replace("PORT", str(s.port)))
     for name, seed in (("win11", 1), ("dev", 2), ("kiosk", 3)):
         random_image(s.images / f"{name}.img", 16 * MIB, seed=seed)
     s.start()
@@ -268,7 +267,6 @@ def test_the_server_and_cli_run_on_a_postgresql_catalog(make_server, tmp_path):
     try:
         s = make_server(f'[catalog]\nurl = "{url}"\n[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n',
                         start=False, demo=False)
-        s.config.write_text(s.config.read_text().replace("PORT", str(s.port)))
         random_image(s.images / "shared.img", 8 * MIB, seed=9)
         s.start()
 

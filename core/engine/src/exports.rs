@@ -152,16 +152,6 @@ impl Exports {
         }
     }
 
-    /// The configured backends.
-    pub fn backends(&self) -> &[DynBackend] {
-        &self.backends
-    }
-
-    /// The configured layers, backend side first.
-    pub fn layers(&self) -> &[Arc<dyn Layer>] {
-        &self.layers
-    }
-
     async fn all_images(&self) -> Result<Vec<(DynBackend, ImageStat)>> {
         let mut all = Vec::new();
         for backend in &self.backends {

@@ -82,7 +82,7 @@ pub struct OverlaySettings {
 
 /// The live sessions of this server: one overlay per client, shared by its connections.
 #[derive(Debug, Default)]
-pub struct LiveSessions {
+pub(crate) struct LiveSessions {
     by_client: Mutex<HashMap<String, LiveSession>>,
 }
 
