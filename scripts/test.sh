@@ -17,6 +17,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# s3rver (npm): the S3-compatible server the S3 backend's tests start on loopback.
+if [ -z "${TEST_S3RVER:-}" ]; then
+  tools="${XDG_CACHE_HOME:-$HOME/.cache}/osstream-test"
+  if [ ! -x "$tools/node_modules/.bin/s3rver" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+      echo "== installing: nodejs npm"
+      SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm
+    fi
+    echo "== installing: s3rver (npm) into $tools"
+    mkdir -p "$tools"
+    npm install --prefix "$tools" --no-audit --no-fund --loglevel=error s3rver@3.7.1
+  fi
+  export TEST_S3RVER="$tools/node_modules/.bin/s3rver"
+fi
+
 echo "== format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

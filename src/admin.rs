@@ -30,39 +30,76 @@ pub enum VdiskCommand {
     },
     /// Clear a private vdisk's write lock left by a session that is gone.
     Unlock { name: String },
+    /// Upload a local disk image to a backend and register it as a vdisk.
+    ///
+    /// Raw images are stored as they are; qcow2, VMDK, VHD(X) and VDI images are first
+    /// converted to raw with `qemu-img convert` (from qemu-utils), in data_dir. The upload
+    /// is verified by reading the stored image back and comparing SHA-256 digests.
+    Import(VdiskImport),
+    /// Download a vdisk's image (the base image, without any client's overlay) to a raw file.
+    Export(VdiskExport),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VdiskImport {
+    /// The local image file (raw, or any format qemu-img reads).
+    pub file: std::path::PathBuf,
+    #[command(flatten)]
+    pub add: VdiskAdd,
+    /// Overwrite an existing image of that name on the backend (and update the vdisk if
+    /// it is registered already).
+    #[arg(long)]
+    pub replace: bool,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VdiskExport {
+    /// The vdisk to export.
+    pub name: String,
+    /// The raw file to write (zero runs become holes).
+    pub file: std::path::PathBuf,
+    /// Overwrite FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct VdiskAdd {
     /// The vdisk's name (letters, digits, '.', '_', '-').
-    name: String,
+    pub name: String,
     /// The backend holding the image (`[backends.NAME]` in the configuration).
     #[arg(long)]
-    backend: String,
+    pub backend: String,
     /// The image's name on the backend (default: the vdisk's name).
     #[arg(long)]
-    key: Option<String>,
+    pub key: Option<String>,
     /// standard: shared base, per-session overlays; private: one writer, writes to the vdisk.
     #[arg(long, default_value = "standard")]
-    mode: String,
+    pub mode: String,
     /// Where standard-mode writes go: ram, ram-overflow-disk, server-disk, server-disk-persistent.
     #[arg(long, default_value = "ram-overflow-disk")]
-    write_cache: String,
+    pub write_cache: String,
     /// How clients boot it: linux-nbd or sanboot.
     #[arg(long, default_value = "sanboot")]
-    boot: String,
+    pub boot: String,
     /// Kernel image key on the same backend (linux-nbd).
     #[arg(long)]
-    kernel: Option<String>,
+    pub kernel: Option<String>,
     /// Initrd image key on the same backend (linux-nbd).
     #[arg(long)]
-    initrd: Option<String>,
+    pub initrd: Option<String>,
     /// Kernel command line (linux-nbd).
     #[arg(long)]
-    cmdline: Option<String>,
+    pub cmdline: Option<String>,
     /// Free text for listings and boot menus.
     #[arg(long, default_value = "")]
-    description: String,
+    pub description: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -149,6 +186,66 @@ pub enum PolicyCommand {
     Show,
     /// Set it: ignore, register, or register-and-assign:TEMPLATE_MAC.
     Set { policy: String },
+}
+
+/// Builds the backend `[backends.NAME]` of the configuration.
+pub fn backend_named(config: &Config, name: &str) -> Result<osstream_core::DynBackend> {
+    let table = config.backends.get(name).cloned().ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no backend named {name:?}; configured backends: {}",
+                config
+                    .backends
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    let ctx = BackendContext {
+        data_dir: config.data_dir.clone(),
+    };
+    crate::serve::registry().build_backend(&ctx, name, table)
+}
+
+/// Registers the image `key` (described by `stat`) as the vdisk `add.name`.
+pub async fn register_vdisk(
+    catalog: &SqlCatalog,
+    add: &VdiskAdd,
+    key: String,
+    stat: &osstream_core::ImageStat,
+) -> Result<Vdisk> {
+    let mode = add.mode.parse::<VdiskMode>()?;
+    if mode == VdiskMode::Private && !stat.writable {
+        return Err(Error::new(
+            ErrorKind::ReadOnly,
+            format!(
+                "backend {:?} serves {key:?} read-only; a private vdisk is written by its client: \
+                 set writable = true in [backends.{}]",
+                add.backend, add.backend
+            ),
+        ));
+    }
+    let vdisk = Vdisk {
+        name: add.name.clone(),
+        backend: add.backend.clone(),
+        key,
+        size: stat.size,
+        mode,
+        write_cache: add.write_cache.parse::<WriteCache>()?,
+        boot: add.boot.parse::<BootMethod>()?,
+        kernel: add.kernel.clone(),
+        initrd: add.initrd.clone(),
+        cmdline: add.cmdline.clone(),
+        description: add.description.clone(),
+        enabled: true,
+        locked_by: None,
+        created_at: 0,
+    };
+    catalog.add_vdisk(&vdisk).await?;
+    catalog.vdisk(&vdisk.name).await
 }
 
 /// The catalog the configuration names.
@@ -269,25 +366,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
     match command.clone() {
         VdiskCommand::Add(add) => {
             let key = add.key.clone().unwrap_or_else(|| add.name.clone());
-            let table = config.backends.get(&add.backend).cloned().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "no backend named {:?}; configured backends: {}",
-                        add.backend,
-                        config
-                            .backends
-                            .keys()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )
-            })?;
-            let ctx = BackendContext {
-                data_dir: config.data_dir.clone(),
-            };
-            let backend = crate::serve::registry().build_backend(&ctx, &add.backend, table)?;
+            let backend = backend_named(config, &add.backend)?;
             let stat = backend.stat(&key).await.map_err(|e| {
                 if e.kind() == ErrorKind::NotFound {
                     Error::new(
@@ -298,40 +377,43 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                     e
                 }
             })?;
-            let mode = add.mode.parse::<VdiskMode>()?;
-            if mode == VdiskMode::Private && !stat.writable {
-                return Err(Error::new(
-                    ErrorKind::ReadOnly,
-                    format!(
-                        "backend {:?} serves {key:?} read-only; a private vdisk is written by its client: set writable = true in [backends.{}]",
-                        add.backend, add.backend
-                    ),
-                ));
-            }
-            let vdisk = Vdisk {
-                name: add.name.clone(),
-                backend: add.backend,
-                key,
-                size: stat.size,
-                mode,
-                write_cache: add.write_cache.parse::<WriteCache>()?,
-                boot: add.boot.parse::<BootMethod>()?,
-                kernel: add.kernel,
-                initrd: add.initrd,
-                cmdline: add.cmdline,
-                description: add.description,
-                enabled: true,
-                locked_by: None,
-                created_at: 0,
-            };
-            catalog.add_vdisk(&vdisk).await?;
-            let vdisk = catalog.vdisk(&vdisk.name).await?;
+            let vdisk = register_vdisk(&catalog, &add, key, &stat).await?;
             output(
                 json,
                 &vdisk,
                 VDISK_HEADERS,
                 vdisk_rows(std::slice::from_ref(&vdisk)),
             )
+        }
+        VdiskCommand::Import(import) => {
+            let vdisk = crate::transfer::import(config, &catalog, &import).await?;
+            output(
+                json,
+                &vdisk,
+                VDISK_HEADERS,
+                vdisk_rows(std::slice::from_ref(&vdisk)),
+            )
+        }
+        VdiskCommand::Export(export) => {
+            let vdisk = catalog.vdisk(&export.name).await?;
+            let backend = backend_named(config, &vdisk.backend)?;
+            let report = crate::transfer::export(backend, &vdisk, &export).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?
+                );
+            } else {
+                println!(
+                    "exported vdisk {} ({} bytes) to {}\nsha256 {}",
+                    vdisk.name,
+                    report.size,
+                    export.file.display(),
+                    report.sha256
+                );
+            }
+            Ok(())
         }
         VdiskCommand::List => {
             let vdisks = catalog.vdisks().await?;
@@ -362,6 +444,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                 } else {
                     None
                 },
+                size: None,
             };
             let vdisk = catalog.update_vdisk(&set.name, &changes).await?;
             output(

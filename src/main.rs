@@ -3,8 +3,10 @@
 mod admin;
 mod config;
 mod demo;
+mod progress;
 mod serve;
 mod sessions;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -41,6 +41,8 @@ pub fn registry() -> Registry {
     osstream_backend_nfs::register(&mut registry);
     #[cfg(feature = "backend-block")]
     osstream_backend_block::register(&mut registry);
+    #[cfg(feature = "backend-s3")]
+    osstream_backend_s3::register(&mut registry);
     #[cfg(feature = "backend-plugin")]
     osstream_plugin_host::register(&mut registry);
     registry

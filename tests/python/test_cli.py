@@ -67,7 +67,7 @@ def test_unknown_backend_kind_lists_known_kinds(tmp_path):
     path = write(tmp_path, f'data_dir = "{tmp_path}/d"\n[backends.tapes]\nkind = "tape"\n[nbd]\nlisten = ["127.0.0.1:0"]\n')
     out = run("--config", path, "serve")
     assert out.returncode == 2
-    assert 'unknown backend kind "tape"' in out.stderr and "known kinds: block, file, nfs, plugin" in out.stderr
+    assert 'unknown backend kind "tape"' in out.stderr and "known kinds: block, file, nfs, plugin, s3" in out.stderr
 
 
 def test_backend_with_missing_root_stops_start_up(tmp_path):

@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use osstream_core::{
-    BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageStat, OpenMode,
-    Registry, Result, async_trait, parse_table, validate_image_name,
+    BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageStat,
+    ImportOptions, OpenMode, Registry, Result, async_trait, parse_table, validate_image_name,
 };
 
 pub use config::FileConfig;
@@ -161,4 +161,76 @@ impl ImageBackend for FileBackend {
             .map_err(|e| Error::new(ErrorKind::Unexpected, format!("open task failed: {e}")))??;
         Ok(Arc::new(source))
     }
+
+    async fn import(
+        &self,
+        image: &str,
+        from: &std::path::Path,
+        options: &ImportOptions,
+    ) -> Result<ImageStat> {
+        let path = self.path_of(image)?;
+        if path.exists() && !options.replace {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{} exists already; pass --replace to overwrite it",
+                    path.display()
+                ),
+            )
+            .with_op("import"));
+        }
+        let (from, options) = (from.to_path_buf(), options.clone());
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || copy_sparse(&from, &target, &options))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unexpected, format!("import task failed: {e}")))??;
+        self.stat_path(image, &path)
+    }
+}
+
+/// Copies `from` to `to` through a temporary file in the same folder, renamed into place
+/// once complete and synced; all-zero pieces are left as holes.
+fn copy_sparse(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    options: &ImportOptions,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: usize = 8 << 20;
+    let source = std::fs::File::open(from).map_err(|e| io_error(e, "open", from))?;
+    let size = source
+        .metadata()
+        .map_err(|e| io_error(e, "stat", from))?
+        .len();
+    let file_name = to.file_name().map(|n| n.to_string_lossy().into_owned());
+    let temp = to.with_file_name(format!(
+        ".{}.import-{}",
+        file_name.unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let out = std::fs::File::create(&temp).map_err(|e| io_error(e, "create", &temp))?;
+        let mut buf = vec![0; PIECE];
+        let mut offset = 0u64;
+        while offset < size {
+            let n = (size - offset).min(PIECE as u64) as usize;
+            source
+                .read_exact_at(&mut buf[..n], offset)
+                .map_err(|e| io_error(e, "read", from))?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                out.write_all_at(&buf[..n], offset)
+                    .map_err(|e| io_error(e, "write", &temp))?;
+            }
+            offset += n as u64;
+            options.report(offset);
+        }
+        out.set_len(size)
+            .map_err(|e| io_error(e, "truncate", &temp))?;
+        out.sync_all().map_err(|e| io_error(e, "fsync", &temp))?;
+        std::fs::rename(&temp, to).map_err(|e| io_error(e, "rename", to))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
 }

@@ -56,6 +56,8 @@ pub struct VdiskChanges {
     pub description: Option<String>,
     /// Enable or disable.
     pub enabled: Option<bool>,
+    /// New size in bytes (after the image was replaced, `vdisk import --replace`).
+    pub size: Option<u64>,
 }
 
 /// The catalog's operations.

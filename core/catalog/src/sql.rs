@@ -403,9 +403,12 @@ impl Catalog for SqlCatalog {
         if let Some(enabled) = changes.enabled {
             vdisk.enabled = enabled;
         }
+        if let Some(size) = changes.size {
+            vdisk.size = size;
+        }
         sqlx::query(
             "UPDATE vdisks SET mode = $2, write_cache = $3, boot = $4, kernel = $5, initrd = $6, cmdline = $7, \
-             description = $8, enabled = $9 WHERE name = $1",
+             description = $8, enabled = $9, size = $10 WHERE name = $1",
         )
         .bind(name)
         .bind(vdisk.mode.as_str())
@@ -416,6 +419,7 @@ impl Catalog for SqlCatalog {
         .bind(vdisk.cmdline.clone())
         .bind(&vdisk.description)
         .bind(flag(vdisk.enabled))
+        .bind(vdisk.size as i64)
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, "update vdisk"))?;

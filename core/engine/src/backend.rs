@@ -59,6 +59,60 @@ pub trait ImageBackend: Send + Sync + Debug {
 
     /// Opens one image as a block source.
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource>;
+
+    /// Stores the raw image file `from` as the image `image` (`osstream vdisk import`).
+    ///
+    /// An existing image of that name is [`ErrorKind::Conflict`] unless
+    /// `options.replace`. The new image becomes visible only once it is complete: a
+    /// failed import leaves no half-written image behind under the name. Backends that
+    /// cannot create images return [`ErrorKind::Unsupported`] (the default).
+    async fn import(
+        &self,
+        image: &str,
+        from: &std::path::Path,
+        options: &ImportOptions,
+    ) -> Result<ImageStat> {
+        let _ = (from, options);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "backend '{}' (kind {}) cannot import images; copy {image:?} onto its storage by other means",
+                self.name(),
+                self.kind()
+            ),
+        )
+        .with_op("import"))
+    }
+}
+
+/// Called with the number of bytes done so far, from any task.
+pub type ProgressFn = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Options of [`ImageBackend::import`].
+#[derive(Clone, Default)]
+pub struct ImportOptions {
+    /// Replace an existing image of the same name.
+    pub replace: bool,
+    /// Told how many bytes of the file are stored so far.
+    pub progress: Option<ProgressFn>,
+}
+
+impl ImportOptions {
+    /// Reports `done` bytes to the progress callback, if any.
+    pub fn report(&self, done: u64) {
+        if let Some(progress) = &self.progress {
+            progress(done);
+        }
+    }
+}
+
+impl Debug for ImportOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportOptions")
+            .field("replace", &self.replace)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
 }
 
 /// Checks that `name` is a plain image name that cannot escape a backend's root.

@@ -48,7 +48,9 @@ mod sessions;
 mod source;
 pub mod units;
 
-pub use backend::{DynBackend, ImageBackend, ImageStat, OpenMode, validate_image_name};
+pub use backend::{
+    DynBackend, ImageBackend, ImageStat, ImportOptions, OpenMode, ProgressFn, validate_image_name,
+};
 pub use cache::{BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, TierStats};
 pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};

@@ -1,0 +1,317 @@
+//! The `s3` image backend: images in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW...),
+//! through the `object_store` crate.
+//!
+//! Two layouts, both found by name under the configured prefix:
+//! - **object**: the image `NAME` is the object `PREFIX/NAME`, read with range GETs.
+//!   Read-only (an S3 object cannot be changed in place). The generation is its ETag,
+//!   and every read carries `If-Match`, so a replaced object fails reads instead of
+//!   mixing old and new bytes.
+//! - **chunked**: `PREFIX/NAME/osstream-manifest.json` plus chunk objects, written by
+//!   `osstream vdisk import` with `layout = "chunked"`. All-zero chunks are not stored.
+//!   Writable when the backend is `writable = true` (private vdisks): read-modify-write
+//!   of whole chunks, uploaded on flush.
+//!
+//! Reads larger than `part_size` become parallel range GETs; every request of the
+//! backend shares a limit of `concurrency` requests in flight. Temporary failures (429,
+//! 5xx, timeouts, resets, short bodies) are retried with exponential backoff, and a body
+//! whose length or `Content-Range` differs from the range asked for never reaches a
+//! client.
+//!
+//! ```toml
+//! [backends.bucket]
+//! kind = "s3"
+//! bucket = "vdisks"
+//! prefix = "site-a"                       # optional "folder" in the bucket
+//! endpoint = "http://minio.lan:9000"      # omit for AWS
+//! region = "us-east-1"
+//! access_key_id = "..."                   # or AWS_ACCESS_KEY_ID
+//! secret_access_key = "..."               # or AWS_SECRET_ACCESS_KEY
+//! allow_http = true                       # needed for a plain http:// endpoint
+//! layout = "object"                       # or "chunked": how imports are stored
+//! ```
+
+mod chunked;
+mod config;
+mod object;
+mod store;
+mod upload;
+
+use std::sync::Arc;
+
+use object_store::path::Path;
+use osstream_core::{
+    BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageStat,
+    ImportOptions, OpenMode, Registry, Result, SourceInfo, async_trait, parse_table,
+    validate_image_name,
+};
+
+pub use config::{Layout, S3Config};
+
+use chunked::{ChunkedSource, MANIFEST, Manifest};
+use object::ObjectSource;
+use store::Store;
+
+/// The registry kind.
+pub const KIND: &str = "s3";
+
+/// Adds the `s3` kind to `registry`.
+pub fn register(registry: &mut Registry) {
+    registry.register_backend(KIND, |_ctx: &BackendContext, name, table| {
+        let config: S3Config = parse_table(&format!("backends.{name}"), table)?;
+        Ok(Arc::new(S3Backend::new(name, config)?) as DynBackend)
+    });
+}
+
+/// Images in one bucket (under one prefix).
+#[derive(Debug)]
+pub struct S3Backend {
+    name: String,
+    config: S3Config,
+    store: Arc<Store>,
+}
+
+/// Where an image lives and how it is laid out.
+enum Found {
+    Object(object_store::ObjectMeta),
+    Chunked(Manifest, Path),
+}
+
+impl S3Backend {
+    /// A backend named `name`; fails on a configuration the S3 client refuses.
+    pub fn new(name: &str, config: S3Config) -> Result<Self> {
+        let store = Arc::new(Store::new(name, &config)?);
+        Ok(S3Backend {
+            name: name.to_owned(),
+            config,
+            store,
+        })
+    }
+
+    fn not_found(&self, image: &str) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no image {image:?} in bucket {:?} under prefix {:?} (neither an object {} nor a manifest {})",
+                self.config.bucket,
+                self.config.prefix,
+                self.store.path(&[image]),
+                self.store.path(&[image, MANIFEST]),
+            ),
+        )
+        .with_context("backend", &self.name)
+    }
+
+    /// Finds `image` in either layout; the chunked one wins if both exist.
+    async fn find(&self, image: &str) -> Result<Option<Found>> {
+        validate_image_name(image)?;
+        let base = self.store.path(&[image]);
+        let manifest_path = base.clone().join(MANIFEST);
+        if let Some((bytes, _)) = self.store.get_all(&manifest_path).await? {
+            let manifest = Manifest::parse(&bytes, &manifest_path)?;
+            return Ok(Some(Found::Chunked(manifest, base)));
+        }
+        match self.store.head(&base).await {
+            Ok(meta) => Ok(Some(Found::Object(meta))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn stat_of(&self, image: &str, found: &Found) -> ImageStat {
+        match found {
+            Found::Object(meta) => ImageStat {
+                name: image.to_owned(),
+                size: meta.size,
+                generation: object_generation(meta),
+                writable: false,
+            },
+            Found::Chunked(manifest, _) => ImageStat {
+                name: image.to_owned(),
+                size: manifest.size,
+                generation: manifest.id.clone(),
+                writable: self.config.writable,
+            },
+        }
+    }
+}
+
+fn object_generation(meta: &object_store::ObjectMeta) -> String {
+    match (&meta.e_tag, &meta.version) {
+        (_, Some(version)) => format!("v:{version}"),
+        (Some(etag), None) => format!("etag:{}", etag.trim_matches('"')),
+        (None, None) => format!(
+            "{}-{}",
+            meta.last_modified.timestamp_nanos_opt().unwrap_or(0),
+            meta.size
+        ),
+    }
+}
+
+#[async_trait]
+impl ImageBackend for S3Backend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn list(&self) -> Result<Vec<ImageStat>> {
+        let listing = self.store.list_dir(self.store.prefix()).await?;
+        let mut images = Vec::new();
+        for meta in &listing.objects {
+            let Some(name) = meta.location.filename() else {
+                continue;
+            };
+            if validate_image_name(name).is_ok() {
+                images.push(self.stat_of(name, &Found::Object(meta.clone())));
+            }
+        }
+        for dir in &listing.common_prefixes {
+            let Some(name) = dir.filename() else { continue };
+            if validate_image_name(name).is_err() {
+                continue;
+            }
+            let manifest_path = dir.clone().join(MANIFEST);
+            match self.store.get_all(&manifest_path).await? {
+                Some((bytes, _)) => match Manifest::parse(&bytes, &manifest_path) {
+                    Ok(manifest) => {
+                        images.retain(|i: &ImageStat| i.name != name);
+                        images.push(self.stat_of(name, &Found::Chunked(manifest, dir.clone())));
+                    }
+                    Err(e) => tracing::debug!(backend = %self.name, %e, "skipping prefix"),
+                },
+                None => continue,
+            }
+        }
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(images)
+    }
+
+    async fn stat(&self, image: &str) -> Result<ImageStat> {
+        match self.find(image).await? {
+            Some(found) => Ok(self.stat_of(image, &found)),
+            None => Err(self.not_found(image)),
+        }
+    }
+
+    async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource> {
+        let found = self
+            .find(image)
+            .await?
+            .ok_or_else(|| self.not_found(image))?;
+        match (found, mode) {
+            (Found::Object(meta), OpenMode::ReadOnly) => Ok(Arc::new(ObjectSource {
+                info: SourceInfo {
+                    name: image.to_owned(),
+                    size: meta.size,
+                    generation: object_generation(&meta),
+                },
+                store: self.store.clone(),
+                path: meta.location,
+                etag: meta.e_tag,
+                part_size: self.config.part_size.bytes().max(64 * 1024),
+            })),
+            (Found::Object(_), OpenMode::ReadWrite) => Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "image '{image}' on backend '{}' is a single S3 object, which cannot be written in place; \
+                     import it with layout = \"chunked\" (and writable = true) to use it as a private vdisk",
+                    self.name
+                ),
+            )
+            .with_op("open")),
+            (Found::Chunked(..), OpenMode::ReadWrite) if !self.config.writable => Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "image '{image}' on backend '{}' is not writable (set writable = true in [backends.{}])",
+                    self.name, self.name
+                ),
+            )
+            .with_op("open")),
+            (Found::Chunked(mut manifest, base), mode) => {
+                let writable = mode == OpenMode::ReadWrite;
+                if writable {
+                    // The content is about to change: a new generation keeps every cache
+                    // from serving blocks read before these writes.
+                    manifest.id = chunked::unique_id();
+                    self.store
+                        .put(&base.clone().join(MANIFEST), manifest.to_bytes())
+                        .await?;
+                }
+                Ok(Arc::new(ChunkedSource::new(
+                    image,
+                    self.store.clone(),
+                    base,
+                    manifest,
+                    writable,
+                    self.config.dirty_limit.bytes(),
+                )))
+            }
+        }
+    }
+
+    async fn import(
+        &self,
+        image: &str,
+        from: &std::path::Path,
+        options: &ImportOptions,
+    ) -> Result<ImageStat> {
+        validate_image_name(image)?;
+        if let Some(existing) = self.find(image).await? {
+            if !options.replace {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "backend '{}' already has an image {image:?}; pass --replace to overwrite it",
+                        self.name
+                    ),
+                )
+                .with_op("import"));
+            }
+            self.remove(image, existing).await?;
+        }
+        match self.config.layout {
+            Layout::Object => {
+                upload::object(
+                    &self.store,
+                    &self.store.path(&[image]),
+                    from,
+                    &self.config,
+                    options,
+                )
+                .await?
+            }
+            Layout::Chunked => {
+                upload::chunked(
+                    &self.store,
+                    &self.store.path(&[image]),
+                    from,
+                    &self.config,
+                    options,
+                )
+                .await?
+            }
+        }
+        self.stat(image).await
+    }
+}
+
+impl S3Backend {
+    /// Deletes an image in either layout (the manifest first, so a half-deleted chunked
+    /// image is never mistaken for a complete one).
+    async fn remove(&self, image: &str, found: Found) -> Result<()> {
+        tracing::info!(backend = %self.name, image, "removing the existing image before import");
+        match found {
+            Found::Object(meta) => self.store.delete(&meta.location).await,
+            Found::Chunked(_, base) => {
+                self.store.delete(&base.clone().join(MANIFEST)).await?;
+                for meta in self.store.list_all(&base).await? {
+                    self.store.delete(&meta.location).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The connection to one bucket: object_store's S3 client plus what osstream adds on top
+//! (a shared concurrency limit, length checks, one more retry round, error mapping).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ListResult, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutPayload, PutResult, RetryConfig,
+};
+use osstream_core::{Bytes, Error, ErrorKind, Result};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::config::S3Config;
+
+/// Extra attempts osstream makes when a response passed object_store's own retries but
+/// is still unusable (a body of the wrong length, a transport error it does not retry).
+const EXTRA_ATTEMPTS: u32 = 2;
+
+/// One bucket and key prefix.
+#[derive(Debug)]
+pub(crate) struct Store {
+    /// The backend's name, for messages.
+    pub backend: String,
+    s3: AmazonS3,
+    prefix: Path,
+    limit: Semaphore,
+}
+
+impl Store {
+    pub fn new(backend: &str, config: &S3Config) -> Result<Store> {
+        let config_error =
+            |what: String| Error::new(ErrorKind::Config, format!("backends.{backend}: {what}"));
+        if config.bucket.is_empty() {
+            return Err(config_error("bucket must not be empty".into()));
+        }
+        if config.concurrency == 0 {
+            return Err(config_error("concurrency must be at least 1".into()));
+        }
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&config.bucket)
+            .with_allow_http(config.allow_http)
+            .with_virtual_hosted_style_request(config.virtual_hosted_style)
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(50),
+                    max_backoff: Duration::from_secs(2),
+                    base: 2.0,
+                },
+                max_retries: config.retries,
+                retry_timeout: config.timeout.0 * (config.retries as u32 + 1),
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(config.timeout.0)
+                    .with_connect_timeout(config.timeout.0.min(Duration::from_secs(5)))
+                    .with_allow_http(config.allow_http)
+                    .with_pool_max_idle_per_host(config.concurrency.max(4)),
+            );
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(region) = &config.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(key) = &config.access_key_id {
+            builder = builder.with_access_key_id(key);
+        }
+        if let Some(secret) = &config.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        let s3 = builder
+            .build()
+            .map_err(|e| config_error(format!("cannot set up the S3 client: {e}")))?;
+        let prefix = Path::parse(config.prefix.trim_matches('/')).map_err(|e| {
+            config_error(format!(
+                "prefix = {:?} is not a valid key prefix: {e}",
+                config.prefix
+            ))
+        })?;
+        Ok(Store {
+            backend: backend.to_owned(),
+            s3,
+            prefix,
+            limit: Semaphore::new(config.concurrency),
+        })
+    }
+
+    /// The key of `parts` joined under the prefix.
+    pub fn path(&self, parts: &[&str]) -> Path {
+        parts
+            .iter()
+            .fold(self.prefix.clone(), |path, part| path.join(*part))
+    }
+
+    /// The prefix every image lives under.
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
+    async fn permit(&self) -> SemaphorePermit<'_> {
+        self.limit
+            .acquire()
+            .await
+            .expect("the request semaphore is never closed")
+    }
+
+    fn error(&self, err: object_store::Error, op: &'static str, path: &Path) -> Error {
+        map_error(err, op, &self.backend, path)
+    }
+
+    pub async fn head(&self, path: &Path) -> Result<ObjectMeta> {
+        let _permit = self.permit().await;
+        self.s3
+            .head(path)
+            .await
+            .map_err(|e| self.error(e, "head", path))
+    }
+
+    /// Reads `range` of the object; `None` if the object does not exist. The body must be
+    /// exactly the range asked for, else the read is retried and finally fails: a short
+    /// or misplaced response never reaches a client. With `if_match`, a changed object
+    /// is an error rather than a mix of old and new bytes.
+    ///
+    /// `object_len` is the object's size: a one-byte range is fetched as two bytes and
+    /// cut, because some servers (s3rver among them) answer `Range: bytes=N-N` with the
+    /// whole object.
+    pub async fn get_range(
+        &self,
+        path: &Path,
+        range: Range<u64>,
+        object_len: u64,
+        if_match: Option<&str>,
+    ) -> Result<Option<Bytes>> {
+        if range.end - range.start == 1 && object_len >= 2 {
+            let wide = if range.end < object_len {
+                range.start..range.end + 1
+            } else {
+                range.start - 1..range.end
+            };
+            let skip = (range.start - wide.start) as usize;
+            return Ok(Box::pin(self.get_range(path, wide, object_len, if_match))
+                .await?
+                .map(|bytes| bytes.slice(skip..skip + 1)));
+        }
+        let want = range.end - range.start;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = {
+                let _permit = self.permit().await;
+                self.get_once(path, range.clone(), if_match).await
+            };
+            let err = match result {
+                Ok(Some(bytes)) if bytes.len() as u64 == want => return Ok(Some(bytes)),
+                Ok(None) => return Ok(None),
+                Ok(Some(bytes)) => Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "S3 returned {} bytes for a {want}-byte range {}..{} of {path}",
+                        bytes.len(),
+                        range.start,
+                        range.end
+                    ),
+                )
+                .with_op("get")
+                .with_context("backend", &self.backend)
+                .set_temporary(),
+                Err(err) => err,
+            };
+            if !err.is_temporary() || attempt > EXTRA_ATTEMPTS {
+                return Err(err);
+            }
+            tracing::warn!(backend = %self.backend, %path, attempt, error = %err, "retrying an S3 read");
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+    }
+
+    async fn get_once(
+        &self,
+        path: &Path,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> Result<Option<Bytes>> {
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(range)),
+            if_match: if_match.map(str::to_owned),
+            ..GetOptions::default()
+        };
+        let result = match self.s3.get_opts(path, options).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error(e, "get", path)),
+        };
+        // Not every S3-compatible server honours If-Match on GET: compare the ETag too.
+        if let (Some(want), Some(got)) = (if_match, result.meta.e_tag.as_deref())
+            && want != got
+        {
+            return Err(self.error(
+                object_store::Error::Precondition {
+                    path: path.to_string(),
+                    source: format!("ETag {got} instead of {want}").into(),
+                },
+                "get",
+                path,
+            ));
+        }
+        match result.bytes().await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) => Err(self.error(e, "get", path)),
+        }
+    }
+
+    /// Reads a whole (small) object; `None` if it does not exist.
+    pub async fn get_all(&self, path: &Path) -> Result<Option<(Bytes, ObjectMeta)>> {
+        let _permit = self.permit().await;
+        let result = match self.s3.get(path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error(e, "get", path)),
+        };
+        let meta = result.meta.clone();
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|e| self.error(e, "get", path))?;
+        Ok(Some((bytes, meta)))
+    }
+
+    pub async fn put(&self, path: &Path, data: Bytes) -> Result<PutResult> {
+        let _permit = self.permit().await;
+        self.s3
+            .put(path, PutPayload::from_bytes(data))
+            .await
+            .map_err(|e| self.error(e, "put", path))
+    }
+
+    pub async fn delete(&self, path: &Path) -> Result<()> {
+        let _permit = self.permit().await;
+        match self.s3.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(e, "delete", path)),
+        }
+    }
+
+    /// Every object under `prefix`, recursively.
+    pub async fn list_all(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
+        let _permit = self.permit().await;
+        self.s3
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.error(e, "list", prefix))
+    }
+
+    /// The objects and sub-prefixes directly under `prefix`.
+    pub async fn list_dir(&self, prefix: &Path) -> Result<ListResult> {
+        let _permit = self.permit().await;
+        let prefix = (!prefix.as_ref().is_empty()).then_some(prefix);
+        self.s3
+            .list_with_delimiter(prefix)
+            .await
+            .map_err(|e| self.error(e, "list", &prefix.cloned().unwrap_or_default()))
+    }
+
+    /// Starts a multipart upload (the caller bounds its parallel parts).
+    pub async fn put_multipart(
+        &self,
+        path: &Path,
+    ) -> Result<Box<dyn object_store::MultipartUpload>> {
+        let _permit = self.permit().await;
+        self.s3
+            .put_multipart(path)
+            .await
+            .map_err(|e| self.error(e, "create multipart upload", path))
+    }
+}
+
+/// Maps an object_store error into osstream's error: missing objects are `NotFound`,
+/// a changed object (`If-Match` failed) is `Conflict`, transport and server failures that
+/// survived object_store's retries are temporary `Io` errors.
+pub(crate) fn map_error(
+    err: object_store::Error,
+    op: &'static str,
+    backend: &str,
+    path: &Path,
+) -> Error {
+    let (kind, temporary) = match &err {
+        object_store::Error::NotFound { .. } => (ErrorKind::NotFound, false),
+        object_store::Error::Precondition { .. } => (ErrorKind::Conflict, false),
+        object_store::Error::AlreadyExists { .. } => (ErrorKind::Conflict, false),
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => (ErrorKind::PermissionDenied, false),
+        object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. } => {
+            (ErrorKind::Unsupported, false)
+        }
+        _ => (ErrorKind::Io, true),
+    };
+    let message = match kind {
+        ErrorKind::Conflict if op == "get" => format!(
+            "S3 object {path} changed while it was being served (its ETag no longer matches); \
+             re-register the vdisk or reconnect to read the new content"
+        ),
+        _ => format!("S3 {op} of {path} failed: {err}"),
+    };
+    let error = Error::new(kind, message)
+        .with_op(op)
+        .with_context("backend", backend);
+    if temporary {
+        error.set_temporary()
+    } else {
+        error
+    }
+}

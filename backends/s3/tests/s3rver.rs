@@ -1,0 +1,301 @@
+//! The S3 backend against a real S3-compatible server (s3rver, from npm) that the test
+//! starts on loopback with its own port and folder.
+//!
+//! `scripts/test.sh` installs s3rver and sets `TEST_S3RVER`; without it the
+//! tests look for `s3rver` on `PATH` and fail with a message saying how to get it.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use osstream_backend_s3::{Layout, S3Backend, S3Config};
+use osstream_core::{
+    BlockSourceExt, ByteSize, Bytes, ErrorKind, ImageBackend, ImportOptions, OpenMode, ReadOpts,
+    WriteOpts,
+};
+use osstream_testkit::{conformance, pattern};
+
+const BUCKET: &str = "vdisks";
+
+struct S3rver {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for S3rver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s3rver_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TEST_S3RVER") {
+        return PathBuf::from(path);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("s3rver"))
+        .find(|p| p.exists());
+    on_path.unwrap_or_else(|| {
+        panic!(
+            "s3rver not found: run scripts/test.sh (it installs it), or `npm install s3rver@3` \
+             and set TEST_S3RVER=/path/to/node_modules/.bin/s3rver"
+        )
+    })
+}
+
+impl S3rver {
+    fn start() -> S3rver {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(s3rver_binary())
+            .args(["-d"])
+            .arg(dir.path())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-s"])
+            .args(["--configure-bucket", BUCKET])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("s3rver starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3rver did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        S3rver {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// Every key under `prefix`, listed by a separate S3 client.
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        use futures_util::TryStreamExt;
+        use object_store::ObjectStore;
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(BUCKET)
+            .with_endpoint(format!("http://127.0.0.1:{}", self.port))
+            .with_region("us-east-1")
+            .with_access_key_id("S3RVER")
+            .with_secret_access_key("S3RVER")
+            .with_allow_http(true)
+            .build()
+            .unwrap();
+        let prefix = object_store::path::Path::from(prefix);
+        let objects: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
+        objects
+            .into_iter()
+            .map(|o| o.location.to_string())
+            .collect()
+    }
+
+    fn config(&self, layout: Layout) -> S3Config {
+        toml::from_str::<S3Config>(&format!(
+            "bucket = \"{BUCKET}\"\nprefix = \"site/a\"\nendpoint = \"http://127.0.0.1:{}\"\n\
+             region = \"us-east-1\"\naccess_key_id = \"S3RVER\"\nsecret_access_key = \"S3RVER\"\n\
+             allow_http = true\nlayout = \"{}\"\n",
+            self.port,
+            match layout {
+                Layout::Object => "object",
+                Layout::Chunked => "chunked",
+            }
+        ))
+        .unwrap()
+    }
+}
+
+/// A file of `len` pattern bytes with two all-zero MiB in the middle (sparse chunks).
+fn image_file(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+    let mut data = pattern(7, len);
+    if len > 3 << 20 {
+        data[1 << 20..3 << 20].fill(0);
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &data).unwrap();
+    (file, data)
+}
+
+#[tokio::test]
+async fn object_layout_imports_with_multipart_and_passes_the_read_suite() {
+    let server = S3rver::start();
+    let mut config = server.config(Layout::Object);
+    config.part_size = ByteSize::mib(5);
+    let backend = S3Backend::new("bucket", config).unwrap();
+    // 12.5 MiB: three multipart parts of 5 MiB, the last one short.
+    let (file, data) = image_file(12 * 1024 * 1024 + 512 * 1024);
+    let reported = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = reported.clone();
+    let options = ImportOptions {
+        replace: false,
+        progress: Some(Arc::new(move |n| {
+            seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+        })),
+    };
+    let stat = backend.import("disk", file.path(), &options).await.unwrap();
+    assert_eq!(stat.size, data.len() as u64);
+    assert!(!stat.writable);
+    assert_eq!(
+        reported.load(std::sync::atomic::Ordering::Relaxed),
+        data.len() as u64
+    );
+
+    let source = backend.open("disk", OpenMode::ReadOnly).await.unwrap();
+    assert_eq!(source.info().generation, stat.generation);
+    conformance::read_suite(source.clone(), &data).await;
+    // A read larger than part_size is split into parallel GETs and reassembled in order.
+    let big = source.read_bytes(1000, 11 << 20).await.unwrap();
+    assert!(big[..] == data[1000..1000 + (11 << 20)]);
+
+    let err = backend
+        .open("disk", OpenMode::ReadWrite)
+        .await
+        .expect_err("a single object cannot be written");
+    assert_eq!(err.kind(), ErrorKind::ReadOnly);
+    assert!(err.to_string().contains("chunked"), "{err}");
+
+    // Importing over it needs --replace; a replaced object fails reads of the old source
+    // (If-Match) instead of mixing versions.
+    let err = backend
+        .import("disk", file.path(), &ImportOptions::default())
+        .await
+        .expect_err("an existing image is not overwritten silently");
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    let (other, other_data) = image_file(1 << 20);
+    let replaced = backend
+        .import(
+            "disk",
+            other.path(),
+            &ImportOptions {
+                replace: true,
+                progress: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_ne!(replaced.generation, stat.generation);
+    assert_eq!(replaced.size, other_data.len() as u64);
+    let err = source
+        .read_at(0, 4096, ReadOpts::default())
+        .await
+        .expect_err("the old source must not read the new object");
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+}
+
+#[tokio::test]
+async fn chunked_layout_is_sparse_writable_and_durable_after_flush() {
+    let server = S3rver::start();
+    let mut config = server.config(Layout::Chunked);
+    config.chunk_size = ByteSize::kib(256);
+    config.writable = true;
+    let backend = S3Backend::new("bucket", config).unwrap();
+    let (file, data) = image_file(5 * 1024 * 1024 + 1234);
+    let stat = backend
+        .import("chunky", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(stat.size, data.len() as u64);
+    assert!(stat.writable);
+    // The two zero MiB were not stored: 21 chunks in all, 8 of them zero.
+    assert_eq!(server.keys("site/a/chunky/chunks").await.len(), 13);
+
+    let reader = backend.open("chunky", OpenMode::ReadOnly).await.unwrap();
+    conformance::read_suite(reader.clone(), &data).await;
+
+    let writer = backend.open("chunky", OpenMode::ReadWrite).await.unwrap();
+    assert_ne!(
+        writer.info().generation,
+        reader.info().generation,
+        "a read-write open starts a new generation"
+    );
+    conformance::write_suite(writer.clone()).await;
+    // A write across a chunk boundary and into a zero (unstored) chunk, then flush.
+    let patch = Bytes::from(pattern(3, 300_000));
+    writer
+        .write_at((1 << 20) + 100, patch.clone(), WriteOpts::default())
+        .await
+        .unwrap();
+    writer.flush().await.unwrap();
+    let expected = writer.read_all().await.unwrap();
+    drop(writer);
+
+    // A fresh open (as after a server restart) sees exactly what was flushed.
+    let again = backend.open("chunky", OpenMode::ReadOnly).await.unwrap();
+    let got = again.read_all().await.unwrap();
+    assert!(got == expected, "flushed writes did not survive a reopen");
+    // write_suite zeroed part of chunk 0 and wrote chunk 1 (a zero chunk until then);
+    // chunks that became all zero are deleted, not stored as zeroes.
+    assert!(server.keys("site/a/chunky/chunks").await.len() >= 13);
+    assert!(got[(1 << 20) + 100..(1 << 20) + 100 + patch.len()] == patch[..]);
+
+    let images = backend.list().await.unwrap();
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(images[0].name, "chunky");
+    assert_eq!(images[0].size, data.len() as u64);
+}
+
+#[tokio::test]
+async fn list_and_stat_see_both_layouts_and_missing_images_are_not_found() {
+    let server = S3rver::start();
+    let object = S3Backend::new("bucket", server.config(Layout::Object)).unwrap();
+    let chunked = S3Backend::new("bucket", server.config(Layout::Chunked)).unwrap();
+    let (file, data) = image_file(300_000);
+    object
+        .import("one", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    chunked
+        .import("two", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    let names: Vec<_> = object
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.name, i.size))
+        .collect();
+    let size = data.len() as u64;
+    assert_eq!(
+        names,
+        vec![("one".to_owned(), size), ("two".to_owned(), size)]
+    );
+    for name in ["one", "two"] {
+        let source = object.open(name, OpenMode::ReadOnly).await.unwrap();
+        assert!(source.read_all().await.unwrap()[..] == data[..], "{name}");
+    }
+    let err = object.stat("nope").await.expect_err("missing");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.to_string().contains("nope"), "{err}");
+    let err = object.stat("../etc").await.expect_err("bad name");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_a_temporary_error_not_a_hang() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config: S3Config = toml::from_str(&format!(
+        "bucket = \"b\"\nendpoint = \"http://127.0.0.1:{port}\"\nregion = \"us-east-1\"\n\
+         access_key_id = \"k\"\nsecret_access_key = \"s\"\nallow_http = true\nretries = 1\n\
+         timeout = \"2s\"\n"
+    ))
+    .unwrap();
+    let backend = S3Backend::new("dead", config).unwrap();
+    let started = Instant::now();
+    let err = backend.stat("disk").await.expect_err("nothing listens");
+    assert!(err.is_temporary(), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}

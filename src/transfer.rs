@@ -1,0 +1,338 @@
+//! `osstream vdisk import` and `osstream vdisk export`: moving whole images between a
+//! local file and a backend, verified by SHA-256.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use osstream_catalog::{Catalog, SqlCatalog, Vdisk, VdiskChanges};
+use osstream_core::{
+    BlockSourceExt, DynBackend, DynSource, Error, ErrorKind, ImportOptions, OpenMode, Result,
+    validate_image_name,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::admin::{VdiskExport, VdiskImport, backend_named, register_vdisk};
+use crate::config::Config;
+use crate::progress::Progress;
+
+/// Bytes per read when hashing or exporting.
+const PIECE: u64 = 8 << 20;
+/// Pieces read from a backend at once.
+const PARALLEL_PIECES: usize = 4;
+
+/// What `vdisk export` did.
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub vdisk: String,
+    pub file: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A converted temporary image, removed when dropped.
+struct Converted(PathBuf);
+
+impl Drop for Converted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The format qemu-img sees in `file`, or a guess from the magic bytes without it.
+fn image_format(file: &Path) -> Result<String> {
+    match std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(file)
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+                Error::new(
+                    ErrorKind::Unexpected,
+                    format!("qemu-img info printed no JSON: {e}"),
+                )
+            })?;
+            Ok(info["format"].as_str().unwrap_or("raw").to_owned())
+        }
+        Ok(out) => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "qemu-img cannot read {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        )),
+        Err(_) => {
+            // No qemu-img: recognise the common non-raw formats by their magic so they
+            // are refused rather than uploaded as if they were raw disks.
+            let mut magic = [0u8; 8];
+            let file_handle = std::fs::File::open(file)
+                .map_err(|e| Error::from_io(e, format!("cannot open {}", file.display())))?;
+            let n = file_handle.read_at(&mut magic, 0).unwrap_or(0);
+            let magic = &magic[..n];
+            let format = if magic.starts_with(b"QFI\xfb") {
+                "qcow2"
+            } else if magic.starts_with(b"KDMV") {
+                "vmdk"
+            } else if magic.starts_with(b"vhdxfile") {
+                "vhdx"
+            } else if magic.starts_with(b"conectix") {
+                "vpc"
+            } else {
+                "raw"
+            };
+            Ok(format.to_owned())
+        }
+    }
+}
+
+/// `file` as a raw image: itself, or a converted copy in `work_dir`.
+fn raw_image(file: &Path, work_dir: &Path, name: &str) -> Result<(PathBuf, Option<Converted>)> {
+    let format = image_format(file)?;
+    if format == "raw" {
+        return Ok((file.to_path_buf(), None));
+    }
+    std::fs::create_dir_all(work_dir)
+        .map_err(|e| Error::from_io(e, format!("cannot create {}", work_dir.display())))?;
+    let out = work_dir.join(format!(".import-{}-{name}.raw", std::process::id()));
+    let converted = Converted(out.clone());
+    eprintln!(
+        "{} is a {format} image: converting it to raw with qemu-img (in {})",
+        file.display(),
+        work_dir.display()
+    );
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw", "-f", &format])
+        .arg(file)
+        .arg(&out)
+        .status();
+    match status {
+        Ok(status) if status.success() => Ok((out, Some(converted))),
+        Ok(status) => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("qemu-img convert of {} failed ({status})", file.display()),
+        )),
+        Err(e) => Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{} is a {format} image and qemu-img is not available to convert it ({e}); \
+                 install qemu-utils, or convert it yourself: qemu-img convert -O raw {} disk.raw",
+                file.display(),
+                file.display()
+            ),
+        )),
+    }
+}
+
+/// SHA-256 of a local file.
+async fn hash_file(path: &Path, quiet: bool) -> Result<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)
+            .map_err(|e| Error::from_io(e, format!("cannot open {}", path.display())))?;
+        let size = file
+            .metadata()
+            .map_err(|e| Error::from_io(e, format!("cannot stat {}", path.display())))?
+            .len();
+        let progress = Progress::new("hash", size, quiet);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0; PIECE as usize];
+        let mut offset = 0;
+        while offset < size {
+            let n = PIECE.min(size - offset) as usize;
+            file.read_exact_at(&mut buf[..n], offset)
+                .map_err(|e| Error::from_io(e, format!("cannot read {}", path.display())))?;
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+            progress.set(offset);
+        }
+        progress.finish();
+        Ok(hex(&hasher.finalize()))
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Unexpected, format!("hash task failed: {e}")))?
+}
+
+/// Reads `source` front to back, a few pieces in flight, handing each piece to `sink` in
+/// order; returns the SHA-256 of the whole.
+async fn stream_source(
+    source: &DynSource,
+    progress: &Progress,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<String> {
+    let size = source.size();
+    let mut hasher = Sha256::new();
+    let mut pieces = futures_util::stream::iter((0..size).step_by(PIECE as usize))
+        .map(|offset| {
+            let source = source.clone();
+            async move {
+                let len = PIECE.min(size - offset) as usize;
+                source.read_bytes(offset, len).await.map(|b| (offset, b))
+            }
+        })
+        .buffered(PARALLEL_PIECES);
+    while let Some(piece) = pieces.next().await {
+        let (offset, bytes) = piece?;
+        hasher.update(&bytes);
+        sink(offset, &bytes)?;
+        progress.set(offset + bytes.len() as u64);
+    }
+    progress.finish();
+    Ok(hex(&hasher.finalize()))
+}
+
+/// `osstream vdisk import`.
+pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport) -> Result<Vdisk> {
+    let add = &import.add;
+    validate_image_name(&add.name)?;
+    if !import.file.is_file() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("{} is not a file", import.file.display()),
+        ));
+    }
+    let existing = match catalog.vdisk(&add.name).await {
+        Ok(vdisk) => Some(vdisk),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let key = add.key.clone().unwrap_or_else(|| add.name.clone());
+    if let Some(vdisk) = &existing {
+        if !import.replace {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "vdisk {:?} exists already; pass --replace to upload a new image for it",
+                    add.name
+                ),
+            ));
+        }
+        if vdisk.backend != add.backend || vdisk.key != key {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "vdisk {:?} uses image {:?} on backend {:?}, not {key:?} on {:?}; \
+                     remove it first (osstream vdisk rm) to move it",
+                    add.name, vdisk.key, vdisk.backend, add.backend
+                ),
+            ));
+        }
+    }
+    let backend: DynBackend = backend_named(config, &add.backend)?;
+    let (raw, _converted) = raw_image(&import.file, &config.data_dir, &add.name)?;
+    let local = hash_file(&raw, import.quiet).await?;
+
+    let size = std::fs::metadata(&raw)
+        .map_err(|e| Error::from_io(e, format!("cannot stat {}", raw.display())))?
+        .len();
+    let upload = Arc::new(Progress::new("upload", size, import.quiet));
+    let reporter = upload.clone();
+    let options = ImportOptions {
+        replace: import.replace,
+        progress: Some(Arc::new(move |done| reporter.set(done))),
+    };
+    let stat = backend.import(&key, &raw, &options).await?;
+    upload.finish();
+
+    let source = backend.open(&key, OpenMode::ReadOnly).await?;
+    let verify = Progress::new("verify", source.size(), import.quiet);
+    let stored = stream_source(&source, &verify, |_, _| Ok(())).await?;
+    if stored != local || stat.size != size {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "the stored image does not match the file: sha256 {stored} ({} bytes) on backend {:?}, \
+                 {local} ({size} bytes) locally; run the import again with --replace",
+                stat.size, add.backend
+            ),
+        ));
+    }
+    eprintln!(
+        "sha256 {local} verified on backend {:?} as {key:?}",
+        add.backend
+    );
+
+    match existing {
+        Some(_) => {
+            let changes = VdiskChanges {
+                size: Some(stat.size),
+                ..VdiskChanges::default()
+            };
+            catalog.update_vdisk(&add.name, &changes).await
+        }
+        None => register_vdisk(catalog, add, key, &stat).await,
+    }
+}
+
+/// `osstream vdisk export`.
+pub async fn export(
+    backend: DynBackend,
+    vdisk: &Vdisk,
+    export: &VdiskExport,
+) -> Result<ExportReport> {
+    let source = backend.open(&vdisk.key, OpenMode::ReadOnly).await?;
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true);
+    if export.force {
+        open.create(true).truncate(true);
+    } else {
+        open.create_new(true);
+    }
+    let file = open.open(&export.file).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{} exists; pass --force to overwrite it",
+                    export.file.display()
+                ),
+            )
+        } else {
+            Error::from_io(e, format!("cannot create {}", export.file.display()))
+        }
+    })?;
+    let progress = Progress::new("export", source.size(), export.quiet);
+    let sha256 = stream_source(&source, &progress, |offset, bytes| {
+        // Zero runs (of 64 KiB granules) stay holes: a sparse vdisk exports to a sparse
+        // file. Adjacent data granules are written together.
+        const GRANULE: usize = 64 * 1024;
+        let mut run: Option<usize> = None;
+        let write = |from: usize, to: usize| {
+            file.write_all_at(&bytes[from..to], offset + from as u64)
+                .map_err(|e| Error::from_io(e, format!("cannot write {}", export.file.display())))
+        };
+        for at in (0..bytes.len()).step_by(GRANULE) {
+            let end = (at + GRANULE).min(bytes.len());
+            let zero = bytes[at..end].iter().all(|&b| b == 0);
+            match (zero, run) {
+                (false, None) => run = Some(at),
+                (true, Some(start)) => {
+                    write(start, at)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        match run {
+            Some(start) => write(start, bytes.len()),
+            None => Ok(()),
+        }
+    })
+    .await?;
+    file.set_len(source.size())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::from_io(e, format!("cannot finish {}", export.file.display())))?;
+    Ok(ExportReport {
+        vdisk: vdisk.name.clone(),
+        file: export.file.clone(),
+        size: source.size(),
+        sha256,
+    })
+}
