@@ -81,8 +81,10 @@ def main():
                         "--quiet"], check=True)
         for name in ("cold", "warm"):
             servers.append(subprocess.Popen([args.binary, "--config", configs[name], "serve"]))
+        # The system PATH: nbdkit's embedded Python must be Debian's (with boto3), not one
+        # a version manager (pyenv) put first on PATH.
         env = dict(os.environ, AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
-                   AWS_DEFAULT_REGION="us-east-1")
+                   AWS_DEFAULT_REGION="us-east-1", PATH="/usr/sbin:/usr/bin:/sbin:/bin")
         servers.append(subprocess.Popen(
             ["nbdkit", "--exit-with-parent", "-f", "-r", "-p", str(kit_port), "-i", "127.0.0.1", "S3",
              f"endpoint-url=http://127.0.0.1:{s3_port}", f"bucket={BUCKET}", "key=bench/os"], env=env))

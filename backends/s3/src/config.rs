@@ -58,7 +58,10 @@ pub struct S3Config {
     #[serde(default = "default_part_size")]
     pub part_size: ByteSize,
     /// Requests in flight to the endpoint at once, for all images of this backend.
-    /// Default: 16.
+    /// Reads waiting for a slot are merged with adjacent waiting reads into one GET, so
+    /// a moderate number gives fewer, larger GETs (measured against s3rver: 4-8 slots
+    /// read sequentially 2x faster than 16). Raise it for high-latency endpoints.
+    /// Default: 8.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Retries of a request after a temporary failure (HTTP 429, 5xx, timeout, reset),
@@ -83,7 +86,7 @@ fn default_part_size() -> ByteSize {
 }
 
 fn default_concurrency() -> usize {
-    16
+    8
 }
 
 fn default_retries() -> usize {

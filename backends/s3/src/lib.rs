@@ -202,17 +202,17 @@ impl ImageBackend for S3Backend {
             .await?
             .ok_or_else(|| self.not_found(image))?;
         match (found, mode) {
-            (Found::Object(meta), OpenMode::ReadOnly) => Ok(Arc::new(ObjectSource {
-                info: SourceInfo {
+            (Found::Object(meta), OpenMode::ReadOnly) => Ok(Arc::new(ObjectSource::new(
+                SourceInfo {
                     name: image.to_owned(),
                     size: meta.size,
                     generation: object_generation(&meta),
                 },
-                store: self.store.clone(),
-                path: meta.location,
-                etag: meta.e_tag,
-                part_size: self.config.part_size.bytes().max(64 * 1024),
-            })),
+                self.store.clone(),
+                meta.location,
+                meta.e_tag,
+                self.config.part_size.bytes().max(64 * 1024),
+            ))),
             (Found::Object(_), OpenMode::ReadWrite) => Err(Error::new(
                 ErrorKind::ReadOnly,
                 format!(

@@ -1,6 +1,14 @@
 //! The one-object layout: an image is one object, read with range GETs.
+//!
+//! Reads waiting for one of the backend's request slots are coalesced: whoever gets a
+//! slot takes the oldest waiting read plus every waiting read adjacent to or overlapping
+//! it (up to `part_size` in all), fetches them with one GET and hands each reader its
+//! slice of the body. A sequential client with many requests in flight (nbdcopy, a
+//! booting OS reading ahead) thus costs a few large GETs instead of many small ones,
+//! which is what object stores charge for in time and money; a lone read is not delayed.
 
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::try_join_all;
 use object_store::path::Path;
@@ -8,19 +16,149 @@ use osstream_core::{
     BlockSource, Bytes, Capability, Chunks, Error, ErrorKind, Extent, ExtentKind, Geometry,
     ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
 };
+use tokio::sync::oneshot;
 
 use crate::store::Store;
+
+/// One read waiting for a GET.
+#[derive(Debug)]
+struct Waiter {
+    range: Range<u64>,
+    reply: oneshot::Sender<Result<Bytes>>,
+}
 
 /// One object, served read-only.
 #[derive(Debug)]
 pub(crate) struct ObjectSource {
-    pub info: SourceInfo,
-    pub store: Arc<Store>,
-    pub path: Path,
+    info: SourceInfo,
+    store: Arc<Store>,
+    path: Path,
     /// Sent as `If-Match`, so a replaced object fails reads instead of mixing versions.
-    pub etag: Option<String>,
-    /// Reads larger than this become parallel range GETs of this size.
-    pub part_size: u64,
+    etag: Option<String>,
+    /// Reads larger than this become parallel range GETs of this size, and coalesced
+    /// GETs never grow beyond it.
+    part_size: u64,
+    waiting: Mutex<Vec<Waiter>>,
+}
+
+impl ObjectSource {
+    pub fn new(
+        info: SourceInfo,
+        store: Arc<Store>,
+        path: Path,
+        etag: Option<String>,
+        part_size: u64,
+    ) -> ObjectSource {
+        ObjectSource {
+            info,
+            store,
+            path,
+            etag,
+            part_size,
+            waiting: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Vec<Waiter>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the oldest waiting read and every waiting read that touches the growing
+    /// range, up to `part_size` bytes in all.
+    fn take_batch(&self) -> Option<(Range<u64>, Vec<Waiter>)> {
+        let mut waiting = self.waiting();
+        if waiting.is_empty() {
+            return None;
+        }
+        let first = waiting.remove(0);
+        let mut span = first.range.clone();
+        let mut batch = vec![first];
+        loop {
+            let before = batch.len();
+            let mut i = 0;
+            while i < waiting.len() {
+                let r = &waiting[i].range;
+                let start = span.start.min(r.start);
+                let end = span.end.max(r.end);
+                if r.start <= span.end && r.end >= span.start && end - start <= self.part_size {
+                    span = start..end;
+                    batch.push(waiting.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            if batch.len() == before {
+                return Some((span, batch));
+            }
+        }
+    }
+
+    /// Reads one range (at most `part_size`), coalesced with other waiting reads.
+    async fn read_range(&self, range: Range<u64>) -> Result<Bytes> {
+        let (reply, mut answer) = oneshot::channel();
+        self.waiting().push(Waiter {
+            range: range.clone(),
+            reply,
+        });
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut answer => match result {
+                    Ok(result) => return result,
+                    // The reader that took this read was cancelled mid-GET: queue again.
+                    Err(_) => {
+                        let (reply, again) = oneshot::channel();
+                        answer = again;
+                        self.waiting().push(Waiter { range: range.clone(), reply });
+                    }
+                },
+                slot = self.store.acquire() => {
+                    let Some((span, batch)) = self.take_batch() else {
+                        // Another reader took this read along with its own.
+                        drop(slot);
+                        return answer.await.unwrap_or_else(|_| Err(abandoned()));
+                    };
+                    let result = self
+                        .store
+                        .get_range_holding_slot(&self.path, span.clone(), self.info.size, self.etag.as_deref())
+                        .await
+                        .and_then(|body| body.ok_or_else(|| self.gone()));
+                    drop(slot);
+                    for waiter in batch {
+                        let share = match &result {
+                            Ok(body) => Ok(body.slice(
+                                (waiter.range.start - span.start) as usize
+                                    ..(waiter.range.end - span.start) as usize,
+                            )),
+                            Err(e) => Err(e.clone()),
+                        };
+                        let _ = waiter.reply.send(share);
+                    }
+                }
+            }
+        }
+    }
+
+    fn gone(&self) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "S3 object {} is gone (deleted while being served)",
+                self.path
+            ),
+        )
+        .with_op("read_at")
+        .with_context("backend", &self.store.backend)
+    }
+}
+
+fn abandoned() -> Error {
+    Error::new(
+        ErrorKind::Io,
+        "an S3 read was abandoned by the task serving it",
+    )
+    .with_op("read_at")
+    .set_temporary()
 }
 
 /// Splits `offset..offset+len` into pieces of at most `part` bytes.
@@ -61,22 +199,7 @@ impl BlockSource for ObjectSource {
         }
         let reads = split(offset, len as u64, self.part_size)
             .into_iter()
-            .map(|range| async {
-                self.store
-                    .get_range(&self.path, range, self.info.size, self.etag.as_deref())
-                    .await?
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::NotFound,
-                            format!(
-                                "S3 object {} is gone (deleted while being served)",
-                                self.path
-                            ),
-                        )
-                        .with_op("read_at")
-                        .with_context("backend", &self.store.backend)
-                    })
-            });
+            .map(|range| self.read_range(range));
         let parts: Vec<Bytes> = try_join_all(reads).await?;
         Ok(Chunks::from_parts(parts))
     }

@@ -120,6 +120,11 @@ impl Store {
             .map_err(|e| self.error(e, "head", path))
     }
 
+    /// Waits for one of the backend's request slots.
+    pub async fn acquire(&self) -> SemaphorePermit<'_> {
+        self.permit().await
+    }
+
     /// Reads `range` of the object; `None` if the object does not exist. The body must be
     /// exactly the range asked for, else the read is retried and finally fails: a short
     /// or misplaced response never reaches a client. With `if_match`, a changed object
@@ -135,6 +140,31 @@ impl Store {
         object_len: u64,
         if_match: Option<&str>,
     ) -> Result<Option<Bytes>> {
+        self.get_range_slotted(path, range, object_len, if_match, true)
+            .await
+    }
+
+    /// [`Store::get_range`] for a caller that already holds a slot from
+    /// [`Store::acquire`].
+    pub async fn get_range_holding_slot(
+        &self,
+        path: &Path,
+        range: Range<u64>,
+        object_len: u64,
+        if_match: Option<&str>,
+    ) -> Result<Option<Bytes>> {
+        self.get_range_slotted(path, range, object_len, if_match, false)
+            .await
+    }
+
+    async fn get_range_slotted(
+        &self,
+        path: &Path,
+        range: Range<u64>,
+        object_len: u64,
+        if_match: Option<&str>,
+        take_slot: bool,
+    ) -> Result<Option<Bytes>> {
         if range.end - range.start == 1 && object_len >= 2 {
             let wide = if range.end < object_len {
                 range.start..range.end + 1
@@ -142,16 +172,20 @@ impl Store {
                 range.start - 1..range.end
             };
             let skip = (range.start - wide.start) as usize;
-            return Ok(Box::pin(self.get_range(path, wide, object_len, if_match))
-                .await?
-                .map(|bytes| bytes.slice(skip..skip + 1)));
+            return Ok(Box::pin(
+                self.get_range_slotted(path, wide, object_len, if_match, take_slot),
+            )
+            .await?
+            .map(|bytes| bytes.slice(skip..skip + 1)));
         }
         let want = range.end - range.start;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = {
+            let result = if take_slot {
                 let _permit = self.permit().await;
+                self.get_once(path, range.clone(), if_match).await
+            } else {
                 self.get_once(path, range.clone(), if_match).await
             };
             let err = match result {

@@ -299,3 +299,43 @@ async fn an_unreachable_endpoint_is_a_temporary_error_not_a_hang() {
     assert_eq!(err.kind(), ErrorKind::Io, "{err}");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adjacent_reads_are_coalesced_and_each_gets_its_own_bytes() {
+    let server = S3rver::start();
+    let mut config = server.config(Layout::Object);
+    // One request slot: while one GET runs, the others wait and are merged.
+    config.concurrency = 1;
+    config.part_size = ByteSize::kib(256);
+    let backend = S3Backend::new("bucket", config).unwrap();
+    let (file, data) = image_file(2 << 20);
+    backend
+        .import("disk", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    let source = backend.open("disk", OpenMode::ReadOnly).await.unwrap();
+    // 200 reads of odd sizes, adjacent and overlapping, in flight at once; a few are
+    // cancelled half-way, which must not strand the reads merged with them.
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let source = source.clone();
+        let (offset, len) = ((i * 7919) % (2 << 20), 1 + (i as usize * 131) % 9000);
+        let len = len.min((2 << 20) - offset as usize);
+        tasks.push(tokio::spawn(async move {
+            let read = source.read_bytes(offset, len);
+            if i % 17 == 0 {
+                let _ = tokio::time::timeout(Duration::from_micros(50), read).await;
+                return None;
+            }
+            Some((offset, read.await.unwrap()))
+        }));
+    }
+    for task in tasks {
+        if let Some((offset, bytes)) = task.await.unwrap() {
+            assert!(
+                bytes[..] == data[offset as usize..offset as usize + bytes.len()],
+                "wrong bytes at {offset}"
+            );
+        }
+    }
+}
