@@ -300,30 +300,14 @@ pub async fn export(
     })?;
     let progress = Progress::new("export", source.size(), export.quiet);
     let sha256 = stream_source(&source, &progress, |offset, bytes| {
-        // Zero runs (of 64 KiB granules) stay holes: a sparse vdisk exports to a sparse
-        // file. Adjacent data granules are written together.
-        const GRANULE: usize = 64 * 1024;
-        let mut run: Option<usize> = None;
-        let write = |from: usize, to: usize| {
-            file.write_all_at(&bytes[from..to], offset + from as u64)
-                .map_err(|e| Error::from_io(e, format!("cannot write {}", export.file.display())))
-        };
-        for at in (0..bytes.len()).step_by(GRANULE) {
-            let end = (at + GRANULE).min(bytes.len());
-            let zero = bytes[at..end].iter().all(|&b| b == 0);
-            match (zero, run) {
-                (false, None) => run = Some(at),
-                (true, Some(start)) => {
-                    write(start, at)?;
-                    run = None;
-                }
-                _ => {}
-            }
+        // Zero runs stay holes: a sparse vdisk exports to a sparse file.
+        for run in osstream_core::sparse::data_runs(bytes, osstream_core::sparse::HOLE_GRANULE) {
+            file.write_all_at(&bytes[run.clone()], offset + run.start as u64)
+                .map_err(|e| {
+                    Error::from_io(e, format!("cannot write {}", export.file.display()))
+                })?;
         }
-        match run {
-            Some(start) => write(start, bytes.len()),
-            None => Ok(()),
-        }
+        Ok(())
     })
     .await?;
     file.set_len(source.size())

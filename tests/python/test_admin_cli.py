@@ -132,3 +132,43 @@ def test_a_bad_catalog_url_is_explained(tmp_path):
     config.write_text('[catalog]\nurl = "mysql://db/osstream"\n')
     out = subprocess.run([BINARY, "--config", str(config), "client", "list"], capture_output=True, text=True)
     assert out.returncode == 2 and "must start with sqlite:// or postgres://" in out.stderr
+
+
+def test_import_and_export_on_a_file_backend(admin, tmp_path):
+    from conftest import sha256
+    raw = tmp_path / "new.raw"
+    random_image(raw, 3 * MIB + 512, seed=5, holes=[(MIB, MIB)])
+    out = admin("vdisk", "import", str(raw), "fresh", "--backend", "images", "--quiet")
+    assert f"sha256 {sha256(raw)} verified" in out.stderr
+    stored = admin.data / "images" / "fresh.img"
+    assert sha256(stored) == sha256(raw)
+    assert os.stat(stored).st_blocks * 512 <= 2 * MIB + 64 * 1024, "the hole stays a hole"
+    assert "fresh" in admin("vdisk", "list").stdout
+    assert not [p for p in os.listdir(admin.data / "images") if p.startswith(".")], "no temporary file left"
+    exported = tmp_path / "out.raw"
+    admin("vdisk", "export", "fresh", str(exported), "--quiet")
+    assert sha256(exported) == sha256(raw)
+
+    assert "is not a file" in error(admin, "vdisk", "import", str(tmp_path / "missing.raw"), "x", "--backend", "images")
+    assert "exists already" in error(admin, "vdisk", "import", str(raw), "fresh", "--backend", "images")
+    assert "exists already" in error(admin, "vdisk", "import", str(raw), "other", "--backend", "images",
+                                     "--key", "fresh")
+    assert "invalid image name" in error(admin, "vdisk", "import", str(raw), "../up", "--backend", "images")
+    assert 'no backend named "nowhere"' in error(admin, "vdisk", "import", str(raw), "x", "--backend", "nowhere")
+    assert "--force" in error(admin, "vdisk", "export", "fresh", str(exported))
+    assert 'no vdisk named' in error(admin, "vdisk", "export", "ghost", str(tmp_path / "g.raw")) or \
+        "ghost" in error(admin, "vdisk", "export", "ghost", str(tmp_path / "g.raw"))
+
+
+def test_import_onto_a_backend_that_cannot_store_images_is_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    config = tmp_path / "osstream.toml"
+    config.write_text(f'data_dir = "{data}"\n[demo]\ncreate = false\n'
+                      '[backends.nas]\nkind = "nfs"\nserver = "127.0.0.1"\nexport = "/export"\n')
+    raw = tmp_path / "disk.raw"
+    random_image(raw, MIB, seed=6)
+    out = subprocess.run([BINARY, "--config", str(config), "vdisk", "import", str(raw), "disk", "--backend", "nas"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "backend 'nas' (kind nfs) cannot import images" in out.stderr, out.stderr

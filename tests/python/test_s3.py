@@ -7,6 +7,7 @@ import http.server
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -54,10 +55,10 @@ def s3(tmp_path):
         proc.wait()
 
 
-def backend_toml(name, port, extra=""):
+def backend_toml(name, port, extra="", keys=True):
+    keys = 'access_key_id = "S3RVER"\nsecret_access_key = "S3RVER"\n' if keys else ""
     return (f'[backends.{name}]\nkind = "s3"\nbucket = "{BUCKET}"\nprefix = "lab"\n'
-            f'endpoint = "http://127.0.0.1:{port}"\nregion = "us-east-1"\naccess_key_id = "S3RVER"\n'
-            f'secret_access_key = "S3RVER"\nallow_http = true\n{extra}\n')
+            f'endpoint = "http://127.0.0.1:{port}"\nregion = "us-east-1"\n{keys}allow_http = true\n{extra}\n')
 
 
 def cli_for(s):
@@ -107,8 +108,11 @@ def test_import_serve_and_export_round_trip_byte_exact(make_server, tmp_path, s3
     assert '"size": 3145728' in cli("--json", "vdisk", "show", "os").stdout
 
 
-def test_a_qcow2_image_is_converted_on_import(make_server, tmp_path, s3):
-    s = make_server(backend_toml("bucket", s3), start=False, demo=False)
+def test_a_qcow2_image_is_converted_on_import(make_server, tmp_path, s3, monkeypatch):
+    # Credentials from the usual AWS variables instead of the configuration.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "S3RVER")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S3RVER")
+    s = make_server(backend_toml("bucket", s3, keys=False), start=False, demo=False)
     cli = cli_for(s)
     raw = tmp_path / "disk.raw"
     random_image(raw, 6 * MIB, seed=23, holes=[(MIB, MIB)])
@@ -151,14 +155,15 @@ def test_a_private_vdisk_on_a_chunked_image_keeps_flushed_writes(make_server, tm
 
 
 class FaultyProxy:
-    """An HTTP proxy in front of s3rver that breaks some reads: 503 SlowDown, 500, a stall
-    longer than the client's timeout, and a body cut short. Everything else is relayed."""
+    """An HTTP proxy in front of s3rver that breaks some reads: 503 SlowDown, 500, 429, a
+    stall longer than the client's timeout, a connection reset, and a body cut short.
+    Everything else is relayed."""
 
     def __init__(self, upstream, stall):
         self.upstream = upstream
         self.stall = stall
         self.count = 0
-        self.injected = {"503": 0, "500": 0, "stall": 0, "short": 0}
+        self.injected = {"503": 0, "500": 0, "429": 0, "stall": 0, "reset": 0, "short": 0}
         self.lock = threading.Lock()
         proxy = self
 
@@ -175,15 +180,20 @@ class FaultyProxy:
                     n = proxy.count
                 fault = None
                 if self.command in ("GET", "HEAD") and n > 2:
-                    fault = {3: "503", 5: "stall", 7: "500", 9: "short"}.get(n % 11)
-                if fault in ("503", "500"):
+                    fault = {3: "503", 5: "stall", 7: "500", 9: "short", 10: "429", 1: "reset"}.get(n % 11)
+                if fault in ("503", "500", "429"):
                     proxy.injected[fault] += 1
-                    payload = (b"<?xml version=\"1.0\"?><Error><Code>" +
-                               (b"SlowDown" if fault == "503" else b"InternalError") + b"</Code></Error>")
+                    code = {"503": b"SlowDown", "500": b"InternalError", "429": b"TooManyRequests"}[fault]
+                    payload = b"<?xml version=\"1.0\"?><Error><Code>" + code + b"</Code></Error>"
                     self.send_response(int(fault))
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
+                    return
+                if fault == "reset":
+                    proxy.injected["reset"] += 1
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
                     return
                 if fault == "stall":
                     proxy.injected["stall"] += 1

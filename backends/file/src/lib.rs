@@ -217,8 +217,10 @@ fn copy_sparse(
             source
                 .read_exact_at(&mut buf[..n], offset)
                 .map_err(|e| io_error(e, "read", from))?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                out.write_all_at(&buf[..n], offset)
+            for run in
+                osstream_core::sparse::data_runs(&buf[..n], osstream_core::sparse::HOLE_GRANULE)
+            {
+                out.write_all_at(&buf[run.clone()], offset + run.start as u64)
                     .map_err(|e| io_error(e, "write", &temp))?;
             }
             offset += n as u64;

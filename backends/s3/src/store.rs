@@ -112,12 +112,44 @@ impl Store {
         map_error(err, op, &self.backend, path)
     }
 
+    /// Runs `attempt` until it succeeds, fails for good, or has failed temporarily
+    /// `EXTRA_ATTEMPTS + 1` times, with backoff between attempts. object_store already
+    /// retries what it recognises (429, 5xx, timeouts, connection errors before a
+    /// response); this round catches what it passes through: bodies cut short or reset
+    /// mid-way, and lengths that do not match.
+    async fn retrying<T, F, Fut>(
+        &self,
+        what: &'static str,
+        path: &Path,
+        mut attempt: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(err) if err.is_temporary() && tries <= EXTRA_ATTEMPTS => {
+                    tracing::warn!(backend = %self.backend, %path, attempt = tries, error = %err, "retrying an S3 {what}");
+                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     pub async fn head(&self, path: &Path) -> Result<ObjectMeta> {
-        let _permit = self.permit().await;
-        self.s3
-            .head(path)
-            .await
-            .map_err(|e| self.error(e, "head", path))
+        self.retrying("head", path, || async {
+            let _permit = self.permit().await;
+            self.s3
+                .head(path)
+                .await
+                .map_err(|e| self.error(e, "head", path))
+        })
+        .await
     }
 
     /// Waits for one of the backend's request slots.
@@ -179,19 +211,15 @@ impl Store {
             .map(|bytes| bytes.slice(skip..skip + 1)));
         }
         let want = range.end - range.start;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        self.retrying("read", path, || async {
             let result = if take_slot {
                 let _permit = self.permit().await;
                 self.get_once(path, range.clone(), if_match).await
             } else {
                 self.get_once(path, range.clone(), if_match).await
             };
-            let err = match result {
-                Ok(Some(bytes)) if bytes.len() as u64 == want => return Ok(Some(bytes)),
-                Ok(None) => return Ok(None),
-                Ok(Some(bytes)) => Error::new(
+            match result {
+                Ok(Some(bytes)) if bytes.len() as u64 != want => Err(Error::new(
                     ErrorKind::Io,
                     format!(
                         "S3 returned {} bytes for a {want}-byte range {}..{} of {path}",
@@ -202,15 +230,11 @@ impl Store {
                 )
                 .with_op("get")
                 .with_context("backend", &self.backend)
-                .set_temporary(),
-                Err(err) => err,
-            };
-            if !err.is_temporary() || attempt > EXTRA_ATTEMPTS {
-                return Err(err);
+                .set_temporary()),
+                other => other,
             }
-            tracing::warn!(backend = %self.backend, %path, attempt, error = %err, "retrying an S3 read");
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-        }
+        })
+        .await
     }
 
     async fn get_once(
@@ -250,54 +274,71 @@ impl Store {
 
     /// Reads a whole (small) object; `None` if it does not exist.
     pub async fn get_all(&self, path: &Path) -> Result<Option<(Bytes, ObjectMeta)>> {
-        let _permit = self.permit().await;
-        let result = match self.s3.get(path).await {
-            Ok(result) => result,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.error(e, "get", path)),
-        };
-        let meta = result.meta.clone();
-        let bytes = result
-            .bytes()
-            .await
-            .map_err(|e| self.error(e, "get", path))?;
-        Ok(Some((bytes, meta)))
+        self.retrying("read", path, || async {
+            let _permit = self.permit().await;
+            let result = match self.s3.get(path).await {
+                Ok(result) => result,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.error(e, "get", path)),
+            };
+            let meta = result.meta.clone();
+            let bytes = result
+                .bytes()
+                .await
+                .map_err(|e| self.error(e, "get", path))?;
+            Ok(Some((bytes, meta)))
+        })
+        .await
     }
 
+    /// Stores `data` as the object `path` (a PUT replaces an object atomically, so a
+    /// retried PUT is harmless).
     pub async fn put(&self, path: &Path, data: Bytes) -> Result<PutResult> {
-        let _permit = self.permit().await;
-        self.s3
-            .put(path, PutPayload::from_bytes(data))
-            .await
-            .map_err(|e| self.error(e, "put", path))
+        self.retrying("write", path, || async {
+            let _permit = self.permit().await;
+            self.s3
+                .put(path, PutPayload::from_bytes(data.clone()))
+                .await
+                .map_err(|e| self.error(e, "put", path))
+        })
+        .await
     }
 
     pub async fn delete(&self, path: &Path) -> Result<()> {
-        let _permit = self.permit().await;
-        match self.s3.delete(path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.error(e, "delete", path)),
-        }
+        self.retrying("delete", path, || async {
+            let _permit = self.permit().await;
+            match self.s3.delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.error(e, "delete", path)),
+            }
+        })
+        .await
     }
 
     /// Every object under `prefix`, recursively.
     pub async fn list_all(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
-        let _permit = self.permit().await;
-        self.s3
-            .list(Some(prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.error(e, "list", prefix))
+        self.retrying("list", prefix, || async {
+            let _permit = self.permit().await;
+            self.s3
+                .list(Some(prefix))
+                .try_collect()
+                .await
+                .map_err(|e| self.error(e, "list", prefix))
+        })
+        .await
     }
 
     /// The objects and sub-prefixes directly under `prefix`.
     pub async fn list_dir(&self, prefix: &Path) -> Result<ListResult> {
-        let _permit = self.permit().await;
-        let prefix = (!prefix.as_ref().is_empty()).then_some(prefix);
-        self.s3
-            .list_with_delimiter(prefix)
-            .await
-            .map_err(|e| self.error(e, "list", &prefix.cloned().unwrap_or_default()))
+        self.retrying("list", prefix, || async {
+            let _permit = self.permit().await;
+            let root = (!prefix.as_ref().is_empty()).then_some(prefix);
+            self.s3
+                .list_with_delimiter(root)
+                .await
+                .map_err(|e| self.error(e, "list", prefix))
+        })
+        .await
     }
 
     /// Starts a multipart upload (the caller bounds its parallel parts).

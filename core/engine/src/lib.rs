@@ -46,6 +46,7 @@ mod protocol;
 mod registry;
 mod sessions;
 mod source;
+pub mod sparse;
 pub mod units;
 
 pub use backend::{
