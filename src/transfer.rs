@@ -59,6 +59,19 @@ fn image_format(file: &Path) -> Result<String> {
                     format!("qemu-img info printed no JSON: {e}"),
                 )
             })?;
+            // A backing file would be read by the conversion: any file on this host could
+            // end up in the vdisk. Flatten such images where they were made.
+            if let Some(backing) = info["backing-filename"].as_str() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{} has a backing file ({backing}); flatten it first: \
+                         qemu-img convert -O raw {} disk.raw",
+                        file.display(),
+                        file.display()
+                    ),
+                ));
+            }
             Ok(info["format"].as_str().unwrap_or("raw").to_owned())
         }
         Ok(out) => Err(Error::new(
@@ -224,7 +237,27 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
                 ),
             ));
         }
+        let live = catalog
+            .sessions(false)
+            .await?
+            .into_iter()
+            .filter(|session| session.vdisk == add.name)
+            .count();
+        if live > 0 {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "vdisk {:?} has {live} live session(s); close them (osstream session close) \
+                     or disable the vdisk before replacing its image",
+                    add.name
+                ),
+            ));
+        }
     }
+    // Options are checked before anything is uploaded, so a typo costs no upload.
+    add.mode.parse::<osstream_catalog::VdiskMode>()?;
+    add.write_cache.parse::<osstream_catalog::WriteCache>()?;
+    add.boot.parse::<osstream_catalog::BootMethod>()?;
     let backend: DynBackend = backend_named(config, &add.backend)?;
     let (raw, _converted) = raw_image(&import.file, &config.data_dir, &add.name)?;
     let local = hash_file(&raw, import.quiet).await?;

@@ -122,8 +122,19 @@ def test_a_qcow2_image_is_converted_on_import(make_server, tmp_path, s3, monkeyp
     assert "is a qcow2 image: converting it to raw" in out.stderr
     assert f"sha256 {sha256(raw)} verified" in out.stderr
     assert not [p for p in os.listdir(s.data_dir) if p.startswith(".import-")], "the converted copy is removed"
+    # An image with a backing file is refused: converting it would read that file.
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", str(qcow2), str(overlay)],
+                   check=True, capture_output=True)
+    assert "has a backing file" in cli("vdisk", "import", str(overlay), "o", "--backend", "bucket", ok=False).stderr
+    # A typo in an option is caught before anything is uploaded.
+    assert "write" in cli("vdisk", "import", str(raw), "t", "--backend", "bucket", "--write-cache", "ramm",
+                          ok=False).stderr
+    assert "t" not in [line.split()[0] for line in cli("vdisk", "list").stdout.splitlines()[1:]]
     s.start()
     subprocess.run(["qemu-img", "compare", s.uri("q"), str(raw)], check=True)
+    # The typo'd import stored nothing, so the same import with the right option works.
+    cli("vdisk", "import", str(raw), "t", "--backend", "bucket")
 
 
 def test_a_private_vdisk_on_a_chunked_image_keeps_flushed_writes(make_server, tmp_path, s3):
@@ -142,6 +153,9 @@ def test_a_private_vdisk_on_a_chunked_image_keeps_flushed_writes(make_server, tm
     assert not h.is_read_only()
     h.pwrite(b"written to S3" * 100, 256 * 1024 - 300)  # across a chunk boundary
     h.flush()
+    # The image of a vdisk in use is not replaced under its client.
+    assert "live session" in cli("vdisk", "import", str(raw), "dev", "--backend", "bucket", "--mode", "private",
+                                 "--replace", ok=False).stderr
     h.shutdown()
     s.stop()
 

@@ -1,10 +1,19 @@
 //! The chunked layout: `NAME/osstream-manifest.json` plus fixed-size chunk objects
-//! `NAME/chunks/NNNNNNNNNNNN` (the chunk index, 12 decimal digits). A chunk object that
+//! `NAME/chunks/DATA/NNNNNNNNNNNN` (DATA: an identifier of the import that wrote them,
+//! named in the manifest; NNN: the chunk index, 12 decimal digits). A chunk object that
 //! does not exist reads as zeroes, so all-zero chunks cost nothing.
+//!
+//! Every import writes its chunks under a new DATA and then the manifest, so replacing an
+//! image is atomic: readers of the old manifest keep reading the old chunks, and a read
+//! that finds a chunk missing checks that the manifest still names its DATA before it
+//! answers zeroes, so a reader whose image was replaced or removed gets an error, never
+//! zeroes or another image's bytes.
 //!
 //! Writes (private vdisks) are read-modify-write of whole chunks held in memory until
 //! `flush` (or a FUA write) uploads them; a PUT replaces a chunk atomically, so a crash
-//! loses at most the writes not yet flushed, never part of a chunk.
+//! loses at most the writes not yet flushed, never part of a chunk. All writable opens
+//! of one image share one source (see `S3Backend::open`), and a source uploads what is
+//! still dirty when its last user lets go of it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,15 +47,19 @@ pub(crate) struct Manifest {
     pub chunk_size: u64,
     /// New for every import and every read-write open: the image's generation.
     pub id: String,
+    /// The import that wrote the chunks: they live under `NAME/chunks/DATA/`.
+    pub data: String,
 }
 
 impl Manifest {
     pub fn new(size: u64, chunk_size: u64) -> Manifest {
+        let id = unique_id();
         Manifest {
             format: FORMAT.to_owned(),
             size,
             chunk_size,
-            id: unique_id(),
+            data: id.clone(),
+            id,
         }
     }
 
@@ -100,11 +113,14 @@ pub(crate) fn unique_id() -> String {
     format!("{nanos:x}-{:016x}", hasher.finish())
 }
 
-/// The key of chunk `index` of the image at `base`.
-pub(crate) fn chunk_path(base: &Path, index: u64) -> Path {
-    base.clone()
-        .join("chunks")
-        .join(format!("{index:012}").as_str())
+/// The prefix of the chunks the import `data` wrote for the image at `base`.
+pub(crate) fn data_prefix(base: &Path, data: &str) -> Path {
+    base.clone().join("chunks").join(data)
+}
+
+/// The key of chunk `index` of the import `data` of the image at `base`.
+pub(crate) fn chunk_path(base: &Path, data: &str, index: u64) -> Path {
+    data_prefix(base, data).join(format!("{index:012}").as_str())
 }
 
 /// Zeroes of `len` bytes, as shared static slices.
@@ -158,6 +174,11 @@ impl ChunkedSource {
         }
     }
 
+    /// The import whose chunks this source reads.
+    pub fn data(&self) -> &str {
+        &self.manifest.data
+    }
+
     /// `(chunk index, offset in chunk, length)` for each chunk `offset..offset+len` touches.
     fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64)> {
         let chunk = self.manifest.chunk_size;
@@ -188,7 +209,7 @@ impl ChunkedSource {
             let at = within as usize;
             return Ok(vec![Bytes::copy_from_slice(&chunk[at..at + len as usize])]);
         }
-        let path = chunk_path(&self.base, index);
+        let path = chunk_path(&self.base, &self.manifest.data, index);
         let chunk_len = self.manifest.chunk_len(index);
         match self
             .store
@@ -196,14 +217,39 @@ impl ChunkedSource {
             .await?
         {
             Some(bytes) => Ok(vec![bytes]),
-            None => Ok(zeroes(len)),
+            None => {
+                self.check_current().await?;
+                Ok(zeroes(len))
+            }
+        }
+    }
+
+    /// Confirms that the manifest still names this source's chunks, before a missing
+    /// chunk is answered as zeroes.
+    async fn check_current(&self) -> Result<()> {
+        let path = self.base.clone().join(MANIFEST);
+        let current = match self.store.get_all(&path).await? {
+            Some((bytes, _)) => Some(Manifest::parse(&bytes, &path)?),
+            None => None,
+        };
+        match current {
+            Some(current) if current.data == self.manifest.data => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "chunked image '{}' was replaced or removed while being served; reconnect to read the new content",
+                    self.info.name
+                ),
+            )
+            .with_op("read_at")
+            .with_context("backend", &self.store.backend)),
         }
     }
 
     /// The whole chunk as stored (zeroes if it has no object).
     async fn load(&self, index: u64) -> Result<Vec<u8>> {
         let len = self.manifest.chunk_len(index);
-        let path = chunk_path(&self.base, index);
+        let path = chunk_path(&self.base, &self.manifest.data, index);
         Ok(
             match self.store.get_range(&path, 0..len, len, None).await? {
                 Some(bytes) => bytes.to_vec(),
@@ -219,7 +265,7 @@ impl ChunkedSource {
             let Some(snapshot) = self.dirty().get(&index).map(|c| Bytes::copy_from_slice(c)) else {
                 return Ok(());
             };
-            let path = chunk_path(&self.base, index);
+            let path = chunk_path(&self.base, &self.manifest.data, index);
             if snapshot.iter().all(|&b| b == 0) {
                 self.store.delete(&path).await?;
             } else {
@@ -266,6 +312,49 @@ impl ChunkedSource {
             self.flush().await
         } else {
             Ok(())
+        }
+    }
+}
+
+impl Drop for ChunkedSource {
+    /// Uploads chunks written but not flushed when the last user lets go (a client that
+    /// disconnects without FLUSH). NBD promises nothing for unflushed writes, but a clean
+    /// disconnect should not lose them. Runs on the current worker thread (the server's
+    /// runtime has several) so the next open of the image sees the uploaded chunks.
+    fn drop(&mut self) {
+        let dirty = std::mem::take(&mut *self.dirty());
+        if dirty.is_empty() {
+            return;
+        }
+        let (store, base, data, name) = (
+            self.store.clone(),
+            self.base.clone(),
+            self.manifest.data.clone(),
+            self.info.name.clone(),
+        );
+        let upload = async move {
+            let count = dirty.len();
+            for (index, chunk) in dirty {
+                let path = chunk_path(&base, &data, index);
+                let result = if chunk.iter().all(|&b| b == 0) {
+                    store.delete(&path).await
+                } else {
+                    store.put(&path, Bytes::from(chunk)).await.map(drop)
+                };
+                if let Err(e) = result {
+                    tracing::error!(backend = %store.backend, image = %name, index, error = %e, "lost an unflushed chunk");
+                }
+            }
+            tracing::info!(backend = %store.backend, image = %name, chunks = count, "uploaded unflushed chunks after the last disconnect");
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| handle.block_on(upload));
+            }
+            Ok(handle) => drop(handle.spawn(upload)),
+            Err(_) => {
+                tracing::error!(image = %self.info.name, "unflushed chunks dropped outside a runtime")
+            }
         }
     }
 }

@@ -68,6 +68,10 @@ pub struct S3Backend {
     name: String,
     config: S3Config,
     store: Arc<Store>,
+    /// The writable source of each chunked image that has one: every read-write open of
+    /// an image shares it, so their writes meet in one set of dirty chunks instead of
+    /// overwriting each other's chunks at flush.
+    writers: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<ChunkedSource>>>,
 }
 
 /// Where an image lives and how it is laid out.
@@ -84,6 +88,7 @@ impl S3Backend {
             name: name.to_owned(),
             config,
             store,
+            writers: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -230,24 +235,53 @@ impl ImageBackend for S3Backend {
                 ),
             )
             .with_op("open")),
-            (Found::Chunked(mut manifest, base), mode) => {
-                let writable = mode == OpenMode::ReadWrite;
-                if writable {
-                    // The content is about to change: a new generation keeps every cache
-                    // from serving blocks read before these writes.
-                    manifest.id = chunked::unique_id();
-                    self.store
-                        .put(&base.clone().join(MANIFEST), manifest.to_bytes())
-                        .await?;
-                }
+            (Found::Chunked(manifest, base), OpenMode::ReadOnly) => {
                 Ok(Arc::new(ChunkedSource::new(
                     image,
                     self.store.clone(),
                     base,
                     manifest,
-                    writable,
+                    false,
                     self.config.dirty_limit.bytes(),
                 )))
+            }
+            (Found::Chunked(manifest, base), OpenMode::ReadWrite) => {
+                let shared = self
+                    .writers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(image)
+                    .and_then(std::sync::Weak::upgrade)
+                    .filter(|source| source.data() == manifest.data);
+                if let Some(source) = shared {
+                    return Ok(source);
+                }
+                // The content is about to change: a new generation keeps every cache
+                // from serving blocks read before these writes.
+                let manifest = Manifest {
+                    id: chunked::unique_id(),
+                    ..manifest
+                };
+                self.store
+                    .put(&base.clone().join(MANIFEST), manifest.to_bytes())
+                    .await?;
+                let source = Arc::new(ChunkedSource::new(
+                    image,
+                    self.store.clone(),
+                    base,
+                    manifest,
+                    true,
+                    self.config.dirty_limit.bytes(),
+                ));
+                let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+                writers.retain(|_, weak| weak.strong_count() > 0);
+                // Two first opens racing: the one registered first wins, the other's
+                // source (with nothing written yet) is dropped.
+                if let Some(winner) = writers.get(image).and_then(std::sync::Weak::upgrade) {
+                    return Ok(winner);
+                }
+                writers.insert(image.to_owned(), Arc::downgrade(&source));
+                Ok(source)
             }
         }
     }
@@ -259,20 +293,22 @@ impl ImageBackend for S3Backend {
         options: &ImportOptions,
     ) -> Result<ImageStat> {
         validate_image_name(image)?;
-        if let Some(existing) = self.find(image).await? {
-            if !options.replace {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "backend '{}' already has an image {image:?}; pass --replace to overwrite it",
-                        self.name
-                    ),
-                )
-                .with_op("import"));
-            }
-            self.remove(image, existing).await?;
+        let existing = self.find(image).await?;
+        if existing.is_some() && !options.replace {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "backend '{}' already has an image {image:?}; pass --replace to overwrite it",
+                    self.name
+                ),
+            )
+            .with_op("import"));
         }
-        match self.config.layout {
+        // The new image replaces the old one atomically (a PUT or a completed multipart
+        // upload replaces an object; a chunked import writes new chunks, then the
+        // manifest); only then is what belonged to the old one removed.
+        let base = self.store.path(&[image]);
+        let new_data = match self.config.layout {
             Layout::Object => {
                 upload::object(
                     &self.store,
@@ -281,34 +317,57 @@ impl ImageBackend for S3Backend {
                     &self.config,
                     options,
                 )
-                .await?
+                .await?;
+                None
             }
             Layout::Chunked => {
-                upload::chunked(
+                let manifest = upload::chunked(
                     &self.store,
                     &self.store.path(&[image]),
                     from,
                     &self.config,
                     options,
                 )
-                .await?
+                .await?;
+                Some(manifest.data)
             }
+        };
+        if let Some(old) = existing {
+            self.remove_old(image, &base, old, new_data.as_deref())
+                .await?;
         }
         self.stat(image).await
     }
 }
 
 impl S3Backend {
-    /// Deletes an image in either layout (the manifest first, so a half-deleted chunked
-    /// image is never mistaken for a complete one).
-    async fn remove(&self, image: &str, found: Found) -> Result<()> {
-        tracing::info!(backend = %self.name, image, "removing the existing image before import");
-        match found {
-            Found::Object(meta) => self.store.delete(&meta.location).await,
-            Found::Chunked(_, base) => {
-                self.store.delete(&base.clone().join(MANIFEST)).await?;
-                for meta in self.store.list_all(&base).await? {
+    /// Removes what belonged to the replaced image `old`, after the new one is complete:
+    /// the old chunks (and, if the new image is a single object, the manifest that would
+    /// otherwise hide it), or the old object if the new image is chunked.
+    async fn remove_old(
+        &self,
+        image: &str,
+        base: &Path,
+        old: Found,
+        new_data: Option<&str>,
+    ) -> Result<()> {
+        tracing::info!(backend = %self.name, image, "removing what belonged to the replaced image");
+        match old {
+            Found::Object(meta) => {
+                if new_data.is_some() {
                     self.store.delete(&meta.location).await?;
+                }
+                Ok(())
+            }
+            Found::Chunked(manifest, _) => {
+                if new_data.is_none() {
+                    self.store.delete(&base.clone().join(MANIFEST)).await?;
+                }
+                if new_data != Some(manifest.data.as_str()) {
+                    let old_chunks = chunked::data_prefix(base, &manifest.data);
+                    for meta in self.store.list_all(&old_chunks).await? {
+                        self.store.delete(&meta.location).await?;
+                    }
                 }
                 Ok(())
             }

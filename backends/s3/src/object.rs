@@ -67,6 +67,8 @@ impl ObjectSource {
     /// range, up to `part_size` bytes in all.
     fn take_batch(&self) -> Option<(Range<u64>, Vec<Waiter>)> {
         let mut waiting = self.waiting();
+        // Reads whose reader went away (client disconnected) are not fetched.
+        waiting.retain(|w| !w.reply.is_closed());
         if waiting.is_empty() {
             return None;
         }
@@ -114,9 +116,18 @@ impl ObjectSource {
                 },
                 slot = self.store.acquire() => {
                     let Some((span, batch)) = self.take_batch() else {
-                        // Another reader took this read along with its own.
+                        // Another reader took this read along with its own: wait for
+                        // it, and queue again if that reader was cancelled.
                         drop(slot);
-                        return answer.await.unwrap_or_else(|_| Err(abandoned()));
+                        match (&mut answer).await {
+                            Ok(result) => return result,
+                            Err(_) => {
+                                let (reply, again) = oneshot::channel();
+                                answer = again;
+                                self.waiting().push(Waiter { range: range.clone(), reply });
+                                continue;
+                            }
+                        }
                     };
                     let result = self
                         .store
@@ -124,8 +135,15 @@ impl ObjectSource {
                         .await
                         .and_then(|body| body.ok_or_else(|| self.gone()));
                     drop(slot);
+                    // With several readers, each gets a copy of its part: a slice would
+                    // keep the whole body alive for as long as any part is cached.
+                    let several = batch.len() > 1;
                     for waiter in batch {
                         let share = match &result {
+                            Ok(body) if several => Ok(Bytes::copy_from_slice(&body[
+                                (waiter.range.start - span.start) as usize
+                                    ..(waiter.range.end - span.start) as usize
+                            ])),
                             Ok(body) => Ok(body.slice(
                                 (waiter.range.start - span.start) as usize
                                     ..(waiter.range.end - span.start) as usize,
@@ -150,15 +168,6 @@ impl ObjectSource {
         .with_op("read_at")
         .with_context("backend", &self.store.backend)
     }
-}
-
-fn abandoned() -> Error {
-    Error::new(
-        ErrorKind::Io,
-        "an S3 read was abandoned by the task serving it",
-    )
-    .with_op("read_at")
-    .set_temporary()
 }
 
 /// Splits `offset..offset+len` into pieces of at most `part` bytes.

@@ -197,6 +197,9 @@ impl Store {
         if_match: Option<&str>,
         take_slot: bool,
     ) -> Result<Option<Bytes>> {
+        if range == (0..1) && object_len == 1 {
+            return Ok(self.get_all(path).await?.map(|(bytes, _)| bytes));
+        }
         if range.end - range.start == 1 && object_len >= 2 {
             let wide = if range.end < object_len {
                 range.start..range.end + 1

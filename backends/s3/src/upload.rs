@@ -11,7 +11,7 @@ use object_store::WriteMultipart;
 use object_store::path::Path;
 use osstream_core::{Bytes, Error, ErrorKind, ImportOptions, Result};
 
-use crate::chunked::{MANIFEST, Manifest, chunk_path};
+use crate::chunked::{MANIFEST, Manifest, chunk_path, data_prefix};
 use crate::config::S3Config;
 use crate::store::{Store, map_error};
 
@@ -55,7 +55,12 @@ pub(crate) async fn object(
     options: &ImportOptions,
 ) -> Result<()> {
     let (file, size) = open(from)?;
-    let part = config.part_size.bytes().max(MIN_PART);
+    // S3 takes at most 10,000 parts: large images get larger parts (whole MiB).
+    let part = config
+        .part_size
+        .bytes()
+        .max(MIN_PART)
+        .max(size.div_ceil(10_000).next_multiple_of(1 << 20));
     if size <= part {
         let data = read_part(&file, 0, size).await?;
         store.put(path, data).await?;
@@ -95,15 +100,16 @@ pub(crate) async fn object(
     }
 }
 
-/// Stores the file as a chunked image under `base`: chunks first (all-zero ones are
-/// skipped), the manifest last.
+/// Stores the file as a chunked image under `base`: chunks first, under a new data
+/// prefix (all-zero ones are skipped), the manifest last. Returns the manifest it wrote;
+/// a failed upload removes the chunks it stored.
 pub(crate) async fn chunked(
     store: &Store,
     base: &Path,
     from: &std::path::Path,
     config: &S3Config,
     options: &ImportOptions,
-) -> Result<()> {
+) -> Result<Manifest> {
     let (file, size) = open(from)?;
     let chunk_size = config.chunk_size.bytes();
     if chunk_size == 0 || chunk_size > 1 << 30 {
@@ -117,7 +123,7 @@ pub(crate) async fn chunked(
     }
     let manifest = Manifest::new(size, chunk_size);
     let done = AtomicU64::new(0);
-    futures_util::stream::iter(0..manifest.chunks())
+    let stored = futures_util::stream::iter(0..manifest.chunks())
         .map(|index| {
             let (file, manifest, done) = (&file, &manifest, &done);
             async move {
@@ -125,7 +131,9 @@ pub(crate) async fn chunked(
                 let len = manifest.chunk_len(index);
                 let data = read_part(file, offset, len).await?;
                 if data.iter().any(|&b| b != 0) {
-                    store.put(&chunk_path(base, index), data).await?;
+                    store
+                        .put(&chunk_path(base, &manifest.data, index), data)
+                        .await?;
                 }
                 options.report(done.fetch_add(len, Ordering::Relaxed) + len);
                 Ok::<(), Error>(())
@@ -133,9 +141,22 @@ pub(crate) async fn chunked(
         })
         .buffer_unordered(config.concurrency.max(1))
         .try_collect::<()>()
-        .await?;
-    store
-        .put(&base.clone().join(MANIFEST), manifest.to_bytes())
-        .await?;
-    Ok(())
+        .await;
+    let result = match stored {
+        Ok(()) => store
+            .put(&base.clone().join(MANIFEST), manifest.to_bytes())
+            .await
+            .map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        let prefix = data_prefix(base, &manifest.data);
+        if let Ok(leftovers) = store.list_all(&prefix).await {
+            for meta in leftovers {
+                let _ = store.delete(&meta.location).await;
+            }
+        }
+        return Err(e);
+    }
+    Ok(manifest)
 }

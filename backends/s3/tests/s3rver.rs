@@ -339,3 +339,76 @@ async fn concurrent_adjacent_reads_are_coalesced_and_each_gets_its_own_bytes() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writable_opens_share_one_source_and_unflushed_writes_are_uploaded_on_last_close() {
+    let server = S3rver::start();
+    let mut config = server.config(Layout::Chunked);
+    config.chunk_size = ByteSize::kib(64);
+    config.writable = true;
+    let backend = S3Backend::new("bucket", config).unwrap();
+    let (file, data) = image_file(1 << 20);
+    backend
+        .import("dev", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    // Two connections of one private session write the two halves of one chunk and
+    // flush in turn: neither flush may erase the other's write.
+    let a = backend.open("dev", OpenMode::ReadWrite).await.unwrap();
+    let b = backend.open("dev", OpenMode::ReadWrite).await.unwrap();
+    a.write_at(0, Bytes::from(vec![0xaa; 4096]), WriteOpts::default())
+        .await
+        .unwrap();
+    b.write_at(4096, Bytes::from(vec![0xbb; 4096]), WriteOpts::default())
+        .await
+        .unwrap();
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    // A write nobody flushes, then both connections go away.
+    b.write_at(100_000, Bytes::from(vec![0xcc; 10]), WriteOpts::default())
+        .await
+        .unwrap();
+    drop((a, b));
+
+    let mut expected = data.clone();
+    expected[..4096].fill(0xaa);
+    expected[4096..8192].fill(0xbb);
+    expected[100_000..100_010].fill(0xcc);
+    let reader = backend.open("dev", OpenMode::ReadOnly).await.unwrap();
+    assert!(reader.read_all().await.unwrap()[..] == expected[..]);
+}
+
+#[tokio::test]
+async fn a_reader_of_a_replaced_chunked_image_gets_an_error_not_zeroes() {
+    let server = S3rver::start();
+    let mut config = server.config(Layout::Chunked);
+    config.chunk_size = ByteSize::kib(256);
+    let backend = S3Backend::new("bucket", config).unwrap();
+    let (file, data) = image_file(4 << 20);
+    backend
+        .import("os", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    let old = backend.open("os", OpenMode::ReadOnly).await.unwrap();
+    assert!(old.read_bytes(0, 4096).await.unwrap()[..] == data[..4096]);
+    let (other, other_data) = image_file(4 << 20 | 4096);
+    let replace = ImportOptions {
+        replace: true,
+        progress: None,
+    };
+    backend.import("os", other.path(), &replace).await.unwrap();
+    // The old chunks are gone: the old source must not answer zeroes (or new bytes).
+    let err = old
+        .read_bytes(8192, 4096)
+        .await
+        .expect_err("the image was replaced");
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    // Zero chunks of the old image, too (they have no object either way).
+    let err = old.read_bytes(1 << 20, 4096).await.expect_err("replaced");
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    let new = backend.open("os", OpenMode::ReadOnly).await.unwrap();
+    assert!(new.read_all().await.unwrap()[..] == other_data[..]);
+    // Only the new import's chunks are left.
+    let keys = server.keys("site/a/os/chunks").await;
+    assert_eq!(keys.len(), 9, "{keys:?}");
+}
