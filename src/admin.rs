@@ -32,11 +32,17 @@ pub enum VdiskCommand {
     Unlock { name: String },
     /// Upload a local disk image to a backend and register it as a vdisk.
     ///
-    /// Raw images are stored as they are; qcow2, VMDK, VHD(X) and VDI images are first
-    /// converted to raw with `qemu-img convert` (from qemu-utils), in data_dir. The upload
-    /// is verified by reading the stored image back and comparing SHA-256 digests.
+    /// Works on `file` and `s3` backends. On S3 the backend's `layout` decides how the
+    /// image is stored: one object (read-only), or chunks (needed for a private vdisk,
+    /// with `writable = true`). Raw images are stored as they are; qcow2, VMDK, VHD(X)
+    /// and VDI images are first converted to raw with `qemu-img convert` (qemu-utils),
+    /// which needs free space in data_dir for the whole raw image. The stored image is
+    /// read back and its SHA-256 compared with the file's before the vdisk is registered.
     Import(VdiskImport),
-    /// Download a vdisk's image (the base image, without any client's overlay) to a raw file.
+    /// Download a vdisk's base image (without any client's overlay) to a raw, sparse file.
+    ///
+    /// Safe while the server runs; for a private vdisk in use, it shows what its client
+    /// has flushed so far.
     Export(VdiskExport),
 }
 

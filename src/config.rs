@@ -309,6 +309,22 @@ fn check(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Replaces secrets in backend tables (keys naming a secret, password or token) with
+/// `<redacted>`, so `config show` output can be pasted into a ticket.
+pub fn redact_secrets(config: &mut Config) {
+    for table in config.backends.values_mut() {
+        for (key, value) in table.iter_mut() {
+            let key = key.to_ascii_lowercase();
+            if ["secret", "password", "token"]
+                .iter()
+                .any(|w| key.contains(w))
+            {
+                *value = figment::value::Value::from("<redacted>");
+            }
+        }
+    }
+}
+
 /// The effective configuration as TOML, for `osstream config show`.
 pub fn to_toml(config: &Config) -> Result<String> {
     toml::to_string_pretty(config).map_err(|e| {

@@ -130,7 +130,8 @@ fn main() -> ExitCode {
             file: cli.config.as_deref(),
             overrides: Dict::new(),
         })
-        .and_then(|config| {
+        .and_then(|mut config| {
+            config::redact_secrets(&mut config);
             let text = if cli.json {
                 serde_json::to_string_pretty(&config).map_err(|e| {
                     osstream_core::Error::new(osstream_core::ErrorKind::Unexpected, e.to_string())

@@ -255,7 +255,7 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
         }
     }
     // Options are checked before anything is uploaded, so a typo costs no upload.
-    add.mode.parse::<osstream_catalog::VdiskMode>()?;
+    let mode = add.mode.parse::<osstream_catalog::VdiskMode>()?;
     add.write_cache.parse::<osstream_catalog::WriteCache>()?;
     add.boot.parse::<osstream_catalog::BootMethod>()?;
     let backend: DynBackend = backend_named(config, &add.backend)?;
@@ -269,6 +269,7 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
     let reporter = upload.clone();
     let options = ImportOptions {
         replace: import.replace,
+        writable: mode == osstream_catalog::VdiskMode::Private,
         progress: Some(Arc::new(move |done| reporter.set(done))),
     };
     let stat = backend.import(&key, &raw, &options).await?;

@@ -269,3 +269,38 @@ def test_reads_stay_byte_exact_through_errors_and_stalls(make_server, tmp_path, 
         assert s.alive()
     finally:
         proxy.close()
+
+
+def test_s3_configuration_mistakes_are_explained(tmp_path, s3):
+    data = tmp_path / "data"
+    raw = tmp_path / "disk.raw"
+    random_image(raw, MIB, seed=26)
+
+    def run(backend, *args):
+        config = tmp_path / "c.toml"
+        config.write_text(f'data_dir = "{data}"\n[demo]\ncreate = false\n{backend}')
+        return subprocess.run([BINARY, "--config", str(config), *args], capture_output=True, text=True, timeout=120)
+
+    # Plain http without allow_http: the key to set is named.
+    toml = backend_toml("bucket", s3).replace("allow_http = true\n", "")
+    out = run(toml, "vdisk", "import", str(raw), "d", "--backend", "bucket")
+    assert out.returncode == 2 and "set allow_http = true" in out.stderr, out.stderr
+    # A bucket that does not exist.
+    toml = backend_toml("bucket", s3).replace(f'bucket = "{BUCKET}"', 'bucket = "nope"')
+    out = run(toml, "vdisk", "import", str(raw), "d", "--backend", "bucket")
+    assert out.returncode == 2 and "the bucket does not exist" in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("osstream: not found:"), "one line: " + out.stderr
+    # Nothing listening: the cause is in the message.
+    toml = backend_toml("bucket", free_port(), "retries = 0\ntimeout = \"2s\"")
+    out = run(toml, "vdisk", "import", str(raw), "d", "--backend", "bucket")
+    assert out.returncode == 2 and "Connection refused" in out.stderr, out.stderr
+    # A private vdisk on the one-object layout is refused before anything is uploaded.
+    toml = backend_toml("bucket", s3, "writable = true")
+    out = run(toml, "vdisk", "import", str(raw), "p", "--backend", "bucket", "--mode", "private")
+    assert out.returncode == 2 and 'layout = "chunked"' in out.stderr, out.stderr
+    out = run(toml, "vdisk", "import", str(raw), "p", "--backend", "bucket")
+    assert out.returncode == 0, "nothing was left behind by the refused import: " + out.stderr
+    # config show hides the secret.
+    out = run(toml, "config", "show")
+    assert out.returncode == 0 and "S3RVER" in out.stdout.replace('secret_access_key = "<redacted>"', "")
+    assert 'secret_access_key = "<redacted>"' in out.stdout, out.stdout

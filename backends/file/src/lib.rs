@@ -169,6 +169,16 @@ impl ImageBackend for FileBackend {
         options: &ImportOptions,
     ) -> Result<ImageStat> {
         let path = self.path_of(image)?;
+        if options.writable && !self.config.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "backend '{}' serves images read-only; a private vdisk needs writable = true in [backends.{}]",
+                    self.name, self.name
+                ),
+            )
+            .with_op("import"));
+        }
         if path.exists() && !options.replace {
             return Err(Error::new(
                 ErrorKind::Conflict,

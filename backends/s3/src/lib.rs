@@ -293,6 +293,17 @@ impl ImageBackend for S3Backend {
         options: &ImportOptions,
     ) -> Result<ImageStat> {
         validate_image_name(image)?;
+        if options.writable && (self.config.layout == Layout::Object || !self.config.writable) {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "backend '{}' would store {image:?} read-only; a private vdisk needs \
+                     layout = \"chunked\" and writable = true in [backends.{}]",
+                    self.name, self.name
+                ),
+            )
+            .with_op("import"));
+        }
         let existing = self.find(image).await?;
         if existing.is_some() && !options.replace {
             return Err(Error::new(

@@ -40,6 +40,14 @@ impl Store {
         if config.concurrency == 0 {
             return Err(config_error("concurrency must be at least 1".into()));
         }
+        if let Some(endpoint) = &config.endpoint
+            && endpoint.starts_with("http://")
+            && !config.allow_http
+        {
+            return Err(config_error(format!(
+                "endpoint {endpoint:?} is plain http: set allow_http = true (or use https://)"
+            )));
+        }
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
             .with_allow_http(config.allow_http)
@@ -366,7 +374,8 @@ pub(crate) fn map_error(
     backend: &str,
     path: &Path,
 ) -> Error {
-    let (kind, temporary) = match &err {
+    let detail = describe(&err);
+    let (mut kind, mut temporary) = match &err {
         object_store::Error::NotFound { .. } => (ErrorKind::NotFound, false),
         object_store::Error::Precondition { .. } => (ErrorKind::Conflict, false),
         object_store::Error::AlreadyExists { .. } => (ErrorKind::Conflict, false),
@@ -377,12 +386,37 @@ pub(crate) fn map_error(
         }
         _ => (ErrorKind::Io, true),
     };
+    // object_store keeps the HTTP status inside a type it does not export, so the status
+    // is read from its message: a 4xx other than 408/429 will not get better by retrying.
+    if kind == ErrorKind::Io
+        && let Some(status) = http_status(&detail)
+        && (400..500).contains(&status)
+        && status != 408
+        && status != 429
+    {
+        temporary = false;
+        kind = match status {
+            401 | 403 => ErrorKind::PermissionDenied,
+            404 => ErrorKind::NotFound,
+            _ => ErrorKind::InvalidInput,
+        };
+    }
+    let hint = if detail.contains("NoSuchBucket") {
+        " (the bucket does not exist: check `bucket` and `endpoint`)"
+    } else if detail.contains("169.254.169.254") {
+        " (no credentials found: set access_key_id and secret_access_key, or AWS_ACCESS_KEY_ID \
+         and AWS_SECRET_ACCESS_KEY)"
+    } else if detail.contains("InvalidAccessKeyId") || detail.contains("SignatureDoesNotMatch") {
+        " (the endpoint refused the credentials: check access_key_id and secret_access_key)"
+    } else {
+        ""
+    };
     let message = match kind {
         ErrorKind::Conflict if op == "get" => format!(
             "S3 object {path} changed while it was being served (its ETag no longer matches); \
              re-register the vdisk or reconnect to read the new content"
         ),
-        _ => format!("S3 {op} of {path} failed: {err}"),
+        _ => format!("S3 {op} of {path} failed: {detail}{hint}"),
     };
     let error = Error::new(kind, message)
         .with_op(op)
@@ -391,5 +425,41 @@ pub(crate) fn map_error(
         error.set_temporary()
     } else {
         error
+    }
+}
+
+/// The error and its causes on one line ("error sending request: ... Connection refused"),
+/// with the XML bodies S3 servers send folded into it.
+fn describe(err: &object_store::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(inner) = cause {
+        let part = inner.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = inner.source();
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The HTTP status object_store reports ("... status code: 404 Not Found ..."), if any.
+fn http_status(detail: &str) -> Option<u16> {
+    let at = detail.find("status code: ")? + "status code: ".len();
+    detail.get(at..at + 3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::http_status;
+
+    #[test]
+    fn the_status_is_read_from_object_stores_message() {
+        assert_eq!(
+            http_status("Server returned non-2xx status code: 403 Forbidden: <Error>"),
+            Some(403)
+        );
+        assert_eq!(http_status("HTTP error: error sending request"), None);
     }
 }

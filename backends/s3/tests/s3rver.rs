@@ -135,10 +135,10 @@ async fn object_layout_imports_with_multipart_and_passes_the_read_suite() {
     let reported = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = reported.clone();
     let options = ImportOptions {
-        replace: false,
         progress: Some(Arc::new(move |n| {
             seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
         })),
+        ..ImportOptions::default()
     };
     let stat = backend.import("disk", file.path(), &options).await.unwrap();
     assert_eq!(stat.size, data.len() as u64);
@@ -176,7 +176,7 @@ async fn object_layout_imports_with_multipart_and_passes_the_read_suite() {
             other.path(),
             &ImportOptions {
                 replace: true,
-                progress: None,
+                ..ImportOptions::default()
             },
         )
         .await
@@ -394,7 +394,7 @@ async fn a_reader_of_a_replaced_chunked_image_gets_an_error_not_zeroes() {
     let (other, other_data) = image_file(4 << 20 | 4096);
     let replace = ImportOptions {
         replace: true,
-        progress: None,
+        ..ImportOptions::default()
     };
     backend.import("os", other.path(), &replace).await.unwrap();
     // The old chunks are gone: the old source must not answer zeroes (or new bytes).

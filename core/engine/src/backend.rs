@@ -93,6 +93,9 @@ pub type ProgressFn = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
 pub struct ImportOptions {
     /// Replace an existing image of the same name.
     pub replace: bool,
+    /// The image must open read-write afterwards (a private vdisk): a backend that could
+    /// not do that refuses before storing anything.
+    pub writable: bool,
     /// Told how many bytes of the file are stored so far.
     pub progress: Option<ProgressFn>,
 }
@@ -110,6 +113,7 @@ impl Debug for ImportOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImportOptions")
             .field("replace", &self.replace)
+            .field("writable", &self.writable)
             .field("progress", &self.progress.is_some())
             .finish()
     }

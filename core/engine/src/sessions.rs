@@ -94,6 +94,10 @@ struct LiveSession {
     ended: CancellationToken,
     connections: usize,
     peers: HashSet<String>,
+    /// A private session whose last connection left: it is being closed in the catalog
+    /// (its lock released), so no connection may join it any more, not even one that
+    /// resolved its token just before.
+    closing: bool,
 }
 
 /// A connection's hold on its session: ended when the session is replaced or closed.
@@ -155,6 +159,16 @@ impl LiveSessions {
             .get_mut(&target.client)
             .filter(|s| s.session == target.session);
         let entry = match current {
+            Some(entry) if entry.closing => {
+                return Err(crate::Error::new(
+                    crate::ErrorKind::NotFound,
+                    format!(
+                        "session {} of private vdisk {:?} ended with its last connection; open a new session",
+                        target.session, target.vdisk
+                    ),
+                )
+                .with_op("open_session"));
+            }
             Some(entry) => {
                 if entry.connections > 0 && !entry.peers.contains(&host) {
                     tracing::warn!(client = %target.client, session = %target.session, new_peer = %peer,
@@ -176,6 +190,7 @@ impl LiveSessions {
                     ended: CancellationToken::new(),
                     connections: 0,
                     peers: HashSet::new(),
+                    closing: false,
                 })
             }
         };
@@ -226,11 +241,63 @@ impl LiveSessions {
                 entry.connections = entry.connections.saturating_sub(1);
                 if entry.connections == 0 {
                     entry.peers.clear();
+                    // A private session ends with its last connection (the caller closes
+                    // it in the catalog next): refuse joins from now on, so a reconnect
+                    // racing that close cannot write after the lock is released.
+                    entry.closing = target.overlay.is_none();
                 }
                 entry.connections == 0
             }
             // Replaced meanwhile: this was the old session's last word.
             None => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+
+    fn target(session: &str, overlay: Option<OverlayKind>) -> SessionTarget {
+        SessionTarget {
+            session: session.to_owned(),
+            client: "aa:bb:cc:dd:ee:ff".to_owned(),
+            vdisk: "dev".to_owned(),
+            backend: "images".to_owned(),
+            image: "dev".to_owned(),
+            overlay,
+            description: String::new(),
+            started_at: 1,
+        }
+    }
+
+    #[test]
+    fn a_private_session_refuses_joins_once_its_last_connection_left() {
+        let live = Arc::new(LiveSessions::default());
+        let private = target("s1", None);
+        let (_, mut a) = live.join(&private, "10.0.0.1:1000", || Ok(None)).unwrap();
+        let (_, mut b) = live.join(&private, "10.0.0.1:1001", || Ok(None)).unwrap();
+        assert!(!a.leave(), "one connection is still there");
+        assert!(b.leave(), "the last one");
+        let err = live
+            .join(&private, "10.0.0.1:1002", || Ok(None))
+            .expect_err("the session is being closed");
+        assert_eq!(err.kind(), crate::ErrorKind::NotFound);
+        assert!(err.to_string().contains("open a new session"), "{err}");
+        // A new session of the client is welcome.
+        let newer = SessionTarget {
+            started_at: 2,
+            ..target("s2", None)
+        };
+        live.join(&newer, "10.0.0.1:1003", || Ok(None)).unwrap();
+    }
+
+    #[test]
+    fn a_standard_session_can_be_rejoined_after_its_last_connection() {
+        let live = Arc::new(LiveSessions::default());
+        let standard = target("s1", Some(OverlayKind::Ram));
+        let (_, mut a) = live.join(&standard, "10.0.0.1:1000", || Ok(None)).unwrap();
+        assert!(a.leave());
+        live.join(&standard, "10.0.0.1:1001", || Ok(None)).unwrap();
     }
 }
