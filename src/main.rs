@@ -131,6 +131,11 @@ fn main() -> ExitCode {
             overrides: Dict::new(),
         })
         .and_then(|mut config| {
+            // Each backend table is checked by its kind, as `serve` would (unknown keys,
+            // bad values), without connecting to anything.
+            for name in config.backends.keys() {
+                admin::backend_named(&config, name)?;
+            }
             config::redact_secrets(&mut config);
             let text = if cli.json {
                 serde_json::to_string_pretty(&config).map_err(|e| {

@@ -52,6 +52,10 @@ def test_unknown_key_is_named_with_its_origin(tmp_path):
     assert "lissen" in out.stderr and "listen" in out.stderr and "osstream.toml" in out.stderr
     out = run("config", "show", env={"OSSTREAM_CACHE__RAM__SIZE": "1G"})
     assert out.returncode == 2 and "size" in out.stderr and "capacity" in out.stderr
+    # Backend tables are checked by their kind too.
+    out = run("--config", write(tmp_path, '[backends.b]\nkind = "s3"\nbucket = "x"\nallow_https = true\n'),
+              "config", "show")
+    assert out.returncode == 2 and "allow_https" in out.stderr and "allow_http" in out.stderr, out.stderr
 
 
 def test_bad_values_are_explained(tmp_path):
