@@ -138,3 +138,44 @@ async fn registry_builds_it_and_rejects_unknown_keys() {
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.to_string().contains("rot"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_pages_not_in_the_page_cache_are_complete() {
+    use std::os::fd::AsRawFd;
+    let (dir, data) = setup(8 << 20);
+    let path = dir.path().join("images/disk.img");
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    let source = backend(dir.path(), false)
+        .open("disk", OpenMode::ReadOnly)
+        .await
+        .unwrap();
+    // Whole-file eviction: the kernel keeps partly covered large folios.
+    let evict = || {
+        // SAFETY: posix_fadvise only reads its integer arguments; `file` is open.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    };
+    // Reads that go to the blocking pool from the start (nothing cached), reads that
+    // start in the page cache (warmed by the read before them) and finish there, and
+    // reads larger than the page-cache attempt.
+    for (evict_first, offset, len) in [
+        (true, 0u64, 64usize << 10),
+        (false, 0, 2 << 20),
+        (true, 3 << 20, 1 << 20),
+        (false, (3 << 20) - 4096, 2 << 20),
+        (true, 0, 8 << 20),
+    ] {
+        if evict_first {
+            evict();
+        }
+        let got = source
+            .read_at(offset, len, Default::default())
+            .await
+            .unwrap()
+            .to_vec();
+        assert!(
+            got[..] == data[offset as usize..offset as usize + len],
+            "{len} bytes at {offset}"
+        );
+    }
+}
