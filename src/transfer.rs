@@ -271,8 +271,24 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
         replace: import.replace,
         writable: mode == osstream_catalog::VdiskMode::Private,
         progress: Some(Arc::new(move |done| reporter.set(done))),
+        cancel: osstream_core::CancellationToken::new(),
     };
-    let stat = backend.import(&key, &raw, &options).await?;
+    // Ctrl-C (or SIGTERM) stops the upload cleanly: the backend removes what it stored
+    // (aborts the multipart upload), and the converted temporary file is removed.
+    let cancel = options.cancel.clone();
+    let interrupt = tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        eprintln!("\ninterrupted: stopping the upload and removing what was stored");
+        cancel.cancel();
+    });
+    let stored = backend.import(&key, &raw, &options).await;
+    interrupt.abort();
+    let stat = stored?;
     upload.finish();
 
     let source = backend.open(&key, OpenMode::ReadOnly).await?;

@@ -6,6 +6,7 @@ import http.client
 import http.server
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -304,3 +305,25 @@ def test_s3_configuration_mistakes_are_explained(tmp_path, s3):
     out = run(toml, "config", "show")
     assert out.returncode == 0 and "S3RVER" in out.stdout.replace('secret_access_key = "<redacted>"', "")
     assert 'secret_access_key = "<redacted>"' in out.stdout, out.stdout
+
+
+def test_ctrl_c_stops_an_import_and_stores_nothing(make_server, tmp_path, s3):
+    s = make_server(backend_toml("bucket", s3, 'part_size = "5MiB"\nconcurrency = 1'), start=False, demo=False)
+    raw = tmp_path / "big.raw"
+    random_image(raw, 160 * MIB, seed=27)
+    proc = subprocess.Popen([BINARY, "--config", str(s.config), "vdisk", "import", str(raw), "big", "--backend", "bucket"],
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("upload: 25%"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 2, "".join(seen) + rest
+    assert "interrupted: stopping the upload" in rest and "import interrupted" in rest, rest
+    cli = cli_for(s)
+    assert "big" not in cli("vdisk", "list").stdout
+    # Nothing half-stored: the same import without --replace goes through.
+    random_image(raw, 6 * MIB, seed=28)
+    cli("vdisk", "import", str(raw), "big", "--backend", "bucket")

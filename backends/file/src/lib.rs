@@ -235,6 +235,7 @@ fn copy_sparse(
             }
             offset += n as u64;
             options.report(offset);
+            options.check_cancelled()?;
         }
         out.set_len(size)
             .map_err(|e| io_error(e, "truncate", &temp))?;

@@ -72,6 +72,7 @@ pub(crate) async fn object(
     let result: Result<()> = async {
         let mut offset = 0;
         while offset < size {
+            options.check_cancelled()?;
             let len = part.min(size - offset);
             let data = read_part(&file, offset, len).await?;
             writer
@@ -85,6 +86,7 @@ pub(crate) async fn object(
         Ok(())
     }
     .await;
+    let result = result.and_then(|()| options.check_cancelled());
     match result {
         Ok(()) => writer
             .finish()
@@ -127,6 +129,7 @@ pub(crate) async fn chunked(
         .map(|index| {
             let (file, manifest, done) = (&file, &manifest, &done);
             async move {
+                options.check_cancelled()?;
                 let offset = index * manifest.chunk_size;
                 let len = manifest.chunk_len(index);
                 let data = read_part(file, offset, len).await?;

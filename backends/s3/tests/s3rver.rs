@@ -412,3 +412,35 @@ async fn a_reader_of_a_replaced_chunked_image_gets_an_error_not_zeroes() {
     let keys = server.keys("site/a/os/chunks").await;
     assert_eq!(keys.len(), 9, "{keys:?}");
 }
+
+#[tokio::test]
+async fn a_cancelled_import_leaves_nothing_behind() {
+    let server = S3rver::start();
+    for layout in [Layout::Object, Layout::Chunked] {
+        let mut config = server.config(layout);
+        config.part_size = ByteSize::mib(5);
+        config.chunk_size = ByteSize::kib(256);
+        let backend = S3Backend::new("bucket", config).unwrap();
+        let (file, _) = image_file(12 << 20);
+        let options = ImportOptions::default();
+        let cancel = options.cancel.clone();
+        let reporter = cancel.clone();
+        let options = ImportOptions {
+            // Interrupted once the first part or chunk is stored.
+            progress: Some(Arc::new(move |_| reporter.cancel())),
+            ..options
+        };
+        let err = backend
+            .import("half", file.path(), &options)
+            .await
+            .expect_err("interrupted");
+        assert!(cancel.is_cancelled());
+        assert_eq!(err.kind(), ErrorKind::Shutdown, "{err}");
+        let err = backend.stat("half").await.expect_err("nothing registered");
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{layout:?}");
+        assert!(
+            server.keys("site/a/half").await.is_empty(),
+            "{layout:?} left objects behind"
+        );
+    }
+}

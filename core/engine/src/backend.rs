@@ -98,9 +98,21 @@ pub struct ImportOptions {
     pub writable: bool,
     /// Told how many bytes of the file are stored so far.
     pub progress: Option<ProgressFn>,
+    /// Cancelled when the administrator interrupts the import: the backend stops, removes
+    /// what it stored so far (aborts a multipart upload) and returns `Shutdown`.
+    pub cancel: crate::CancellationToken,
 }
 
 impl ImportOptions {
+    /// `Err(Shutdown)` once the import was cancelled.
+    pub fn check_cancelled(&self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            Err(Error::new(ErrorKind::Shutdown, "import interrupted").with_op("import"))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Reports `done` bytes to the progress callback, if any.
     pub fn report(&self, done: u64) {
         if let Some(progress) = &self.progress {
@@ -114,6 +126,7 @@ impl Debug for ImportOptions {
         f.debug_struct("ImportOptions")
             .field("replace", &self.replace)
             .field("writable", &self.writable)
+            .field("cancelled", &self.cancel.is_cancelled())
             .field("progress", &self.progress.is_some())
             .finish()
     }
