@@ -345,7 +345,12 @@ fn vdisk_rows(vdisks: &[Vdisk]) -> Vec<Vec<String>> {
                 format!("{}:{}", v.backend, v.key),
                 osstream_core::ByteSize(v.size).to_string(),
                 v.mode.to_string(),
-                v.write_cache.to_string(),
+                // A private vdisk is written in place: no write cache applies.
+                if v.mode == VdiskMode::Private {
+                    "-".into()
+                } else {
+                    v.write_cache.to_string()
+                },
                 v.boot.to_string(),
                 if v.enabled { "yes".into() } else { "no".into() },
                 opt(&v.locked_by),
