@@ -309,9 +309,17 @@ fn check(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Replaces secrets in backend tables (keys naming a secret, password or token) with
-/// `<redacted>`, so `config show` output can be pasted into a ticket.
+/// Replaces secrets (backend keys naming a secret, password or token, and the password of
+/// the catalog URL) with `<redacted>`, so `config show` output can be pasted into a ticket.
 pub fn redact_secrets(config: &mut Config) {
+    // postgres://user:PASSWORD@host/db
+    if let Some(url) = &mut config.catalog.url
+        && let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _)) = userinfo.split_once(':')
+    {
+        *url = format!("{scheme}://{user}:<redacted>@{host}");
+    }
     for table in config.backends.values_mut() {
         for (key, value) in table.iter_mut() {
             let key = key.to_ascii_lowercase();

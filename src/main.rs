@@ -132,9 +132,13 @@ fn main() -> ExitCode {
         })
         .and_then(|mut config| {
             // Each backend table is checked by its kind, as `serve` would (unknown keys,
-            // bad values), without connecting to anything.
-            for name in config.backends.keys() {
-                admin::backend_named(&config, name)?;
+            // bad values), without connecting to anything. Plugins are left to `serve`:
+            // checking their table means loading and running vendor code.
+            for (name, table) in &config.backends {
+                let is_plugin = matches!(table.get("kind"), Some(figment::value::Value::String(_, k)) if k == "plugin");
+                if !is_plugin {
+                    admin::backend_named(&config, name)?;
+                }
             }
             config::redact_secrets(&mut config);
             let text = if cli.json {

@@ -32,6 +32,50 @@ pub struct ExportReport {
     pub sha256: String,
 }
 
+/// Listens for Ctrl-C and SIGTERM while an import runs: the first cancels `token` (the
+/// import stops and cleans up), a second exits at once. Stops listening when dropped.
+struct Interrupts(tokio::task::JoinHandle<()>);
+
+impl Interrupts {
+    fn listen(token: osstream_core::CancellationToken) -> Interrupts {
+        Interrupts(tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            for round in 0.. {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                if round == 0 {
+                    eprintln!(
+                        "\ninterrupted: stopping the import and removing what was stored \
+                         (interrupt again to exit at once)"
+                    );
+                    token.cancel();
+                } else {
+                    eprintln!("interrupted again: exiting; the backend may keep a partial upload");
+                    std::process::exit(130);
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Interrupts {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn interrupted() -> Error {
+    Error::new(ErrorKind::Shutdown, "import interrupted").with_op("import")
+}
+
 /// A converted temporary image, removed when dropped.
 struct Converted(PathBuf);
 
@@ -145,8 +189,13 @@ fn raw_image(file: &Path, work_dir: &Path, name: &str) -> Result<(PathBuf, Optio
 }
 
 /// SHA-256 of a local file.
-async fn hash_file(path: &Path, quiet: bool) -> Result<String> {
+async fn hash_file(
+    path: &Path,
+    quiet: bool,
+    cancel: &osstream_core::CancellationToken,
+) -> Result<String> {
     let path = path.to_path_buf();
+    let cancel = cancel.clone();
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&path)
             .map_err(|e| Error::from_io(e, format!("cannot open {}", path.display())))?;
@@ -159,6 +208,9 @@ async fn hash_file(path: &Path, quiet: bool) -> Result<String> {
         let mut buf = vec![0; PIECE as usize];
         let mut offset = 0;
         while offset < size {
+            if cancel.is_cancelled() {
+                return Err(interrupted());
+            }
             let n = PIECE.min(size - offset) as usize;
             file.read_exact_at(&mut buf[..n], offset)
                 .map_err(|e| Error::from_io(e, format!("cannot read {}", path.display())))?;
@@ -178,6 +230,7 @@ async fn hash_file(path: &Path, quiet: bool) -> Result<String> {
 async fn stream_source(
     source: &DynSource,
     progress: &Progress,
+    cancel: Option<&osstream_core::CancellationToken>,
     mut sink: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<String> {
     let size = source.size();
@@ -192,6 +245,9 @@ async fn stream_source(
         })
         .buffered(PARALLEL_PIECES);
     while let Some(piece) = pieces.next().await {
+        if cancel.is_some_and(|c| c.is_cancelled()) {
+            return Err(interrupted());
+        }
         let (offset, bytes) = piece?;
         hasher.update(&bytes);
         sink(offset, &bytes)?;
@@ -259,8 +315,10 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
     add.write_cache.parse::<osstream_catalog::WriteCache>()?;
     add.boot.parse::<osstream_catalog::BootMethod>()?;
     let backend: DynBackend = backend_named(config, &add.backend)?;
+    let cancel = osstream_core::CancellationToken::new();
+    let _interrupts = Interrupts::listen(cancel.clone());
     let (raw, _converted) = raw_image(&import.file, &config.data_dir, &add.name)?;
-    let local = hash_file(&raw, import.quiet).await?;
+    let local = hash_file(&raw, import.quiet, &cancel).await?;
 
     let size = std::fs::metadata(&raw)
         .map_err(|e| Error::from_io(e, format!("cannot stat {}", raw.display())))?
@@ -271,29 +329,30 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
         replace: import.replace,
         writable: mode == osstream_catalog::VdiskMode::Private,
         progress: Some(Arc::new(move |done| reporter.set(done))),
-        cancel: osstream_core::CancellationToken::new(),
+        cancel: cancel.clone(),
     };
-    // Ctrl-C (or SIGTERM) stops the upload cleanly: the backend removes what it stored
-    // (aborts the multipart upload), and the converted temporary file is removed.
-    let cancel = options.cancel.clone();
-    let interrupt = tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        eprintln!("\ninterrupted: stopping the upload and removing what was stored");
-        cancel.cancel();
-    });
     let stored = backend.import(&key, &raw, &options).await;
-    interrupt.abort();
     let stat = stored?;
     upload.finish();
 
     let source = backend.open(&key, OpenMode::ReadOnly).await?;
     let verify = Progress::new("verify", source.size(), import.quiet);
-    let stored = stream_source(&source, &verify, |_, _| Ok(())).await?;
+    let stored = stream_source(&source, &verify, Some(&cancel), |_, _| Ok(()))
+        .await
+        .map_err(|e| {
+            if e.kind() == ErrorKind::Shutdown {
+                Error::new(
+                    ErrorKind::Shutdown,
+                    format!(
+                        "import interrupted while verifying: the image is stored on backend {:?} as {key:?} \
+                         but not registered; run the import again with --replace",
+                        add.backend
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
     if stored != local || stat.size != size {
         return Err(Error::new(
             ErrorKind::Io,
@@ -349,7 +408,7 @@ pub async fn export(
         }
     })?;
     let progress = Progress::new("export", source.size(), export.quiet);
-    let sha256 = stream_source(&source, &progress, |offset, bytes| {
+    let sha256 = stream_source(&source, &progress, None, |offset, bytes| {
         // Zero runs stay holes: a sparse vdisk exports to a sparse file.
         for run in osstream_core::sparse::data_runs(bytes, osstream_core::sparse::HOLE_GRANULE) {
             file.write_all_at(&bytes[run.clone()], offset + run.start as u64)

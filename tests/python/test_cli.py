@@ -58,6 +58,13 @@ def test_unknown_key_is_named_with_its_origin(tmp_path):
     assert out.returncode == 2 and "allow_https" in out.stderr and "allow_http" in out.stderr, out.stderr
 
 
+def test_config_show_hides_passwords(tmp_path):
+    out = run("--config", write(tmp_path, '[catalog]\nurl = "postgres://osstream:hunter2@db:5432/osstream"\n'),
+              "config", "show")
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout and "postgres://osstream:<redacted>@db:5432/osstream" in out.stdout
+
+
 def test_bad_values_are_explained(tmp_path):
     out = run("--config", write(tmp_path, '[cache.ram]\ncapacity = "lots"\n'), "config", "show")
     assert out.returncode == 2 and "lots" in out.stderr

@@ -321,7 +321,7 @@ def test_ctrl_c_stops_an_import_and_stores_nothing(make_server, tmp_path, s3):
             break
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 2, "".join(seen) + rest
-    assert "interrupted: stopping the upload" in rest and "import interrupted" in rest, rest
+    assert "interrupted: stopping the import" in rest and "import interrupted" in rest, rest
     cli = cli_for(s)
     assert "big" not in cli("vdisk", "list").stdout
     # Nothing half-stored: the same import without --replace goes through.

@@ -387,12 +387,21 @@ pub(crate) fn map_error(
         _ => (ErrorKind::Io, true),
     };
     // object_store keeps the HTTP status inside a type it does not export, so the status
-    // is read from its message: a 4xx other than 408/429 will not get better by retrying.
+    // is read from its message. These answers will not get better by retrying; others
+    // (408, 429, and 400s such as RequestTimeout, IncompleteBody or ExpiredToken, which
+    // S3 and Ceph send for transient trouble) stay temporary.
+    let transient_400 = [
+        "RequestTimeout",
+        "IncompleteBody",
+        "ExpiredToken",
+        "SlowDown",
+    ]
+    .iter()
+    .any(|code| detail.contains(code));
     if kind == ErrorKind::Io
         && let Some(status) = http_status(&detail)
-        && (400..500).contains(&status)
-        && status != 408
-        && status != 429
+        && matches!(status, 400 | 401 | 403 | 404 | 405 | 411 | 416)
+        && !(status == 400 && transient_400)
     {
         temporary = false;
         kind = match status {

@@ -294,12 +294,20 @@ async fn serve_connection(
         stats.clone(),
     )
     .await;
+    let (outcome, drained) = outcome;
     if let Some(session) = session {
         let (read, written) = (
             stats.read_bytes.load(Ordering::Relaxed),
             stats.written_bytes.load(Ordering::Relaxed),
         );
-        shared.exports.close_session(session, read, written).await;
+        if drained {
+            shared.exports.close_session(session, read, written).await;
+        } else {
+            // Writes may still be running: a private session keeps its lock (the lease
+            // or `vdisk unlock` ends it) rather than letting another writer in.
+            tracing::warn!(%peer, session = %session.target.session, "requests outlived the drain timeout; the session stays open");
+            drop(session);
+        }
     }
     tracing::info!(
         %peer,
@@ -406,7 +414,8 @@ fn poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
     }
 }
 
-/// The request loop of one attached connection. Returns why it ended.
+/// The request loop of one attached connection. Returns why it ended, and whether every
+/// request it started had finished (false after the drain timeout).
 async fn transmit<R>(
     mut reader: BufReader<R>,
     write: BoxWrite,
@@ -415,7 +424,7 @@ async fn transmit<R>(
     shutdown: CancellationToken,
     session_ended: CancellationToken,
     stats: Arc<ConnStats>,
-) -> String
+) -> (String, bool)
 where
     R: AsyncRead + Unpin,
 {
@@ -536,7 +545,8 @@ where
     };
     in_flight.close();
     let drain = shared.config.drain_timeout.0;
-    if tokio::time::timeout(drain, in_flight.wait()).await.is_err() {
+    let drained = tokio::time::timeout(drain, in_flight.wait()).await.is_ok();
+    if !drained {
         tracing::warn!(
             ?drain,
             "requests still in flight after the drain timeout; closing anyway"
@@ -545,5 +555,5 @@ where
     let mut writer = writer.lock().await;
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
-    reason
+    (reason, drained)
 }

@@ -118,7 +118,17 @@ impl SessionGuard {
         if std::mem::replace(&mut self.left, true) {
             return false;
         }
-        self.live.leave(&self.target)
+        self.live.leave(&self.target, false)
+    }
+
+    /// Leaves the session (once) before the caller ends it in the catalog if this was
+    /// its last connection and it is private: from this moment no connection may join
+    /// it, so none can write once its lock is released. Returns whether it was the last.
+    pub(crate) fn leave_to_close(&mut self) -> bool {
+        if std::mem::replace(&mut self.left, true) {
+            return false;
+        }
+        self.live.leave(&self.target, true)
     }
 }
 
@@ -212,7 +222,10 @@ impl LiveSessions {
     pub(crate) fn retain(&self, is_live: impl Fn(&str) -> bool) {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         live.retain(|client, session| {
-            let keep = is_live(&session.session);
+            // A closing private session stays as a tombstone (it has no connections) so
+            // that a connection which resolved its token before the close still cannot
+            // join; a newer session of the client replaces it.
+            let keep = session.closing || is_live(&session.session);
             if !keep {
                 tracing::info!(%client, session = %session.session, "session closed in the catalog; ending its connections");
                 session.ended.cancel();
@@ -230,8 +243,9 @@ impl LiveSessions {
             .collect()
     }
 
-    /// Leaves the session; returns whether that was its last connection.
-    fn leave(&self, target: &SessionTarget) -> bool {
+    /// Leaves the session; returns whether that was its last connection. With `closing`,
+    /// a private session left without connections refuses joins from then on.
+    fn leave(&self, target: &SessionTarget, closing: bool) -> bool {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         match live
             .get_mut(&target.client)
@@ -244,7 +258,7 @@ impl LiveSessions {
                     // A private session ends with its last connection (the caller closes
                     // it in the catalog next): refuse joins from now on, so a reconnect
                     // racing that close cannot write after the lock is released.
-                    entry.closing = target.overlay.is_none();
+                    entry.closing = closing && target.overlay.is_none();
                 }
                 entry.connections == 0
             }
@@ -277,8 +291,9 @@ mod live_tests {
         let private = target("s1", None);
         let (_, mut a) = live.join(&private, "10.0.0.1:1000", || Ok(None)).unwrap();
         let (_, mut b) = live.join(&private, "10.0.0.1:1001", || Ok(None)).unwrap();
-        assert!(!a.leave(), "one connection is still there");
-        assert!(b.leave(), "the last one");
+        assert!(!a.leave_to_close(), "one connection is still there");
+        assert!(b.leave_to_close(), "the last one");
+        live.retain(|_| false);
         let err = live
             .join(&private, "10.0.0.1:1002", || Ok(None))
             .expect_err("the session is being closed");
@@ -297,7 +312,17 @@ mod live_tests {
         let live = Arc::new(LiveSessions::default());
         let standard = target("s1", Some(OverlayKind::Ram));
         let (_, mut a) = live.join(&standard, "10.0.0.1:1000", || Ok(None)).unwrap();
-        assert!(a.leave());
+        assert!(a.leave_to_close());
         live.join(&standard, "10.0.0.1:1001", || Ok(None)).unwrap();
+    }
+
+    #[test]
+    fn a_private_connection_that_never_reached_transmission_does_not_end_the_session() {
+        let live = Arc::new(LiveSessions::default());
+        let private = target("s1", None);
+        // A guard dropped after OPT_GO failed: the session stays open in the catalog, so
+        // the client's reconnect with the same token is welcome.
+        drop(live.join(&private, "10.0.0.1:1000", || Ok(None)).unwrap());
+        live.join(&private, "10.0.0.1:1001", || Ok(None)).unwrap();
     }
 }
