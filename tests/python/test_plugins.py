@@ -126,3 +126,35 @@ def test_a_relative_plugin_path_is_refused(tmp_path):
                       '[backends.vendor]\nkind = "plugin"\npath = "plugins/libvendor.so"\n')
     out = subprocess.run([BINARY, "--config", str(config), "serve"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "must be absolute" in out.stderr
+
+
+def test_requests_arriving_during_shutdown_get_eshutdown(make_server):
+    import signal
+    import struct
+    import time
+    from test_bad_input import closed_by_server, go, greet, recv_exact, request
+    s = make_server(f'''
+[cache.ram]
+enabled = false
+[backends.faulty]
+kind = "plugin"
+path = "{rust_plugin("osstream_example_faulty")}"
+config = {{ size = {16 * MIB}, slow_at = {8 * MIB}, slow_ms = 1500 }}
+''', demo=False)
+    sock = greet(s.port)
+    go(sock, b"pattern")
+    request(sock, 0, 8 * MIB, 4096, cookie=1)  # takes 1.5 s in the plugin
+    time.sleep(0.3)
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    request(sock, 0, 0, 4096, cookie=2)  # arrives while the server drains
+    replies = {}
+    for _ in range(2):
+        magic, error, cookie = struct.unpack(">IIQ", recv_exact(sock, 16))
+        replies[cookie] = error
+        if error == 0:
+            data = recv_exact(sock, 4096)
+            assert data == bytes(((i // 4096 + i) & 0xFF) for i in range(8 * MIB, 8 * MIB + 4096))
+    assert replies == {1: 0, 2: 108}, replies  # 108 = NBD_ESHUTDOWN
+    assert closed_by_server(sock)
+    assert s.proc.wait(timeout=20) == 0

@@ -414,6 +414,59 @@ fn poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
     }
 }
 
+/// While the server shuts down, waits (up to `drain`) for the requests in flight and
+/// answers every request that still arrives meanwhile with `NBD_ESHUTDOWN`, as the
+/// protocol asks, instead of leaving it unanswered. Returns whether the requests in
+/// flight finished.
+async fn refuse_while_draining<R>(
+    reader: &mut BufReader<R>,
+    writer: &Arc<Mutex<BoxWrite>>,
+    conn: &Transmission,
+    in_flight: &TaskTracker,
+    drain: std::time::Duration,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+{
+    let finished = in_flight.wait();
+    let deadline = tokio::time::sleep(drain);
+    tokio::pin!(finished, deadline);
+    let mut reading = true;
+    loop {
+        let mut header = [0u8; proto::REQUEST_HEADER_LEN];
+        tokio::select! {
+            biased;
+            _ = &mut finished => return true,
+            _ = &mut deadline => return false,
+            read = reader.read_exact(&mut header), if reading => {
+                let Ok(req) = read.map_err(drop).and_then(|_| Request::parse(&header).map_err(drop)) else {
+                    reading = false;
+                    continue;
+                };
+                if req.command == cmd::DISC {
+                    reading = false;
+                    continue;
+                }
+                if req.command == cmd::WRITE {
+                    let skipped = tokio::io::copy(
+                        &mut (&mut *reader).take(u64::from(req.length)),
+                        &mut tokio::io::sink(),
+                    )
+                    .await;
+                    if skipped.map_or(true, |n| n != u64::from(req.length)) {
+                        reading = false;
+                        continue;
+                    }
+                }
+                let failure = Failure::new(errno::ESHUTDOWN, "the server is shutting down");
+                if write_reply(writer, &conn.error_reply(&req, &failure)).await.is_err() {
+                    reading = false;
+                }
+            }
+        }
+    }
+}
+
 /// The request loop of one attached connection. Returns why it ended, and whether every
 /// request it started had finished (false after the drain timeout).
 async fn transmit<R>(
@@ -545,7 +598,11 @@ where
     };
     in_flight.close();
     let drain = shared.config.drain_timeout.0;
-    let drained = tokio::time::timeout(drain, in_flight.wait()).await.is_ok();
+    let drained = if shutdown.is_cancelled() && !broken.is_cancelled() {
+        refuse_while_draining(&mut reader, &writer, &conn, &in_flight, drain).await
+    } else {
+        tokio::time::timeout(drain, in_flight.wait()).await.is_ok()
+    };
     if !drained {
         tracing::warn!(
             ?drain,

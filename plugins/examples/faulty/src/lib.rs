@@ -1,7 +1,8 @@
 //! A plugin for tests of the host: one image, `pattern`, whose byte at offset `i` is
 //! `(i / 4096 + i) as u8`. Reads touching `panic_at` panic; reads touching `fail_at` fail
-//! with a temporary I/O error. Configuration: `{ "size": 16777216, "panic_at": 8388608,
-//! "fail_at": 4194304, "serialize": false }` (all optional).
+//! with a temporary I/O error; reads touching `slow_at` take `slow_ms` milliseconds.
+//! Configuration: `{ "size": 16777216, "panic_at": 8388608, "fail_at": 4194304,
+//! "slow_at": 0, "slow_ms": 1000, "serialize": false }` (all optional).
 
 use osstream_plugin_sdk::{Image, ImageInfo, Plugin, PluginError, export_plugin};
 
@@ -11,6 +12,8 @@ pub struct Faulty {
     size: u64,
     panic_at: Option<u64>,
     fail_at: Option<u64>,
+    slow_at: Option<u64>,
+    slow_ms: u64,
 }
 
 /// The one image.
@@ -19,6 +22,8 @@ pub struct PatternImage {
     size: u64,
     panic_at: Option<u64>,
     fail_at: Option<u64>,
+    slow_at: Option<u64>,
+    slow_ms: u64,
 }
 
 impl Plugin for Faulty {
@@ -31,6 +36,8 @@ impl Plugin for Faulty {
             size: config["size"].as_u64().unwrap_or(16 << 20),
             panic_at: config["panic_at"].as_u64(),
             fail_at: config["fail_at"].as_u64(),
+            slow_at: config["slow_at"].as_u64(),
+            slow_ms: config["slow_ms"].as_u64().unwrap_or(1000),
         })
     }
 
@@ -50,6 +57,8 @@ impl Plugin for Faulty {
             size: self.size,
             panic_at: self.panic_at,
             fail_at: self.fail_at,
+            slow_at: self.slow_at,
+            slow_ms: self.slow_ms,
         })
     }
 }
@@ -67,6 +76,9 @@ impl Image for PatternImage {
         let range = offset..offset + buf.len() as u64;
         if self.panic_at.is_some_and(|at| range.contains(&at)) {
             panic!("asked to panic at offset {offset}");
+        }
+        if self.slow_at.is_some_and(|at| range.contains(&at)) {
+            std::thread::sleep(std::time::Duration::from_millis(self.slow_ms));
         }
         if self.fail_at.is_some_and(|at| range.contains(&at)) {
             return Err(PluginError::io(
