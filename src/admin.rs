@@ -65,8 +65,12 @@ pub struct VdiskImport {
 pub struct VdiskExport {
     /// The vdisk to export.
     pub name: String,
-    /// The raw file to write (zero runs become holes).
+    /// The file to write (zero runs become holes).
     pub file: std::path::PathBuf,
+    /// raw, or qcow2 (written raw next to FILE, then converted with qemu-img). Default:
+    /// qcow2 when FILE ends in .qcow2, else raw.
+    #[arg(long)]
+    pub format: Option<String>,
     /// Overwrite FILE if it exists.
     #[arg(long)]
     pub force: bool,
@@ -417,11 +421,17 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                 );
             } else {
                 println!(
-                    "exported vdisk {} ({} bytes) to {}\nsha256 {}",
+                    "exported vdisk {} ({} bytes) to {} ({})\nsha256 {}{}",
                     vdisk.name,
                     report.size,
                     export.file.display(),
-                    report.sha256
+                    report.format,
+                    report.sha256,
+                    if report.format == "raw" {
+                        ""
+                    } else {
+                        " (of the raw image)"
+                    }
                 );
             }
             Ok(())

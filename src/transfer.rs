@@ -29,6 +29,9 @@ pub struct ExportReport {
     pub vdisk: String,
     pub file: PathBuf,
     pub size: u64,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    /// SHA-256 of the raw image (also for a qcow2 export, whose file differs).
     pub sha256: String,
 }
 
@@ -386,15 +389,49 @@ pub async fn export(
     vdisk: &Vdisk,
     export: &VdiskExport,
 ) -> Result<ExportReport> {
+    let format = match export.format.as_deref() {
+        Some(format) => format.to_owned(),
+        None if export.file.extension().is_some_and(|e| e == "qcow2") => "qcow2".to_owned(),
+        None => "raw".to_owned(),
+    };
+    if format != "raw" && format != "qcow2" {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("--format {format:?}: use raw or qcow2"),
+        ));
+    }
+    if export.file.exists() && !export.force {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "{} exists; pass --force to overwrite it",
+                export.file.display()
+            ),
+        ));
+    }
     let source = backend.open(&vdisk.key, OpenMode::ReadOnly).await?;
+    // qcow2: the raw image is written next to the target first, then converted.
+    let raw_path = if format == "qcow2" {
+        let name = export
+            .file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        export
+            .file
+            .with_file_name(format!(".{name}.export-{}.raw", std::process::id()))
+    } else {
+        export.file.clone()
+    };
+    let _temporary = (format == "qcow2").then(|| Converted(raw_path.clone()));
     let mut open = std::fs::OpenOptions::new();
     open.write(true);
-    if export.force {
+    if export.force || format == "qcow2" {
         open.create(true).truncate(true);
     } else {
         open.create_new(true);
     }
-    let file = open.open(&export.file).map_err(|e| {
+    let file = open.open(&raw_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             Error::new(
                 ErrorKind::Conflict,
@@ -421,11 +458,34 @@ pub async fn export(
     .await?;
     file.set_len(source.size())
         .and_then(|()| file.sync_all())
-        .map_err(|e| Error::from_io(e, format!("cannot finish {}", export.file.display())))?;
+        .map_err(|e| Error::from_io(e, format!("cannot finish {}", raw_path.display())))?;
+    if format == "qcow2" {
+        let status = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw_path)
+            .arg(&export.file)
+            .status()
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("qcow2 export needs qemu-img (qemu-utils): {e}"),
+                )
+            })?;
+        if !status.success() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "qemu-img convert to {} failed ({status})",
+                    export.file.display()
+                ),
+            ));
+        }
+    }
     Ok(ExportReport {
         vdisk: vdisk.name.clone(),
         file: export.file.clone(),
         size: source.size(),
+        format,
         sha256,
     })
 }

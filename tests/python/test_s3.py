@@ -102,6 +102,16 @@ def test_import_serve_and_export_round_trip_byte_exact(make_server, tmp_path, s3
     # The hole stays a hole.
     assert os.stat(exported).st_blocks * 512 <= os.path.getsize(exported) - 3 * MIB
     assert "--force" in cli("vdisk", "export", "os", str(exported), ok=False).stderr
+    # A qcow2 export, by extension: qemu-img sees the same disk.
+    qcow2 = tmp_path / "exported.qcow2"
+    out = cli("vdisk", "export", "os", str(qcow2))
+    assert "(qcow2)" in out.stdout and sha256(raw) in out.stdout
+    assert subprocess.run(["qemu-img", "info", "--output=json", str(qcow2)], capture_output=True,
+                          text=True, check=True).stdout.count('"format": "qcow2"') == 1
+    subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow2), str(raw)], check=True)
+    assert not [p for p in os.listdir(tmp_path) if ".export-" in p], "the raw temporary is removed"
+    assert "use raw or qcow2" in cli("vdisk", "export", "os", str(tmp_path / "x.vmdk"), "--format", "vmdk",
+                                     ok=False).stderr
 
     # --replace uploads a new image and updates the vdisk's size.
     random_image(raw, 3 * MIB, seed=22)
