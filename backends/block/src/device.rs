@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use osstream_core::{
-    BlockSource, Bytes, Capability, Chunks, Error, ErrorKind, Extent, ExtentKind, Geometry,
-    ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
+    BlockSource, Bytes, Capability, Chunks, Error, ErrorKind, Extent, Geometry, ReadOpts, Result,
+    SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
 };
 
 use crate::error::io_error;
@@ -370,10 +370,6 @@ impl BlockSource for DeviceSource {
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.info, "extents", offset, len)?;
-        Ok(vec![Extent {
-            length: len,
-            kind: ExtentKind::Data,
-        }])
+        osstream_core::all_data(&self.info, offset, len)
     }
 }

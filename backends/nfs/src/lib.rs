@@ -33,9 +33,9 @@ use nfs3_client::tokio::TokioConnector;
 use nfs3_client::{Nfs3Client, Nfs3ConnectionBuilder};
 use osstream_core::{
     BackendContext, BlockSource, Bytes, BytesMut, Capability, Chunks, DynBackend, DynSource, Error,
-    ErrorKind, Extent, ExtentKind, Geometry, ImageBackend, ImageStat, OpenMode, ReadOpts, Registry,
-    Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, parse_table,
-    read_only_error, validate_image_name,
+    ErrorKind, Extent, Geometry, ImageBackend, ImageStat, OpenMode, ReadOpts, Registry, Result,
+    SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, parse_table, read_only_error,
+    validate_image_name,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -534,10 +534,6 @@ impl BlockSource for NfsSource {
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.info, "extents", offset, len)?;
-        Ok(vec![Extent {
-            length: len,
-            kind: ExtentKind::Data,
-        }])
+        osstream_core::all_data(&self.info, offset, len)
     }
 }

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::try_join_all;
 use object_store::path::Path;
 use osstream_core::{
-    BlockSource, Bytes, Capability, Chunks, Error, ErrorKind, Extent, ExtentKind, Geometry,
-    ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
+    BlockSource, Bytes, Capability, Chunks, Error, ErrorKind, Extent, Geometry, ReadOpts, Result,
+    SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
 };
 use tokio::sync::oneshot;
 
@@ -230,11 +230,7 @@ impl BlockSource for ObjectSource {
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.info, "extents", offset, len)?;
-        Ok(vec![Extent {
-            length: len,
-            kind: ExtentKind::Data,
-        }])
+        osstream_core::all_data(&self.info, offset, len)
     }
 }
 

@@ -27,8 +27,8 @@ use crate::chunks::Chunks;
 use crate::error::{Error, ErrorKind, Result};
 use crate::layer::Layer;
 use crate::source::{
-    BlockSource, Capability, DynSource, Extent, ExtentKind, Geometry, ReadOpts, SourceInfo,
-    WriteOpts, ZeroOpts, check_range,
+    BlockSource, Capability, DynSource, Extent, Geometry, ReadOpts, SourceInfo, WriteOpts,
+    ZeroOpts, check_range,
 };
 
 /// Storage for the blocks of one overlay.
@@ -669,10 +669,6 @@ impl BlockSource for CowSource {
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.info, "extents", offset, len)?;
-        Ok(vec![Extent {
-            length: len,
-            kind: ExtentKind::Data,
-        }])
+        crate::source::all_data(&self.info, offset, len)
     }
 }

@@ -63,7 +63,7 @@ pub use registry::{BackendContext, BackendFactory, Registry, config_error, parse
 pub use sessions::{OverlayKind, OverlaySettings, SessionDirectory, SessionGuard, SessionTarget};
 pub use source::{
     BlockSource, BlockSourceExt, Capability, DynSource, Extent, ExtentKind, Geometry, ReadOpts,
-    SourceInfo, WriteOpts, ZeroOpts, check_range, read_only_error,
+    SourceInfo, WriteOpts, ZeroOpts, all_data, check_range, read_only_error,
 };
 pub use units::{ByteSize, Seconds};
 

@@ -189,6 +189,16 @@ pub fn check_range(info: &SourceInfo, op: &'static str, offset: u64, len: u64) -
     }
 }
 
+/// What [`BlockSource::extents`] answers for a source that cannot tell holes from data:
+/// the checked range as one [`ExtentKind::Data`] extent.
+pub fn all_data(info: &SourceInfo, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    check_range(info, "extents", offset, len)?;
+    Ok(vec![Extent {
+        length: len,
+        kind: ExtentKind::Data,
+    }])
+}
+
 /// The error every read-only source returns for write-class calls.
 pub fn read_only_error(info: &SourceInfo, op: &'static str) -> Error {
     Error::new(

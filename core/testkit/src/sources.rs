@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use osstream_core::{
-    BlockSource, Capability, Chunks, DynSource, Error, ErrorKind, Extent, ExtentKind, Geometry,
-    ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
+    BlockSource, Capability, Chunks, DynSource, Error, ErrorKind, Extent, Geometry, ReadOpts,
+    Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
 };
 
 /// Deterministic, non-repeating test content: `len` bytes from a seeded xorshift stream.
@@ -143,11 +143,7 @@ impl BlockSource for MemSource {
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.info, "extents", offset, len)?;
-        Ok(vec![Extent {
-            length: len,
-            kind: ExtentKind::Data,
-        }])
+        osstream_core::all_data(&self.info, offset, len)
     }
 }
 

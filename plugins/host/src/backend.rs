@@ -4,8 +4,8 @@ use std::ffi::{CStr, CString, c_char, c_void};
 use std::sync::Arc;
 
 use osstream_core::{
-    BlockSource, Bytes, Capability, Chunks, DynSource, Error, ErrorKind, Extent, ExtentKind,
-    Geometry, ImageBackend, ImageStat, OpenMode, ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts,
+    BlockSource, Bytes, Capability, Chunks, DynSource, Error, ErrorKind, Extent, Geometry,
+    ImageBackend, ImageStat, OpenMode, ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts,
     async_trait, check_range, read_only_error, validate_image_name,
 };
 use osstream_plugin_abi as abi;
@@ -489,10 +489,6 @@ impl BlockSource for PluginSource {
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.info, "extents", offset, len)?;
-        Ok(vec![Extent {
-            length: len,
-            kind: ExtentKind::Data,
-        }])
+        osstream_core::all_data(&self.info, offset, len)
     }
 }
