@@ -139,14 +139,18 @@ enabled = false
 [backends.faulty]
 kind = "plugin"
 path = "{rust_plugin("osstream_example_faulty")}"
-config = {{ size = {16 * MIB}, slow_at = {8 * MIB}, slow_ms = 1500 }}
+config = {{ size = {16 * MIB}, slow_at = {8 * MIB}, slow_ms = 4000 }}
 ''', demo=False)
     sock = greet(s.port)
     go(sock, b"pattern")
-    request(sock, 0, 8 * MIB, 4096, cookie=1)  # takes 1.5 s in the plugin
+    request(sock, 0, 8 * MIB, 4096, cookie=1)  # takes 4 s in the plugin
     time.sleep(0.3)
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    deadline = time.time() + 3
+    while "finishing requests in flight" not in s.log.read_text():
+        assert time.time() < deadline, "the server did not start draining"
+        time.sleep(0.05)
+    time.sleep(0.2)
     request(sock, 0, 0, 4096, cookie=2)  # arrives while the server drains
     replies = {}
     for _ in range(2):

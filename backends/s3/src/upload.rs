@@ -4,9 +4,9 @@
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use object_store::WriteMultipart;
 use object_store::path::Path;
 use osstream_core::{Bytes, Error, ErrorKind, ImportOptions, Result};
@@ -125,26 +125,41 @@ pub(crate) async fn chunked(
     }
     let manifest = Manifest::new(size, chunk_size);
     let done = AtomicU64::new(0);
-    let stored = futures_util::stream::iter(0..manifest.chunks())
+    // After a failure (or an interrupt) no new chunk starts, but the PUTs already running
+    // are waited for: one dropped mid-request could still land after the clean-up below
+    // and be left behind.
+    let failed = AtomicBool::new(false);
+    let results: Vec<Result<()>> = futures_util::stream::iter(0..manifest.chunks())
         .map(|index| {
-            let (file, manifest, done) = (&file, &manifest, &done);
+            let (file, manifest, done, failed) = (&file, &manifest, &done, &failed);
             async move {
-                options.check_cancelled()?;
-                let offset = index * manifest.chunk_size;
-                let len = manifest.chunk_len(index);
-                let data = read_part(file, offset, len).await?;
-                if data.iter().any(|&b| b != 0) {
-                    store
-                        .put(&chunk_path(base, &manifest.data, index), data)
-                        .await?;
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(());
                 }
-                options.report(done.fetch_add(len, Ordering::Relaxed) + len);
-                Ok::<(), Error>(())
+                let result = async {
+                    options.check_cancelled()?;
+                    let offset = index * manifest.chunk_size;
+                    let len = manifest.chunk_len(index);
+                    let data = read_part(file, offset, len).await?;
+                    if data.iter().any(|&b| b != 0) {
+                        store
+                            .put(&chunk_path(base, &manifest.data, index), data)
+                            .await?;
+                    }
+                    options.report(done.fetch_add(len, Ordering::Relaxed) + len);
+                    Ok::<(), Error>(())
+                }
+                .await;
+                if result.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                result
             }
         })
         .buffer_unordered(config.concurrency.max(1))
-        .try_collect::<()>()
+        .collect()
         .await;
+    let stored = results.into_iter().collect::<Result<Vec<()>>>().map(drop);
     let result = match stored {
         Ok(()) => store
             .put(&base.clone().join(MANIFEST), manifest.to_bytes())
@@ -154,10 +169,14 @@ pub(crate) async fn chunked(
     };
     if let Err(e) = result {
         let prefix = data_prefix(base, &manifest.data);
-        if let Ok(leftovers) = store.list_all(&prefix).await {
-            for meta in leftovers {
-                let _ = store.delete(&meta.location).await;
+        let cleaned = async {
+            for meta in store.list_all(&prefix).await? {
+                store.delete(&meta.location).await?;
             }
+            Ok::<(), Error>(())
+        };
+        if let Err(clean) = cleaned.await {
+            tracing::warn!(%prefix, error = %clean, "could not remove the chunks of a failed import");
         }
         return Err(e);
     }
