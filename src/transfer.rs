@@ -79,10 +79,10 @@ fn interrupted() -> Error {
     Error::new(ErrorKind::Shutdown, "import interrupted").with_op("import")
 }
 
-/// A converted temporary image, removed when dropped.
-struct Converted(PathBuf);
+/// A temporary image (converted input, or raw output before conversion), removed when dropped.
+struct TempFile(PathBuf);
 
-impl Drop for Converted {
+impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
@@ -154,7 +154,7 @@ fn image_format(file: &Path) -> Result<String> {
 }
 
 /// `file` as a raw image: itself, or a converted copy in `work_dir`.
-fn raw_image(file: &Path, work_dir: &Path, name: &str) -> Result<(PathBuf, Option<Converted>)> {
+fn raw_image(file: &Path, work_dir: &Path, name: &str) -> Result<(PathBuf, Option<TempFile>)> {
     let format = image_format(file)?;
     if format == "raw" {
         return Ok((file.to_path_buf(), None));
@@ -162,7 +162,7 @@ fn raw_image(file: &Path, work_dir: &Path, name: &str) -> Result<(PathBuf, Optio
     std::fs::create_dir_all(work_dir)
         .map_err(|e| Error::from_io(e, format!("cannot create {}", work_dir.display())))?;
     let out = work_dir.join(format!(".import-{}-{name}.raw", std::process::id()));
-    let converted = Converted(out.clone());
+    let converted = TempFile(out.clone());
     eprintln!(
         "{} is a {format} image: converting it to raw with qemu-img (in {})",
         file.display(),
@@ -423,7 +423,7 @@ pub async fn export(
     } else {
         export.file.clone()
     };
-    let _temporary = (format == "qcow2").then(|| Converted(raw_path.clone()));
+    let _temporary = (format == "qcow2").then(|| TempFile(raw_path.clone()));
     let mut open = std::fs::OpenOptions::new();
     open.write(true);
     if export.force || format == "qcow2" {

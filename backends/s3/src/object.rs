@@ -114,7 +114,7 @@ impl ObjectSource {
                         self.waiting().push(Waiter { range: range.clone(), reply });
                     }
                 },
-                slot = self.store.acquire() => {
+                slot = self.store.permit() => {
                     let Some((span, batch)) = self.take_batch() else {
                         // Another reader took this read along with its own: wait for
                         // it, and queue again if that reader was cancelled.

@@ -109,7 +109,8 @@ impl Store {
         &self.prefix
     }
 
-    async fn permit(&self) -> SemaphorePermit<'_> {
+    /// Waits for one of the backend's request slots.
+    pub async fn permit(&self) -> SemaphorePermit<'_> {
         self.limit
             .acquire()
             .await
@@ -160,11 +161,6 @@ impl Store {
         .await
     }
 
-    /// Waits for one of the backend's request slots.
-    pub async fn acquire(&self) -> SemaphorePermit<'_> {
-        self.permit().await
-    }
-
     /// Reads `range` of the object; `None` if the object does not exist. The body must be
     /// exactly the range asked for, else the read is retried and finally fails: a short
     /// or misplaced response never reaches a client. With `if_match`, a changed object
@@ -185,7 +181,7 @@ impl Store {
     }
 
     /// [`Store::get_range`] for a caller that already holds a slot from
-    /// [`Store::acquire`].
+    /// [`Store::permit`].
     pub async fn get_range_holding_slot(
         &self,
         path: &Path,
@@ -223,12 +219,12 @@ impl Store {
         }
         let want = range.end - range.start;
         self.retrying("read", path, || async {
-            let result = if take_slot {
-                let _permit = self.permit().await;
-                self.get_once(path, range.clone(), if_match).await
+            let _permit = if take_slot {
+                Some(self.permit().await)
             } else {
-                self.get_once(path, range.clone(), if_match).await
+                None
             };
+            let result = self.get_once(path, range.clone(), if_match).await;
             match result {
                 Ok(Some(bytes)) if bytes.len() as u64 != want => Err(Error::new(
                     ErrorKind::Io,

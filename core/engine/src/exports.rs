@@ -146,7 +146,7 @@ impl Exports {
 
     /// Ends a connection's hold on its session and accounts for its I/O.
     pub async fn close_session(&self, mut guard: SessionGuard, read: u64, written: u64) {
-        let last = guard.leave_to_close();
+        let last = guard.leave(true);
         if let Some((directory, _)) = &self.sessions {
             directory.detached(&guard.target, read, written, last).await;
         }

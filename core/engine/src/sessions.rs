@@ -113,28 +113,21 @@ pub struct SessionGuard {
 }
 
 impl SessionGuard {
-    /// Leaves the session (once); returns whether that was its last connection.
-    pub(crate) fn leave(&mut self) -> bool {
+    /// Leaves the session (once); returns whether that was its last connection. With
+    /// `closing` (the caller ends a private session in the catalog next if it was the
+    /// last), no connection may join the session from this moment, so none can write once
+    /// its lock is released. A guard merely dropped leaves without closing.
+    pub(crate) fn leave(&mut self, closing: bool) -> bool {
         if std::mem::replace(&mut self.left, true) {
             return false;
         }
-        self.live.leave(&self.target, false)
-    }
-
-    /// Leaves the session (once) before the caller ends it in the catalog if this was
-    /// its last connection and it is private: from this moment no connection may join
-    /// it, so none can write once its lock is released. Returns whether it was the last.
-    pub(crate) fn leave_to_close(&mut self) -> bool {
-        if std::mem::replace(&mut self.left, true) {
-            return false;
-        }
-        self.live.leave(&self.target, true)
+        self.live.leave(&self.target, closing)
     }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.leave();
+        self.leave(false);
     }
 }
 
@@ -291,8 +284,8 @@ mod live_tests {
         let private = target("s1", None);
         let (_, mut a) = live.join(&private, "10.0.0.1:1000", || Ok(None)).unwrap();
         let (_, mut b) = live.join(&private, "10.0.0.1:1001", || Ok(None)).unwrap();
-        assert!(!a.leave_to_close(), "one connection is still there");
-        assert!(b.leave_to_close(), "the last one");
+        assert!(!a.leave(true), "one connection is still there");
+        assert!(b.leave(true), "the last one");
         live.retain(|_| false);
         let err = live
             .join(&private, "10.0.0.1:1002", || Ok(None))
@@ -312,7 +305,7 @@ mod live_tests {
         let live = Arc::new(LiveSessions::default());
         let standard = target("s1", Some(OverlayKind::Ram));
         let (_, mut a) = live.join(&standard, "10.0.0.1:1000", || Ok(None)).unwrap();
-        assert!(a.leave_to_close());
+        assert!(a.leave(true));
         live.join(&standard, "10.0.0.1:1001", || Ok(None)).unwrap();
     }
 
