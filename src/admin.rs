@@ -382,16 +382,24 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
         VdiskCommand::Add(add) => {
             let key = add.key.clone().unwrap_or_else(|| add.name.clone());
             let backend = backend_named(config, &add.backend)?;
-            let stat = backend.stat(&key).await.map_err(|e| {
-                if e.kind() == ErrorKind::NotFound {
-                    Error::new(
+            let stat = match backend.stat(&key).await {
+                Ok(stat) => stat,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    // `--key win.img` for the file win.img: keys are image names, which
+                    // leave the backend's file extension out.
+                    let hint = match key.rsplit_once('.') {
+                        Some((stem, _)) if !stem.is_empty() && backend.stat(stem).await.is_ok() => {
+                            format!("; keys leave out the file extension: --key {stem}")
+                        }
+                        _ => String::new(),
+                    };
+                    return Err(Error::new(
                         ErrorKind::NotFound,
-                        format!("backend {:?} has no image {key:?}", add.backend),
-                    )
-                } else {
-                    e
+                        format!("backend {:?} has no image {key:?}{hint}", add.backend),
+                    ));
                 }
-            })?;
+                Err(e) => return Err(e),
+            };
             let vdisk = register_vdisk(&catalog, &add, key, &stat).await?;
             output(
                 json,
@@ -645,19 +653,52 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
     }
 }
 
-/// The `nbd://` URI clients use for an export name, from the first TCP listener.
-fn nbd_uri(config: &Config, export: &str) -> String {
-    let listen = config
-        .nbd
-        .listen
-        .iter()
-        .find(|a| !a.starts_with("unix:"))
-        .cloned()
-        .unwrap_or_else(|| "127.0.0.1:10809".into());
-    let listen = listen
-        .replace("0.0.0.0:", "127.0.0.1:")
-        .replace("[::]:", "[::1]:");
-    format!("nbd://{listen}/{export}")
+/// Where clients reach a session: its `nbd://` URI when the address clients use is known,
+/// else a hint saying how to make it known.
+struct SessionAddress {
+    uri: Option<String>,
+    hint: Option<String>,
+}
+
+/// The URI of `export` as a client must use it: `[nbd] public_address` if set, else the
+/// address a running server registered in the catalog (it knows its real listeners, also
+/// those given with `serve --listen`), else a specific TCP listen address of the
+/// configuration, else the unix socket. A wildcard listener without `public_address`
+/// gives no URI: the export name alone, with a hint.
+fn session_address(config: &Config, export: &str, registered: Option<&str>) -> SessionAddress {
+    let nbd = &config.nbd;
+    let explicit = nbd
+        .public_address
+        .as_ref()
+        .and_then(|_| nbd.public_address_for(&nbd.listen));
+    if let Some(address) = explicit.or(registered.map(str::to_owned)) {
+        return SessionAddress {
+            uri: Some(format!("nbd://{address}/{export}")),
+            hint: None,
+        };
+    }
+    if let Some(address) = nbd.public_address_for(&nbd.listen) {
+        return SessionAddress {
+            uri: Some(format!("nbd://{address}/{export}")),
+            hint: None,
+        };
+    }
+    if let Some(socket) = nbd.listen.iter().find_map(|a| a.strip_prefix("unix:"))
+        && nbd.listen.iter().all(|a| a.starts_with("unix:"))
+    {
+        return SessionAddress {
+            uri: Some(format!("nbd+unix:///{export}?socket={socket}")),
+            hint: None,
+        };
+    }
+    SessionAddress {
+        uri: None,
+        hint: Some(format!(
+            "the server listens on {} and no address for clients is known: set [nbd] \
+             public_address to the address clients use (the export name alone is printed)",
+            nbd.listen.join(", ")
+        )),
+    }
 }
 
 pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> Result<()> {
@@ -696,25 +737,33 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
         SessionCommand::Open { mac, vdisk } => {
             let mac: Mac = mac.parse()?;
             let session = catalog.open_session(&mac, &vdisk, None).await?;
-            let uri = nbd_uri(config, &session.export_name());
+            let export = session.export_name();
+            let address = session_address(config, &export, None);
             if json {
                 #[derive(Serialize)]
                 struct Opened<'a> {
                     #[serde(flatten)]
                     session: &'a osstream_catalog::Session,
-                    uri: &'a str,
+                    export: &'a str,
+                    uri: Option<&'a str>,
+                    hint: Option<&'a str>,
                 }
                 return output(
                     true,
                     &Opened {
                         session: &session,
-                        uri: &uri,
+                        export: &export,
+                        uri: address.uri.as_deref(),
+                        hint: address.hint.as_deref(),
                     },
                     &[],
                     Vec::new(),
                 );
             }
-            println!("{uri}");
+            if let Some(hint) = &address.hint {
+                eprintln!("osstream: {hint}");
+            }
+            println!("{}", address.uri.unwrap_or(export));
             Ok(())
         }
         SessionCommand::Close { id } => {

@@ -246,7 +246,51 @@ fn describe(err: &figment::Error) -> String {
     }
 }
 
+/// The levels a log filter may name.
+const LOG_LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a log filter: comma-separated directives, each a level or `TARGET=LEVEL`.
+///
+/// `tracing`'s own parser takes any word as a target name, so a typo such as `infoo` or
+/// `verbose` would silently log nothing at all; refusing it is kinder.
+pub fn check_log_filter(filter: &str) -> Result<()> {
+    let bad = |directive: &str, why: &str| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "log.filter = {filter:?} is not a valid filter: {directive:?} {why}; use a level \
+                 ({}) or per-crate levels such as \"info,osstream_nbd=debug\"",
+                LOG_LEVELS.join(", ")
+            ),
+        )
+    };
+    let is_level = |word: &str| LOG_LEVELS.contains(&word.trim().to_ascii_lowercase().as_str());
+    if filter.trim().is_empty() {
+        return Err(bad(filter, "is empty"));
+    }
+    for directive in filter.split(',').map(str::trim) {
+        match directive.split_once('=') {
+            None if is_level(directive) => {}
+            None => return Err(bad(directive, "is not a level")),
+            Some((target, level)) => {
+                let target_ok = !target.is_empty()
+                    && target
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':'));
+                if !target_ok {
+                    return Err(bad(directive, "does not start with a crate or module name"));
+                }
+                if !is_level(level) {
+                    return Err(bad(directive, "does not end in a level"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check(config: &Config) -> Result<()> {
+    check_log_filter(&config.log.filter)?;
     let ram = &config.cache.ram;
     if ram.enabled && (ram.block_size.bytes() < 512 || !ram.block_size.bytes().is_power_of_two()) {
         return Err(Error::new(
@@ -397,6 +441,35 @@ mod tests {
                 .to_string()
                 .contains("lots")
         );
+    }
+
+    #[test]
+    fn log_filters_are_checked() {
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,osstream_nbd=debug",
+            "off",
+            "osstream_core::cache=trace",
+        ] {
+            check_log_filter(good).unwrap();
+        }
+        for bad in [
+            "infoo",
+            "verbose",
+            "",
+            "info,",
+            "osstream=loud",
+            "=info",
+            "a b=info",
+        ] {
+            let err = check_log_filter(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("off, error, warn, info, debug, trace"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(load_from("[log]\nfilter = \"infoo\"\n").is_err());
     }
 
     #[test]

@@ -115,8 +115,23 @@ fn admin_command(cli: &Cli) -> osstream_core::Result<()> {
     })
 }
 
+/// Restores the default action of SIGPIPE, which Rust programs ignore: an admin command
+/// whose output goes to a pipe closed early (`osstream vdisk list --json | head -c 10`)
+/// then ends quietly, as Unix tools do, instead of panicking on the failed write. The
+/// server keeps ignoring it: a client closing its socket must never stop it.
+fn quiet_on_closed_pipe() {
+    // SAFETY: signal() only changes this process's disposition of SIGPIPE; it is called
+    // once at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_pipe();
+    }
     let result = match &cli.command {
         Command::Serve(args) => config::load(config::Sources {
             file: cli.config.as_deref(),

@@ -153,12 +153,52 @@ fn image_format(file: &Path) -> Result<String> {
     }
 }
 
+/// Runs `qemu-img check` on a non-raw image: a truncated or corrupt qcow2 converts
+/// "successfully" into zeroes where its clusters are missing, so it is refused here,
+/// before anything is converted or uploaded.
+fn check_image(file: &Path, format: &str) -> Result<()> {
+    let out = match std::process::Command::new("qemu-img")
+        .args(["check", "--output=json", "-f", format])
+        .arg(file)
+        .output()
+    {
+        Ok(out) => out,
+        // No qemu-img: the conversion below says so.
+        Err(_) => return Ok(()),
+    };
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let count = |key: &str| report[key].as_u64().unwrap_or(0);
+    // Exit codes of qemu-img check: 0 clean, 1 check failed, 2 corrupt, 3 only leaked
+    // clusters (harmless for reading), 63 the format cannot be checked.
+    match out.status.code() {
+        Some(0 | 3 | 63) => Ok(()),
+        Some(2) => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{} is a corrupt {format} image ({} corruption(s) found by `qemu-img check`; \
+                 a truncated copy looks like this); nothing was imported",
+                file.display(),
+                count("corruptions").max(1)
+            ),
+        )),
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "`qemu-img check` could not check {} ({format}): {}; nothing was imported",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        )),
+    }
+}
+
 /// `file` as a raw image: itself, or a converted copy in `work_dir`.
 fn raw_image(file: &Path, work_dir: &Path, name: &str) -> Result<(PathBuf, Option<TempFile>)> {
     let format = image_format(file)?;
     if format == "raw" {
         return Ok((file.to_path_buf(), None));
     }
+    check_image(file, &format)?;
     std::fs::create_dir_all(work_dir)
         .map_err(|e| Error::from_io(e, format!("cannot create {}", work_dir.display())))?;
     let out = work_dir.join(format!(".import-{}-{name}.raw", std::process::id()));
@@ -318,6 +358,17 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
     add.write_cache.parse::<osstream_catalog::WriteCache>()?;
     add.boot.parse::<osstream_catalog::BootMethod>()?;
     let backend: DynBackend = backend_named(config, &add.backend)?;
+    // Checked before the (slow) conversion and hashing; the backend checks again when it
+    // stores the image.
+    if !import.replace && backend.stat(&key).await.is_ok() {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "backend {:?} already has an image {key:?}; pass --replace to overwrite it",
+                add.backend
+            ),
+        ));
+    }
     let cancel = osstream_core::CancellationToken::new();
     let _interrupts = Interrupts::listen(cancel.clone());
     let (raw, _converted) = raw_image(&import.file, &config.data_dir, &add.name)?;

@@ -151,8 +151,8 @@ def test_import_and_export_on_a_file_backend(admin, tmp_path):
 
     assert "is not a file" in error(admin, "vdisk", "import", str(tmp_path / "missing.raw"), "x", "--backend", "images")
     assert "exists already" in error(admin, "vdisk", "import", str(raw), "fresh", "--backend", "images")
-    assert "exists already" in error(admin, "vdisk", "import", str(raw), "other", "--backend", "images",
-                                     "--key", "fresh")
+    assert "already has an image" in error(admin, "vdisk", "import", str(raw), "other", "--backend", "images",
+                                           "--key", "fresh")
     assert "invalid image name" in error(admin, "vdisk", "import", str(raw), "../up", "--backend", "images")
     assert 'no backend named "nowhere"' in error(admin, "vdisk", "import", str(raw), "x", "--backend", "nowhere")
     assert "--force" in error(admin, "vdisk", "export", "fresh", str(exported))

@@ -225,7 +225,7 @@ def test_unix_socket_listener(make_server, tmp_path):
 def test_base_exports_off_refuses_plain_names(make_server):
     s = make_server("[nbd]\nbase_exports = false\nlisten = [\"127.0.0.1:PORT\"]\n", start=False)
     s.start()
-    assert "base exports are off" in server_error_message(s.uri("demo"))
+    assert "plain image names are off" in server_error_message(s.uri("demo"))
     listing = subprocess.run(["nbdinfo", "--list", "--json", s.uri()], check=True, capture_output=True, text=True)
     assert json.loads(listing.stdout)["exports"] == []
     assert "refused" in s.log.read_text()

@@ -104,7 +104,7 @@ def test_tokens_are_checked(lab):
     uri = open_session(lab, "aa:bb:cc:00:00:01", "win11")
     base = uri.rsplit("/", 1)[0]
     assert refusal(f"{base}/{'0' * 48}").startswith("not found: unknown session token")
-    assert "base exports are off" in refusal(lab.uri("win11"))
+    assert "plain image names are off" in refusal(lab.uri("win11"))
     # Taking the vdisk away makes the token useless at once.
     lab.cli("client", "unassign", "aa:bb:cc:00:00:01", "win11")
     assert 'vdisk "win11" is not assigned to client aa:bb:cc:00:00:01' in refusal(uri)

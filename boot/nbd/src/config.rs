@@ -10,10 +10,18 @@ pub struct NbdConfig {
     /// Where to listen: `HOST:PORT` (IPv4 or `[IPv6]`) or `unix:PATH`.
     /// Default: `["127.0.0.1:10809"]`.
     pub listen: Vec<String>,
-    /// Serve images read-only under their plain name (what `nbdinfo --list` shows).
-    /// On in the embedded default; turn it off in production, where clients reach their
-    /// vdisks through sessions. Default: true.
-    pub base_exports: bool,
+    /// Serve images read-only under their plain name (what `nbdinfo --list` shows), to
+    /// anyone who can connect, past the catalog's assignments. Default: unset, meaning on
+    /// when every listener is on loopback (or a unix socket: the quickstart) and off as
+    /// soon as one listens on the network, where clients reach their vdisks through
+    /// sessions. Set it to force either way (on with a network listener logs a warning).
+    pub base_exports: Option<bool>,
+    /// The address clients use to reach this server, `HOST` or `HOST:PORT` (the port of
+    /// the first TCP listener if left out). `osstream session open` prints it in session
+    /// URIs, and the server records it in the catalog. Default: unset, meaning the first
+    /// TCP listener when it has a specific address; a wildcard listener (`0.0.0.0`, `[::]`)
+    /// needs it.
+    pub public_address: Option<String>,
     /// The export a client gets when it asks for the empty name (`nbd://host:port`).
     /// Default: none (the empty name is refused with a message that lists exports).
     pub default_export: Option<String>,
@@ -33,12 +41,132 @@ impl Default for NbdConfig {
         NbdConfig {
             enabled: true,
             listen: vec!["127.0.0.1:10809".to_owned()],
-            base_exports: true,
+            base_exports: None,
+            public_address: None,
             default_export: None,
             handshake_timeout: Seconds(std::time::Duration::from_secs(10)),
             max_request: ByteSize::mib(32),
             max_connections: 1024,
             drain_timeout: Seconds(std::time::Duration::from_secs(30)),
         }
+    }
+}
+
+impl NbdConfig {
+    /// Whether plain image names are served once `bound` (the listeners' addresses, as
+    /// [`osstream_core::BootProtocol::bind`] returns them) are known: as configured, or on
+    /// only when every listener is on loopback or a unix socket.
+    pub fn base_exports_for(&self, bound: &[String]) -> bool {
+        self.base_exports
+            .unwrap_or_else(|| bound.iter().all(|address| is_local_listener(address)))
+    }
+
+    /// The `HOST:PORT` clients use: `public_address` (with the first TCP listener's port
+    /// if it names none), else the first TCP listener of `bound` when its address is a
+    /// specific one. `None` when only a wildcard or unix listeners are bound.
+    pub fn public_address_for(&self, bound: &[String]) -> Option<String> {
+        let first_tcp = bound.iter().find(|a| !a.starts_with("unix:"));
+        if let Some(public) = &self.public_address {
+            if has_port(public) {
+                return Some(public.clone());
+            }
+            let port = first_tcp
+                .and_then(|a| a.rsplit_once(':'))
+                .map_or("10809", |(_, port)| port);
+            let host = if public.contains(':') && !public.starts_with('[') {
+                format!("[{public}]")
+            } else {
+                public.clone()
+            };
+            return Some(format!("{host}:{port}"));
+        }
+        let address: std::net::SocketAddr = first_tcp?.parse().ok()?;
+        (!address.ip().is_unspecified()).then(|| address.to_string())
+    }
+}
+
+/// `HOST:PORT` or `[V6]:PORT`, as opposed to a bare host or IPv6 address.
+fn has_port(address: &str) -> bool {
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest.contains("]:");
+    }
+    matches!(address.matches(':').count(), 1)
+}
+
+/// A listener only this host can reach: a unix socket or a loopback address.
+pub fn is_local_listener(address: &str) -> bool {
+    if address.starts_with("unix:") {
+        return true;
+    }
+    match address.parse::<std::net::SocketAddr>() {
+        Ok(address) => address.ip().is_loopback(),
+        // A host name ("localhost:10809" before binding): only "localhost" is local.
+        Err(_) => address
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound(addresses: &[&str]) -> Vec<String> {
+        addresses.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn plain_names_default_to_on_only_on_loopback() {
+        let config = NbdConfig::default();
+        assert!(config.base_exports_for(&bound(&["127.0.0.1:10809", "unix:/run/o.sock"])));
+        assert!(config.base_exports_for(&bound(&["[::1]:10809"])));
+        assert!(!config.base_exports_for(&bound(&["127.0.0.1:10809", "0.0.0.0:10810"])));
+        assert!(!config.base_exports_for(&bound(&["192.168.1.5:10809"])));
+        let forced = NbdConfig {
+            base_exports: Some(true),
+            ..NbdConfig::default()
+        };
+        assert!(forced.base_exports_for(&bound(&["0.0.0.0:10809"])));
+    }
+
+    #[test]
+    fn the_public_address_comes_from_config_or_a_specific_listener() {
+        let config = NbdConfig::default();
+        assert_eq!(
+            config
+                .public_address_for(&bound(&["10.0.0.5:10810"]))
+                .as_deref(),
+            Some("10.0.0.5:10810")
+        );
+        assert_eq!(config.public_address_for(&bound(&["0.0.0.0:10810"])), None);
+        assert_eq!(config.public_address_for(&bound(&["unix:/s"])), None);
+        let public = |text: &str| NbdConfig {
+            public_address: Some(text.to_owned()),
+            ..NbdConfig::default()
+        };
+        assert_eq!(
+            public("boot.lab")
+                .public_address_for(&bound(&["0.0.0.0:10810"]))
+                .as_deref(),
+            Some("boot.lab:10810")
+        );
+        assert_eq!(
+            public("boot.lab:99")
+                .public_address_for(&bound(&["0.0.0.0:10810"]))
+                .as_deref(),
+            Some("boot.lab:99")
+        );
+        assert_eq!(
+            public("fd00::5")
+                .public_address_for(&bound(&["[::]:10809"]))
+                .as_deref(),
+            Some("[fd00::5]:10809")
+        );
+        assert_eq!(
+            public("[fd00::5]:7")
+                .public_address_for(&bound(&[]))
+                .as_deref(),
+            Some("[fd00::5]:7")
+        );
     }
 }

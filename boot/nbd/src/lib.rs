@@ -20,7 +20,7 @@ pub mod proto;
 mod server;
 mod transmission;
 
-pub use config::NbdConfig;
+pub use config::{NbdConfig, is_local_listener};
 pub use server::NbdServer;
 
 /// The protocol name used in configuration (`[nbd]`) and logs.

@@ -2,7 +2,9 @@
 //! reply bytes and the next step out.
 
 use bytes::BytesMut;
-use osstream_core::{DynSource, ErrorKind, ExportEntry, Exports, SessionGuard};
+use osstream_core::{
+    DynSource, ErrorKind, ExportEntry, Exports, SessionGuard, loggable_export_name,
+};
 
 use crate::proto::{
     self, BASE_ALLOCATION, BASE_ALLOCATION_ID, ClientOption, info, opt, rep, tflag,
@@ -162,7 +164,7 @@ impl<'a> Negotiation<'a> {
                     Step::Transmit(Box::new(attached))
                 }
                 Err((_, message)) => {
-                    tracing::warn!(export = %name, %message, "NBD_OPT_EXPORT_NAME refused");
+                    tracing::warn!(export = %loggable_export_name(&name), %message, "NBD_OPT_EXPORT_NAME refused");
                     Step::Close("export refused")
                 }
             },
@@ -249,7 +251,7 @@ impl<'a> Negotiation<'a> {
         let attached = match self.attach(name, go).await {
             Ok(attached) => attached,
             Err((code, message)) => {
-                tracing::info!(export = %name, %message, "export refused");
+                tracing::info!(export = %loggable_export_name(name), %message, "export refused");
                 proto::put_option_error(out, option, code, &message);
                 return Step::Continue;
             }
@@ -335,7 +337,9 @@ impl<'a> Negotiation<'a> {
             return Err((
                 rep::ERR_POLICY,
                 format!(
-                    "export {resolved:?} refused: base exports are off ([nbd] base_exports = false)"
+                    "export {resolved:?} refused: plain image names are off on this server \
+                     (they are on by default only when it listens on loopback; see [nbd] \
+                     base_exports); clients reach their vdisks through session exports, s/<token>"
                 ),
             ));
         }

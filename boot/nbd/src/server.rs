@@ -38,6 +38,8 @@ fn request_units(length: u32) -> u32 {
 pub struct NbdServer {
     config: NbdConfig,
     listeners: Vec<Listener>,
+    /// Plain image names are served (decided at `bind`, from where it listens).
+    base_exports: bool,
 }
 
 #[derive(Debug)]
@@ -52,6 +54,7 @@ impl NbdServer {
         NbdServer {
             config,
             listeners: Vec::new(),
+            base_exports: false,
         }
     }
 }
@@ -95,6 +98,34 @@ impl BootProtocol for NbdServer {
                 self.listeners.push(Listener::Tcp(listener));
             }
         }
+        self.base_exports = self.config.base_exports_for(&bound);
+        let network: Vec<&String> = bound
+            .iter()
+            .filter(|a| !crate::config::is_local_listener(a))
+            .collect();
+        match (self.base_exports, network.is_empty()) {
+            (true, false) => tracing::warn!(
+                listen = ?network,
+                "plain image names are served read-only to anyone who can reach these \
+                 addresses, past the catalog's assignments ([nbd] base_exports = true); \
+                 clients of a boot lab should use session exports"
+            ),
+            (false, false) if self.config.base_exports.is_none() => tracing::info!(
+                "plain image names are off because a listener is on the network; clients \
+                 reach their vdisks through session exports ([nbd] base_exports = true forces them on)"
+            ),
+            _ => {}
+        }
+        if self.config.public_address_for(&bound).is_none()
+            && bound.iter().any(|a| !a.starts_with("unix:"))
+        {
+            tracing::warn!(
+                listen = %bound.join(", "),
+                "no address for clients: the server listens on a wildcard address; set \
+                 [nbd] public_address to the address clients use, so `osstream session open` \
+                 can print it"
+            );
+        }
         Ok(bound)
     }
 
@@ -108,6 +139,7 @@ impl BootProtocol for NbdServer {
                 SERVER_IN_FLIGHT_UNITS.max(request_units(max_request)) as usize,
             )),
             max_request,
+            base_exports: self.base_exports,
             config: self.config,
         });
         let tracker = TaskTracker::new();
@@ -159,6 +191,7 @@ struct Shared {
     connections: AtomicUsize,
     budget: Arc<Semaphore>,
     max_request: u32,
+    base_exports: bool,
 }
 
 /// Counts a connection for `max_connections` until dropped, however the task ends.
@@ -350,7 +383,7 @@ where
     let mut negotiation = Negotiation::new(
         &shared.exports,
         peer,
-        shared.config.base_exports,
+        shared.base_exports,
         shared.config.default_export.as_deref(),
         shared.max_request,
         client_flags,

@@ -331,6 +331,18 @@ fn describe(backend: &DynBackend, stat: &ImageStat) -> String {
     )
 }
 
+/// An export name fit for logs: a session token (`s/<token>`, a bearer secret) shortened to
+/// its first six characters, any other name as it is.
+pub fn loggable_export_name(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.strip_prefix("s/") {
+        Some(token) if token.chars().count() > 6 => {
+            let prefix: String = token.chars().take(6).collect();
+            std::borrow::Cow::Owned(format!("s/{prefix}…"))
+        }
+        _ => std::borrow::Cow::Borrowed(name),
+    }
+}
+
 fn not_found(name: &str) -> Error {
     Error::new(ErrorKind::NotFound, format!("no export named {name:?}")).with_op("open_export")
 }

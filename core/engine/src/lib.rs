@@ -56,7 +56,7 @@ pub use cache::{BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, T
 pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};
 pub use error::{Error, ErrorKind, Result};
-pub use exports::{ExportEntry, Exports};
+pub use exports::{ExportEntry, Exports, loggable_export_name};
 pub use layer::Layer;
 pub use protocol::{BootProtocol, ServeContext};
 pub use registry::{BackendContext, BackendFactory, Registry, config_error, parse_table};
