@@ -8,7 +8,7 @@ import threading
 import nbd
 import pytest
 
-from conftest import random_image, sha256
+from conftest import BINARY, random_image, sha256
 
 MIB = 1 << 20
 
@@ -183,12 +183,23 @@ def test_many_requests_in_flight_on_one_connection(server):
     h.shutdown()
 
 
-def test_writable_backend_supports_every_write_command(make_server):
+def test_a_private_vdisk_supports_every_write_command(make_server):
     s = make_server("[backends.rw]\nkind = \"file\"\nroot = \"images\"\nwritable = true\n", start=False, demo=False)
     image = s.images / "rw.img"
     random_image(image, 8 * MIB, seed=3)
     s.start()
-    h = connect(s.uri("rw"))
+    # Plain names are read-only even on a writable backend.
+    plain = connect(s.uri("rw"))
+    assert plain.is_read_only()
+    plain.shutdown()
+
+    def cli(*args):
+        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    cli("vdisk", "add", "rw", "--backend", "rw", "--mode", "private")
+    cli("client", "add", "aa:bb:cc:00:00:41")
+    cli("client", "assign", "aa:bb:cc:00:00:41", "rw")
+    h = connect(cli("session", "open", "aa:bb:cc:00:00:41", "rw"))
     assert not h.is_read_only()
     assert h.can_flush() and h.can_fua() and h.can_trim() and h.can_zero() and h.can_cache()
     h.pwrite(b"A" * 10000, 4096)

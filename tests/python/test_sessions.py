@@ -317,3 +317,60 @@ def test_unlocking_a_private_vdisk_ends_the_holders_session(lab):
             h.pwrite(b"x", 0)
             time.sleep(0.05)
     open_session(lab, "aa:bb:cc:00:00:02", "dev")
+
+
+def test_whole_disk_zeroing_and_trim_cost_an_overlay_nothing(make_server):
+    """Issue 12, item 5: `blkdiscard`/`mkfs` on a standard vdisk store zero markers, not
+    zero blocks: a 1 GiB vdisk zeroed through a 64 MiB RAM overlay reads back zeroes, shows
+    as zero in base:allocation, and still takes 32 MiB of writes; a disk overlay's files
+    stay small."""
+    s = make_server('[backends.images]\nkind = "file"\nroot = "images"\n'
+                    '[sessions]\nram_capacity = "64MiB"\n'
+                    '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
+    image = s.images / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+        for offset in (0, 300 * MIB, (1 << 30) - MIB):
+            f.seek(offset)
+            f.write(os.urandom(MIB))
+    s.start()
+
+    def cli(*args):
+        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    cli("vdisk", "add", "big", "--backend", "images", "--write-cache", "ram")
+    cli("vdisk", "add", "big-disk", "--backend", "images", "--key", "big", "--write-cache", "server-disk")
+    cli("client", "add", "aa:bb:cc:00:00:51")
+    cli("client", "assign", "aa:bb:cc:00:00:51", "big")
+    cli("client", "assign", "aa:bb:cc:00:00:51", "big-disk")
+
+    def zero_everything(h):
+        h.zero(1 << 30, 0)
+        assert h.pread(MIB, 0) == bytes(MIB) and h.pread(MIB, (1 << 30) - MIB) == bytes(MIB)
+        h.trim(1 << 30, 0)
+        assert h.pread(MIB, 300 * MIB) == bytes(MIB)
+        seen = []
+        h.block_status(1 << 30, 0, lambda ctx, offset, entries, err: seen.extend(entries) or 0)
+        assert seen and all(flags & nbd.STATE_ZERO for flags in seen[1::2]), seen[:8]
+
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(cli("session", "open", "aa:bb:cc:00:00:51", "big"))
+    zero_everything(h)
+    for i in range(32):
+        h.pwrite(bytes([i + 1]) * MIB, i * 7 * MIB)
+    assert h.pread(MIB, 31 * 7 * MIB) == bytes([32]) * MIB
+    h.shutdown()
+
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(cli("session", "open", "aa:bb:cc:00:00:51", "big-disk"))
+    h.pwrite(os.urandom(8 * MIB), 0)
+    h.flush()
+    zero_everything(h)
+    h.flush()
+    folders = list((s.data_dir / "overlays").glob("aa-bb-cc-00-00-51/big-disk/session-*"))
+    assert len(folders) == 1, folders
+    used = sum(p.stat().st_blocks * 512 for p in folders[0].iterdir())
+    assert used < MIB, f"the disk overlay holds {used} bytes after zeroing the disk"
+    h.shutdown()

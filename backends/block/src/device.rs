@@ -150,6 +150,7 @@ impl DeviceSource {
     pub fn open(
         path: &Path,
         name: String,
+        identity: String,
         writable: bool,
         direct: bool,
         generation: &str,
@@ -176,6 +177,7 @@ impl DeviceSource {
         Ok(DeviceSource {
             info: SourceInfo {
                 name,
+                identity,
                 size: geometry.size,
                 generation: format!("{generation}-{}", geometry.size),
             },

@@ -35,6 +35,24 @@ pub use device::{DeviceGeometry, DeviceSource, probe};
 /// The registry kind.
 pub const KIND: &str = "block";
 
+/// The identity of a listed device: `block:MAJOR:MINOR` of the device node (so two paths
+/// to one LUN, such as `/dev/sdb` and its `/dev/disk/by-id` link, are one image), or the
+/// file's identity for a regular file; a path that cannot be read is named as configured.
+pub fn device_identity(path: &std::path::Path) -> String {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.file_type().is_block_device() => {
+            // glibc's encoding of dev_t (what major(3) and minor(3) decode).
+            let dev = meta.rdev();
+            let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+            let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+            format!("block:{major}:{minor}")
+        }
+        Ok(_) => osstream_core::file_identity(path),
+        Err(_) => format!("block:unavailable:{}", path.display()),
+    }
+}
+
 /// Adds the `block` kind to `registry`.
 pub fn register(registry: &mut Registry) {
     registry.register_backend(KIND, |_ctx: &BackendContext, name, table| {
@@ -110,6 +128,10 @@ impl ImageBackend for BlockBackend {
         KIND
     }
 
+    fn identity(&self, image: &str) -> Result<String> {
+        Ok(device_identity(self.device(image)?))
+    }
+
     async fn list(&self) -> Result<Vec<ImageStat>> {
         let mut images = Vec::new();
         for image in self.config.devices.keys() {
@@ -143,7 +165,8 @@ impl ImageBackend for BlockBackend {
             self.config.generation.clone(),
         );
         let source = tokio::task::spawn_blocking(move || {
-            DeviceSource::open(&path, name, writable, direct, &generation)
+            let identity = device_identity(&path);
+            DeviceSource::open(&path, name, identity, writable, direct, &generation)
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Unexpected, format!("open task failed: {e}")))??;

@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use osstream_core::{
     BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageStat,
-    ImportOptions, OpenMode, Registry, Result, async_trait, parse_table, validate_image_name,
+    ImportOptions, OpenMode, Registry, Result, async_trait, file_identity, parse_table,
+    validate_image_name,
 };
 
 pub use config::FileConfig;
@@ -107,6 +108,10 @@ impl ImageBackend for FileBackend {
         KIND
     }
 
+    fn identity(&self, image: &str) -> Result<String> {
+        Ok(file_identity(&self.path_of(image)?))
+    }
+
     async fn list(&self) -> Result<Vec<ImageStat>> {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
@@ -156,9 +161,13 @@ impl ImageBackend for FileBackend {
                 .with_op("open"));
             }
         };
-        let source = tokio::task::spawn_blocking(move || FileSource::open(path, stat, writable))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Unexpected, format!("open task failed: {e}")))??;
+        let identity = file_identity(&path);
+        let source =
+            tokio::task::spawn_blocking(move || FileSource::open(path, identity, stat, writable))
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Unexpected, format!("open task failed: {e}"))
+                })??;
         Ok(Arc::new(source))
     }
 

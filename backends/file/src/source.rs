@@ -22,7 +22,12 @@ pub(crate) struct FileSource {
 }
 
 impl FileSource {
-    pub(crate) fn open(path: PathBuf, stat: ImageStat, writable: bool) -> Result<Self> {
+    pub(crate) fn open(
+        path: PathBuf,
+        identity: String,
+        stat: ImageStat,
+        writable: bool,
+    ) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -33,6 +38,7 @@ impl FileSource {
             path: Arc::new(path),
             info: SourceInfo {
                 name: stat.name,
+                identity,
                 size: stat.size,
                 generation: stat.generation,
             },

@@ -179,3 +179,35 @@ async fn reads_of_pages_not_in_the_page_cache_are_complete() {
         );
     }
 }
+
+/// Issue 12, item 1: the identity names the real file, whatever the backend is called or
+/// however its root is spelled, and matches the opened source's.
+#[tokio::test]
+async fn identity_is_the_real_path_of_the_image() {
+    let (dir, _) = setup(4096);
+    std::os::unix::fs::symlink(dir.path().join("images"), dir.path().join("alias")).unwrap();
+    let direct = backend(dir.path(), false);
+    let ctx = BackendContext {
+        data_dir: dir.path().to_path_buf(),
+    };
+    let through_link = FileBackend::new(
+        &ctx,
+        "other-name",
+        FileConfig {
+            root: "alias/../alias".into(),
+            writable: false,
+            extension: "img".into(),
+        },
+    );
+    let identity = direct.identity("disk").unwrap();
+    let real = std::fs::canonicalize(dir.path().join("images/disk.img")).unwrap();
+    assert_eq!(identity, format!("file:{}", real.display()));
+    assert_eq!(through_link.identity("disk").unwrap(), identity);
+    let source = through_link.open("disk", OpenMode::ReadOnly).await.unwrap();
+    assert_eq!(source.info().identity, identity);
+    assert_ne!(direct.identity("other").unwrap(), identity);
+    assert_eq!(
+        direct.identity("../x").unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+}

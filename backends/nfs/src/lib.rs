@@ -320,6 +320,17 @@ impl ImageBackend for NfsBackend {
         KIND
     }
 
+    fn identity(&self, image: &str) -> Result<String> {
+        let file = self.file_name(image)?;
+        let path: Vec<&str> = [self.config.export.as_str(), self.config.folder.as_str()]
+            .iter()
+            .flat_map(|part| part.split('/'))
+            .filter(|segment| !segment.is_empty() && *segment != ".")
+            .chain(std::iter::once(file.as_str()))
+            .collect();
+        Ok(format!("nfs:{}:/{}", self.config.server, path.join("/")))
+    }
+
     async fn list(&self) -> Result<Vec<ImageStat>> {
         let suffix = format!(".{}", self.config.extension);
         let mut images = self
@@ -407,6 +418,7 @@ impl ImageBackend for NfsBackend {
         Ok(Arc::new(NfsSource {
             info: SourceInfo {
                 name: image.to_owned(),
+                identity: self.identity(image)?,
                 size: attrs.size,
                 generation: generation(&attrs),
             },

@@ -161,6 +161,8 @@ impl ChunkedSource {
         ChunkedSource {
             info: SourceInfo {
                 name: name.to_owned(),
+                // The same string as `S3Backend::identity`: the image's key under the bucket.
+                identity: format!("{}/{base}", store.location),
                 size: manifest.size,
                 generation: manifest.id.clone(),
             },

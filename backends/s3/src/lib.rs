@@ -162,6 +162,15 @@ impl ImageBackend for S3Backend {
         KIND
     }
 
+    fn identity(&self, image: &str) -> Result<String> {
+        validate_image_name(image)?;
+        Ok(format!(
+            "{}/{}",
+            self.store.location,
+            self.store.path(&[image])
+        ))
+    }
+
     async fn list(&self) -> Result<Vec<ImageStat>> {
         let listing = self.store.list_dir(self.store.prefix()).await?;
         let mut images = Vec::new();
@@ -210,6 +219,7 @@ impl ImageBackend for S3Backend {
             (Found::Object(meta), OpenMode::ReadOnly) => Ok(Arc::new(ObjectSource::new(
                 SourceInfo {
                     name: image.to_owned(),
+                    identity: self.identity(image)?,
                     size: meta.size,
                     generation: object_generation(&meta),
                 },

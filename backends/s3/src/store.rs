@@ -25,6 +25,9 @@ const EXTRA_ATTEMPTS: u32 = 2;
 pub(crate) struct Store {
     /// The backend's name, for messages.
     pub backend: String,
+    /// `s3:ENDPOINT/BUCKET` (`s3:aws:REGION/BUCKET` on AWS): where the bucket lives, for
+    /// image identities.
+    pub location: String,
     s3: AmazonS3,
     prefix: Path,
     limit: Semaphore,
@@ -80,6 +83,16 @@ impl Store {
         if let Some(secret) = &config.secret_access_key {
             builder = builder.with_secret_access_key(secret);
         }
+        let endpoint = builder
+            .get_config_value(&object_store::aws::AmazonS3ConfigKey::Endpoint)
+            .map(|e| e.trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| {
+                let region = builder
+                    .get_config_value(&object_store::aws::AmazonS3ConfigKey::Region)
+                    .unwrap_or_else(|| "us-east-1".to_owned());
+                format!("aws:{region}")
+            });
+        let location = format!("s3:{endpoint}/{}", config.bucket);
         let s3 = builder
             .build()
             .map_err(|e| config_error(format!("cannot set up the S3 client: {e}")))?;
@@ -91,6 +104,7 @@ impl Store {
         })?;
         Ok(Store {
             backend: backend.to_owned(),
+            location,
             s3,
             prefix,
             limit: Semaphore::new(config.concurrency),

@@ -51,6 +51,19 @@ pub trait ImageBackend: Send + Sync + Debug {
     /// The registry kind (`file`, `s3`, ...).
     fn kind(&self) -> &'static str;
 
+    /// Where the bytes of `image` live, independent of the backend's configured name:
+    /// `KIND:` followed by the canonical location and the key (the real path of a file,
+    /// the device number of a block device, endpoint + bucket + prefix + key on S3,
+    /// server + export + path on NFS). Two backends, or two names for one place, that
+    /// reach the same bytes give the same identity; different bytes never do. Caches key
+    /// blocks by it, and the catalog refuses to put one image under two vdisk modes by it.
+    ///
+    /// # Contract
+    /// Cheap and local: no network round trip (a `stat` of a local path at most). It is
+    /// the same string [`crate::SourceInfo::identity`] of an opened source carries, and
+    /// does not change when the image's content does. Names are checked as by `stat`.
+    fn identity(&self, image: &str) -> Result<String>;
+
     /// Every image this backend holds, sorted by name.
     async fn list(&self) -> Result<Vec<ImageStat>>;
 
@@ -130,6 +143,20 @@ impl Debug for ImportOptions {
             .field("progress", &self.progress.is_some())
             .finish()
     }
+}
+
+/// The identity ([`ImageBackend::identity`]) of an image that is a file on this host:
+/// `file:` and its real path, symlinks resolved, so every backend reaching the same file
+/// (two `file` backends on one folder, a `block` backend listing it) names it alike. A
+/// missing file is named by the real path of its folder.
+pub fn file_identity(path: &std::path::Path) -> String {
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| {
+        match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+            (Some(Ok(folder)), Some(name)) => folder.join(name),
+            _ => path.to_path_buf(),
+        }
+    });
+    format!("file:{}", real.display())
 }
 
 /// Checks that `name` is a plain image name that cannot escape a backend's root.

@@ -181,7 +181,7 @@ impl Exports {
                     name,
                     description: describe(backend, stat),
                     size: stat.size,
-                    writable: stat.writable,
+                    writable: false,
                 }
             })
             .collect();
@@ -190,14 +190,12 @@ impl Exports {
     }
 
     /// Opens the export `name` (`IMAGE` or `BACKEND/IMAGE`) with every layer applied.
+    ///
+    /// Plain names are always read-only, also on a writable backend: writes reach an image
+    /// only through a private vdisk's session, which holds its lock.
     pub async fn open(&self, name: &str) -> Result<(DynSource, ExportEntry)> {
         let (backend, stat) = self.resolve(name).await?;
-        let mode = if stat.writable {
-            OpenMode::ReadWrite
-        } else {
-            OpenMode::ReadOnly
-        };
-        let mut source = backend.open(&stat.name, mode).await?;
+        let mut source = backend.open(&stat.name, OpenMode::ReadOnly).await?;
         for layer in &self.layers {
             source = layer.layer(source);
         }
@@ -205,7 +203,7 @@ impl Exports {
             name: name.to_owned(),
             description: describe(&backend, &stat),
             size: source.info().size,
-            writable: stat.writable,
+            writable: false,
         };
         Ok((source, entry))
     }
@@ -323,11 +321,10 @@ fn make_overlay(
 
 fn describe(backend: &DynBackend, stat: &ImageStat) -> String {
     format!(
-        "{} on {} backend '{}'{}",
+        "{} on {} backend '{}'",
         stat.name,
         backend.kind(),
-        backend.name(),
-        if stat.writable { " (read-write)" } else { "" }
+        backend.name()
     )
 }
 

@@ -25,7 +25,12 @@
 //! #   async fn extents(&self, _: u64, l: u64) -> Result<Vec<Extent>> { Ok(vec![Extent { length: l, kind: ExtentKind::Data }]) }
 //! # }
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! let image = Arc::new(Zeros(SourceInfo { name: "demo".into(), size: 1 << 20, generation: "1".into() }));
+//! let image = Arc::new(Zeros(SourceInfo {
+//!     name: "demo".into(),
+//!     identity: "mem:demo".into(),
+//!     size: 1 << 20,
+//!     generation: "1".into(),
+//! }));
 //! let cache = CacheLayer::new(Arc::new(RamTier::new(64 << 20)), 64 * 1024);
 //! let source = cache.layer(image);
 //! let block = source.read_at(4096, 512, ReadOpts::default()).await.unwrap();
@@ -36,6 +41,7 @@
 //! ```
 
 mod backend;
+mod blocking;
 pub mod cache;
 mod chunks;
 pub mod cow;
@@ -50,11 +56,15 @@ pub mod sparse;
 pub mod units;
 
 pub use backend::{
-    DynBackend, ImageBackend, ImageStat, ImportOptions, OpenMode, ProgressFn, validate_image_name,
+    DynBackend, ImageBackend, ImageStat, ImportOptions, OpenMode, ProgressFn, file_identity,
+    validate_image_name,
 };
-pub use cache::{BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, TierStats};
+pub use blocking::run_blocking;
+pub use cache::{
+    BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, TierStats, stable_hash,
+};
 pub use chunks::Chunks;
-pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};
+pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, SpillOverlay};
 pub use error::{Error, ErrorKind, Result};
 pub use exports::{ExportEntry, Exports, loggable_export_name};
 pub use layer::Layer;

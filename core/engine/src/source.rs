@@ -22,6 +22,10 @@ pub type DynSource = Arc<dyn BlockSource>;
 pub struct SourceInfo {
     /// The image (vdisk) name inside its backend.
     pub name: String,
+    /// Where the bytes live, whatever the backend is called in the configuration: the
+    /// backend kind, its canonical location and the image key, as
+    /// [`crate::ImageBackend::identity`] gives it. Caches key blocks by it.
+    pub identity: String,
     /// Size in bytes. Fixed for the life of the source.
     pub size: u64,
     /// Changes whenever the image's content may have changed (mtime+size, ETag, version

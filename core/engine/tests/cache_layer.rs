@@ -200,3 +200,32 @@ async fn multi_block_reads_hand_out_the_cached_blocks_without_copying() {
         "both reads share the cached block's memory"
     );
 }
+
+/// Issue 12, item 1: two backends holding an image of the same name, size and generation
+/// but different bytes never share cached blocks; the key is the image's identity.
+#[tokio::test]
+async fn images_of_one_name_on_two_backends_never_share_cached_blocks() {
+    let layer = cache(16 << 20, 64 << 10);
+    let (a_data, b_data) = (pattern(40, 1 << 20), pattern(41, 1 << 20));
+    let a = layer.layer(Arc::new(
+        MemSource::new("win11", a_data.clone()).with_identity("file:/srv/a/win11.img"),
+    ));
+    let b = layer.layer(Arc::new(
+        MemSource::new("win11", b_data.clone()).with_identity("file:/srv/b/win11.img"),
+    ));
+    assert_eq!(a.info().generation, b.info().generation);
+    use osstream_core::BlockSourceExt;
+    assert_eq!(a.read_all().await.unwrap(), Bytes::from(a_data));
+    assert_eq!(b.read_all().await.unwrap(), Bytes::from(b_data.clone()));
+    // And one place reached through two backend names is one set of blocks.
+    let c = layer.layer(Arc::new(
+        MemSource::new("other-name", b_data.clone()).with_identity("file:/srv/b/win11.img"),
+    ));
+    let misses = layer.stats().misses;
+    assert_eq!(c.read_all().await.unwrap(), Bytes::from(b_data));
+    assert_eq!(
+        layer.stats().misses,
+        misses,
+        "served from b's cached blocks"
+    );
+}

@@ -45,6 +45,7 @@ impl MemSource {
         MemSource {
             info: SourceInfo {
                 name: name.to_owned(),
+                identity: format!("mem:{name}"),
                 size: data.len() as u64,
                 generation: "mem-1".into(),
             },
@@ -59,6 +60,12 @@ impl MemSource {
             writable: true,
             ..MemSource::new(name, data)
         }
+    }
+
+    /// The same source under another identity (the same image name on other storage).
+    pub fn with_identity(mut self, identity: &str) -> Self {
+        self.info.identity = identity.to_owned();
+        self
     }
 
     /// The same source under another generation string (an image that changed).

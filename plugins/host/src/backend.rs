@@ -57,6 +57,10 @@ impl Drop for Instance {
 pub struct PluginBackend {
     name: String,
     instance: Arc<Instance>,
+    /// `plugin:LIBRARY#CONFIG`: the library's real path and a hash of the configuration it
+    /// was given, so two backend names for one plugin setup share an identity and two
+    /// setups never do (the ABI has no way for a plugin to name its storage yet).
+    location: String,
 }
 
 impl PluginBackend {
@@ -87,9 +91,12 @@ impl PluginBackend {
                 )
             })?;
         tracing::info!(backend = %name, plugin = plugin.name(), version = plugin.version(), "plugin backend ready");
+        let library = std::fs::canonicalize(&config.path).unwrap_or_else(|_| config.path.clone());
+        let config_hash = osstream_core::stable_hash(&[&String::from_utf8_lossy(&json)]);
         Ok(PluginBackend {
             name: name.to_owned(),
             instance: Arc::new(Instance { plugin, ptr }),
+            location: format!("plugin:{}#{config_hash:032x}", library.display()),
         })
     }
 
@@ -154,6 +161,11 @@ impl ImageBackend for PluginBackend {
 
     fn kind(&self) -> &'static str {
         crate::KIND
+    }
+
+    fn identity(&self, image: &str) -> Result<String> {
+        validate_image_name(image)?;
+        Ok(format!("{}/{image}", self.location))
     }
 
     async fn list(&self) -> Result<Vec<ImageStat>> {
@@ -289,6 +301,7 @@ impl ImageBackend for PluginBackend {
         Ok(Arc::new(PluginSource {
             info: SourceInfo {
                 name: image.to_owned(),
+                identity: self.identity(image)?,
                 size,
                 generation,
             },

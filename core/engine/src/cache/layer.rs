@@ -129,7 +129,7 @@ impl Layer for CacheLayer {
         }
         let info = inner.info();
         Arc::new(CacheSource {
-            image: stable_hash(&[&info.name]),
+            image: stable_hash(&[&info.identity]),
             generation: stable_hash(&[&info.generation]),
             inner,
             state: self.state.clone(),
@@ -141,8 +141,8 @@ impl Layer for CacheLayer {
 struct CacheSource {
     inner: DynSource,
     state: Arc<CacheState>,
-    image: u64,
-    generation: u64,
+    image: u128,
+    generation: u128,
 }
 
 impl fmt::Debug for CacheSource {

@@ -168,7 +168,7 @@ impl CacheTier for RamTier {
         Ok(())
     }
 
-    async fn invalidate(&self, image: u64, generation: u64) -> Result<u64> {
+    async fn invalidate(&self, image: u128, generation: u128) -> Result<u64> {
         let mut dropped = 0;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -220,6 +220,11 @@ impl Hasher for KeyHasher {
 
     fn write_u64(&mut self, n: u64) {
         self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
     }
 }
 
