@@ -29,7 +29,17 @@ pub enum VdiskCommand {
         force: bool,
     },
     /// Clear a private vdisk's write lock left by a session that is gone.
-    Unlock { name: String },
+    ///
+    /// Refused while the holding session is attached on a server whose heartbeat is
+    /// fresh (its client is writing), unless --force.
+    Unlock {
+        name: String,
+        /// Unlock even while the holder is attached on a live server: its later flushes
+        /// fail (they are fenced by the lock's epoch), but a write already on its way to
+        /// file, block or NFS storage may still land after the next holder's.
+        #[arg(long)]
+        force: bool,
+    },
     /// Upload a local disk image to a backend and register it as a vdisk.
     ///
     /// Works on `file` and `s3` backends. On S3 the backend's `layout` decides how the
@@ -220,12 +230,43 @@ pub fn backend_named(config: &Config, name: &str) -> Result<osstream_core::DynBa
     crate::serve::registry().build_backend(&ctx, name, table)
 }
 
-/// Registers the image `key` (described by `stat`) as the vdisk `add.name`.
+/// Records where the bytes of the vdisks that have no image identity yet live (vdisks
+/// registered before identities were kept), for every vdisk whose backend this
+/// configuration has (plugins excepted: naming their images means loading them). The
+/// server does it for all vdisks at start-up; this covers admin commands run before.
+pub async fn fill_image_ids(config: &Config, catalog: &SqlCatalog) -> Result<()> {
+    let mut built: std::collections::BTreeMap<String, Option<osstream_core::DynBackend>> =
+        std::collections::BTreeMap::new();
+    let mut ids = Vec::new();
+    for vdisk in catalog.vdisks().await? {
+        if vdisk.image_id.is_some() {
+            continue;
+        }
+        let backend = built.entry(vdisk.backend.clone()).or_insert_with(|| {
+            let table = config.backends.get(&vdisk.backend)?;
+            let is_plugin = matches!(table.get("kind"), Some(figment::value::Value::String(_, k)) if k == "plugin");
+            if is_plugin {
+                return None;
+            }
+            backend_named(config, &vdisk.backend).ok()
+        });
+        if let Some(backend) = backend
+            && let Ok(identity) = backend.identity(&vdisk.key)
+        {
+            ids.push((vdisk.name, identity));
+        }
+    }
+    catalog.set_image_ids(&ids).await.map(drop)
+}
+
+/// Registers the image `key` (described by `stat`) as the vdisk `add.name`; `image_id`
+/// is where its bytes live (the backend's identity of it).
 pub async fn register_vdisk(
     catalog: &SqlCatalog,
     add: &VdiskAdd,
     key: String,
     stat: &osstream_core::ImageStat,
+    image_id: String,
 ) -> Result<Vdisk> {
     let mode = add.mode.parse::<VdiskMode>()?;
     if mode == VdiskMode::Private && !stat.writable {
@@ -253,6 +294,7 @@ pub async fn register_vdisk(
         enabled: true,
         locked_by: None,
         created_at: 0,
+        image_id: Some(image_id),
     };
     catalog.add_vdisk(&vdisk).await?;
     catalog.vdisk(&vdisk.name).await
@@ -400,7 +442,9 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                 }
                 Err(e) => return Err(e),
             };
-            let vdisk = register_vdisk(&catalog, &add, key, &stat).await?;
+            let image_id = backend.identity(&key)?;
+            fill_image_ids(config, &catalog).await?;
+            let vdisk = register_vdisk(&catalog, &add, key, &stat, image_id).await?;
             output(
                 json,
                 &vdisk,
@@ -475,6 +519,9 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                 },
                 size: None,
             };
+            if changes.mode.is_some() {
+                fill_image_ids(config, &catalog).await?;
+            }
             let vdisk = catalog.update_vdisk(&set.name, &changes).await?;
             output(
                 json,
@@ -490,7 +537,8 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
             }
             Ok(())
         }
-        VdiskCommand::Unlock { name } => {
+        VdiskCommand::Unlock { name, force } => {
+            check_unlock(config, &catalog, &name, force).await?;
             catalog.unlock_vdisk(&name).await?;
             if !json {
                 println!("vdisk {name} is unlocked");
@@ -498,6 +546,58 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
             Ok(())
         }
     }
+}
+
+/// Refuses to clear the lock of a private vdisk whose holder is attached on a live server,
+/// unless `force` (then says what that risks).
+async fn check_unlock(
+    config: &Config,
+    catalog: &SqlCatalog,
+    name: &str,
+    force: bool,
+) -> Result<()> {
+    let vdisk = catalog.vdisk(name).await?;
+    let Some(holder) = vdisk.locked_by else {
+        return Ok(());
+    };
+    let Some(session) = catalog
+        .sessions(true)
+        .await?
+        .into_iter()
+        .find(|s| s.id == holder)
+    else {
+        return Ok(());
+    };
+    let timeout = config.sessions.server_timeout.0.as_millis() as i64;
+    let servers = catalog.servers().await?;
+    let server = servers
+        .iter()
+        .find(|s| Some(&s.id) == session.owner.as_ref())
+        .filter(|s| s.stopped_at.is_none() && s.heartbeat_age <= timeout);
+    let (true, Some(server)) = (session.attached, server) else {
+        return Ok(());
+    };
+    let risk = "its later flushes fail (they are fenced by the lock's epoch), but writes already on \
+                their way to file, block or NFS storage may still land after the next holder's";
+    if force {
+        eprintln!(
+            "osstream: warning: unlocking while session {holder} is attached on server {}: {risk}",
+            server.name
+        );
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "vdisk {name:?} is locked by session {holder} of client {}, attached on server {} ({}, heartbeat {}s ago): \
+             its client is writing now. Unlocking lets another client write meanwhile: {risk}. \
+             Close the session once the client is off (osstream session close {holder}), or pass --force",
+            session.mac,
+            server.name,
+            server.nbd_address.as_deref().unwrap_or("no NBD address"),
+            server.heartbeat_age / 1000
+        ),
+    ))
 }
 
 fn client_rows(clients: &[Client]) -> Vec<Vec<String>> {
@@ -706,22 +806,39 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
     match command.clone() {
         SessionCommand::List { all } => {
             let sessions = catalog.sessions(all).await?;
+            let servers = catalog.servers().await?;
+            let server_name = |id: &Option<String>| {
+                servers
+                    .iter()
+                    .find(|s| Some(&s.id) == id.as_ref())
+                    .map_or_else(
+                        || opt(id),
+                        |s| format!("{} ({})", s.name, s.nbd_address.as_deref().unwrap_or("-")),
+                    )
+            };
             let rows = sessions
                 .iter()
                 .map(|s| {
+                    let state = match (&s.closed_at, s.attached, s.detached_at) {
+                        (Some(_), _, _) => {
+                            format!("ended: {}", s.end_reason.as_deref().unwrap_or("closed"))
+                        }
+                        (None, true, _) => "attached".to_owned(),
+                        (None, false, Some(at)) => {
+                            format!("no connection since {}", when(Some(at)))
+                        }
+                        (None, false, None) => "waiting for its client".to_owned(),
+                    };
                     vec![
                         s.id.clone(),
                         s.mac.to_string(),
                         s.vdisk.clone(),
                         opt(&s.peer),
+                        server_name(&s.owner),
                         when(Some(s.started_at)),
                         osstream_core::ByteSize(s.bytes_read).to_string(),
                         osstream_core::ByteSize(s.bytes_written).to_string(),
-                        if s.closed_at.is_some() {
-                            "closed".into()
-                        } else {
-                            "live".into()
-                        },
+                        state,
                     ]
                 })
                 .collect();
@@ -729,7 +846,7 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
                 json,
                 &sessions,
                 &[
-                    "ID", "MAC", "VDISK", "PEER", "STARTED", "READ", "WRITTEN", "STATE",
+                    "ID", "MAC", "VDISK", "PEER", "SERVER", "STARTED", "READ", "WRITTEN", "STATE",
                 ],
                 rows,
             )
@@ -738,7 +855,13 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
             let mac: Mac = mac.parse()?;
             let session = catalog.open_session(&mac, &vdisk, None).await?;
             let export = session.export_name();
-            let address = session_address(config, &export, None);
+            // The address a running server registered (its real listeners, also those of
+            // `serve --listen`), the most recently started first.
+            let timeout = config.sessions.server_timeout.0.as_millis() as i64;
+            let mut live = catalog.live_servers(timeout).await?;
+            live.sort_by_key(|s| std::cmp::Reverse(s.started_at));
+            let registered = live.iter().find_map(|s| s.nbd_address.clone());
+            let address = session_address(config, &export, registered.as_deref());
             if json {
                 #[derive(Serialize)]
                 struct Opened<'a> {
@@ -767,7 +890,9 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
             Ok(())
         }
         SessionCommand::Close { id } => {
-            catalog.close_session(&id).await?;
+            catalog
+                .close_session(&id, "closed by an administrator (osstream session close)")
+                .await?;
             if !json {
                 println!("closed session {id}");
             }

@@ -79,12 +79,22 @@ pub struct SessionsConfig {
     pub ram_capacity: ByteSize,
     /// Copy-on-write granularity. Default: `4KiB`.
     pub block_size: ByteSize,
-    /// How often sessions closed in the catalog are checked for, to end their
-    /// connections. Default: `2s`.
+    /// How often the server sends its heartbeat to the catalog, checks for sessions
+    /// closed or taken elsewhere (to end their connections here) and ends idle sessions.
+    /// Default: `2s`.
     pub reconcile_interval: osstream_core::Seconds,
-    /// A session nobody has used for this long (no connection on any server) is closed,
-    /// and a private vdisk's lock with it. Default: `10m`.
+    /// A session with no connection ends this long after its last one closed (a booting
+    /// client connects several times: firmware, initramfs, the OS). Default: `60s`.
+    pub grace: osstream_core::Seconds,
+    /// A session nobody ever connected to ends this long after it was opened, and a
+    /// private vdisk's lock with it. Default: `10m`.
     pub lease: osstream_core::Seconds,
+    /// A server whose heartbeat is older than this is gone for the others sharing the
+    /// catalog: its private sessions may move to another server (fenced by a new lock
+    /// epoch) and its other sessions count as disconnected. It stops writing for its
+    /// private sessions after half of this without reaching the catalog. Use the same
+    /// value on every server. Default: `15s`.
+    pub server_timeout: osstream_core::Seconds,
 }
 
 impl Default for SessionsConfig {
@@ -94,7 +104,9 @@ impl Default for SessionsConfig {
             ram_capacity: ByteSize::mib(512),
             block_size: ByteSize::kib(4),
             reconcile_interval: osstream_core::Seconds(std::time::Duration::from_secs(2)),
+            grace: osstream_core::Seconds(std::time::Duration::from_secs(60)),
             lease: osstream_core::Seconds(std::time::Duration::from_secs(600)),
+            server_timeout: osstream_core::Seconds(std::time::Duration::from_secs(15)),
         }
     }
 }
@@ -313,6 +325,17 @@ fn check(config: &Config) -> Result<()> {
             ErrorKind::Config,
             format!(
                 "sessions.block_size = {overlay} must be a power of two from 512 bytes to 1MiB"
+            ),
+        ));
+    }
+    let sessions = &config.sessions;
+    if sessions.server_timeout.0 < sessions.reconcile_interval.0 * 3 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "sessions.server_timeout = {} must be at least three reconcile intervals ({}): \
+                 a server misses no more than a heartbeat or two before others take its sessions",
+                sessions.server_timeout, sessions.reconcile_interval
             ),
         ));
     }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use osstream_catalog::SessionTimers;
 use osstream_core::{
     BackendContext, BootProtocol, CacheLayer, DynBackend, Error, ErrorKind, Exports, Layer,
     OverlaySettings, RamTier, Registry, Result, ServeContext,
@@ -119,15 +120,33 @@ async fn serve(config: Config) -> Result<()> {
     }
     let catalog = crate::admin::open_catalog(&config).await?;
     tracing::info!(catalog = catalog.flavour(), "catalog ready");
+    let (me, _server_lock) = crate::sessions::server_identity(&config.data_dir)?;
+    catalog
+        .register_server(&me, &crate::sessions::host_name())
+        .await?;
+    tracing::info!(server = %me.id, instance = %me.instance, "server registered in the catalog");
+    for (session, what) in catalog.adopt_sessions(&me).await? {
+        tracing::info!(session = %session.id, client = %session.mac, vdisk = %session.vdisk, "after the restart: {what}");
+    }
+    refresh_image_ids(&catalog, &backends).await;
     let overlays = OverlaySettings {
         dir: ctx.resolve(&config.sessions.overlay_dir),
         ram_capacity: config.sessions.ram_capacity.bytes(),
         block_size: config.sessions.block_size.bytes(),
     };
-    let exports = Arc::new(Exports::new(backends, layers).with_sessions(
-        Arc::new(crate::sessions::CatalogSessions::new(catalog.clone())),
-        overlays,
+    let timers = SessionTimers {
+        grace_ms: config.sessions.grace.0.as_millis() as i64,
+        lease_ms: config.sessions.lease.0.as_millis() as i64,
+        server_timeout_ms: config.sessions.server_timeout.0.as_millis() as i64,
+    };
+    let directory = Arc::new(crate::sessions::CatalogSessions::new(
+        catalog.clone(),
+        me.clone(),
+        timers,
     ));
+    let exports =
+        Arc::new(Exports::new(backends, layers).with_sessions(directory.clone(), overlays.clone()));
+    crate::sessions::sweep_overlays(&catalog, &exports, &overlays.dir).await;
     let names: Vec<String> = exports.list().await?.into_iter().map(|e| e.name).collect();
 
     let mut protocols: Vec<Box<dyn BootProtocol>> = Vec::new();
@@ -144,15 +163,20 @@ async fn serve(config: Config) -> Result<()> {
     for protocol in &mut protocols {
         let bound = protocol.bind().await?;
         tracing::info!(protocol = protocol.name(), listen = %bound.join(", "), "listening");
+        #[cfg(feature = "boot-nbd")]
+        if protocol.name() == osstream_nbd::KIND {
+            let address = config.nbd.public_address_for(&bound);
+            catalog.set_server_address(&me, address.as_deref()).await?;
+        }
     }
     tracing::info!(exports = %names.join(", "), "osstream ready");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::sessions::reconcile(
-        catalog,
+        directory,
         exports.clone(),
         config.sessions.reconcile_interval.0,
-        config.sessions.lease.0,
+        overlays.dir.clone(),
         shutdown.clone(),
     ));
     let serve_ctx = ServeContext { exports };
@@ -176,6 +200,15 @@ async fn serve(config: Config) -> Result<()> {
             Err(err) => tracing::error!(%err, "protocol task failed"),
         }
     }
+    match catalog.stop_server(&me).await {
+        Ok(ended) => {
+            for session in ended {
+                tracing::info!(session = %session.id, client = %session.mac, vdisk = %session.vdisk,
+                    "session ended: {}", osstream_catalog::reasons::RAM_OVERLAY_STOPPED);
+            }
+        }
+        Err(err) => tracing::warn!(%err, "cannot record the stop in the catalog"),
+    }
     if let Some(cache) = ram_cache {
         let stats = cache.stats();
         let tier = cache.tier().stats();
@@ -192,6 +225,38 @@ async fn serve(config: Config) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Records where every vdisk's bytes live, as this server's backends name them, so the
+/// catalog can refuse one image under two modes; says so when an identity changed (a
+/// backend reconfigured to point elsewhere).
+async fn refresh_image_ids(catalog: &osstream_catalog::SqlCatalog, backends: &[DynBackend]) {
+    use osstream_catalog::Catalog;
+    let vdisks = match catalog.vdisks().await {
+        Ok(vdisks) => vdisks,
+        Err(err) => {
+            tracing::warn!(%err, "cannot list vdisks to record their images");
+            return;
+        }
+    };
+    let mut ids = Vec::new();
+    for vdisk in vdisks {
+        let Some(backend) = backends.iter().find(|b| b.name() == vdisk.backend) else {
+            continue;
+        };
+        match backend.identity(&vdisk.key) {
+            Ok(identity) => ids.push((vdisk.name, identity)),
+            Err(err) => tracing::warn!(vdisk = %vdisk.name, %err, "cannot name the vdisk's image"),
+        }
+    }
+    match catalog.set_image_ids(&ids).await {
+        Ok(changed) => {
+            for vdisk in changed {
+                tracing::warn!(%vdisk, "the vdisk's image is somewhere else now (its backend changed)");
+            }
+        }
+        Err(err) => tracing::warn!(%err, "cannot record the vdisks' images"),
+    }
 }
 
 async fn wait_for_signal() -> Result<()> {

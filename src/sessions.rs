@@ -1,25 +1,53 @@
 //! The catalog as the engine's session directory: tokens to vdisks, with the checks the
-//! catalog owns (session live, vdisk assigned and enabled, private lock held).
+//! catalog owns (session live, vdisk assigned and enabled, private lock held, one server
+//! at a time), and the loop that keeps this server's view and the catalog's in step.
 
-use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use osstream_catalog::{Catalog, SqlCatalog, VdiskMode, WriteCache};
+use osstream_catalog::{
+    Catalog, ServerRef, SessionTimers, SqlCatalog, VdiskMode, WriteCache, ended,
+};
 use osstream_core::{
-    Error, ErrorKind, Exports, OverlayKind, Result, SessionDirectory, SessionTarget, async_trait,
+    Error, ErrorKind, Exports, Grant, ImageState, LockToken, OverlayKind, Result, SessionDirectory,
+    SessionTarget, async_trait,
 };
 use tokio_util::sync::CancellationToken;
 
-/// Resolves `s/<token>` exports through the catalog.
+/// Resolves `s/<token>` exports through the catalog, as the server `me`.
 #[derive(Debug)]
 pub struct CatalogSessions {
     catalog: SqlCatalog,
+    me: ServerRef,
+    timers: SessionTimers,
+    /// The moment the lease runs out (milliseconds after `epoch`): this server's last
+    /// heartbeat that reached the catalog, plus half the server timeout. Another server
+    /// takes this one's sessions only after a whole timeout without a heartbeat.
+    lease_until: AtomicU64,
+    epoch: Instant,
 }
 
 impl CatalogSessions {
-    pub fn new(catalog: SqlCatalog) -> Self {
-        CatalogSessions { catalog }
+    pub fn new(catalog: SqlCatalog, me: ServerRef, timers: SessionTimers) -> Self {
+        let sessions = CatalogSessions {
+            catalog,
+            me,
+            timers,
+            lease_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        };
+        sessions.renew_lease(Instant::now());
+        sessions
+    }
+
+    /// Extends the lease from `sent`, the moment the heartbeat that reached the catalog
+    /// was sent.
+    fn renew_lease(&self, sent: Instant) {
+        let valid = Duration::from_millis(self.timers.server_timeout_ms.max(0) as u64 / 2);
+        let until = (sent + valid).saturating_duration_since(self.epoch);
+        self.lease_until
+            .store(until.as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -43,14 +71,7 @@ impl SessionDirectory for CatalogSessions {
             }
         })?;
         if session.closed_at.is_some() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "session {} has ended (the client booted again, or an administrator closed it)",
-                    session.id
-                ),
-            )
-            .with_context("peer", peer));
+            return Err(ended(&session).with_context("peer", peer));
         }
         let vdisk = self.catalog.vdisk(&session.vdisk).await?;
         if !vdisk.enabled {
@@ -110,71 +131,228 @@ impl SessionDirectory for CatalogSessions {
         })
     }
 
+    async fn attach(&self, target: &SessionTarget, image: &str, peer: &str) -> Result<Grant> {
+        let holding = self
+            .catalog
+            .attach_session(&target.session, &self.me, image, &self.timers)
+            .await
+            .map_err(|e| e.with_context("peer", peer))?;
+        Ok(Grant {
+            lock: target.is_private().then(|| LockToken {
+                vdisk: target.vdisk.clone(),
+                session: target.session.clone(),
+                image: image.to_owned(),
+                epoch: holding.epoch,
+            }),
+            image_epoch: holding.image_epoch,
+        })
+    }
+
     async fn detached(&self, target: &SessionTarget, read: u64, written: u64, last: bool) {
         if let Err(err) = self.catalog.record_io(&target.session, read, written).await {
             tracing::warn!(session = %target.session, %err, "cannot record session I/O");
         }
-        // A private vdisk's lock goes with its writer: the last connection gone ends it.
-        if last && target.overlay.is_none() {
-            match self.catalog.close_session(&target.session).await {
-                Ok(()) => {
-                    tracing::info!(session = %target.session, vdisk = %target.vdisk, "private session ended; lock released")
-                }
-                Err(err) if err.kind() == ErrorKind::NotFound => {}
-                Err(err) => {
-                    tracing::warn!(session = %target.session, %err, "cannot close the private session")
-                }
+        match self
+            .catalog
+            .detach_session(&target.session, &self.me, last, target.is_private())
+            .await
+        {
+            Ok(()) if last => {
+                tracing::info!(session = %target.session, vdisk = %target.vdisk, grace = ?Duration::from_millis(self.timers.grace_ms as u64),
+                    "the session's last connection here closed; it ends after the grace period unless the client comes back")
+            }
+            Ok(()) => {}
+            Err(err) => {
+                tracing::warn!(session = %target.session, %err, "cannot record the session's detach")
             }
         }
     }
+
+    async fn check_lock(&self, lock: &LockToken) -> Result<()> {
+        self.catalog.check_lock(lock).await
+    }
+
+    fn holds_lease(&self) -> bool {
+        (self.epoch.elapsed().as_millis() as u64) < self.lease_until.load(Ordering::Relaxed)
+    }
+
+    async fn image_state(&self, image: &str) -> Result<ImageState> {
+        let image_use = self.catalog.image_use(image).await?;
+        Ok(ImageState {
+            writer: image_use
+                .writer
+                .map(|(vdisk, session)| format!("private vdisk {vdisk:?} (session {session})")),
+            epoch: image_use.epoch,
+        })
+    }
 }
 
-/// Every `period`, ends the connections of sessions the catalog no longer has live, so
-/// `osstream session close`, `vdisk rm --force` and `client rm` reach running clients.
-///
-/// Every quarter `lease`, marks this server's connected sessions active and closes the
-/// sessions nobody has used for a whole `lease` (on any server sharing the catalog): the
-/// lock of a private vdisk whose server crashed is released that way.
+/// Every `period` (until `shutdown`): the heartbeat; ends the connections here of
+/// sessions the catalog no longer has this server hold (closed, replaced, taken after a
+/// lapse); ends plain-name readers of images a private session writes; releases the
+/// sessions of servers that are gone and ends those past their grace or lease (any
+/// server does it); now and then removes the overlay folders of ended sessions.
 pub async fn reconcile(
-    catalog: SqlCatalog,
+    directory: Arc<CatalogSessions>,
     exports: Arc<Exports>,
     period: Duration,
-    lease: Duration,
+    overlays: std::path::PathBuf,
     shutdown: CancellationToken,
 ) {
-    let heartbeat = (lease / 4).max(period);
-    let mut last_heartbeat: Option<std::time::Instant> = None;
+    let catalog = directory.catalog.clone();
+    let me = directory.me.clone();
+    let mut last_sweep = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        if last_heartbeat.is_none_or(|at| at.elapsed() >= heartbeat) {
-            last_heartbeat = Some(std::time::Instant::now());
-            if let Err(err) = catalog.touch_sessions(&exports.connected_sessions()).await {
-                tracing::warn!(%err, "cannot mark connected sessions active");
-            }
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            match catalog
-                .expire_sessions(now_ms - lease.as_millis() as i64)
-                .await
-            {
-                Ok(expired) => {
-                    for session in expired {
-                        tracing::info!(session = %session.id, client = %session.mac, vdisk = %session.vdisk, "session lease expired");
-                    }
-                }
-                Err(err) => tracing::warn!(%err, "cannot expire idle sessions"),
-            }
+        let sent = Instant::now();
+        if let Err(err) = catalog.heartbeat(&me).await {
+            tracing::warn!(%err, "heartbeat failed; writes of private sessions stop once the lease runs out");
+            continue;
         }
-        match catalog.sessions(false).await {
-            Ok(sessions) => {
-                let live: HashSet<String> = sessions.into_iter().map(|s| s.id).collect();
-                exports.retain_sessions(|id| live.contains(id));
+        match catalog.held_sessions(&me).await {
+            Ok(held) => {
+                exports.retain_sessions(|id| held.contains(id), sent);
+                // Only now: a session another server took meanwhile is ended above
+                // before this server may write again.
+                directory.renew_lease(sent);
             }
-            Err(err) => tracing::warn!(%err, "cannot read live sessions from the catalog"),
+            Err(err) => tracing::warn!(%err, "cannot read the sessions this server holds"),
+        }
+        match catalog.locked_images().await {
+            Ok(locked) => {
+                exports.end_readers(|image| locked.contains(image));
+            }
+            Err(err) => tracing::warn!(%err, "cannot read locked images"),
+        }
+        match catalog.reap_sessions(&me, &directory.timers).await {
+            Ok(changes) => {
+                for (session, what) in changes {
+                    tracing::info!(session = %session.id, client = %session.mac, vdisk = %session.vdisk, "session {what}");
+                }
+            }
+            Err(err) => tracing::warn!(%err, "cannot end idle sessions"),
+        }
+        if last_sweep.elapsed() >= period * SWEEP_ROUNDS {
+            last_sweep = Instant::now();
+            sweep_overlays(&catalog, &exports, &overlays).await;
         }
     }
+}
+
+/// Every this many reconcile rounds, the overlay folders of ended sessions are removed.
+const SWEEP_ROUNDS: u32 = 5;
+
+/// Removes the folders `<overlays>/<client>/<vdisk>/session-<id>` of sessions that are
+/// no longer live (persistent overlays stay), then empty client and vdisk folders.
+pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &std::path::Path) {
+    let live = match catalog.live_session_ids().await {
+        Ok(live) => live,
+        Err(err) => {
+            tracing::warn!(%err, "cannot read live sessions to remove old overlays");
+            return;
+        }
+    };
+    let connected = exports.connected_sessions();
+    let Ok(clients) = std::fs::read_dir(overlays) else {
+        return;
+    };
+    for client in clients.flatten() {
+        let Ok(vdisks) = std::fs::read_dir(client.path()) else {
+            continue;
+        };
+        for vdisk in vdisks.flatten() {
+            let Ok(folders) = std::fs::read_dir(vdisk.path()) else {
+                continue;
+            };
+            for folder in folders.flatten() {
+                let name = folder.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.strip_prefix("session-")) else {
+                    continue;
+                };
+                if live.contains(id) || connected.iter().any(|c| c == id) {
+                    continue;
+                }
+                match std::fs::remove_dir_all(folder.path()) {
+                    Ok(()) => {
+                        tracing::info!(session = id, folder = %folder.path().display(), "removed the write overlay of an ended session")
+                    }
+                    Err(err) => {
+                        tracing::warn!(folder = %folder.path().display(), %err, "cannot remove an old write overlay")
+                    }
+                }
+            }
+            // Fails (and keeps the folder) while anything is left in it.
+            let _ = std::fs::remove_dir(vdisk.path());
+        }
+        let _ = std::fs::remove_dir(client.path());
+    }
+}
+
+/// This server's lasting id, kept in `<data_dir>/server-id` (made on first start), and a
+/// lock on `<data_dir>/server.lock` held while the process runs: two servers on one data
+/// directory would share overlays and an id.
+pub fn server_identity(data_dir: &std::path::Path) -> Result<(ServerRef, std::fs::File)> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let lock_path = data_dir.join("server.lock");
+    let mut lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::from_io(e, format!("cannot open {}", lock_path.display())))?;
+    // SAFETY: flock only reads the descriptor, which `lock` keeps open for the call.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "another osstream server runs on data_dir {} (pid {}); give each server its own data_dir",
+                data_dir.display(),
+                holder.trim()
+            ),
+        ));
+    }
+    let _ = lock.set_len(0);
+    let _ = write!(lock, "{}", std::process::id());
+    let id_path = data_dir.join("server-id");
+    let id = match std::fs::read_to_string(&id_path) {
+        Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+        _ => {
+            let id = random_hex(8)?;
+            std::fs::write(&id_path, format!("{id}\n"))
+                .map_err(|e| Error::from_io(e, format!("cannot write {}", id_path.display())))?;
+            id
+        }
+    };
+    Ok((
+        ServerRef {
+            id,
+            instance: random_hex(8)?,
+        },
+        lock,
+    ))
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| Error::from_io(e, "cannot read /dev/urandom"))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The host name, for the servers table.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }

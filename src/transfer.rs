@@ -360,6 +360,11 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
     let backend: DynBackend = backend_named(config, &add.backend)?;
     // Checked before the (slow) conversion and hashing; the backend checks again when it
     // stores the image.
+    let image_id = backend.identity(&key)?;
+    crate::admin::fill_image_ids(config, catalog).await?;
+    catalog
+        .check_image_modes(&add.name, mode, Some(&image_id))
+        .await?;
     if !import.replace && backend.stat(&key).await.is_ok() {
         return Err(Error::new(
             ErrorKind::Conflict,
@@ -430,7 +435,7 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
             };
             catalog.update_vdisk(&add.name, &changes).await
         }
-        None => register_vdisk(catalog, add, key, &stat).await,
+        None => register_vdisk(catalog, add, key, &stat, image_id).await,
     }
 }
 

@@ -56,8 +56,16 @@ def test_an_invalid_log_filter_in_the_file_is_refused_too(lab):
 
 
 def test_output_into_a_closed_pipe_ends_quietly(lab):
+    import sqlite3
     lab("vdisk", "add", "win", "--backend", "images")
-    for args in (["--json", "vdisk", "list"], ["vdisk", "list"], ["config", "show"]):
+    # More output than a pipe holds (64 KiB), so writing goes on after `head` is gone.
+    db = sqlite3.connect(lab.data / "catalog.db")
+    db.executemany("INSERT INTO clients (mac, name, hostname, client_group, notes, created_at) "
+                   "VALUES (?, NULL, NULL, 'lab', 'a client with a note long enough to fill lines', 0)",
+                   [(f"aa:bb:cc:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}",) for i in range(3000)])
+    db.commit()
+    db.close()
+    for args in (["--json", "client", "list"], ["client", "list"], ["--json", "vdisk", "list"]):
         shell = f"{BINARY} --config {lab.config} {' '.join(args)} | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}"
         out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
         assert "panicked" not in out.stderr and "Broken pipe" not in out.stderr, out.stderr

@@ -49,6 +49,15 @@ def open_session(lab, mac, vdisk):
     return lab.cli("session", "open", mac, vdisk).stdout.strip()
 
 
+def sessions(lab, all=False):
+    import json
+    return json.loads(lab.cli("--json", "session", "list", *(["--all"] if all else [])).stdout)
+
+
+def session_id(lab, mac):
+    return next(s["id"] for s in sessions(lab) if s["mac"] == mac)
+
+
 def connect(uri):
     h = nbd.NBD()
     h.connect_uri(uri)
@@ -91,7 +100,10 @@ def test_a_private_vdisk_has_one_writer_at_a_time(lab):
     a.flush()
     a.shutdown()
     time.sleep(0.3)
-    # The writer disconnected: its lock went with it, the second client may attach.
+    # The writer disconnected, but its session (and lock) lives on for the grace period.
+    assert "is in use by session" in lab.cli("session", "open", "aa:bb:cc:00:00:02", "dev", ok=False).stderr
+    sid = session_id(lab, "aa:bb:cc:00:00:01")
+    lab.cli("session", "close", sid)
     b = connect(open_session(lab, "aa:bb:cc:00:00:02", "dev"))
     assert b.pread(13, 4096) == b"private write", "private writes reach the vdisk itself"
     b.shutdown()
@@ -135,7 +147,7 @@ def test_closing_a_session_in_the_catalog_ends_its_connections(lab):
         for _ in range(60):
             h.pread(512, 0)
             time.sleep(0.05)
-    assert "session closed in the catalog" in lab.log.read_text()
+    assert "session ended in the catalog or held elsewhere" in lab.log.read_text()
 
 
 def test_a_full_ram_overlay_gives_enospc_and_keeps_serving(lab):
@@ -185,24 +197,26 @@ def test_server_disk_overlays_survive_a_server_restart_but_not_a_new_boot(lab):
 
 
 def test_an_unused_private_session_expires_and_frees_its_lock(make_server):
-    lab = build_lab(make_server, 'lease = "1s"\n')
+    lab = build_lab(make_server, 'lease = "1s"\ngrace = "1s"\n')
     held = connect(open_session(lab, "aa:bb:cc:00:00:01", "dev"))
     time.sleep(2.0)
-    # A connected session is kept alive by the heartbeat: still locked.
+    # A connected session is kept alive by its server: still locked.
     assert "is in use by session" in lab.cli("session", "open", "aa:bb:cc:00:00:02", "dev", ok=False).stderr
     held.shutdown()
-    time.sleep(0.3)
-    open_session(lab, "aa:bb:cc:00:00:02", "dev")  # freed on disconnect
+    # Its last connection closed: the grace period ends it and frees the lock.
+    deadline = time.time() + 10
+    while lab.cli("session", "open", "aa:bb:cc:00:00:02", "dev", ok=None).returncode != 0:
+        assert time.time() < deadline, "the disconnected private session never ended"
+        time.sleep(0.3)
+    assert "no connection for 1s after its last one closed" in lab.log.read_text()
     # Opened but never connected (a client that died while booting): the lease ends it.
     deadline = time.time() + 10
-    while time.time() < deadline:
-        out = lab.cli("session", "open", "aa:bb:cc:00:00:01", "dev", ok=None)
-        if out.returncode == 0:
-            break
+    while lab.cli("session", "open", "aa:bb:cc:00:00:01", "dev", ok=None).returncode != 0:
+        assert time.time() < deadline, "the idle private session never expired"
         time.sleep(0.3)
-    else:
-        raise AssertionError("the idle private session never expired")
-    assert "session lease expired" in lab.log.read_text()
+    assert "nobody connected within the lease" in lab.log.read_text()
+    ended = [s for s in sessions(lab, all=True) if s["end_reason"]]
+    assert any("nobody connected within the lease" in s["end_reason"] for s in ended), ended
 
 
 def test_two_live_peers_on_one_session_are_logged_as_a_conflict(lab):
@@ -301,8 +315,14 @@ def test_a_ram_overlay_lost_in_a_server_crash_makes_the_client_boot_again(lab):
     lab.proc.send_signal(signal.SIGKILL)
     lab.proc.wait()
     lab.start()
-    # Serving the base under a mounted filesystem would corrupt it: refuse instead.
-    assert "lost its RAM write overlay" in refusal(uri)
+    # Serving the base under a mounted filesystem would corrupt it: refuse instead, and
+    # list the session as ended, with the reason (issue 12, item 8).
+    assert "the server restarted and the session's RAM write overlay was lost" in refusal(uri)
+    assert not [s for s in sessions(lab) if s["vdisk"] == "win11"], "not shown live"
+    ended = [s for s in sessions(lab, all=True) if s["vdisk"] == "win11"]
+    assert ended[0]["closed_at"] and "RAM write overlay was lost" in ended[0]["end_reason"], ended
+    table = lab.cli("session", "list", "--all").stdout
+    assert "ended: the server restarted" in table, table
     h = connect(open_session(lab, "aa:bb:cc:00:00:01", "win11"))
     assert h.pread(11, 0) != b"only in RAM"
     h.shutdown()
@@ -311,7 +331,11 @@ def test_a_ram_overlay_lost_in_a_server_crash_makes_the_client_boot_again(lab):
 def test_unlocking_a_private_vdisk_ends_the_holders_session(lab):
     uri = open_session(lab, "aa:bb:cc:00:00:01", "dev")
     h = connect(uri)
-    lab.cli("vdisk", "unlock", "dev")
+    # Its client is writing: unlock says what that would risk, and needs --force.
+    refused = lab.cli("vdisk", "unlock", "dev", ok=False).stderr
+    assert "attached on server" in refused and "--force" in refused and "may still land" in refused, refused
+    forced = lab.cli("vdisk", "unlock", "dev", "--force").stderr
+    assert "warning: unlocking while session" in forced
     with pytest.raises(nbd.Error):
         for _ in range(60):
             h.pwrite(b"x", 0)
@@ -373,4 +397,85 @@ def test_whole_disk_zeroing_and_trim_cost_an_overlay_nothing(make_server):
     assert len(folders) == 1, folders
     used = sum(p.stat().st_blocks * 512 for p in folders[0].iterdir())
     assert used < MIB, f"the disk overlay holds {used} bytes after zeroing the disk"
+    h.shutdown()
+
+
+def test_a_probe_and_reconnects_keep_a_private_session(make_server):
+    """Issue 12, item 6: a boot opens several connections (firmware, initramfs, the OS);
+    a probe such as nbdinfo between them must not end the session."""
+    lab = build_lab(make_server, 'grace = "2s"\n')
+    uri = open_session(lab, "aa:bb:cc:00:00:01", "dev")
+    info = subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    h = connect(uri)  # the next connection of the boot
+    h.pwrite(b"first boot stage", 0)
+    h.flush()
+    h.shutdown()
+    h = connect(uri)  # and the one after that
+    assert h.pread(16, 0) == b"first boot stage"
+    h.shutdown()
+    log = lab.log.read_text()
+    assert "has ended" not in log and "lock released" not in log
+    assert "it ends after the grace period unless the client comes back" in log
+    # With no connection for the grace period, it ends, and says why.
+    deadline = time.time() + 10
+    while not [s for s in sessions(lab, all=True) if s["end_reason"]]:
+        assert time.time() < deadline, "the session never ended"
+        time.sleep(0.2)
+    assert "has ended: no connection for 2s after its last one closed" in refusal(uri)
+    assert "session ended: no connection for 2s" in lab.log.read_text()
+
+
+def test_overlay_folders_of_ended_sessions_are_removed(lab):
+    lab.cli("vdisk", "set", "win11", "--write-cache", "server-disk")
+    overlays = lab.data_dir / "overlays"
+    h = connect(open_session(lab, "aa:bb:cc:00:00:01", "win11"))
+    h.pwrite(b"x" * 4096, 0)
+    h.flush()
+    kiosk = connect(open_session(lab, "aa:bb:cc:00:00:02", "kiosk"))
+    kiosk.pwrite(b"kept", 0)
+    kiosk.flush()
+    folders = list(overlays.glob("*/win11/session-*"))
+    assert len(folders) == 1
+    lab.cli("session", "close", session_id(lab, "aa:bb:cc:00:00:01"))
+    deadline = time.time() + 10
+    while folders[0].exists():
+        assert time.time() < deadline, "the overlay of a closed session stayed behind"
+        time.sleep(0.2)
+    # vdisk rm --force ends the sessions of the vdisk; a persistent overlay stays.
+    lab.cli("vdisk", "set", "win11", "--write-cache", "server-disk")
+    h = connect(open_session(lab, "aa:bb:cc:00:00:02", "win11"))
+    h.pwrite(b"y" * 4096, 0)
+    h.flush()
+    folders = list(overlays.glob("*/win11/session-*"))
+    assert len(folders) == 1
+    lab.cli("vdisk", "rm", "win11", "--force")
+    deadline = time.time() + 10
+    while list(overlays.glob("*/win11")):
+        assert time.time() < deadline, "the overlay of a removed vdisk's session stayed behind"
+        time.sleep(0.2)
+    assert list(overlays.glob("aa-bb-cc-00-00-02/kiosk/persistent/overlay.data")), "persistent overlays stay"
+
+
+def test_session_open_prints_the_address_a_running_server_listens_on(make_server, tmp_path):
+    """Issue 12, item 7: `serve --listen` is reflected (the server registers its address)."""
+    s = make_server('[backends.images]\nkind = "file"\nroot = "images"\n[nbd]\nbase_exports = false\n'
+                    'listen = ["127.0.0.1:1"]\n', start=False, demo=False)
+    random_image(s.images / "os.img", MIB, seed=8)
+    port = s.port
+    s.proc = subprocess.Popen([BINARY, "--config", str(s.config), "serve", "--listen", f"127.0.0.1:{port}"],
+                              stdout=open(s.log, "w"), stderr=subprocess.STDOUT)
+    s.log_file = open(os.devnull, "w")
+    s.wait_ready()
+
+    def cli(*args):
+        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    cli("vdisk", "add", "os", "--backend", "images")
+    cli("client", "add", "aa:bb:cc:00:00:61")
+    cli("client", "assign", "aa:bb:cc:00:00:61", "os")
+    uri = cli("session", "open", "aa:bb:cc:00:00:61", "os")
+    assert uri.startswith(f"nbd://127.0.0.1:{port}/s/"), uri
+    h = connect(uri)
+    assert h.get_size() == MIB
     h.shutdown()

@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 use osstream_core::{
-    DynSource, ErrorKind, ExportEntry, Exports, SessionGuard, loggable_export_name,
+    DynSource, ErrorKind, ExportEntry, Exports, ReaderGuard, SessionGuard, loggable_export_name,
 };
 
 use crate::proto::{
@@ -27,6 +27,8 @@ pub(crate) struct Attached {
     pub entry: ExportEntry,
     /// The session this connection belongs to, for `s/<token>` exports.
     pub session: Option<SessionGuard>,
+    /// The hold of a plain-name reader (ended when a private session takes the image).
+    pub reader: Option<ReaderGuard>,
     pub flags: u16,
     pub structured: bool,
     pub base_allocation: bool,
@@ -316,6 +318,7 @@ impl<'a> Negotiation<'a> {
                 source,
                 entry,
                 session,
+                reader: None,
                 structured: self.structured,
                 base_allocation,
             });
@@ -343,7 +346,7 @@ impl<'a> Negotiation<'a> {
                 ),
             ));
         }
-        let (source, entry) = self.exports.open(resolved).await.map_err(|err| {
+        let (source, entry, reader) = self.exports.open(resolved).await.map_err(|err| {
             let code = match err.kind() {
                 ErrorKind::PermissionDenied => rep::ERR_POLICY,
                 ErrorKind::InvalidInput => rep::ERR_INVALID,
@@ -360,6 +363,7 @@ impl<'a> Negotiation<'a> {
             source,
             entry,
             session: None,
+            reader: Some(reader),
             structured: self.structured,
             base_allocation,
         })

@@ -312,11 +312,14 @@ async fn serve_connection(
     let stats = Arc::new(ConnStats::default());
     let mut attached = attached;
     let session = attached.session.take();
-    // A session replaced by a newer one (the client rebooted) ends this connection.
-    let ended = session
-        .as_ref()
-        .map(|s| s.ended.clone())
-        .unwrap_or_default();
+    let plain_reader = attached.reader.take();
+    // A session replaced by a newer one (the client rebooted), closed or taken by another
+    // server ends this connection; so does a private session taking a plain name's image.
+    let ended = match (&session, &plain_reader) {
+        (Some(session), _) => session.ended.clone(),
+        (None, Some(reader)) => reader.ended.clone(),
+        (None, None) => CancellationToken::new(),
+    };
     let outcome = transmit(
         reader,
         write,
@@ -336,12 +339,14 @@ async fn serve_connection(
         if drained {
             shared.exports.close_session(session, read, written).await;
         } else {
-            // Writes may still be running: a private session keeps its lock (the lease
-            // or `vdisk unlock` ends it) rather than letting another writer in.
-            tracing::warn!(%peer, session = %session.target.session, "requests outlived the drain timeout; the session stays open");
-            drop(session);
+            // Writes may still be running: the session stays attached here in the catalog
+            // (a private one keeps its lock) rather than letting another writer in; this
+            // server's next start, or its heartbeat lapsing, releases it.
+            tracing::warn!(%peer, session = %session.target.session, "requests outlived the drain timeout; the session stays attached");
+            session.keep_attached();
         }
     }
+    drop(plain_reader);
     tracing::info!(
         %peer,
         %export,
@@ -531,7 +536,7 @@ where
             biased;
             _ = broken.cancelled() => break "a reply could not be written".to_owned(),
             _ = shutdown.cancelled() => break "server shutting down".to_owned(),
-            _ = session_ended.cancelled() => break "the session was replaced or closed".to_owned(),
+            _ = session_ended.cancelled() => break "the session was replaced, closed or taken elsewhere, or a private session took the image".to_owned(),
             read = reader.read_exact(&mut header) => read,
         };
         if let Err(err) = read {

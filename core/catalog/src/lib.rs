@@ -11,13 +11,15 @@
 //! assignments need an existing vdisk, a vdisk with live sessions is not removed without
 //! `force`.
 
+mod holding;
 mod model;
 mod sql;
 
 use osstream_core::Result;
 
+pub use holding::{Holding, ImageUse, ServerRef, SessionTimers, ended, reasons};
 pub use model::{
-    Assignment, BootMethod, Client, Mac, Session, UnknownClientPolicy, Vdisk, VdiskMode,
+    Assignment, BootMethod, Client, Mac, Server, Session, UnknownClientPolicy, Vdisk, VdiskMode,
     WriteCache, validate_name,
 };
 pub use sql::SqlCatalog;
@@ -112,18 +114,13 @@ pub trait Catalog: Send + Sync + std::fmt::Debug {
     async fn session_by_token(&self, token: &str) -> Result<Session>;
     /// Sessions, newest first; only live ones unless `all`.
     async fn sessions(&self, all: bool) -> Result<Vec<Session>>;
-    /// Closes a session by id (and releases any private-vdisk lock it held).
-    async fn close_session(&self, id: &str) -> Result<()>;
+    /// Closes a session by id (and releases any private-vdisk lock it held); `reason`
+    /// is what `session list --all` and the client's refusal say about it.
+    async fn close_session(&self, id: &str, reason: &str) -> Result<()>;
     /// Adds I/O counters to a session and marks it active.
     async fn record_io(&self, id: &str, read: u64, written: u64) -> Result<()>;
     /// Records the peer address a session's client connected from, and marks it active.
     async fn set_session_peer(&self, id: &str, peer: &str) -> Result<()>;
-    /// Marks sessions active now (a server's heartbeat for its connected sessions).
-    async fn touch_sessions(&self, ids: &[String]) -> Result<()>;
-    /// Closes live sessions inactive since before `before` (Unix milliseconds), releasing
-    /// their private locks; returns them. This is the lease that frees a vdisk whose
-    /// server crashed.
-    async fn expire_sessions(&self, before: i64) -> Result<Vec<Session>>;
 
     /// The policy for MACs the catalog does not know.
     async fn unknown_client_policy(&self) -> Result<UnknownClientPolicy>;

@@ -184,6 +184,10 @@ pub struct Vdisk {
     pub locked_by: Option<String>,
     /// When it was added (Unix milliseconds).
     pub created_at: i64,
+    /// Where its bytes live ([`osstream_core::ImageBackend::identity`]), as last seen by a
+    /// server or an admin command with its backend configured; `None` until then.
+    #[serde(default)]
+    pub image_id: Option<String>,
 }
 
 /// A machine that boots from the server.
@@ -243,6 +247,43 @@ pub struct Session {
     pub bytes_written: u64,
     /// When it was closed; `None` while live.
     pub closed_at: Option<i64>,
+    /// Why it ended, in words for the admin and the client's refusal; `None` while live.
+    #[serde(default)]
+    pub end_reason: Option<String>,
+    /// The server holding it (its id in `servers`): connections are served there only.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The holding server has connections of it now.
+    #[serde(default)]
+    pub attached: bool,
+    /// When its last connection closed (database clock); it ends `grace` later unless a
+    /// connection comes back.
+    #[serde(default)]
+    pub detached_at: Option<i64>,
+    /// The lock epoch its writes are fenced with (private vdisks).
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+/// A server sharing the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    /// Kept in the server's data directory across restarts.
+    pub id: String,
+    /// New at every start of the server process.
+    pub instance: String,
+    /// Its host name, for people.
+    pub name: String,
+    /// The `HOST:PORT` its clients use for NBD, if known.
+    pub nbd_address: Option<String>,
+    /// When this instance started (Unix milliseconds).
+    pub started_at: i64,
+    /// Its last heartbeat (database clock, Unix milliseconds).
+    pub heartbeat_at: i64,
+    /// When it stopped cleanly, if it did.
+    pub stopped_at: Option<i64>,
+    /// Milliseconds since its last heartbeat, by the database's clock.
+    pub heartbeat_age: i64,
 }
 
 impl Session {

@@ -12,19 +12,22 @@ use crate::{Catalog, ClientChanges, VdiskChanges};
 
 /// Migrations, in order. Each runs once, in a transaction, recorded in
 /// `osstream_migrations`. The SQL is portable between SQLite and PostgreSQL.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_ownership.sql")),
+];
 
 const POLICY_KEY: &str = "unknown_client_policy";
 
 /// The catalog over a SQL database.
 #[derive(Debug, Clone)]
 pub struct SqlCatalog {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     /// `sqlite` or `postgres`, for logs.
     flavour: &'static str,
 }
 
-fn db_error(err: sqlx::Error, what: &str) -> Error {
+pub(crate) fn db_error(err: sqlx::Error, what: &str) -> Error {
     match &err {
         sqlx::Error::RowNotFound => Error::new(ErrorKind::NotFound, format!("{what}: not found")),
         sqlx::Error::Database(db) if db.is_unique_violation() => {
@@ -41,7 +44,7 @@ fn db_error(err: sqlx::Error, what: &str) -> Error {
     .with_op("catalog")
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -96,6 +99,7 @@ fn vdisk_from_row(row: &AnyRow) -> Result<Vdisk> {
         enabled: get_int("enabled")? != 0,
         locked_by: get_opt("locked_by")?,
         created_at: get_int("created_at")?,
+        image_id: get_opt("image_id")?,
     })
 }
 
@@ -113,7 +117,7 @@ fn client_from_row(row: &AnyRow) -> Result<Client> {
     })
 }
 
-fn session_from_row(row: &AnyRow) -> Result<Session> {
+pub(crate) fn session_from_row(row: &AnyRow) -> Result<Session> {
     let map = |e| db_error(e, "read session");
     Ok(Session {
         id: row.try_get("id").map_err(map)?,
@@ -126,6 +130,11 @@ fn session_from_row(row: &AnyRow) -> Result<Session> {
         bytes_read: row.try_get::<i64, _>("bytes_read").map_err(map)? as u64,
         bytes_written: row.try_get::<i64, _>("bytes_written").map_err(map)? as u64,
         closed_at: row.try_get("closed_at").map_err(map)?,
+        end_reason: row.try_get("end_reason").map_err(map)?,
+        owner: row.try_get("owner").map_err(map)?,
+        attached: row.try_get::<i64, _>("attached").map_err(map)? != 0,
+        detached_at: row.try_get("detached_at").map_err(map)?,
+        epoch: row.try_get::<i64, _>("epoch").map_err(map)? as u64,
     })
 }
 
@@ -176,13 +185,16 @@ impl SqlCatalog {
                 })
             });
         }
-        let pool = options.connect(&url).await.map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                format!("cannot open the catalog ({flavour}): {e}"),
-            )
-            .with_op("catalog")
-        })?;
+        let connect = || async {
+            options.clone().connect(&url).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("cannot open the catalog ({flavour}): {e}"),
+                )
+                .with_op("catalog")
+            })
+        };
+        let pool = connect().await?;
         if flavour == "sqlite" {
             sqlx::raw_sql("PRAGMA journal_mode = WAL;")
                 .execute(&pool)
@@ -190,7 +202,16 @@ impl SqlCatalog {
                 .map_err(|e| db_error(e, "enable WAL"))?;
         }
         let catalog = SqlCatalog { pool, flavour };
-        catalog.migrate().await?;
+        if catalog.migrate().await? {
+            // Connections opened before a migration may keep the old schema's column
+            // lists for their statements (sqlx's SQLite driver then fails on a `SELECT *`
+            // of a widened table): start afresh.
+            catalog.pool.close().await;
+            return Ok(SqlCatalog {
+                pool: connect().await?,
+                flavour,
+            });
+        }
         Ok(catalog)
     }
 
@@ -199,7 +220,91 @@ impl SqlCatalog {
         self.flavour
     }
 
-    async fn migrate(&self) -> Result<()> {
+    /// The database's "now" in Unix milliseconds, as SQL: heartbeats and detach times are
+    /// written and compared with this one clock, so servers' clocks need not agree.
+    pub(crate) fn now_sql(&self) -> &'static str {
+        if self.flavour == "sqlite" {
+            "CAST((julianday('now') - 2440587.5) * 86400000.0 AS BIGINT)"
+        } else {
+            "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+        }
+    }
+
+    /// The vdisks other than `except` whose image is `image_id`.
+    async fn vdisks_of_image(&self, image_id: &str, except: &str) -> Result<Vec<Vdisk>> {
+        let rows =
+            sqlx::query("SELECT * FROM vdisks WHERE image_id = $1 AND name <> $2 ORDER BY name")
+                .bind(image_id)
+                .bind(except)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| db_error(e, "find vdisks of an image"))?;
+        rows.iter().map(vdisk_from_row).collect()
+    }
+
+    /// Refuses to put `image_id` under the vdisk `name` in `mode` when another vdisk has
+    /// it and one of the two is private: a private vdisk's image is written in place, so
+    /// nobody else may read it through a cache or an overlay of their own.
+    pub async fn check_image_modes(
+        &self,
+        name: &str,
+        mode: crate::VdiskMode,
+        image_id: Option<&str>,
+    ) -> Result<()> {
+        let Some(image_id) = image_id else {
+            return Ok(());
+        };
+        let others = self.vdisks_of_image(image_id, name).await?;
+        let clash = others.iter().find(|other| {
+            mode == crate::VdiskMode::Private || other.mode == crate::VdiskMode::Private
+        });
+        match clash {
+            None => Ok(()),
+            Some(other) => Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "vdisk {name:?} would use the same image as {} vdisk {:?} (image {:?} on backend {:?}, \
+                     {image_id}); a private vdisk's image is written in place and belongs to that vdisk alone",
+                    other.mode, other.name, other.key, other.backend
+                ),
+            )),
+        }
+    }
+
+    /// Records where the bytes of each vdisk live (`(vdisk, identity)`), as a server or an
+    /// admin command with the backends configured computes them. Returns the vdisks whose
+    /// identity changed from a known earlier one.
+    pub async fn set_image_ids(&self, ids: &[(String, String)]) -> Result<Vec<String>> {
+        let mut changed = Vec::new();
+        for (name, image_id) in ids {
+            let before: Option<Option<String>> =
+                sqlx::query("SELECT image_id FROM vdisks WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| db_error(e, "read image id"))?
+                    .map(|row| row.try_get("image_id"))
+                    .transpose()
+                    .map_err(|e| db_error(e, "read image id"))?;
+            match before {
+                None => continue,
+                Some(Some(old)) if &old == image_id => continue,
+                Some(Some(_)) => changed.push(name.clone()),
+                Some(None) => {}
+            }
+            sqlx::query("UPDATE vdisks SET image_id = $2 WHERE name = $1")
+                .bind(name)
+                .bind(image_id)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| db_error(e, "record image id"))?;
+        }
+        Ok(changed)
+    }
+
+    /// Applies the migrations not applied yet; returns whether it applied any.
+    async fn migrate(&self) -> Result<bool> {
+        let mut applied_any = false;
         sqlx::raw_sql("CREATE TABLE IF NOT EXISTS osstream_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
             .execute(&self.pool)
             .await
@@ -236,6 +341,7 @@ impl SqlCatalog {
                         .await
                         .map_err(|e| db_error(e, "commit migration"))?;
                     tracing::info!(version, flavour = self.flavour, "catalog migration applied");
+                    applied_any = true;
                 }
                 Err(err) => {
                     let _ = tx.rollback().await;
@@ -249,10 +355,11 @@ impl SqlCatalog {
                     if done.is_none() {
                         return Err(db_error(err, "apply catalog migration"));
                     }
+                    applied_any = true;
                 }
             }
         }
-        Ok(())
+        Ok(applied_any)
     }
 
     async fn live_sessions_of_vdisk(&self, name: &str) -> Result<Vec<Session>> {
@@ -326,9 +433,11 @@ impl Catalog for SqlCatalog {
                 format!("vdisk {:?} already exists", vdisk.name),
             ));
         }
+        self.check_image_modes(&vdisk.name, vdisk.mode, vdisk.image_id.as_deref())
+            .await?;
         sqlx::query(
             "INSERT INTO vdisks (name, backend, image_key, size, mode, write_cache, boot, kernel, initrd, cmdline, \
-             description, enabled, locked_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, $13)",
+             description, enabled, locked_by, created_at, image_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, $13, $14)",
         )
         .bind(&vdisk.name)
         .bind(&vdisk.backend)
@@ -343,6 +452,7 @@ impl Catalog for SqlCatalog {
         .bind(&vdisk.description)
         .bind(flag(vdisk.enabled))
         .bind(now_ms())
+        .bind(vdisk.image_id.clone())
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, &format!("add vdisk {:?}", vdisk.name)))?;
@@ -380,6 +490,8 @@ impl Catalog for SqlCatalog {
                     ),
                 ));
             }
+            self.check_image_modes(name, mode, vdisk.image_id.as_deref())
+                .await?;
             vdisk.mode = mode;
         }
         if let Some(write_cache) = changes.write_cache {
@@ -445,7 +557,8 @@ impl Catalog for SqlCatalog {
         }
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
         for statement in [
-            "UPDATE sessions SET closed_at = $2 WHERE vdisk = $1 AND closed_at IS NULL",
+            "UPDATE sessions SET closed_at = $2, end_reason = 'the vdisk was removed (osstream vdisk rm)' \
+             WHERE vdisk = $1 AND closed_at IS NULL",
             "DELETE FROM assignments WHERE vdisk = $1",
             "DELETE FROM vdisks WHERE name = $1",
         ] {
@@ -470,12 +583,15 @@ impl Catalog for SqlCatalog {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error(e, "unlock"))?;
-            sqlx::query("UPDATE sessions SET closed_at = $2 WHERE id = $1 AND closed_at IS NULL")
-                .bind(&holder)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_error(e, "unlock"))?;
+            sqlx::query(
+                "UPDATE sessions SET closed_at = $2, end_reason = 'its private lock was cleared by an administrator (osstream vdisk unlock)' \
+                 WHERE id = $1 AND closed_at IS NULL",
+            )
+            .bind(&holder)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(e, "unlock"))?;
             tx.commit().await.map_err(|e| db_error(e, "unlock"))?;
             tracing::info!(vdisk = %name, session = %holder, "private vdisk unlocked by the administrator; its session is closed");
         }
@@ -566,7 +682,8 @@ impl Catalog for SqlCatalog {
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
         for statement in [
             "UPDATE vdisks SET locked_by = NULL WHERE locked_by IN (SELECT id FROM sessions WHERE mac = $1 AND closed_at IS NULL)",
-            "UPDATE sessions SET closed_at = $2 WHERE mac = $1 AND closed_at IS NULL",
+            "UPDATE sessions SET closed_at = $2, end_reason = 'the client was removed (osstream client rm)' \
+             WHERE mac = $1 AND closed_at IS NULL",
             "DELETE FROM assignments WHERE mac = $1",
             "DELETE FROM clients WHERE mac = $1",
         ] {
@@ -702,6 +819,11 @@ impl Catalog for SqlCatalog {
             bytes_read: 0,
             bytes_written: 0,
             closed_at: None,
+            end_reason: None,
+            owner: None,
+            attached: false,
+            detached_at: None,
+            epoch: 0,
         };
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
         // Touching the client row first takes its row lock on PostgreSQL, so two boots of
@@ -718,12 +840,18 @@ impl Catalog for SqlCatalog {
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(e, "open session"))?;
-        sqlx::query("UPDATE sessions SET closed_at = $2 WHERE mac = $1 AND closed_at IS NULL")
-            .bind(mac.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(e, "open session"))?;
+        sqlx::query(
+            "UPDATE sessions SET closed_at = $2, end_reason = $3 WHERE mac = $1 AND closed_at IS NULL",
+        )
+        .bind(mac.as_str())
+        .bind(now)
+        .bind(format!(
+            "replaced by the client's new session {} (one client, one session)",
+            session.id
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(e, "open session"))?;
         if vdisk.mode == crate::VdiskMode::Private {
             let locked = sqlx::query(
                 "UPDATE vdisks SET locked_by = $2 WHERE name = $1 AND locked_by IS NULL",
@@ -800,15 +928,17 @@ impl Catalog for SqlCatalog {
         rows.iter().map(session_from_row).collect()
     }
 
-    async fn close_session(&self, id: &str) -> Result<()> {
+    async fn close_session(&self, id: &str, reason: &str) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
-        let closed =
-            sqlx::query("UPDATE sessions SET closed_at = $2 WHERE id = $1 AND closed_at IS NULL")
-                .bind(id)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| db_error(e, "close session"))?;
+        let closed = sqlx::query(
+            "UPDATE sessions SET closed_at = $2, end_reason = $3 WHERE id = $1 AND closed_at IS NULL",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(e, "close session"))?;
         if closed.rows_affected() == 0 {
             let _ = tx.rollback().await;
             return Err(Error::new(
@@ -845,38 +975,6 @@ impl Catalog for SqlCatalog {
             .await
             .map_err(|e| db_error(e, "record session peer"))?;
         Ok(())
-    }
-
-    async fn touch_sessions(&self, ids: &[String]) -> Result<()> {
-        let now = now_ms();
-        for id in ids {
-            sqlx::query("UPDATE sessions SET last_active = $2 WHERE id = $1 AND closed_at IS NULL")
-                .bind(id.as_str())
-                .bind(now)
-                .execute(&self.pool)
-                .await
-                .map_err(|e| db_error(e, "touch sessions"))?;
-        }
-        Ok(())
-    }
-
-    async fn expire_sessions(&self, before: i64) -> Result<Vec<Session>> {
-        let rows =
-            sqlx::query("SELECT * FROM sessions WHERE closed_at IS NULL AND last_active < $1")
-                .bind(before)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| db_error(e, "find expired sessions"))?;
-        let stale: Vec<Session> = rows.iter().map(session_from_row).collect::<Result<_>>()?;
-        let mut expired = Vec::new();
-        for session in stale {
-            // Another server may have closed it meanwhile: close_session only closes live
-            // sessions, and its error then just means someone else got there first.
-            if self.close_session(&session.id).await.is_ok() {
-                expired.push(session);
-            }
-        }
-        Ok(expired)
     }
 
     async fn unknown_client_policy(&self) -> Result<UnknownClientPolicy> {

@@ -26,6 +26,7 @@ fn vdisk(name: &str, mode: VdiskMode) -> Vdisk {
         enabled: true,
         locked_by: None,
         created_at: 0,
+        image_id: Some(format!("file:/srv/{name}.img")),
     }
 }
 
@@ -42,7 +43,7 @@ fn client(mac: &str, name: Option<&str>) -> Client {
     }
 }
 
-async fn suite(catalog: &dyn Catalog) {
+async fn suite(catalog: &SqlCatalog) {
     // vdisks
     catalog
         .add_vdisk(&vdisk("win11", VdiskMode::Standard))
@@ -235,10 +236,24 @@ async fn suite(catalog: &dyn Catalog) {
             && text.contains("10.0.0.1:5001"),
         "{text}"
     );
-    catalog.close_session(&second.id).await.unwrap();
+    catalog
+        .close_session(&second.id, "closed by a test")
+        .await
+        .unwrap();
     assert_eq!(
-        catalog.close_session(&second.id).await.unwrap_err().kind(),
+        catalog
+            .close_session(&second.id, "again")
+            .await
+            .unwrap_err()
+            .kind(),
         ErrorKind::NotFound
+    );
+    let closed = catalog.session_by_token(&second.token).await.unwrap();
+    assert_eq!(closed.end_reason.as_deref(), Some("closed by a test"));
+    assert!(
+        osstream_catalog::ended(&closed)
+            .to_string()
+            .contains("has ended: closed by a test")
     );
     let third = catalog.open_session(&b, "build", None).await.unwrap();
     // A stale lock (a crashed server) is cleared by the administrator.
@@ -259,19 +274,10 @@ async fn suite(catalog: &dyn Catalog) {
         .unwrap();
     assert_eq!((third_now.bytes_read, third_now.bytes_written), (1000, 100));
 
-    // Leases: touched sessions stay, idle ones expire and free their locks.
     catalog
         .set_session_peer(&third.id, "10.0.0.2:6001")
         .await
         .unwrap();
-    catalog
-        .touch_sessions(std::slice::from_ref(&third.id))
-        .await
-        .unwrap();
-    assert!(
-        catalog.expire_sessions(0).await.unwrap().is_empty(),
-        "nothing is idle since the epoch"
-    );
     let peers: Vec<Option<String>> = catalog
         .sessions(true)
         .await
@@ -281,14 +287,23 @@ async fn suite(catalog: &dyn Catalog) {
         .map(|s| s.peer)
         .collect();
     assert_eq!(peers, [Some("10.0.0.2:6001".to_owned())]);
-    assert!(catalog.vdisk("build").await.unwrap().locked_by.is_some());
-    let expired = catalog.expire_sessions(i64::MAX).await.unwrap();
-    assert!(!expired.is_empty());
-    assert!(catalog.sessions(false).await.unwrap().is_empty());
+    let unlocked = catalog.session_by_token(&third.token).await.unwrap();
     assert!(
-        catalog.vdisk("build").await.unwrap().locked_by.is_none(),
-        "an expired session's lock is released"
+        unlocked
+            .end_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("cleared by an administrator")),
+        "{unlocked:?}"
     );
+    let replaced = catalog.session_by_token(&first.token).await.unwrap();
+    assert!(
+        replaced
+            .end_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("replaced by the client's new session")),
+        "{replaced:?}"
+    );
+    catalog.unlock_vdisk("build").await.unwrap();
     catalog.open_session(&b, "build", None).await.unwrap();
 
     // removal guarded by live sessions
@@ -493,4 +508,368 @@ async fn postgres_catalog_passes_the_same_suite() {
     // A second server on the same database finds the schema in place.
     let second = SqlCatalog::open(&cluster.url).await.unwrap();
     assert_eq!(second.vdisks().await.unwrap().len(), 2);
+}
+
+fn me(id: &str, instance: &str) -> osstream_catalog::ServerRef {
+    osstream_catalog::ServerRef {
+        id: id.into(),
+        instance: instance.into(),
+    }
+}
+
+const TIMERS: osstream_catalog::SessionTimers = osstream_catalog::SessionTimers {
+    grace_ms: 60_000,
+    lease_ms: 600_000,
+    server_timeout_ms: 15_000,
+};
+
+/// Issue 12, items 4, 6, 8, 9, 10 at the catalog: one image under one mode, one server
+/// per session, sessions that outlive a reconnect, lock epochs that fence old holders,
+/// servers that restart or vanish.
+async fn ownership(catalog: &SqlCatalog) {
+    use osstream_catalog::{Holding, reasons};
+    use osstream_core::LockToken;
+
+    // One image under two modes is refused, whatever the vdisks are called.
+    let mut std_vdisk = vdisk("o-std", VdiskMode::Standard);
+    std_vdisk.write_cache = WriteCache::ServerDisk;
+    catalog.add_vdisk(&std_vdisk).await.unwrap();
+    catalog
+        .add_vdisk(&vdisk("o-dev", VdiskMode::Private))
+        .await
+        .unwrap();
+    catalog
+        .add_vdisk(&vdisk("o-ram", VdiskMode::Standard))
+        .await
+        .unwrap();
+    let mut twin = vdisk("o-dev-twin", VdiskMode::Standard);
+    twin.image_id = Some("file:/srv/o-dev.img".into());
+    let err = catalog.add_vdisk(&twin).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(err.to_string().contains("private vdisk \"o-dev\""), "{err}");
+    twin.mode = VdiskMode::Private;
+    twin.image_id = Some("file:/srv/o-std.img".into());
+    let err = catalog.add_vdisk(&twin).await.unwrap_err();
+    assert!(
+        err.to_string().contains("standard vdisk \"o-std\""),
+        "{err}"
+    );
+    twin.mode = VdiskMode::Standard;
+    catalog.add_vdisk(&twin).await.unwrap();
+    let err = catalog
+        .update_vdisk(
+            "o-dev-twin",
+            &VdiskChanges {
+                mode: Some(VdiskMode::Private),
+                ..VdiskChanges::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    catalog.remove_vdisk("o-dev-twin", false).await.unwrap();
+
+    let (a, b): (Mac, Mac) = (
+        "aa:bb:cc:00:01:01".parse().unwrap(),
+        "aa:bb:cc:00:01:02".parse().unwrap(),
+    );
+    for mac in [&a, &b] {
+        catalog
+            .add_client(&client(mac.as_str(), None))
+            .await
+            .unwrap();
+        for v in ["o-std", "o-dev", "o-ram"] {
+            catalog.assign(mac, v, false).await.unwrap();
+        }
+    }
+    let (server_a, server_b) = (me("srv-a", "a1"), me("srv-b", "b1"));
+    catalog.register_server(&server_a, "host-a").await.unwrap();
+    catalog.register_server(&server_b, "host-b").await.unwrap();
+    catalog
+        .set_server_address(&server_a, Some("10.0.0.1:10809"))
+        .await
+        .unwrap();
+    catalog.heartbeat(&server_a).await.unwrap();
+    assert_eq!(catalog.live_servers(15_000).await.unwrap().len(), 2);
+    let image = |v: &str| format!("file:/srv/{v}.img");
+
+    // A standard session is held by one server; its overlay never moves.
+    let s = catalog.open_session(&a, "o-std", None).await.unwrap();
+    assert_eq!(
+        catalog
+            .attach_session(&s.id, &server_a, &image("o-std"), &TIMERS)
+            .await
+            .unwrap(),
+        Holding {
+            epoch: 0,
+            image_epoch: 0
+        }
+    );
+    let err = catalog
+        .attach_session(&s.id, &server_b, &image("o-std"), &TIMERS)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(
+        err.to_string()
+            .contains("keeps its write overlay on server host-a (10.0.0.1:10809)"),
+        "{err}"
+    );
+    catalog
+        .detach_session(&s.id, &server_a, true, false)
+        .await
+        .unwrap();
+    let now = catalog.session_by_token(&s.token).await.unwrap();
+    assert!(!now.attached && now.detached_at.is_some() && now.owner.as_deref() == Some("srv-a"));
+    assert!(
+        catalog
+            .attach_session(&s.id, &server_b, &image("o-std"), &TIMERS)
+            .await
+            .is_err(),
+        "still held by A within the grace period"
+    );
+    assert_eq!(
+        catalog.held_sessions(&server_a).await.unwrap(),
+        [s.id.clone()].into_iter().collect()
+    );
+
+    // A private session: the epoch grows with every holding; an old lock is fenced.
+    let p = catalog.open_session(&b, "o-dev", None).await.unwrap();
+    let first = catalog
+        .attach_session(&p.id, &server_a, &image("o-dev"), &TIMERS)
+        .await
+        .unwrap();
+    assert_eq!(first.epoch, 1);
+    let again = catalog
+        .attach_session(&p.id, &server_a, &image("o-dev"), &TIMERS)
+        .await
+        .unwrap();
+    assert_eq!(again.epoch, 1, "a second connection joins the same holding");
+    let err = catalog
+        .attach_session(&p.id, &server_b, &image("o-dev"), &TIMERS)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("is attached on server host-a"),
+        "{err}"
+    );
+    let lock = |epoch| LockToken {
+        vdisk: "o-dev".into(),
+        session: p.id.clone(),
+        image: image("o-dev"),
+        epoch,
+    };
+    catalog.check_lock(&lock(1)).await.unwrap();
+    let used = catalog.image_use(&image("o-dev")).await.unwrap();
+    assert_eq!(used.writer, Some(("o-dev".into(), p.id.clone())));
+    assert!(
+        catalog
+            .locked_images()
+            .await
+            .unwrap()
+            .contains(&image("o-dev"))
+    );
+    // A standard session of the same image (a registration from before the checks) is
+    // refused while the private one writes.
+    catalog
+        .set_image_ids(&[("o-ram".into(), image("o-dev"))])
+        .await
+        .unwrap();
+    let r = catalog.open_session(&a, "o-ram", None).await.unwrap();
+    let err = catalog
+        .attach_session(&r.id, &server_b, &image("o-dev"), &TIMERS)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("being written by private vdisk \"o-dev\""),
+        "{err}"
+    );
+    catalog
+        .set_image_ids(&[("o-ram".into(), image("o-ram"))])
+        .await
+        .unwrap();
+    // The private holder lets go on its last disconnect: another server takes it.
+    catalog
+        .detach_session(&p.id, &server_a, true, true)
+        .await
+        .unwrap();
+    let second = catalog
+        .attach_session(&p.id, &server_b, &image("o-dev"), &TIMERS)
+        .await
+        .unwrap();
+    assert_eq!(second.epoch, 2);
+    let err = catalog.check_lock(&lock(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(err.to_string().contains("lost the lock"), "{err}");
+    catalog.check_lock(&lock(2)).await.unwrap();
+
+    // Handover: the next holder waits while the previous one still has connections.
+    let next = catalog.open_session(&a, "o-dev", None);
+    let err = next.await.unwrap_err();
+    assert!(err.to_string().contains("is in use by session"), "{err}");
+    catalog
+        .close_session(&p.id, "closed by a test")
+        .await
+        .unwrap();
+    catalog.check_lock(&lock(2)).await.unwrap_err();
+    let q = catalog.open_session(&a, "o-dev", None).await.unwrap();
+    let err = catalog
+        .attach_session(&q.id, &server_a, &image("o-dev"), &TIMERS)
+        .await
+        .unwrap_err();
+    assert!(err.is_temporary(), "{err}");
+    assert!(
+        err.to_string().contains("still has connections open"),
+        "{err}"
+    );
+    catalog
+        .detach_session(&p.id, &server_b, true, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog
+            .attach_session(&q.id, &server_a, &image("o-dev"), &TIMERS)
+            .await
+            .unwrap()
+            .epoch,
+        3
+    );
+
+    // A server that stops answering: others release what it held.
+    let quick = osstream_catalog::SessionTimers {
+        server_timeout_ms: 1,
+        ..TIMERS
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    catalog.heartbeat(&server_b).await.unwrap();
+    let released = catalog.reap_sessions(&server_b, &quick).await.unwrap();
+    assert!(
+        released
+            .iter()
+            .any(|(s, why)| s.id == q.id && why.contains("released")),
+        "{released:?}"
+    );
+    let taken = catalog
+        .attach_session(&q.id, &server_b, &image("o-dev"), &quick)
+        .await
+        .unwrap();
+    assert_eq!(
+        taken.epoch, 4,
+        "another server took the lapsed holder's session"
+    );
+    catalog
+        .detach_session(&q.id, &server_b, true, true)
+        .await
+        .unwrap();
+
+    // A restart of server A: a RAM session ends with the reason, a disk one stays.
+    catalog
+        .attach_session(&r.id, &server_a, &image("o-ram"), &TIMERS)
+        .await
+        .unwrap_err(); // client a's session on o-ram was replaced by q
+    let r = catalog.open_session(&b, "o-ram", None).await.unwrap();
+    catalog
+        .attach_session(&r.id, &server_a, &image("o-ram"), &TIMERS)
+        .await
+        .unwrap();
+    let s2 = catalog.open_session(&a, "o-std", None).await.unwrap();
+    catalog
+        .attach_session(&s2.id, &server_a, &image("o-std"), &TIMERS)
+        .await
+        .unwrap();
+    let restarted = me("srv-a", "a2");
+    catalog.register_server(&restarted, "host-a").await.unwrap();
+    let adopted = catalog.adopt_sessions(&restarted).await.unwrap();
+    assert!(
+        adopted
+            .iter()
+            .any(|(s, what)| s.id == r.id && what.contains(reasons::RAM_OVERLAY_LOST)),
+        "{adopted:?}"
+    );
+    let ended_r = catalog.session_by_token(&r.token).await.unwrap();
+    assert_eq!(
+        ended_r.end_reason.as_deref(),
+        Some(reasons::RAM_OVERLAY_LOST)
+    );
+    let kept = catalog.session_by_token(&s2.token).await.unwrap();
+    assert!(kept.closed_at.is_none() && !kept.attached && kept.detached_at.is_some());
+    assert_eq!(
+        catalog
+            .attach_session(&s2.id, &restarted, &image("o-std"), &TIMERS)
+            .await
+            .unwrap()
+            .epoch,
+        0
+    );
+    catalog
+        .detach_session(&s2.id, &restarted, true, false)
+        .await
+        .unwrap();
+
+    // Grace and lease end sessions, with reasons.
+    let waiting = catalog.open_session(&b, "o-std", None).await.unwrap();
+    let quick = osstream_catalog::SessionTimers {
+        grace_ms: 0,
+        lease_ms: 0,
+        ..TIMERS
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let reaped = catalog.reap_sessions(&server_b, &quick).await.unwrap();
+    let why = |id: &str| {
+        reaped
+            .iter()
+            .find(|(s, _)| s.id == id)
+            .map(|(_, why)| why.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        why(&s2.id).contains("no connection for 0s after its last one closed"),
+        "{reaped:?}"
+    );
+    assert!(
+        why(&waiting.id).contains("nobody connected within the lease"),
+        "{reaped:?}"
+    );
+    assert!(
+        catalog
+            .sessions(false)
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| !s.vdisk.starts_with("o-"))
+    );
+
+    // A clean stop ends the RAM sessions held there and marks the server stopped.
+    let r = catalog.open_session(&a, "o-ram", None).await.unwrap();
+    catalog
+        .attach_session(&r.id, &restarted, &image("o-ram"), &TIMERS)
+        .await
+        .unwrap();
+    let stopped = catalog.stop_server(&restarted).await.unwrap();
+    assert_eq!(
+        stopped.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+        std::slice::from_ref(&r.id)
+    );
+    assert!(
+        catalog
+            .live_servers(15_000)
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.id != "srv-a")
+    );
+}
+
+#[tokio::test]
+async fn sqlite_catalog_keeps_sessions_to_one_server_and_fences_old_holders() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("catalog.db").display());
+    ownership(&SqlCatalog::open(&url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_catalog_keeps_sessions_to_one_server_and_fences_old_holders() {
+    let cluster = PgCluster::start();
+    ownership(&SqlCatalog::open(&cluster.url).await.unwrap()).await;
 }

@@ -6,9 +6,18 @@ use std::sync::Arc;
 use crate::backend::{DynBackend, ImageStat, OpenMode, validate_image_name};
 use crate::cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fence::{FencedSource, Regenerated};
 use crate::layer::Layer;
-use crate::sessions::{LiveSessions, OverlayKind, OverlaySettings, SessionDirectory, SessionGuard};
+use crate::sessions::{
+    Grant, LiveSessions, OverlayKind, OverlaySettings, ReaderGuard, SessionDirectory, SessionGuard,
+    SessionTarget,
+};
 use crate::source::DynSource;
+
+/// How long a private session waits for its image's previous holder to close.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often it asks the catalog meanwhile.
+const HANDOVER_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// One name a client may open, as a listing shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,10 +70,12 @@ impl Exports {
     }
 
     /// Opens the session export of `token` for a client at `peer`: the vdisk under the
-    /// shared layers, plus the client's overlay (standard) or read-write (private).
+    /// shared layers, plus the client's overlay (standard) or read-write under the
+    /// vdisk's lock (private).
     ///
-    /// With `join` false (a client only asking about the export, NBD `OPT_INFO`), nothing
-    /// of the live session is touched: the source has a throwaway overlay and no guard.
+    /// With `join` false (a client only asking about the export, NBD `OPT_INFO`), the
+    /// catalog is only asked, nothing of the session is taken: the source has a
+    /// throwaway overlay and no guard.
     pub async fn open_session(
         &self,
         token: &str,
@@ -79,8 +90,97 @@ impl Exports {
             .with_op("open_session"));
         };
         let target = directory.resolve(token, peer).await?;
-        let backend = self
-            .backends
+        let backend = self.backend(&target)?;
+        let identity = backend.identity(&target.image)?;
+        let entry = |source: &DynSource| ExportEntry {
+            name: format!("s/{}", target.session),
+            description: target.description.clone(),
+            size: source.info().size,
+            writable: true,
+        };
+        if !join {
+            let mut source = backend.open(&target.image, OpenMode::ReadOnly).await?;
+            for layer in &self.layers {
+                source = layer.layer(source);
+            }
+            // Reads of the base, writes nowhere: what a client probing the export sees.
+            source = CowLayer::new(Box::new(RamOverlay::new(0)), overlays.block_size).layer(source);
+            let entry = entry(&source);
+            return Ok((source, entry, None));
+        }
+        let mut guard = self.live.join(&target, peer, directory.clone())?;
+        let grant = self.attach(directory, &target, &identity, peer).await?;
+        guard.granted = true;
+        let source = match (&grant.lock, target.overlay) {
+            (Some(lock), None) => {
+                // Nobody reads this image by its plain name while it is written.
+                self.live.end_readers(|image| image == identity);
+                let mut source = backend.open(&target.image, OpenMode::ReadWrite).await?;
+                for layer in &self.layers {
+                    source = layer.layer(source);
+                }
+                Arc::new(FencedSource::new(
+                    source,
+                    lock.clone(),
+                    directory.clone(),
+                    guard.ended.clone(),
+                )) as DynSource
+            }
+            (_, Some(kind)) => {
+                let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
+                let mut source = Regenerated::wrap(base, grant.image_epoch);
+                for layer in &self.layers {
+                    source = layer.layer(source);
+                }
+                let image_size = source.info().size;
+                let overlay = self.live.overlay(&target, || {
+                    let store = make_overlay(overlays, &target, kind, image_size)?;
+                    Ok(Arc::new(CowLayer::new(store, overlays.block_size)))
+                })?;
+                overlay.layer(source)
+            }
+            (None, None) => {
+                return Err(Error::new(
+                    ErrorKind::Unexpected,
+                    format!(
+                        "the catalog granted private session {} no lock",
+                        target.session
+                    ),
+                ));
+            }
+        };
+        let entry = entry(&source);
+        Ok((source, entry, Some(guard)))
+    }
+
+    /// Asks the catalog for the session, waiting (a few seconds at most) while an
+    /// earlier holder of a private vdisk's image still has connections open (its
+    /// server ends them when it sees the catalog's change, within a reconcile interval).
+    async fn attach(
+        &self,
+        directory: &Arc<dyn SessionDirectory>,
+        target: &SessionTarget,
+        identity: &str,
+        peer: &str,
+    ) -> Result<Grant> {
+        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        loop {
+            match directory.attach(target, identity, peer).await {
+                Err(err)
+                    if err.kind() == ErrorKind::Conflict
+                        && err.is_temporary()
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(session = %target.session, %err, "waiting for the previous holder to let go");
+                    tokio::time::sleep(HANDOVER_POLL).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    fn backend(&self, target: &SessionTarget) -> Result<&DynBackend> {
+        self.backends
             .iter()
             .find(|b| b.name() == target.backend)
             .ok_or_else(|| {
@@ -91,47 +191,7 @@ impl Exports {
                         target.vdisk, target.backend
                     ),
                 )
-            })?;
-        let mode = if target.overlay.is_some() {
-            OpenMode::ReadOnly
-        } else {
-            OpenMode::ReadWrite
-        };
-        let mut source = backend.open(&target.image, mode).await?;
-        for layer in &self.layers {
-            source = layer.layer(source);
-        }
-        let image_size = source.info().size;
-        if !join {
-            if target.overlay.is_some() {
-                source =
-                    CowLayer::new(Box::new(RamOverlay::new(0)), overlays.block_size).layer(source);
-            }
-            let entry = ExportEntry {
-                name: format!("s/{}", target.session),
-                description: target.description.clone(),
-                size: source.info().size,
-                writable: true,
-            };
-            return Ok((source, entry, None));
-        }
-        let (overlay, guard) = self.live.join(&target, peer, || match target.overlay {
-            None => Ok(None),
-            Some(kind) => {
-                let store = make_overlay(overlays, &target, kind, image_size)?;
-                Ok(Some(Arc::new(CowLayer::new(store, overlays.block_size))))
-            }
-        })?;
-        if let Some(overlay) = overlay {
-            source = overlay.layer(source);
-        }
-        let entry = ExportEntry {
-            name: format!("s/{}", target.session),
-            description: target.description.clone(),
-            size: source.info().size,
-            writable: true,
-        };
-        Ok((source, entry, Some(guard)))
+            })
     }
 
     /// Ids of the sessions with at least one connection on this server.
@@ -139,17 +199,27 @@ impl Exports {
         self.live.connected()
     }
 
-    /// Ends the connections of live sessions that `is_live` no longer accepts.
-    pub fn retain_sessions(&self, is_live: impl Fn(&str) -> bool) {
-        self.live.retain(is_live);
+    /// Ends the connections of the sessions this server held before `as_of` that
+    /// `is_live` no longer accepts (closed in the catalog, or held by another server).
+    pub fn retain_sessions(&self, is_live: impl Fn(&str) -> bool, as_of: std::time::Instant) {
+        self.live.retain(is_live, as_of);
+    }
+
+    /// Ends the connections of session `id` on this server (its previous holder's, when
+    /// a private vdisk changes hands here).
+    pub fn end_session(&self, id: &str) -> bool {
+        self.live.end(id)
+    }
+
+    /// Ends the plain-name readers of the images (identities) `doomed` names: a private
+    /// session writes them now.
+    pub fn end_readers(&self, doomed: impl Fn(&str) -> bool) -> usize {
+        self.live.end_readers(doomed)
     }
 
     /// Ends a connection's hold on its session and accounts for its I/O.
-    pub async fn close_session(&self, mut guard: SessionGuard, read: u64, written: u64) {
-        let last = guard.leave(true);
-        if let Some((directory, _)) = &self.sessions {
-            directory.detached(&guard.target, read, written, last).await;
-        }
+    pub async fn close_session(&self, guard: SessionGuard, read: u64, written: u64) {
+        guard.close(read, written).await;
     }
 
     async fn all_images(&self) -> Result<Vec<(DynBackend, ImageStat)>> {
@@ -192,10 +262,32 @@ impl Exports {
     /// Opens the export `name` (`IMAGE` or `BACKEND/IMAGE`) with every layer applied.
     ///
     /// Plain names are always read-only, also on a writable backend: writes reach an image
-    /// only through a private vdisk's session, which holds its lock.
-    pub async fn open(&self, name: &str) -> Result<(DynSource, ExportEntry)> {
+    /// only through a private vdisk's session, which holds its lock. An image a private
+    /// session writes is refused (`PermissionDenied`), and the guard's `ended` token ends
+    /// the connection when one starts writing it later.
+    pub async fn open(&self, name: &str) -> Result<(DynSource, ExportEntry, ReaderGuard)> {
         let (backend, stat) = self.resolve(name).await?;
-        let mut source = backend.open(&stat.name, OpenMode::ReadOnly).await?;
+        let identity = backend.identity(&stat.name)?;
+        // Counted before the catalog is asked: a private session taking the image after
+        // the answer ends this reader.
+        let reader = self.live.add_reader(&identity);
+        let mut epoch = 0;
+        if let Some((directory, _)) = &self.sessions {
+            let state = directory.image_state(&identity).await?;
+            if let Some(writer) = state.writer {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "export {name:?} refused: {writer} writes this image; plain names never serve an \
+                         image a private session is writing"
+                    ),
+                )
+                .with_op("open_export"));
+            }
+            epoch = state.epoch;
+        }
+        let base = backend.open(&stat.name, OpenMode::ReadOnly).await?;
+        let mut source = Regenerated::wrap(base, epoch);
         for layer in &self.layers {
             source = layer.layer(source);
         }
@@ -205,7 +297,7 @@ impl Exports {
             size: source.info().size,
             writable: false,
         };
-        Ok((source, entry))
+        Ok((source, entry, reader))
     }
 
     async fn resolve(&self, name: &str) -> Result<(DynBackend, ImageStat)> {
@@ -257,19 +349,20 @@ impl Exports {
 
 /// Builds the overlay store of a session that has none on this server yet.
 ///
-/// Folders are per session (`<dir>/<client>/<vdisk>/<session>/`), so a replaced session
-/// still finishing requests never writes into its successor's files; older sessions'
-/// folders are removed. Persistent overlays share `<dir>/<client>/<vdisk>/persistent/`.
+/// Folders are per session (`<dir>/<client>/<vdisk>/session-<id>/`), so a replaced
+/// session still finishing requests never writes into its successor's files; the folders
+/// of ended sessions are removed by the server's sweep. Persistent overlays share
+/// `<dir>/<client>/<vdisk>/persistent/`. A `server-disk` session that had an overlay here
+/// before (the server restarted within the session) gets it back.
 fn make_overlay(
     overlays: &OverlaySettings,
-    target: &crate::sessions::SessionTarget,
+    target: &SessionTarget,
     kind: OverlayKind,
     image_size: u64,
 ) -> Result<Box<dyn OverlayStore>> {
     let base = overlays
         .dir
-        .join(target.client.replace(':', "-"))
-        .join(&target.vdisk);
+        .join(overlay_folder(&target.client, &target.vdisk));
     if kind == OverlayKind::ServerDiskPersistent {
         return Ok(Box::new(DiskOverlay::open(
             &base.join("persistent"),
@@ -279,30 +372,6 @@ fn make_overlay(
         )?));
     }
     let dir = base.join(format!("session-{}", target.session));
-    let existed = dir.exists();
-    if let Ok(entries) = std::fs::read_dir(&base) {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if name.to_string_lossy().starts_with("session-") && entry.path() != dir {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    if existed && kind != OverlayKind::ServerDisk {
-        // The session had a RAM overlay on this host before (the server restarted): its
-        // writes are gone, and serving the base now would show the client's filesystem
-        // an older state under its feet. Make it boot again instead.
-        return Err(Error::new(
-            ErrorKind::NotFound,
-            format!(
-                "session {} lost its RAM write overlay when the server restarted; the client must boot again",
-                target.session
-            ),
-        )
-        .with_op("open_session"));
-    }
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::from_io(e, format!("cannot create {}", dir.display())))?;
     Ok(match kind {
         OverlayKind::Ram => Box::new(RamOverlay::new(overlays.ram_capacity)),
         OverlayKind::RamOverflowDisk => Box::new(SpillOverlay::new(
@@ -317,6 +386,11 @@ fn make_overlay(
             true,
         )?),
     })
+}
+
+/// The folder of a client's overlays of one vdisk, relative to the overlay directory.
+pub fn overlay_folder(client: &str, vdisk: &str) -> std::path::PathBuf {
+    std::path::Path::new(&client.replace(':', "-")).join(vdisk)
 }
 
 fn describe(backend: &DynBackend, stat: &ImageStat) -> String {

@@ -47,6 +47,7 @@ mod chunks;
 pub mod cow;
 mod error;
 mod exports;
+mod fence;
 mod layer;
 mod protocol;
 mod registry;
@@ -66,11 +67,14 @@ pub use cache::{
 pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, SpillOverlay};
 pub use error::{Error, ErrorKind, Result};
-pub use exports::{ExportEntry, Exports, loggable_export_name};
+pub use exports::{ExportEntry, Exports, loggable_export_name, overlay_folder};
 pub use layer::Layer;
 pub use protocol::{BootProtocol, ServeContext};
 pub use registry::{BackendContext, BackendFactory, Registry, config_error, parse_table};
-pub use sessions::{OverlayKind, OverlaySettings, SessionDirectory, SessionGuard, SessionTarget};
+pub use sessions::{
+    Grant, ImageState, LockToken, OverlayKind, OverlaySettings, ReaderGuard, SessionDirectory,
+    SessionGuard, SessionTarget,
+};
 pub use source::{
     BlockSource, BlockSourceExt, Capability, DynSource, Extent, ExtentKind, Geometry, ReadOpts,
     SourceInfo, WriteOpts, ZeroOpts, all_data, check_range, read_only_error,

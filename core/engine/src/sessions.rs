@@ -3,19 +3,26 @@
 //! The catalog (outside the engine) implements [`SessionDirectory`]; [`crate::Exports`]
 //! turns a resolved [`SessionTarget`] into a source: the vdisk's image under the shared
 //! layers, plus the client's copy-on-write overlay for standard vdisks, or opened
-//! read-write for private ones. One overlay serves every connection of a session; a new
-//! session of the same client replaces the old one and ends its connections.
+//! read-write under the vdisk's lock for private ones. One overlay serves every
+//! connection of a session; a new session of the same client replaces the old one and
+//! ends its connections.
+//!
+//! A session is held by one server at a time (the catalog records which, with a
+//! heartbeat), lives on while it has no connection for a grace period (a booting client
+//! connects several times), and a private session's writes are fenced by its lock's
+//! epoch: once the lock moved on, nothing more is acknowledged under it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::cow::CowLayer;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 
 /// Where a standard-mode session's writes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,20 +60,79 @@ pub struct SessionTarget {
     pub started_at: i64,
 }
 
+impl SessionTarget {
+    /// A private vdisk's session (written in place, under the vdisk's lock).
+    pub fn is_private(&self) -> bool {
+        self.overlay.is_none()
+    }
+}
+
+/// A private vdisk's lock as one holding of its session has it. Every write of that
+/// holding is fenced by it: once the catalog's lock moved on (the session ended or was
+/// replaced, or another server took it, which grows the epoch), nothing more is
+/// acknowledged or committed under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockToken {
+    /// The private vdisk.
+    pub vdisk: String,
+    /// The session holding its lock.
+    pub session: String,
+    /// The identity of the vdisk's image ([`crate::ImageBackend::identity`]).
+    pub image: String,
+    /// Grows with each holder of the image.
+    pub epoch: u64,
+}
+
+/// What [`SessionDirectory::attach`] grants one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// For a private vdisk: the lock its writes are fenced with.
+    pub lock: Option<LockToken>,
+    /// How many times a private vdisk took the image to write it: caches key blocks by
+    /// it too, so no block read before such writes is served after them.
+    pub image_epoch: u64,
+}
+
+/// Where an image stands for readers of its plain name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImageState {
+    /// Who writes it now (a private vdisk's session, in words), if anyone.
+    pub writer: Option<String>,
+    /// See [`Grant::image_epoch`].
+    pub epoch: u64,
+}
+
 /// The catalog as the engine sees it.
 ///
 /// # Contract
-/// - `resolve` fails with `NotFound` for unknown or ended sessions, `PermissionDenied`
-///   when the vdisk is no longer assigned to the client or disabled, and `Conflict` when
-///   a private vdisk is locked by another session.
-/// - `detached` is called when a connection of the session ends, with the bytes it moved;
-///   `last` is true when no other connection of the session remains.
+/// - `resolve` fails with `NotFound` for unknown or ended sessions (saying why it
+///   ended), `PermissionDenied` when the vdisk is no longer assigned to the client or
+///   disabled, and `Conflict` when a private vdisk is locked by another session. It
+///   changes nothing: probes use it alone.
+/// - `attach` makes this server the session's holder for one more connection, or fails
+///   with `Conflict` naming the server that holds it; a *temporary* `Conflict` means an
+///   earlier holder of the image is still closing its connections: retry shortly.
+/// - `detached` is called once for every successful `attach` when its connection ends,
+///   with the bytes it moved; `last` is true when this server has no other connection
+///   of the session left.
+/// - `check_lock` fails with `Conflict` once `lock` is no longer the vdisk's lock.
+/// - `holds_lease` does no I/O: it says whether this server's heartbeat reached the
+///   catalog recently enough that no other server can have taken its sessions.
 #[async_trait]
 pub trait SessionDirectory: Send + Sync + Debug {
     /// Looks a token up for a client connecting from `peer`.
     async fn resolve(&self, token: &str, peer: &str) -> Result<SessionTarget>;
+    /// Takes the session for one more connection from `peer`; `image` is the identity
+    /// of the target's image.
+    async fn attach(&self, target: &SessionTarget, image: &str, peer: &str) -> Result<Grant>;
     /// Accounts for a finished connection.
     async fn detached(&self, target: &SessionTarget, read: u64, written: u64, last: bool);
+    /// Whether `lock` still holds.
+    async fn check_lock(&self, lock: &LockToken) -> Result<()>;
+    /// Whether this server may still write for the sessions it holds.
+    fn holds_lease(&self) -> bool;
+    /// Who writes the image `image` (an identity) now, for plain-name readers.
+    async fn image_state(&self, image: &str) -> Result<ImageState>;
 }
 
 /// How overlays are built.
@@ -80,10 +146,12 @@ pub struct OverlaySettings {
     pub block_size: u64,
 }
 
-/// The live sessions of this server: one overlay per client, shared by its connections.
+/// The live sessions of this server (one overlay per client, shared by its connections)
+/// and the readers of plain names (ended when a private session starts writing).
 #[derive(Debug, Default)]
 pub(crate) struct LiveSessions {
     by_client: Mutex<HashMap<String, LiveSession>>,
+    readers: Mutex<HashMap<String, Readers>>,
 }
 
 #[derive(Debug)]
@@ -94,52 +162,99 @@ struct LiveSession {
     ended: CancellationToken,
     connections: usize,
     peers: HashSet<String>,
-    /// A private session whose last connection left: it is being closed in the catalog
-    /// (its lock released), so no connection may join it any more, not even one that
-    /// resolved its token just before.
-    closing: bool,
+    /// When this server started holding it: a catalog snapshot older than that does not
+    /// know it yet.
+    joined: Instant,
+}
+
+#[derive(Debug)]
+struct Readers {
+    count: usize,
+    ended: CancellationToken,
 }
 
 /// A connection's hold on its session: ended when the session is replaced or closed.
-/// Dropping it (a connection that failed before transmission) leaves the session too.
+/// Dropping it (a connection that failed before transmission) leaves the session too,
+/// and tells the catalog in the background if the catalog had granted it.
 #[derive(Debug)]
 pub struct SessionGuard {
     /// What the token resolved to.
     pub target: SessionTarget,
-    /// Cancelled when a newer session of the same client replaces this one.
+    /// Cancelled when the session is replaced, closed, or taken by another server.
     pub ended: CancellationToken,
     live: Arc<LiveSessions>,
+    directory: Arc<dyn SessionDirectory>,
+    /// The catalog granted this connection (and must hear when it ends).
+    pub(crate) granted: bool,
     left: bool,
 }
 
 impl SessionGuard {
-    /// Leaves the session (once); returns whether that was its last connection. With
-    /// `closing` (the caller ends a private session in the catalog next if it was the
-    /// last), no connection may join the session from this moment, so none can write once
-    /// its lock is released. A guard merely dropped leaves without closing.
-    pub(crate) fn leave(&mut self, closing: bool) -> bool {
+    /// Leaves the session (once); returns whether that was its last connection here.
+    fn leave(&mut self) -> bool {
         if std::mem::replace(&mut self.left, true) {
             return false;
         }
-        self.live.leave(&self.target, closing)
+        self.live.leave(&self.target)
+    }
+
+    /// Leaves the session here but leaves it attached in the catalog: for a connection
+    /// whose requests may still be running (it outlived the drain timeout), so no other
+    /// holder starts writing meanwhile.
+    pub fn keep_attached(mut self) {
+        self.granted = false;
+    }
+
+    /// Ends this connection's hold and tells the catalog what it moved.
+    pub(crate) async fn close(mut self, read: u64, written: u64) {
+        let last = self.leave();
+        if self.granted {
+            self.granted = false;
+            self.directory
+                .detached(&self.target, read, written, last)
+                .await;
+        }
     }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.leave(false);
+        let last = self.leave();
+        if self.granted {
+            let (directory, target) = (self.directory.clone(), self.target.clone());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { directory.detached(&target, 0, 0, last).await });
+            }
+        }
+    }
+}
+
+/// A connection's hold on a plain name: ended when a private session starts writing the
+/// image behind it.
+#[derive(Debug)]
+pub struct ReaderGuard {
+    /// Cancelled when a private session takes the image.
+    pub ended: CancellationToken,
+    identity: String,
+    live: Arc<LiveSessions>,
+}
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.live.leave_reader(&self.identity, &self.ended);
     }
 }
 
 impl LiveSessions {
-    /// Joins (or starts) the live session of `target`; `make_overlay` builds its overlay
-    /// the first time. Returns the overlay and the guard.
+    /// Counts a connection of `target` on this server (starting the live session if it
+    /// has none here): refused if a newer session of the client replaced it. The guard
+    /// it returns is not granted yet (see [`SessionGuard`]).
     pub(crate) fn join(
         self: &Arc<Self>,
         target: &SessionTarget,
         peer: &str,
-        make_overlay: impl FnOnce() -> Result<Option<Arc<CowLayer>>>,
-    ) -> Result<(Option<Arc<CowLayer>>, SessionGuard)> {
+        directory: Arc<dyn SessionDirectory>,
+    ) -> Result<SessionGuard> {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         let host = peer
             .rsplit_once(':')
@@ -149,8 +264,8 @@ impl LiveSessions {
             .get(&target.client)
             .filter(|s| s.session != target.session && s.started_at > target.started_at)
         {
-            return Err(crate::Error::new(
-                crate::ErrorKind::NotFound,
+            return Err(Error::new(
+                ErrorKind::NotFound,
                 format!(
                     "session {} was replaced by the client's newer session {}",
                     target.session, newer.session
@@ -158,20 +273,10 @@ impl LiveSessions {
             )
             .with_op("open_session"));
         }
-        let current = live
+        let entry = match live
             .get_mut(&target.client)
-            .filter(|s| s.session == target.session);
-        let entry = match current {
-            Some(entry) if entry.closing => {
-                return Err(crate::Error::new(
-                    crate::ErrorKind::NotFound,
-                    format!(
-                        "session {} of private vdisk {:?} ended with its last connection; open a new session",
-                        target.session, target.vdisk
-                    ),
-                )
-                .with_op("open_session"));
-            }
+            .filter(|s| s.session == target.session)
+        {
             Some(entry) => {
                 if entry.connections > 0 && !entry.peers.contains(&host) {
                     tracing::warn!(client = %target.client, session = %target.session, new_peer = %peer,
@@ -185,46 +290,80 @@ impl LiveSessions {
                         "a new session replaces the client's old one; closing its connections");
                     old.ended.cancel();
                 }
-                let overlay = make_overlay()?;
                 live.entry(target.client.clone()).or_insert(LiveSession {
                     session: target.session.clone(),
                     started_at: target.started_at,
-                    overlay,
+                    overlay: None,
                     ended: CancellationToken::new(),
                     connections: 0,
                     peers: HashSet::new(),
-                    closing: false,
+                    joined: Instant::now(),
                 })
             }
         };
         entry.connections += 1;
         entry.peers.insert(host);
-        Ok((
-            entry.overlay.clone(),
-            SessionGuard {
-                target: target.clone(),
-                ended: entry.ended.clone(),
-                live: self.clone(),
-                left: false,
-            },
-        ))
+        Ok(SessionGuard {
+            target: target.clone(),
+            ended: entry.ended.clone(),
+            live: self.clone(),
+            directory,
+            granted: false,
+            left: false,
+        })
     }
 
-    /// Ends the connections of every live session whose id `is_live` rejects (closed by
-    /// an administrator, or the client removed), so catalog changes reach running clients.
-    pub(crate) fn retain(&self, is_live: impl Fn(&str) -> bool) {
+    /// The session's overlay on this server, made by `make` the first time.
+    pub(crate) fn overlay(
+        &self,
+        target: &SessionTarget,
+        make: impl FnOnce() -> Result<Arc<CowLayer>>,
+    ) -> Result<Arc<CowLayer>> {
+        let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = live
+            .get_mut(&target.client)
+            .filter(|s| s.session == target.session)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("session {} ended while connecting", target.session),
+                )
+            })?;
+        if let Some(overlay) = &entry.overlay {
+            return Ok(overlay.clone());
+        }
+        let overlay = make()?;
+        entry.overlay = Some(overlay.clone());
+        Ok(overlay)
+    }
+
+    /// Ends the connections of every live session whose id `is_live` rejects (closed in
+    /// the catalog, or held by another server now), among those this server held before
+    /// `as_of` (the moment the catalog was asked).
+    pub(crate) fn retain(&self, is_live: impl Fn(&str) -> bool, as_of: Instant) {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         live.retain(|client, session| {
-            // A closing private session stays as a tombstone (it has no connections) so
-            // that a connection which resolved its token before the close still cannot
-            // join; a newer session of the client replaces it.
-            let keep = session.closing || is_live(&session.session);
+            let keep = session.joined > as_of || is_live(&session.session);
             if !keep {
-                tracing::info!(%client, session = %session.session, "session closed in the catalog; ending its connections");
+                tracing::info!(%client, session = %session.session, "session ended in the catalog or held elsewhere; ending its connections here");
                 session.ended.cancel();
             }
             keep
         });
+    }
+
+    /// Ends the connections of the session `id` on this server, if it has any.
+    pub(crate) fn end(&self, id: &str) -> bool {
+        let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        let before = live.len();
+        live.retain(|_, session| {
+            let doomed = session.session == id;
+            if doomed {
+                session.ended.cancel();
+            }
+            !doomed
+        });
+        live.len() != before
     }
 
     /// Ids of sessions with at least one connection.
@@ -236,9 +375,8 @@ impl LiveSessions {
             .collect()
     }
 
-    /// Leaves the session; returns whether that was its last connection. With `closing`,
-    /// a private session left without connections refuses joins from then on.
-    fn leave(&self, target: &SessionTarget, closing: bool) -> bool {
+    /// Leaves the session; returns whether that was its last connection here.
+    fn leave(&self, target: &SessionTarget) -> bool {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         match live
             .get_mut(&target.client)
@@ -248,16 +386,60 @@ impl LiveSessions {
                 entry.connections = entry.connections.saturating_sub(1);
                 if entry.connections == 0 {
                     entry.peers.clear();
-                    // A private session ends with its last connection (the caller closes
-                    // it in the catalog next): refuse joins from now on, so a reconnect
-                    // racing that close cannot write after the lock is released.
-                    entry.closing = closing && target.overlay.is_none();
                 }
                 entry.connections == 0
             }
-            // Replaced meanwhile: this was the old session's last word.
+            // Replaced or ended meanwhile: this was the old session's last word here.
             None => true,
         }
+    }
+
+    /// Counts a reader of the plain name of image `identity`.
+    pub(crate) fn add_reader(self: &Arc<Self>, identity: &str) -> ReaderGuard {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = readers
+            .entry(identity.to_owned())
+            .or_insert_with(|| Readers {
+                count: 0,
+                ended: CancellationToken::new(),
+            });
+        entry.count += 1;
+        ReaderGuard {
+            ended: entry.ended.clone(),
+            identity: identity.to_owned(),
+            live: self.clone(),
+        }
+    }
+
+    fn leave_reader(&self, identity: &str, ended: &CancellationToken) {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = readers.get_mut(identity)
+            && !entry.ended.is_cancelled()
+            && !ended.is_cancelled()
+        {
+            entry.count -= 1;
+            if entry.count == 0 {
+                readers.remove(identity);
+            }
+        }
+    }
+
+    /// Ends the plain-name readers of every image `doomed` names; returns how many
+    /// images had readers.
+    pub(crate) fn end_readers(&self, doomed: impl Fn(&str) -> bool) -> usize {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = 0;
+        readers.retain(|identity, entry| {
+            if doomed(identity) {
+                tracing::info!(image = %identity, readers = entry.count, "a private session writes this image: ending its plain-name readers");
+                entry.ended.cancel();
+                ended += 1;
+                false
+            } else {
+                true
+            }
+        });
+        ended
     }
 }
 
@@ -265,57 +447,87 @@ impl LiveSessions {
 mod live_tests {
     use super::*;
 
-    fn target(session: &str, overlay: Option<OverlayKind>) -> SessionTarget {
+    #[derive(Debug)]
+    struct NoCatalog;
+
+    #[async_trait]
+    impl SessionDirectory for NoCatalog {
+        async fn resolve(&self, _: &str, _: &str) -> Result<SessionTarget> {
+            Err(Error::new(ErrorKind::NotFound, "none"))
+        }
+        async fn attach(&self, _: &SessionTarget, _: &str, _: &str) -> Result<Grant> {
+            Err(Error::new(ErrorKind::NotFound, "none"))
+        }
+        async fn detached(&self, _: &SessionTarget, _: u64, _: u64, _: bool) {}
+        async fn check_lock(&self, _: &LockToken) -> Result<()> {
+            Ok(())
+        }
+        fn holds_lease(&self) -> bool {
+            true
+        }
+        async fn image_state(&self, _: &str) -> Result<ImageState> {
+            Ok(ImageState::default())
+        }
+    }
+
+    fn target(session: &str, started_at: i64) -> SessionTarget {
         SessionTarget {
             session: session.to_owned(),
             client: "aa:bb:cc:dd:ee:ff".to_owned(),
             vdisk: "dev".to_owned(),
             backend: "images".to_owned(),
             image: "dev".to_owned(),
-            overlay,
+            overlay: None,
             description: String::new(),
-            started_at: 1,
+            started_at,
         }
     }
 
     #[test]
-    fn a_private_session_refuses_joins_once_its_last_connection_left() {
+    fn a_newer_session_replaces_an_older_one_never_the_other_way() {
         let live = Arc::new(LiveSessions::default());
-        let private = target("s1", None);
-        let (_, mut a) = live.join(&private, "10.0.0.1:1000", || Ok(None)).unwrap();
-        let (_, mut b) = live.join(&private, "10.0.0.1:1001", || Ok(None)).unwrap();
-        assert!(!a.leave(true), "one connection is still there");
-        assert!(b.leave(true), "the last one");
-        live.retain(|_| false);
+        let directory: Arc<dyn SessionDirectory> = Arc::new(NoCatalog);
+        let old = live
+            .join(&target("s1", 1), "10.0.0.1:1", directory.clone())
+            .unwrap();
+        let new = live
+            .join(&target("s2", 2), "10.0.0.1:2", directory.clone())
+            .unwrap();
+        assert!(old.ended.is_cancelled() && !new.ended.is_cancelled());
         let err = live
-            .join(&private, "10.0.0.1:1002", || Ok(None))
-            .expect_err("the session is being closed");
-        assert_eq!(err.kind(), crate::ErrorKind::NotFound);
-        assert!(err.to_string().contains("open a new session"), "{err}");
-        // A new session of the client is welcome.
-        let newer = SessionTarget {
-            started_at: 2,
-            ..target("s2", None)
-        };
-        live.join(&newer, "10.0.0.1:1003", || Ok(None)).unwrap();
+            .join(&target("s1", 1), "10.0.0.1:3", directory)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("replaced by the client's newer session s2"),
+            "{err}"
+        );
     }
 
     #[test]
-    fn a_standard_session_can_be_rejoined_after_its_last_connection() {
+    fn a_catalog_snapshot_older_than_a_join_ends_nothing() {
         let live = Arc::new(LiveSessions::default());
-        let standard = target("s1", Some(OverlayKind::Ram));
-        let (_, mut a) = live.join(&standard, "10.0.0.1:1000", || Ok(None)).unwrap();
-        assert!(a.leave(true));
-        live.join(&standard, "10.0.0.1:1001", || Ok(None)).unwrap();
+        let directory: Arc<dyn SessionDirectory> = Arc::new(NoCatalog);
+        let before = Instant::now();
+        let guard = live
+            .join(&target("s1", 1), "10.0.0.1:1", directory)
+            .unwrap();
+        live.retain(|_| false, before);
+        assert!(!guard.ended.is_cancelled(), "joined after the snapshot");
+        live.retain(|_| false, Instant::now());
+        assert!(guard.ended.is_cancelled());
     }
 
     #[test]
-    fn a_private_connection_that_never_reached_transmission_does_not_end_the_session() {
+    fn readers_of_an_image_end_when_a_private_session_takes_it() {
         let live = Arc::new(LiveSessions::default());
-        let private = target("s1", None);
-        // A guard dropped after OPT_GO failed: the session stays open in the catalog, so
-        // the client's reconnect with the same token is welcome.
-        drop(live.join(&private, "10.0.0.1:1000", || Ok(None)).unwrap());
-        live.join(&private, "10.0.0.1:1001", || Ok(None)).unwrap();
+        let a = live.add_reader("file:/x.img");
+        let b = live.add_reader("file:/y.img");
+        assert_eq!(live.end_readers(|id| id == "file:/x.img"), 1);
+        assert!(a.ended.is_cancelled() && !b.ended.is_cancelled());
+        drop(a);
+        // A new reader of the image after that is a new group.
+        let c = live.add_reader("file:/x.img");
+        assert!(!c.ended.is_cancelled());
     }
 }

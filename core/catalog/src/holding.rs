@@ -1,0 +1,804 @@
+//! Servers and the sessions they hold: one server at a time serves a session, others
+//! refuse its token until that server lets go or its heartbeat lapses; a session with no
+//! connection ends `grace` after its last one; every taking of a private vdisk's lock
+//! grows the image's epoch, which fences every write.
+//!
+//! Times compared across servers (heartbeats, detach times) use the database's clock.
+
+use std::collections::HashSet;
+
+use osstream_core::{Error, ErrorKind, LockToken, Result};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::model::{Server, Session};
+use crate::sql::{SqlCatalog, db_error, now_ms, session_from_row};
+
+/// This server, as the catalog knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRef {
+    /// Kept in the data directory: the same after a restart.
+    pub id: String,
+    /// New for every start of the process.
+    pub instance: String,
+}
+
+/// The timers of session ownership, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTimers {
+    /// A session with no connection ends this long after its last one closed.
+    pub grace_ms: i64,
+    /// A session nobody ever connected to ends this long after it was opened.
+    pub lease_ms: i64,
+    /// A server whose heartbeat is older than this is gone: its sessions are released.
+    pub server_timeout_ms: i64,
+}
+
+/// What [`SqlCatalog::attach_session`] grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// The lock epoch a private session's writes are fenced with (0 for standard).
+    pub epoch: u64,
+    /// The epoch of the image itself: how many times a private vdisk took it to write.
+    /// Caches key blocks by it too, so none read before such writes is served after.
+    pub image_epoch: u64,
+}
+
+/// Where an image stands for readers that are not its private vdisk's session.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImageUse {
+    /// The private vdisk writing it now and its session, if any.
+    pub writer: Option<(String, String)>,
+    /// See [`Holding::image_epoch`].
+    pub epoch: u64,
+}
+
+/// Why a session ended, when nobody closed it explicitly.
+pub mod reasons {
+    /// A standard session whose RAM overlay died with the server process.
+    pub const RAM_OVERLAY_LOST: &str = "the server restarted and the session's RAM write overlay was lost; the client must boot again";
+    /// The same, at a clean stop.
+    pub const RAM_OVERLAY_STOPPED: &str = "the server stopped and the session's RAM write overlay went with it; the client must boot again";
+}
+
+/// A statement assembled from this file's constant fragments and numbers (the database's
+/// clock, durations); every value from outside is bound, never formatted in.
+fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(text)
+}
+
+fn text(row: &AnyRow, column: &str) -> Result<Option<String>> {
+    row.try_get(column).map_err(|e| db_error(e, "read session"))
+}
+
+fn int(row: &AnyRow, column: &str) -> Result<i64> {
+    row.try_get(column).map_err(|e| db_error(e, "read session"))
+}
+
+fn seconds(ms: i64) -> String {
+    format!("{:.0}s", ms.max(0) as f64 / 1000.0)
+}
+
+impl SqlCatalog {
+    /// `NOW - ms`, as SQL, for comparisons on the database's clock.
+    fn ago_sql(&self, ms: i64) -> String {
+        format!("({} - {ms})", self.now_sql())
+    }
+
+    /// The condition "server `column` names is gone" (stopped, or heartbeat older than
+    /// `timeout_ms`), as SQL.
+    fn gone_sql(&self, column: &str, timeout_ms: i64) -> String {
+        format!(
+            "{column} IN (SELECT id FROM servers WHERE stopped_at IS NOT NULL OR heartbeat_at < {})",
+            self.ago_sql(timeout_ms)
+        )
+    }
+
+    /// Records this server's start: a new instance under its lasting id.
+    pub async fn register_server(&self, me: &ServerRef, name: &str) -> Result<()> {
+        let now = self.now_sql();
+        sqlx::query(sql(format!(
+            "INSERT INTO servers (id, instance, name, nbd_address, started_at, heartbeat_at, stopped_at) \
+             VALUES ($1, $2, $3, NULL, $4, {now}, NULL) \
+             ON CONFLICT (id) DO UPDATE SET instance = $2, name = $3, nbd_address = NULL, started_at = $4, \
+             heartbeat_at = {now}, stopped_at = NULL"
+        )))
+        .bind(&me.id)
+        .bind(&me.instance)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "register the server"))?;
+        Ok(())
+    }
+
+    /// Records the `HOST:PORT` clients reach this server's NBD listener at.
+    pub async fn set_server_address(&self, me: &ServerRef, address: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE servers SET nbd_address = $3 WHERE id = $1 AND instance = $2")
+            .bind(&me.id)
+            .bind(&me.instance)
+            .bind(address)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "record the server's address"))?;
+        Ok(())
+    }
+
+    /// Marks this server alive now. Fails if another instance took its id (two servers
+    /// started on one data directory on different hosts).
+    pub async fn heartbeat(&self, me: &ServerRef) -> Result<()> {
+        let done = sqlx::query(sql(format!(
+            "UPDATE servers SET heartbeat_at = {} WHERE id = $1 AND instance = $2",
+            self.now_sql()
+        )))
+        .bind(&me.id)
+        .bind(&me.instance)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "heartbeat"))?;
+        if done.rows_affected() == 0 {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "server id {} was taken by another osstream instance; two servers must not share one data_dir",
+                    me.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every server that shares the catalog, with the age of its heartbeat.
+    pub async fn servers(&self) -> Result<Vec<Server>> {
+        let rows = sqlx::query(sql(format!(
+            "SELECT *, {} - heartbeat_at AS heartbeat_age FROM servers ORDER BY name, id",
+            self.now_sql()
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "list servers"))?;
+        rows.iter()
+            .map(|row| {
+                let map = |e| db_error(e, "read server");
+                Ok(Server {
+                    id: row.try_get("id").map_err(map)?,
+                    instance: row.try_get("instance").map_err(map)?,
+                    name: row.try_get("name").map_err(map)?,
+                    nbd_address: row.try_get("nbd_address").map_err(map)?,
+                    started_at: row.try_get("started_at").map_err(map)?,
+                    heartbeat_at: row.try_get("heartbeat_at").map_err(map)?,
+                    stopped_at: row.try_get("stopped_at").map_err(map)?,
+                    heartbeat_age: row.try_get("heartbeat_age").map_err(map)?,
+                })
+            })
+            .collect()
+    }
+
+    /// One server, if registered.
+    async fn server(&self, id: &str) -> Result<Option<Server>> {
+        Ok(self.servers().await?.into_iter().find(|s| s.id == id))
+    }
+
+    /// The servers alive now (heartbeat younger than `timeout_ms`, not stopped).
+    pub async fn live_servers(&self, timeout_ms: i64) -> Result<Vec<Server>> {
+        Ok(self
+            .servers()
+            .await?
+            .into_iter()
+            .filter(|s| s.stopped_at.is_none() && s.heartbeat_age <= timeout_ms)
+            .collect())
+    }
+
+    /// Makes this server the session's holder for one more connection.
+    ///
+    /// Refused (`Conflict`) while another live server holds it, naming that server; a
+    /// standard session whose write overlay stayed on another server is never moved. A
+    /// private session taken anew (first connection here, or after another server let
+    /// go) grows the image's epoch; while connections of an earlier holder of the image
+    /// are still open on a live server, the refusal is *temporary*: retry shortly.
+    /// `image` is the identity of the vdisk's image, as the backend names it now.
+    pub async fn attach_session(
+        &self,
+        id: &str,
+        me: &ServerRef,
+        image: &str,
+        timers: &SessionTimers,
+    ) -> Result<Holding> {
+        let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
+        // Writing first takes the row lock (PostgreSQL) and the write lock (SQLite), so
+        // two connections of one session attach one after the other.
+        sqlx::query("UPDATE sessions SET attached = attached WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(e, "attach session"))?;
+        let row = sqlx::query(
+            "SELECT s.*, v.mode AS vdisk_mode, v.locked_by AS vdisk_locked_by FROM sessions s \
+             LEFT JOIN vdisks v ON v.name = s.vdisk WHERE s.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| db_error(e, "attach session"))?
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no session {id:?}")))?;
+        let session = session_from_row(&row)?;
+        let instance = text(&row, "owner_instance")?;
+        let private = text(&row, "vdisk_mode")?.as_deref() == Some("private");
+        if session.closed_at.is_some() {
+            return Err(ended(&session));
+        }
+        if private && text(&row, "vdisk_locked_by")?.as_deref() != Some(id) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "session {id} no longer holds the lock of private vdisk {:?}",
+                    session.vdisk
+                ),
+            ));
+        }
+        self.check_image_is_free(&mut tx, &session, private, image)
+            .await?;
+        if instance.as_deref() == Some(me.instance.as_str()) {
+            // Another connection of a session this process holds already.
+            sqlx::query("UPDATE sessions SET attached = 1, detached_at = NULL WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db_error(e, "attach session"))?;
+            let image_epoch = image_epoch(&mut tx, image).await?;
+            tx.commit()
+                .await
+                .map_err(|e| db_error(e, "attach session"))?;
+            return Ok(Holding {
+                epoch: session.epoch,
+                image_epoch,
+            });
+        }
+        if let Some(owner) = session.owner.as_deref().filter(|o| *o != me.id) {
+            let server = self.server(owner).await?;
+            let gone = server.as_ref().is_none_or(|s| {
+                s.stopped_at.is_some() || s.heartbeat_age > timers.server_timeout_ms
+            });
+            let named = server.as_ref().map_or_else(
+                || format!("server {owner}"),
+                |s| {
+                    format!(
+                        "server {} ({})",
+                        s.name,
+                        s.nbd_address.as_deref().unwrap_or("no NBD address")
+                    )
+                },
+            );
+            if !private {
+                let state = if gone {
+                    "which is gone"
+                } else {
+                    "which holds it"
+                };
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "session {id} keeps its write overlay on {named}, {state}; {}",
+                        if gone {
+                            "the client must boot again (a new session)"
+                        } else {
+                            "connect there"
+                        }
+                    ),
+                ));
+            }
+            if !gone {
+                let age = server.as_ref().map_or(0, |s| s.heartbeat_age);
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "session {id} is attached on {named} (heartbeat {} ago); connect there, or wait until it \
+                         lets go (its connections close, or its heartbeat lapses after {})",
+                        seconds(age),
+                        seconds(timers.server_timeout_ms)
+                    ),
+                ));
+            }
+        }
+        let mut epoch = 0;
+        if private {
+            // An earlier holder of this image (a replaced or closed session) may still be
+            // finishing requests on a live server: wait for it to let go.
+            let busy = sqlx::query(sql(format!(
+                "SELECT s.id, s.owner FROM sessions s JOIN vdisks v ON v.name = s.vdisk \
+                 WHERE s.id <> $1 AND s.attached = 1 AND (v.name = $2 OR v.image_id = $3) AND s.owner IS NOT NULL \
+                 AND NOT ({})",
+                self.gone_sql("s.owner", timers.server_timeout_ms)
+            )))
+            .bind(id)
+            .bind(&session.vdisk)
+            .bind(image)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| db_error(e, "attach session"))?;
+            if let Some(busy) = busy {
+                let other: String = busy
+                    .try_get("id")
+                    .map_err(|e| db_error(e, "attach session"))?;
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "private vdisk {:?}: the previous holder, session {other}, still has connections open; \
+                         waiting for them to close",
+                        session.vdisk
+                    ),
+                )
+                .set_temporary());
+            }
+            sqlx::query(
+                "INSERT INTO image_epochs (image_id, epoch) VALUES ($1, 1) \
+                 ON CONFLICT (image_id) DO UPDATE SET epoch = image_epochs.epoch + 1",
+            )
+            .bind(image)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(e, "take the lock epoch"))?;
+            epoch = image_epoch(&mut tx, image).await?;
+        }
+        sqlx::query(
+            "UPDATE sessions SET owner = $2, owner_instance = $3, attached = 1, detached_at = NULL, \
+             epoch = $4, last_active = $5 WHERE id = $1 AND closed_at IS NULL",
+        )
+        .bind(id)
+        .bind(&me.id)
+        .bind(&me.instance)
+        .bind(epoch as i64)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(e, "attach session"))?;
+        let image_epoch = image_epoch(&mut tx, image).await?;
+        tx.commit()
+            .await
+            .map_err(|e| db_error(e, "attach session"))?;
+        Ok(Holding { epoch, image_epoch })
+    }
+
+    /// Refuses a standard session of an image a private session writes, and a private
+    /// session of an image standard sessions read (only reachable through registrations
+    /// made before the catalog checked them, or backends reconfigured to overlap).
+    async fn check_image_is_free(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        session: &Session,
+        private: bool,
+        image: &str,
+    ) -> Result<()> {
+        if private {
+            let row = sqlx::query(
+                "SELECT s.id, s.vdisk FROM sessions s JOIN vdisks v ON v.name = s.vdisk \
+                 WHERE v.image_id = $1 AND v.name <> $2 AND s.closed_at IS NULL",
+            )
+            .bind(image)
+            .bind(&session.vdisk)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(|e| db_error(e, "check image"))?;
+            if let Some(row) = row {
+                let other: Option<String> = text(&row, "vdisk")?;
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "private vdisk {:?} shares its image with vdisk {:?}, which has live sessions; close them first",
+                        session.vdisk,
+                        other.unwrap_or_default()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        let row = sqlx::query(
+            "SELECT name, locked_by FROM vdisks WHERE image_id = $1 AND name <> $2 AND mode = 'private' \
+             AND locked_by IS NOT NULL",
+        )
+        .bind(image)
+        .bind(&session.vdisk)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(|e| db_error(e, "check image"))?;
+        if let Some(row) = row {
+            let (name, holder) = (text(&row, "name")?, text(&row, "locked_by")?);
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "the image of vdisk {:?} is being written by private vdisk {:?} (session {}); \
+                     standard sessions of it are refused until that session ends",
+                    session.vdisk,
+                    name.unwrap_or_default(),
+                    holder.unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A connection of a session held by this server ended; with `last`, none is left
+    /// here: the session counts as detached from now (it ends `grace` later), and a
+    /// private session is let go, so another server may take it.
+    pub async fn detach_session(
+        &self,
+        id: &str,
+        me: &ServerRef,
+        last: bool,
+        private: bool,
+    ) -> Result<()> {
+        if !last {
+            return Ok(());
+        }
+        let release = "closed_at IS NOT NULL OR $3 = 1";
+        sqlx::query(sql(format!(
+            "UPDATE sessions SET attached = 0, detached_at = {}, \
+             owner = CASE WHEN {release} THEN NULL ELSE owner END, \
+             owner_instance = CASE WHEN {release} THEN NULL ELSE owner_instance END \
+             WHERE id = $1 AND owner_instance = $2",
+            self.now_sql()
+        )))
+        .bind(id)
+        .bind(&me.instance)
+        .bind(i64::from(private))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "detach session"))?;
+        Ok(())
+    }
+
+    /// Ids of the live sessions this server instance holds.
+    pub async fn held_sessions(&self, me: &ServerRef) -> Result<HashSet<String>> {
+        let rows =
+            sqlx::query("SELECT id FROM sessions WHERE closed_at IS NULL AND owner_instance = $1")
+                .bind(&me.instance)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| db_error(e, "list held sessions"))?;
+        rows.iter()
+            .map(|r| {
+                r.try_get("id")
+                    .map_err(|e| db_error(e, "list held sessions"))
+            })
+            .collect()
+    }
+
+    /// Ids of every live session.
+    pub async fn live_session_ids(&self) -> Result<HashSet<String>> {
+        let rows = sqlx::query("SELECT id FROM sessions WHERE closed_at IS NULL")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "list live sessions"))?;
+        rows.iter()
+            .map(|r| {
+                r.try_get("id")
+                    .map_err(|e| db_error(e, "list live sessions"))
+            })
+            .collect()
+    }
+
+    /// Closes `id` with `reason` if `condition` (SQL over the session row) still holds,
+    /// releasing its lock; returns whether it closed it.
+    async fn close_if(&self, id: &str, reason: &str, condition: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
+        let closed = sqlx::query(sql(format!(
+            "UPDATE sessions SET closed_at = $2, end_reason = $3 WHERE id = $1 AND closed_at IS NULL AND {condition}"
+        )))
+        .bind(id)
+        .bind(now_ms())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(e, "close session"))?;
+        if closed.rows_affected() == 0 {
+            let _ = tx.rollback().await;
+            return Ok(false);
+        }
+        sqlx::query("UPDATE vdisks SET locked_by = NULL WHERE locked_by = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(e, "close session"))?;
+        tx.commit()
+            .await
+            .map_err(|e| db_error(e, "close session"))?;
+        Ok(true)
+    }
+
+    /// The periodic clean-up every server runs: releases the sessions of servers that
+    /// are gone, then ends sessions with no connection for `grace` and sessions nobody
+    /// connected to within `lease`. Returns `(session, why)` for each change, for logs.
+    pub async fn reap_sessions(
+        &self,
+        me: &ServerRef,
+        timers: &SessionTimers,
+    ) -> Result<Vec<(Session, String)>> {
+        let mut done = Vec::new();
+        let private_vdisk = "vdisk IN (SELECT name FROM vdisks WHERE mode = 'private')";
+        let gone = self.gone_sql("owner", timers.server_timeout_ms);
+        let lapsed_filter = format!(
+            "owner IS NOT NULL AND owner <> $1 AND {gone} AND (attached = 1 OR closed_at IS NOT NULL OR {private_vdisk})"
+        );
+        let lapsed = sqlx::query(sql(format!("SELECT * FROM sessions WHERE {lapsed_filter}")))
+            .bind(&me.id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "find sessions of gone servers"))?;
+        if !lapsed.is_empty() {
+            let release = format!("closed_at IS NOT NULL OR {private_vdisk}");
+            sqlx::query(sql(format!(
+                "UPDATE sessions SET detached_at = CASE WHEN attached = 1 THEN {} ELSE detached_at END, attached = 0, \
+                 owner = CASE WHEN {release} THEN NULL ELSE owner END, \
+                 owner_instance = CASE WHEN {release} THEN NULL ELSE owner_instance END \
+                 WHERE {lapsed_filter}",
+                self.now_sql()
+            )))
+            .bind(&me.id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "release sessions of gone servers"))?;
+            for row in &lapsed {
+                let session = session_from_row(row)?;
+                if session.closed_at.is_none() {
+                    let why = format!(
+                        "released: its server {} stopped or missed heartbeats for {}",
+                        session.owner.as_deref().unwrap_or("?"),
+                        seconds(timers.server_timeout_ms)
+                    );
+                    done.push((session, why));
+                }
+            }
+        }
+        let graced = format!(
+            "attached = 0 AND detached_at IS NOT NULL AND detached_at < {}",
+            self.ago_sql(timers.grace_ms)
+        );
+        let never = format!(
+            "attached = 0 AND detached_at IS NULL AND owner IS NULL AND started_at < {}",
+            now_ms() - timers.lease_ms
+        );
+        for (condition, reason) in [
+            (
+                graced,
+                format!(
+                    "no connection for {} after its last one closed",
+                    seconds(timers.grace_ms)
+                ),
+            ),
+            (
+                never,
+                format!(
+                    "nobody connected within the lease ({}) after it was opened",
+                    seconds(timers.lease_ms)
+                ),
+            ),
+        ] {
+            let rows = sqlx::query(sql(format!(
+                "SELECT * FROM sessions WHERE closed_at IS NULL AND {condition}"
+            )))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "find sessions to end"))?;
+            for row in rows {
+                let session = session_from_row(&row)?;
+                if self.close_if(&session.id, &reason, &condition).await? {
+                    done.push((session, format!("ended: {reason}")));
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// At start-up: takes over what the previous instance of this server held. Closed
+    /// sessions and private sessions are let go (no connection is left), standard
+    /// sessions with a disk overlay stay here and count as detached, and standard
+    /// sessions whose overlay was in RAM end. Returns `(session, what happened)`.
+    pub async fn adopt_sessions(&self, me: &ServerRef) -> Result<Vec<(Session, String)>> {
+        let rows = sqlx::query(
+            "SELECT s.*, v.mode AS vdisk_mode, v.write_cache AS vdisk_cache FROM sessions s \
+             LEFT JOIN vdisks v ON v.name = s.vdisk \
+             WHERE s.owner = $1 AND COALESCE(s.owner_instance, '') <> $2",
+        )
+        .bind(&me.id)
+        .bind(&me.instance)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "adopt sessions"))?;
+        let mut done = Vec::new();
+        let detached_now = format!(
+            "detached_at = CASE WHEN attached = 1 OR detached_at IS NULL THEN {} ELSE detached_at END, attached = 0",
+            self.now_sql()
+        );
+        for row in rows {
+            let session = session_from_row(&row)?;
+            let mode = text(&row, "vdisk_mode")?;
+            let cache = text(&row, "vdisk_cache")?;
+            let ram = matches!(cache.as_deref(), Some("ram" | "ram-overflow-disk"));
+            let (statement, what) = if session.closed_at.is_some() {
+                ("UPDATE sessions SET owner = NULL, owner_instance = NULL, attached = 0 WHERE id = $1".to_owned(), None)
+            } else if mode.as_deref() == Some("private") {
+                (
+                    format!("UPDATE sessions SET owner = NULL, owner_instance = NULL, {detached_now} WHERE id = $1"),
+                    Some("private session let go after the restart; it ends unless its client reconnects".to_owned()),
+                )
+            } else if ram {
+                if self
+                    .close_if(&session.id, reasons::RAM_OVERLAY_LOST, "owner IS NOT NULL")
+                    .await?
+                {
+                    done.push((session, format!("ended: {}", reasons::RAM_OVERLAY_LOST)));
+                }
+                continue;
+            } else {
+                (
+                    format!(
+                        "UPDATE sessions SET owner_instance = $2, {detached_now} WHERE id = $1"
+                    ),
+                    Some("kept: its disk write overlay is still here".to_owned()),
+                )
+            };
+            sqlx::query(sql(statement))
+                .bind(&session.id)
+                .bind(&me.instance)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| db_error(e, "adopt sessions"))?;
+            if let Some(what) = what {
+                done.push((session, what));
+            }
+        }
+        Ok(done)
+    }
+
+    /// At a clean stop: ends the live standard sessions held here whose overlay is in
+    /// RAM (it goes with the process) and marks the server stopped, so other servers
+    /// release what it held at once. Returns the sessions it ended.
+    pub async fn stop_server(&self, me: &ServerRef) -> Result<Vec<Session>> {
+        let rows = sqlx::query(
+            "SELECT s.* FROM sessions s JOIN vdisks v ON v.name = s.vdisk WHERE s.owner_instance = $1 \
+             AND s.closed_at IS NULL AND v.mode = 'standard' AND v.write_cache IN ('ram', 'ram-overflow-disk')",
+        )
+        .bind(&me.instance)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "stop the server"))?;
+        let mut ended = Vec::new();
+        for row in rows {
+            let session = session_from_row(&row)?;
+            if self
+                .close_if(
+                    &session.id,
+                    reasons::RAM_OVERLAY_STOPPED,
+                    "owner IS NOT NULL",
+                )
+                .await?
+            {
+                ended.push(session);
+            }
+        }
+        sqlx::query("UPDATE servers SET stopped_at = $3 WHERE id = $1 AND instance = $2")
+            .bind(&me.id)
+            .bind(&me.instance)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "stop the server"))?;
+        Ok(ended)
+    }
+
+    /// Ok while `lock` is the private vdisk's current lock: held by its session, at its
+    /// epoch. `Conflict` once it moved (the session ended or was replaced, another server
+    /// took it): the holder must not acknowledge another write.
+    pub async fn check_lock(&self, lock: &LockToken) -> Result<()> {
+        let row = sqlx::query(
+            "SELECT v.locked_by, (SELECT epoch FROM image_epochs WHERE image_id = $2) AS epoch \
+             FROM vdisks v WHERE v.name = $1",
+        )
+        .bind(&lock.vdisk)
+        .bind(&lock.image)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "check the lock"))?;
+        let (holder, epoch) = match &row {
+            Some(row) => (
+                text(row, "locked_by")?,
+                row.try_get::<Option<i64>, _>("epoch")
+                    .map_err(|e| db_error(e, "check the lock"))?
+                    .unwrap_or(0) as u64,
+            ),
+            None => (None, 0),
+        };
+        if holder.as_deref() == Some(lock.session.as_str()) && epoch == lock.epoch {
+            return Ok(());
+        }
+        Err(lost_lock(lock, holder.as_deref(), epoch))
+    }
+
+    /// Where the image `image_id` stands for plain-name readers and standard sessions.
+    pub async fn image_use(&self, image_id: &str) -> Result<ImageUse> {
+        let writer = sqlx::query(
+            "SELECT name, locked_by FROM vdisks WHERE image_id = $1 AND mode = 'private' AND locked_by IS NOT NULL",
+        )
+        .bind(image_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "check image"))?;
+        let writer = match writer {
+            Some(row) => Some((
+                text(&row, "name")?.unwrap_or_default(),
+                text(&row, "locked_by")?.unwrap_or_default(),
+            )),
+            None => None,
+        };
+        let epoch = sqlx::query("SELECT epoch FROM image_epochs WHERE image_id = $1")
+            .bind(image_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "read image epoch"))?
+            .map(|row| int(&row, "epoch"))
+            .transpose()?
+            .unwrap_or(0) as u64;
+        Ok(ImageUse { writer, epoch })
+    }
+
+    /// Identities of the images a private session holds the lock of now.
+    pub async fn locked_images(&self) -> Result<HashSet<String>> {
+        let rows = sqlx::query(
+            "SELECT image_id FROM vdisks WHERE mode = 'private' AND locked_by IS NOT NULL AND image_id IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "list locked images"))?;
+        rows.iter()
+            .map(|r| {
+                r.try_get("image_id")
+                    .map_err(|e| db_error(e, "list locked images"))
+            })
+            .collect()
+    }
+}
+
+/// The epoch of `image` (0 if no private vdisk ever took it), inside a transaction.
+async fn image_epoch(tx: &mut sqlx::Transaction<'static, sqlx::Any>, image: &str) -> Result<u64> {
+    let row = sqlx::query("SELECT epoch FROM image_epochs WHERE image_id = $1")
+        .bind(image)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(|e| db_error(e, "read image epoch"))?;
+    Ok(row.map(|r| int(&r, "epoch")).transpose()?.unwrap_or(0) as u64)
+}
+
+/// The refusal for a token of an ended session, with the reason the catalog kept.
+pub fn ended(session: &Session) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "session {} has ended: {}",
+            session.id,
+            session
+                .end_reason
+                .as_deref()
+                .unwrap_or("closed (the client booted again, or an administrator closed it)")
+        ),
+    )
+}
+
+fn lost_lock(lock: &LockToken, holder: Option<&str>, epoch: u64) -> Error {
+    let now = match holder {
+        Some(holder) if holder != lock.session => format!("session {holder} holds it now"),
+        Some(_) => format!(
+            "another holding of the session took it (epoch {epoch}, this one has {})",
+            lock.epoch
+        ),
+        None => "nobody holds it (the session ended or an administrator cleared it)".to_owned(),
+    };
+    Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "session {} lost the lock of private vdisk {:?}: {now}; this write was not acknowledged",
+            lock.session, lock.vdisk
+        ),
+    )
+    .with_op("fence")
+}
