@@ -208,8 +208,13 @@ pub enum PolicyCommand {
     Set { policy: String },
 }
 
-/// Builds the backend `[backends.NAME]` of the configuration.
-pub fn backend_named(config: &Config, name: &str) -> Result<osstream_core::DynBackend> {
+/// Builds the backend `[backends.NAME]` of the configuration; with `catalog`, backends
+/// that commit fenced writes there (chunked S3 images) read what was committed.
+pub fn backend_named(
+    config: &Config,
+    name: &str,
+    catalog: Option<&SqlCatalog>,
+) -> Result<osstream_core::DynBackend> {
     let table = config.backends.get(name).cloned().ok_or_else(|| {
         Error::new(
             ErrorKind::NotFound,
@@ -226,6 +231,9 @@ pub fn backend_named(config: &Config, name: &str) -> Result<osstream_core::DynBa
     })?;
     let ctx = BackendContext {
         data_dir: config.data_dir.clone(),
+        ledger: catalog.map(|c| {
+            std::sync::Arc::new(c.clone()) as std::sync::Arc<dyn osstream_core::ImageLedger>
+        }),
     };
     crate::serve::registry().build_backend(&ctx, name, table)
 }
@@ -248,7 +256,7 @@ pub async fn fill_image_ids(config: &Config, catalog: &SqlCatalog) -> Result<()>
             if is_plugin {
                 return None;
             }
-            backend_named(config, &vdisk.backend).ok()
+            backend_named(config, &vdisk.backend, Some(catalog)).ok()
         });
         if let Some(backend) = backend
             && let Ok(identity) = backend.identity(&vdisk.key)
@@ -423,7 +431,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
     match command.clone() {
         VdiskCommand::Add(add) => {
             let key = add.key.clone().unwrap_or_else(|| add.name.clone());
-            let backend = backend_named(config, &add.backend)?;
+            let backend = backend_named(config, &add.backend, Some(&catalog))?;
             let stat = match backend.stat(&key).await {
                 Ok(stat) => stat,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -463,7 +471,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
         }
         VdiskCommand::Export(export) => {
             let vdisk = catalog.vdisk(&export.name).await?;
-            let backend = backend_named(config, &vdisk.backend)?;
+            let backend = backend_named(config, &vdisk.backend, Some(&catalog))?;
             let report = crate::transfer::export(backend, &vdisk, &export).await?;
             if json {
                 println!(

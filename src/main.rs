@@ -152,7 +152,7 @@ fn main() -> ExitCode {
             for (name, table) in &config.backends {
                 let is_plugin = matches!(table.get("kind"), Some(figment::value::Value::String(_, k)) if k == "plugin");
                 if !is_plugin {
-                    admin::backend_named(&config, name)?;
+                    admin::backend_named(&config, name, None)?;
                 }
             }
             config::redact_secrets(&mut config);

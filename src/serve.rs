@@ -81,8 +81,14 @@ async fn serve(config: Config) -> Result<()> {
             format!("cannot create data_dir {}", config.data_dir.display()),
         )
     })?;
+    // The server lock first: a second server on this data_dir stops here, before it
+    // touches the catalog or the backends.
+    let (me, _server_lock) = crate::sessions::server_identity(&config.data_dir)?;
+    let catalog = crate::admin::open_catalog(&config).await?;
+    tracing::info!(catalog = catalog.flavour(), "catalog ready");
     let ctx = BackendContext {
         data_dir: config.data_dir.clone(),
+        ledger: Some(Arc::new(catalog.clone())),
     };
 
     if config.demo.create && config.backends.contains_key(DEFAULT_BACKEND) {
@@ -118,9 +124,6 @@ async fn serve(config: Config) -> Result<()> {
         ram_cache = Some(cache);
         tracing::info!(capacity = %ram.capacity, block_size = %ram.block_size, "RAM cache on");
     }
-    let catalog = crate::admin::open_catalog(&config).await?;
-    tracing::info!(catalog = catalog.flavour(), "catalog ready");
-    let (me, _server_lock) = crate::sessions::server_identity(&config.data_dir)?;
     catalog
         .register_server(&me, &crate::sessions::host_name())
         .await?;

@@ -357,7 +357,7 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
     let mode = add.mode.parse::<osstream_catalog::VdiskMode>()?;
     add.write_cache.parse::<osstream_catalog::WriteCache>()?;
     add.boot.parse::<osstream_catalog::BootMethod>()?;
-    let backend: DynBackend = backend_named(config, &add.backend)?;
+    let backend: DynBackend = backend_named(config, &add.backend, Some(catalog))?;
     // Checked before the (slow) conversion and hashing; the backend checks again when it
     // stores the image.
     let image_id = backend.identity(&key)?;

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -122,3 +123,89 @@ def make_server(tmp_path):
     yield make
     for s in started:
         s.stop()
+
+
+BUCKET = "vdisks"
+
+
+def s3rver_binary():
+    path = os.environ.get("TEST_S3RVER") or shutil.which("s3rver")
+    assert path, ("s3rver not found: run scripts/test.sh (it installs it), or `npm install s3rver@3` "
+                  "and set TEST_S3RVER=/path/to/node_modules/.bin/s3rver")
+    return path
+
+
+def wait_port(port, what, timeout=20):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError(f"{what} did not listen on {port}")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """An s3rver with the bucket `vdisks`; yields its port."""
+    port = free_port()
+    (tmp_path / "s3").mkdir()
+    proc = subprocess.Popen([s3rver_binary(), "-d", str(tmp_path / "s3"), "-a", "127.0.0.1", "-p", str(port),
+                             "-s", "--configure-bucket", BUCKET], stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port, "s3rver")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def backend_toml(name, port, extra="", keys=True):
+    keys = 'access_key_id = "S3RVER"\nsecret_access_key = "S3RVER"\n' if keys else ""
+    return (f'[backends.{name}]\nkind = "s3"\nbucket = "{BUCKET}"\nprefix = "lab"\n'
+            f'endpoint = "http://127.0.0.1:{port}"\nregion = "us-east-1"\n{keys}allow_http = true\n{extra}\n')
+
+
+def start_postgres(tmp_path):
+    """A throwaway PostgreSQL cluster on loopback; returns (url, stop)."""
+    import glob
+    import socket
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    assert bins, "PostgreSQL is not installed (scripts/test.sh installs it)"
+    bin_dir = bins[-1]
+    import pathlib
+    import shutil
+    import tempfile
+    # Not under pytest's tmp_path: the postgres user must be able to reach the folder.
+    root = pathlib.Path(tempfile.mkdtemp(prefix="osstream-pg-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        subprocess.run(["chown", "postgres:postgres", str(root)], check=True)
+    data = root / "data"
+    subprocess.run(prefix + [f"{bin_dir}/initdb", "-D", str(data), "-A", "trust", "-U", "osstream", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run(prefix + [f"{bin_dir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+
+    def stop():
+        subprocess.run(prefix + [f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    return f"postgres://osstream@127.0.0.1:{port}/postgres", stop
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throwaway PostgreSQL cluster on loopback; yields its URL."""
+    url, stop = start_postgres(tmp_path)
+    try:
+        yield url
+    finally:
+        stop()

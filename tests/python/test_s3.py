@@ -16,50 +16,9 @@ import time
 import nbd
 import pytest
 
-from conftest import BINARY, free_port, random_image, sha256
+from conftest import BINARY, BUCKET, backend_toml, free_port, random_image, sha256, wait_port
 
 MIB = 1 << 20
-BUCKET = "vdisks"
-
-
-def s3rver_binary():
-    path = os.environ.get("TEST_S3RVER") or shutil.which("s3rver")
-    assert path, ("s3rver not found: run scripts/test.sh (it installs it), or `npm install s3rver@3` "
-                  "and set TEST_S3RVER=/path/to/node_modules/.bin/s3rver")
-    return path
-
-
-def wait_port(port, what, timeout=20):
-    deadline = time.time() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise RuntimeError(f"{what} did not listen on {port}")
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def s3(tmp_path):
-    """An s3rver with the bucket `vdisks`; yields its port."""
-    port = free_port()
-    (tmp_path / "s3").mkdir()
-    proc = subprocess.Popen([s3rver_binary(), "-d", str(tmp_path / "s3"), "-a", "127.0.0.1", "-p", str(port),
-                             "-s", "--configure-bucket", BUCKET], stdout=subprocess.DEVNULL)
-    try:
-        wait_port(port, "s3rver")
-        yield port
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def backend_toml(name, port, extra="", keys=True):
-    keys = 'access_key_id = "S3RVER"\nsecret_access_key = "S3RVER"\n' if keys else ""
-    return (f'[backends.{name}]\nkind = "s3"\nbucket = "{BUCKET}"\nprefix = "lab"\n'
-            f'endpoint = "http://127.0.0.1:{port}"\nregion = "us-east-1"\n{keys}allow_http = true\n{extra}\n')
 
 
 def cli_for(s):

@@ -9,7 +9,7 @@ import time
 import nbd
 import pytest
 
-from conftest import BINARY, random_image, sha256
+from conftest import BINARY, random_image, sha256, start_postgres
 
 MIB = 1 << 20
 
@@ -240,39 +240,6 @@ def test_two_live_peers_on_one_session_are_logged_as_a_conflict(lab):
         time.sleep(0.1)
     raw.close()
     first.shutdown()
-
-
-def start_postgres(tmp_path):
-    """A throwaway PostgreSQL cluster on loopback; returns (url, stop)."""
-    import glob
-    import socket
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    assert bins, "PostgreSQL is not installed (scripts/test.sh installs it)"
-    bin_dir = bins[-1]
-    import pathlib
-    import shutil
-    import tempfile
-    # Not under pytest's tmp_path: the postgres user must be able to reach the folder.
-    root = pathlib.Path(tempfile.mkdtemp(prefix="osstream-pg-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    if as_root:
-        subprocess.run(["chown", "postgres:postgres", str(root)], check=True)
-    data = root / "data"
-    subprocess.run(prefix + [f"{bin_dir}/initdb", "-D", str(data), "-A", "trust", "-U", "osstream", "--no-sync"],
-                   check=True, capture_output=True)
-    subprocess.run(prefix + [f"{bin_dir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
-
-    def stop():
-        subprocess.run(prefix + [f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-    return f"postgres://osstream@127.0.0.1:{port}/postgres", stop
 
 
 def test_the_server_and_cli_run_on_a_postgresql_catalog(make_server, tmp_path):

@@ -151,7 +151,7 @@ impl ImageBackend for BlockBackend {
 
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource> {
         let path = self.device(image)?.to_path_buf();
-        let writable = mode == OpenMode::ReadWrite;
+        let writable = mode.is_writable();
         if writable && !self.config.writable {
             return Err(Error::new(
                 ErrorKind::ReadOnly,

@@ -144,9 +144,7 @@ async fn only_configured_devices_are_reachable_and_read_only_by_default() {
 
     let mut registry = Registry::new();
     osstream_backend_block::register(&mut registry);
-    let ctx = osstream_core::BackendContext {
-        data_dir: dir.path().to_path_buf(),
-    };
+    let ctx = osstream_core::BackendContext::new(dir.path().to_path_buf());
     let mut table = Dict::new();
     table.insert("kind".into(), Value::from("block"));
     let mut devices = Dict::new();

@@ -149,8 +149,8 @@ impl ImageBackend for FileBackend {
         let stat = self.stat_path(image, &path)?;
         let writable = match mode {
             OpenMode::ReadOnly => false,
-            OpenMode::ReadWrite if stat.writable => true,
-            OpenMode::ReadWrite => {
+            _ if stat.writable => true,
+            _ => {
                 return Err(Error::new(
                     ErrorKind::ReadOnly,
                     format!(

@@ -12,9 +12,7 @@ use osstream_core::{
 use osstream_testkit::{conformance, pattern};
 
 fn backend(dir: &std::path::Path, writable: bool) -> FileBackend {
-    let ctx = BackendContext {
-        data_dir: dir.to_path_buf(),
-    };
+    let ctx = BackendContext::new(dir.to_path_buf());
     FileBackend::new(
         &ctx,
         "images",
@@ -123,9 +121,7 @@ async fn registry_builds_it_and_rejects_unknown_keys() {
     let dir = tempfile::tempdir().unwrap();
     let mut registry = Registry::new();
     osstream_backend_file::register(&mut registry);
-    let ctx = BackendContext {
-        data_dir: dir.path().to_path_buf(),
-    };
+    let ctx = BackendContext::new(dir.path().to_path_buf());
     let mut table = Dict::new();
     table.insert("kind".into(), Value::from("file"));
     table.insert("root".into(), Value::from("images"));
@@ -187,9 +183,7 @@ async fn identity_is_the_real_path_of_the_image() {
     let (dir, _) = setup(4096);
     std::os::unix::fs::symlink(dir.path().join("images"), dir.path().join("alias")).unwrap();
     let direct = backend(dir.path(), false);
-    let ctx = BackendContext {
-        data_dir: dir.path().to_path_buf(),
-    };
+    let ctx = BackendContext::new(dir.path().to_path_buf());
     let through_link = FileBackend::new(
         &ctx,
         "other-name",

@@ -407,7 +407,7 @@ impl ImageBackend for NfsBackend {
     }
 
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource> {
-        if mode == OpenMode::ReadWrite {
+        if mode.is_writable() {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
                 format!("the nfs backend '{}' serves images read-only", self.name),

@@ -10,19 +10,31 @@
 //! zeroes or another image's bytes.
 //!
 //! Writes (private vdisks) are read-modify-write of whole chunks held in memory until
-//! `flush` (or a FUA write) uploads them; a PUT replaces a chunk atomically, so a crash
-//! loses at most the writes not yet flushed, never part of a chunk. All writable opens
-//! of one image share one source (see `S3Backend::open`), and a source uploads what is
-//! still dirty when its last user lets go of it.
+//! `flush` (or a FUA write) uploads them. All writable opens of one image (one holding of
+//! its lock) share one source (see `S3Backend::open`), and a source uploads what is still
+//! dirty when its last user lets go of it. How an upload becomes the image's content
+//! depends on how the image was opened:
+//! - **fenced** (the server, under a private vdisk's lock): each upload writes the chunks
+//!   under new names, `NNNNNNNNNNNN.E-S` (E: the lock's epoch, S: this holding's upload
+//!   count), then switches the chunks to them with one commit in the catalog's
+//!   [`ImageLedger`], which succeeds only while the lock is still this holding's. Readers
+//!   ask the ledger which version of each chunk is current. A holder that lost the lock
+//!   (paused past its server's timeout, its session replaced) may still upload, but only
+//!   to names nobody reads, and its flush fails; S3 needs no conditional PUT for this.
+//!   Superseded versions are deleted after each commit.
+//! - **direct** (no catalog at hand: tests and tools): a PUT replaces the chunk object in
+//!   place, atomically, so a crash loses at most the writes not yet flushed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::try_join_all;
 use object_store::path::Path;
 use osstream_core::{
-    BlockSource, Bytes, Capability, Chunks, Error, ErrorKind, Extent, Geometry, ReadOpts, Result,
-    SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
+    BlockSource, Bytes, Capability, Chunks, Error, ErrorKind, Extent, Geometry, ImageLedger,
+    LockToken, ReadOpts, Result, SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range,
+    read_only_error,
 };
 use serde::{Deserialize, Serialize};
 
@@ -118,10 +130,18 @@ pub(crate) fn data_prefix(base: &Path, data: &str) -> Path {
     base.clone().join("chunks").join(data)
 }
 
-/// The key of chunk `index` of the import `data` of the image at `base`.
-pub(crate) fn chunk_path(base: &Path, data: &str, index: u64) -> Path {
-    data_prefix(base, data).join(format!("{index:012}").as_str())
+/// The key of chunk `index` of the import `data` of the image at `base`: as imported
+/// (`version` `None`) or as a fenced upload stored it.
+pub(crate) fn chunk_path(base: &Path, data: &str, index: u64, version: Option<&str>) -> Path {
+    let name = match version {
+        None => format!("{index:012}"),
+        Some(version) => format!("{index:012}.{version}"),
+    };
+    data_prefix(base, data).join(name.as_str())
 }
+
+/// The version of a chunk committed as all zeroes: it has no object.
+const ZERO_VERSION: &str = "z";
 
 /// Zeroes of `len` bytes, as shared static slices.
 fn zeroes(len: u64) -> Vec<Bytes> {
@@ -135,13 +155,186 @@ fn zeroes(len: u64) -> Vec<Bytes> {
     parts
 }
 
+/// How uploads become the image's content (see the module docs).
+#[derive(Debug)]
+pub(crate) enum Commit {
+    /// Chunk objects are replaced in place.
+    Direct,
+    /// Chunks are uploaded under new names and switched in the ledger under `lock`.
+    Fenced {
+        ledger: Arc<dyn ImageLedger>,
+        lock: LockToken,
+    },
+}
+
+/// What an upload needs, shared with the task that uploads the last unflushed chunks
+/// when the source is dropped.
+#[derive(Debug)]
+struct Committer {
+    name: String,
+    store: Arc<Store>,
+    base: Path,
+    manifest: Manifest,
+    commit: Commit,
+    /// The version committed last of each chunk written since the import (fenced mode).
+    versions: Mutex<HashMap<u64, String>>,
+    /// Counts this holding's uploads, to name their chunk objects.
+    uploads: AtomicU64,
+    /// One upload and commit at a time, so two never switch one chunk out of order.
+    committing: tokio::sync::Mutex<()>,
+    /// A commit was refused: this holding lost the lock and writes nothing more.
+    fenced: AtomicBool,
+}
+
+impl Committer {
+    fn versions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
+        self.versions
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// The object holding chunk `index` now: `None` when it reads as zeroes regardless.
+    fn current_object(&self, index: u64) -> Option<(Path, bool)> {
+        match self.versions().get(&index).map(String::as_str) {
+            Some(ZERO_VERSION) => None,
+            Some(version) => Some((
+                chunk_path(&self.base, &self.manifest.data, index, Some(version)),
+                true,
+            )),
+            None => Some((
+                chunk_path(&self.base, &self.manifest.data, index, None),
+                false,
+            )),
+        }
+    }
+
+    fn check_not_fenced(&self) -> Result<()> {
+        if self.fenced.load(Ordering::Relaxed) {
+            return Err(self.lost_lock());
+        }
+        Ok(())
+    }
+
+    fn lost_lock(&self) -> Error {
+        let who = match &self.commit {
+            Commit::Fenced { lock, .. } => {
+                format!("session {} (epoch {})", lock.session, lock.epoch)
+            }
+            Commit::Direct => "this writer".to_owned(),
+        };
+        Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "{who} lost the lock of chunked image '{}'; nothing more is written for it",
+                self.name
+            ),
+        )
+        .with_op("flush")
+    }
+
+    /// Makes `chunks` (whole chunks as written) the image's content.
+    async fn commit(&self, chunks: Vec<(u64, Bytes)>) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        self.check_not_fenced()?;
+        let _one_at_a_time = self.committing.lock().await;
+        match &self.commit {
+            Commit::Direct => {
+                try_join_all(chunks.into_iter().map(|(index, bytes)| async move {
+                    let path = chunk_path(&self.base, &self.manifest.data, index, None);
+                    if bytes.iter().all(|&b| b == 0) {
+                        self.store.delete(&path).await
+                    } else {
+                        self.store.put(&path, bytes).await.map(drop)
+                    }
+                }))
+                .await?;
+                Ok(())
+            }
+            Commit::Fenced { ledger, lock } => self.commit_fenced(ledger, lock, chunks).await,
+        }
+    }
+
+    async fn commit_fenced(
+        &self,
+        ledger: &Arc<dyn ImageLedger>,
+        lock: &LockToken,
+        chunks: Vec<(u64, Bytes)>,
+    ) -> Result<()> {
+        let upload = self.uploads.fetch_add(1, Ordering::Relaxed) + 1;
+        let version = format!("{}-{upload}", lock.epoch);
+        let stored = futures_util::future::join_all(chunks.into_iter().map(|(index, bytes)| {
+            let version = version.clone();
+            async move {
+                if bytes.iter().all(|&b| b == 0) {
+                    return (index, ZERO_VERSION.to_owned(), Ok(()));
+                }
+                let path = chunk_path(&self.base, &self.manifest.data, index, Some(&version));
+                let outcome = self.store.put(&path, bytes).await.map(drop);
+                (index, version, outcome)
+            }
+        }))
+        .await;
+        let uploaded: Vec<Path> = stored
+            .iter()
+            .filter(|(_, version, outcome)| version != ZERO_VERSION && outcome.is_ok())
+            .map(|(index, version, _)| {
+                chunk_path(&self.base, &self.manifest.data, *index, Some(version))
+            })
+            .collect();
+        if let Some((_, _, Err(err))) = stored.iter().find(|(_, _, outcome)| outcome.is_err()) {
+            let err = err.clone();
+            self.remove(&uploaded).await;
+            return Err(err);
+        }
+        let switched: Vec<(u64, String)> = stored.into_iter().map(|(i, v, _)| (i, v)).collect();
+        if let Err(err) = ledger
+            .commit_chunks(lock, &self.manifest.data, &switched)
+            .await
+        {
+            if err.kind() == ErrorKind::Conflict {
+                self.fenced.store(true, Ordering::Relaxed);
+                tracing::warn!(backend = %self.store.backend, image = %self.name, session = %lock.session,
+                    epoch = lock.epoch, "the lock moved on: uploaded chunks were not committed and are removed");
+                // Refused for certain: nobody reads them.
+                self.remove(&uploaded).await;
+            }
+            // Any other failure may have committed after all (a reply lost on the way):
+            // the objects stay, unread if the commit did not happen.
+            return Err(err);
+        }
+        let superseded: Vec<Path> = {
+            let mut versions = self.versions();
+            switched
+                .into_iter()
+                .filter_map(|(index, version)| {
+                    versions
+                        .insert(index, version)
+                        .filter(|old| old != ZERO_VERSION)
+                        .map(|old| chunk_path(&self.base, &self.manifest.data, index, Some(&old)))
+                })
+                .collect()
+        };
+        self.remove(&superseded).await;
+        Ok(())
+    }
+
+    /// Deletes objects nobody reads (best effort: a leftover costs space, not data).
+    async fn remove(&self, paths: &[Path]) {
+        for path in paths {
+            if let Err(err) = self.store.delete(path).await {
+                tracing::warn!(backend = %self.store.backend, %path, %err, "cannot remove an unused chunk object");
+            }
+        }
+    }
+}
+
 /// One chunked image.
 #[derive(Debug)]
 pub(crate) struct ChunkedSource {
     info: SourceInfo,
-    store: Arc<Store>,
-    base: Path,
-    manifest: Manifest,
+    committer: Arc<Committer>,
     writable: bool,
     /// Written chunks not yet uploaded, whole.
     dirty: Mutex<HashMap<u64, Vec<u8>>>,
@@ -149,15 +342,29 @@ pub(crate) struct ChunkedSource {
     dirty_limit: u64,
 }
 
+/// How [`ChunkedSource::new`] opens an image.
+#[derive(Debug)]
+pub(crate) struct Opening {
+    pub store: Arc<Store>,
+    pub base: Path,
+    pub manifest: Manifest,
+    /// The versions the ledger has committed (empty without a ledger).
+    pub versions: HashMap<u64, String>,
+    /// `Some` for a writable source: how its uploads are committed.
+    pub commit: Option<Commit>,
+    pub dirty_limit: u64,
+}
+
 impl ChunkedSource {
-    pub fn new(
-        name: &str,
-        store: Arc<Store>,
-        base: Path,
-        manifest: Manifest,
-        writable: bool,
-        dirty_limit: u64,
-    ) -> ChunkedSource {
+    pub fn new(name: &str, opening: Opening) -> ChunkedSource {
+        let Opening {
+            store,
+            base,
+            manifest,
+            versions,
+            commit,
+            dirty_limit,
+        } = opening;
         ChunkedSource {
             info: SourceInfo {
                 name: name.to_owned(),
@@ -166,10 +373,18 @@ impl ChunkedSource {
                 size: manifest.size,
                 generation: manifest.id.clone(),
             },
-            store,
-            base,
-            manifest,
-            writable,
+            writable: commit.is_some(),
+            committer: Arc::new(Committer {
+                name: name.to_owned(),
+                store,
+                base,
+                manifest,
+                commit: commit.unwrap_or(Commit::Direct),
+                versions: Mutex::new(versions),
+                uploads: AtomicU64::new(0),
+                committing: tokio::sync::Mutex::new(()),
+                fenced: AtomicBool::new(false),
+            }),
             dirty: Mutex::new(HashMap::new()),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             dirty_limit,
@@ -178,12 +393,24 @@ impl ChunkedSource {
 
     /// The import whose chunks this source reads.
     pub fn data(&self) -> &str {
-        &self.manifest.data
+        &self.committer.manifest.data
+    }
+
+    /// The lock epoch this source writes under (fenced sources only).
+    pub fn epoch(&self) -> Option<u64> {
+        match &self.committer.commit {
+            Commit::Fenced { lock, .. } => Some(lock.epoch),
+            Commit::Direct => None,
+        }
+    }
+
+    fn manifest(&self) -> &Manifest {
+        &self.committer.manifest
     }
 
     /// `(chunk index, offset in chunk, length)` for each chunk `offset..offset+len` touches.
     fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64)> {
-        let chunk = self.manifest.chunk_size;
+        let chunk = self.manifest().chunk_size;
         let mut pieces = Vec::new();
         let (mut at, end) = (offset, offset + len);
         while at < end {
@@ -196,8 +423,12 @@ impl ChunkedSource {
         pieces
     }
 
+    fn stripe_of(index: u64) -> usize {
+        (index % STRIPES as u64) as usize
+    }
+
     fn stripe(&self, index: u64) -> &tokio::sync::Mutex<()> {
-        &self.stripes[(index % STRIPES as u64) as usize]
+        &self.stripes[Self::stripe_of(index)]
     }
 
     fn dirty(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<u8>>> {
@@ -211,14 +442,18 @@ impl ChunkedSource {
             let at = within as usize;
             return Ok(vec![Bytes::copy_from_slice(&chunk[at..at + len as usize])]);
         }
-        let path = chunk_path(&self.base, &self.manifest.data, index);
-        let chunk_len = self.manifest.chunk_len(index);
+        let Some((path, versioned)) = self.committer.current_object(index) else {
+            return Ok(zeroes(len));
+        };
+        let chunk_len = self.manifest().chunk_len(index);
         match self
+            .committer
             .store
             .get_range(&path, within..within + len, chunk_len, None)
             .await?
         {
             Some(bytes) => Ok(vec![bytes]),
+            None if versioned => Err(self.version_gone(index)),
             None => {
                 self.check_current().await?;
                 Ok(zeroes(len))
@@ -226,16 +461,32 @@ impl ChunkedSource {
         }
     }
 
+    /// A committed chunk version that is gone: a newer holder replaced (and removed) it
+    /// after this reader looked the versions up.
+    fn version_gone(&self, index: u64) -> Error {
+        Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "chunk {index} of chunked image '{}' was rewritten by its private vdisk's next writer while \
+                 being read; reconnect to read the new content",
+                self.info.name
+            ),
+        )
+        .with_op("read_at")
+        .with_context("backend", &self.committer.store.backend)
+    }
+
     /// Confirms that the manifest still names this source's chunks, before a missing
     /// chunk is answered as zeroes.
     async fn check_current(&self) -> Result<()> {
-        let path = self.base.clone().join(MANIFEST);
-        let current = match self.store.get_all(&path).await? {
+        let store = &self.committer.store;
+        let path = self.committer.base.clone().join(MANIFEST);
+        let current = match store.get_all(&path).await? {
             Some((bytes, _)) => Some(Manifest::parse(&bytes, &path)?),
             None => None,
         };
         match current {
-            Some(current) if current.data == self.manifest.data => Ok(()),
+            Some(current) if current.data == self.manifest().data => Ok(()),
             _ => Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
@@ -244,52 +495,67 @@ impl ChunkedSource {
                 ),
             )
             .with_op("read_at")
-            .with_context("backend", &self.store.backend)),
+            .with_context("backend", &store.backend)),
         }
     }
 
     /// The whole chunk as stored (zeroes if it has no object).
     async fn load(&self, index: u64) -> Result<Vec<u8>> {
-        let len = self.manifest.chunk_len(index);
-        let path = chunk_path(&self.base, &self.manifest.data, index);
-        Ok(
-            match self.store.get_range(&path, 0..len, len, None).await? {
-                Some(bytes) => bytes.to_vec(),
-                None => vec![0; len as usize],
-            },
-        )
+        let len = self.manifest().chunk_len(index);
+        let Some((path, versioned)) = self.committer.current_object(index) else {
+            return Ok(vec![0; len as usize]);
+        };
+        match self
+            .committer
+            .store
+            .get_range(&path, 0..len, len, None)
+            .await?
+        {
+            Some(bytes) => Ok(bytes.to_vec()),
+            None if versioned => Err(self.version_gone(index)),
+            None => Ok(vec![0; len as usize]),
+        }
     }
 
-    /// Uploads the given dirty chunks (in parallel) and forgets them once stored.
+    /// Uploads the given dirty chunks and forgets them once committed. Writers of those
+    /// chunks wait meanwhile (their stripes are held), so what is forgotten is exactly
+    /// what was committed.
     async fn upload(&self, indexes: Vec<u64>) -> Result<()> {
-        try_join_all(indexes.into_iter().map(|index| async move {
-            let _guard = self.stripe(index).lock().await;
-            let Some(snapshot) = self.dirty().get(&index).map(|c| Bytes::copy_from_slice(c)) else {
-                return Ok(());
-            };
-            let path = chunk_path(&self.base, &self.manifest.data, index);
-            if snapshot.iter().all(|&b| b == 0) {
-                self.store.delete(&path).await?;
-            } else {
-                self.store.put(&path, snapshot).await?;
-            }
-            self.dirty().remove(&index);
-            Ok::<(), Error>(())
-        }))
-        .await
-        .map(drop)
+        self.committer.check_not_fenced()?;
+        let mut stripes: Vec<usize> = indexes.iter().map(|&i| Self::stripe_of(i)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut held = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            held.push(self.stripes[stripe].lock().await);
+        }
+        let snapshot: Vec<(u64, Bytes)> = {
+            let dirty = self.dirty();
+            indexes
+                .iter()
+                .filter_map(|i| dirty.get(i).map(|c| (*i, Bytes::copy_from_slice(c))))
+                .collect()
+        };
+        let done: Vec<u64> = snapshot.iter().map(|(i, _)| *i).collect();
+        self.committer.commit(snapshot).await?;
+        let mut dirty = self.dirty();
+        for index in done {
+            dirty.remove(&index);
+        }
+        Ok(())
     }
 
     fn dirty_bytes(&self) -> u64 {
-        self.dirty().len() as u64 * self.manifest.chunk_size
+        self.dirty().len() as u64 * self.manifest().chunk_size
     }
 
     async fn write_pieces(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.committer.check_not_fenced()?;
         let mut touched = Vec::new();
         let mut consumed = 0usize;
         for (index, within, len) in self.pieces(offset, data.len() as u64) {
             let _guard = self.stripe(index).lock().await;
-            let whole = within == 0 && len == self.manifest.chunk_len(index);
+            let whole = within == 0 && len == self.manifest().chunk_len(index);
             if !self.dirty().contains_key(&index) {
                 let chunk = if whole {
                     vec![0; len as usize]
@@ -310,7 +576,7 @@ impl ChunkedSource {
         if fua {
             self.upload(touched).await
         } else if self.dirty_bytes() > self.dirty_limit {
-            tracing::debug!(backend = %self.store.backend, image = %self.info.name, "dirty limit reached, uploading written chunks");
+            tracing::debug!(backend = %self.committer.store.backend, image = %self.info.name, "dirty limit reached, uploading written chunks");
             self.flush().await
         } else {
             Ok(())
@@ -321,33 +587,30 @@ impl ChunkedSource {
 impl Drop for ChunkedSource {
     /// Uploads chunks written but not flushed when the last user lets go (a client that
     /// disconnects without FLUSH). NBD promises nothing for unflushed writes, but a clean
-    /// disconnect should not lose them. Runs on the current worker thread (the server's
-    /// runtime has several) so the next open of the image sees the uploaded chunks.
+    /// disconnect should not lose them; a holding that lost the lock commits nothing.
+    /// Runs on the current worker thread (the server's runtime has several) so the next
+    /// open of the image sees the uploaded chunks.
     fn drop(&mut self) {
         let dirty = std::mem::take(&mut *self.dirty());
         if dirty.is_empty() {
             return;
         }
-        let (store, base, data, name) = (
-            self.store.clone(),
-            self.base.clone(),
-            self.manifest.data.clone(),
-            self.info.name.clone(),
-        );
+        let count = dirty.len();
+        let chunks: Vec<(u64, Bytes)> = dirty
+            .into_iter()
+            .map(|(index, chunk)| (index, Bytes::from(chunk)))
+            .collect();
+        let committer = self.committer.clone();
         let upload = async move {
-            let count = dirty.len();
-            for (index, chunk) in dirty {
-                let path = chunk_path(&base, &data, index);
-                let result = if chunk.iter().all(|&b| b == 0) {
-                    store.delete(&path).await
-                } else {
-                    store.put(&path, Bytes::from(chunk)).await.map(drop)
-                };
-                if let Err(e) = result {
-                    tracing::error!(backend = %store.backend, image = %name, index, error = %e, "lost an unflushed chunk");
+            let (backend, name) = (committer.store.backend.clone(), committer.name.clone());
+            match committer.commit(chunks).await {
+                Ok(()) => {
+                    tracing::info!(backend = %backend, image = %name, chunks = count, "uploaded unflushed chunks after the last disconnect")
+                }
+                Err(err) => {
+                    tracing::error!(backend = %backend, image = %name, chunks = count, %err, "unflushed chunks were not stored")
                 }
             }
-            tracing::info!(backend = %store.backend, image = %name, chunks = count, "uploaded unflushed chunks after the last disconnect");
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {

@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use object_store::path::Path;
 use osstream_core::{
-    BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageStat,
+    BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageLedger, ImageStat,
     ImportOptions, OpenMode, Registry, Result, SourceInfo, async_trait, parse_table,
     validate_image_name,
 };
@@ -56,9 +56,9 @@ pub const KIND: &str = "s3";
 
 /// Adds the `s3` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register_backend(KIND, |_ctx: &BackendContext, name, table| {
+    registry.register_backend(KIND, |ctx: &BackendContext, name, table| {
         let config: S3Config = parse_table(&format!("backends.{name}"), table)?;
-        Ok(Arc::new(S3Backend::new(name, config)?) as DynBackend)
+        Ok(Arc::new(S3Backend::new(name, config)?.with_ledger(ctx.ledger.clone())) as DynBackend)
     });
 }
 
@@ -72,6 +72,9 @@ pub struct S3Backend {
     /// an image shares it, so their writes meet in one set of dirty chunks instead of
     /// overwriting each other's chunks at flush.
     writers: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<ChunkedSource>>>,
+    /// Where fenced writes are committed and read back (the catalog); `None` where no
+    /// catalog is at hand, and then writes replace chunks in place.
+    ledger: Option<Arc<dyn ImageLedger>>,
 }
 
 /// Where an image lives and how it is laid out.
@@ -89,7 +92,14 @@ impl S3Backend {
             config,
             store,
             writers: std::sync::Mutex::new(std::collections::HashMap::new()),
+            ledger: None,
         })
+    }
+
+    /// The same backend, committing fenced writes to `ledger` and reading them back.
+    pub fn with_ledger(mut self, ledger: Option<Arc<dyn ImageLedger>>) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     fn not_found(&self, image: &str) -> Error {
@@ -215,85 +225,152 @@ impl ImageBackend for S3Backend {
             .find(image)
             .await?
             .ok_or_else(|| self.not_found(image))?;
-        match (found, mode) {
-            (Found::Object(meta), OpenMode::ReadOnly) => Ok(Arc::new(ObjectSource::new(
-                SourceInfo {
-                    name: image.to_owned(),
-                    identity: self.identity(image)?,
-                    size: meta.size,
-                    generation: object_generation(&meta),
-                },
-                self.store.clone(),
-                meta.location,
-                meta.e_tag,
-                self.config.part_size.bytes().max(64 * 1024),
-            ))),
-            (Found::Object(_), OpenMode::ReadWrite) => Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!(
-                    "image '{image}' on backend '{}' is a single S3 object, which cannot be written in place; \
-                     import it with layout = \"chunked\" (and writable = true) to use it as a private vdisk",
-                    self.name
-                ),
-            )
-            .with_op("open")),
-            (Found::Chunked(..), OpenMode::ReadWrite) if !self.config.writable => Err(Error::new(
+        let (manifest, base) = match found {
+            Found::Object(meta) if !mode.is_writable() => {
+                return Ok(Arc::new(ObjectSource::new(
+                    SourceInfo {
+                        name: image.to_owned(),
+                        identity: self.identity(image)?,
+                        size: meta.size,
+                        generation: object_generation(&meta),
+                    },
+                    self.store.clone(),
+                    meta.location,
+                    meta.e_tag,
+                    self.config.part_size.bytes().max(64 * 1024),
+                )));
+            }
+            Found::Object(_) => {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    format!(
+                        "image '{image}' on backend '{}' is a single S3 object, which cannot be written in place; \
+                         import it with layout = \"chunked\" (and writable = true) to use it as a private vdisk",
+                        self.name
+                    ),
+                )
+                .with_op("open"));
+            }
+            Found::Chunked(manifest, base) => (manifest, base),
+        };
+        if mode.is_writable() && !self.config.writable {
+            return Err(Error::new(
                 ErrorKind::ReadOnly,
                 format!(
                     "image '{image}' on backend '{}' is not writable (set writable = true in [backends.{}])",
                     self.name, self.name
                 ),
             )
-            .with_op("open")),
-            (Found::Chunked(manifest, base), OpenMode::ReadOnly) => {
-                Ok(Arc::new(ChunkedSource::new(
-                    image,
-                    self.store.clone(),
-                    base,
-                    manifest,
-                    false,
-                    self.config.dirty_limit.bytes(),
-                )))
-            }
-            (Found::Chunked(manifest, base), OpenMode::ReadWrite) => {
-                let shared = self
-                    .writers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(image)
-                    .and_then(std::sync::Weak::upgrade)
-                    .filter(|source| source.data() == manifest.data);
-                if let Some(source) = shared {
-                    return Ok(source);
-                }
-                // The content is about to change: a new generation keeps every cache
-                // from serving blocks read before these writes.
-                let manifest = Manifest {
-                    id: chunked::unique_id(),
-                    ..manifest
-                };
-                self.store
-                    .put(&base.clone().join(MANIFEST), manifest.to_bytes())
-                    .await?;
-                let source = Arc::new(ChunkedSource::new(
-                    image,
-                    self.store.clone(),
-                    base,
-                    manifest,
-                    true,
-                    self.config.dirty_limit.bytes(),
-                ));
-                let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-                writers.retain(|_, weak| weak.strong_count() > 0);
-                // Two first opens racing: the one registered first wins, the other's
-                // source (with nothing written yet) is dropped.
-                if let Some(winner) = writers.get(image).and_then(std::sync::Weak::upgrade) {
-                    return Ok(winner);
-                }
-                writers.insert(image.to_owned(), Arc::downgrade(&source));
-                Ok(source)
-            }
+            .with_op("open"));
         }
+        let versions = match &self.ledger {
+            Some(ledger) => {
+                ledger
+                    .chunk_versions(&self.identity(image)?, &manifest.data)
+                    .await?
+            }
+            None => Default::default(),
+        };
+        let dirty_limit = self.config.dirty_limit.bytes();
+        let commit = match mode {
+            OpenMode::ReadOnly => None,
+            OpenMode::Locked(lock) => match &self.ledger {
+                Some(ledger) => Some(chunked::Commit::Fenced {
+                    ledger: ledger.clone(),
+                    lock,
+                }),
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "backend '{}' has no catalog to commit fenced writes of '{image}' to",
+                            self.name
+                        ),
+                    )
+                    .with_op("open"));
+                }
+            },
+            OpenMode::ReadWrite if self.ledger.is_some() => {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    format!(
+                        "chunked image '{image}' on backend '{}' is written only through a private vdisk's \
+                         session, whose lock fences every commit",
+                        self.name
+                    ),
+                )
+                .with_op("open"));
+            }
+            OpenMode::ReadWrite => Some(chunked::Commit::Direct),
+        };
+        let Some(commit) = commit else {
+            return Ok(Arc::new(ChunkedSource::new(
+                image,
+                chunked::Opening {
+                    store: self.store.clone(),
+                    base,
+                    manifest,
+                    versions,
+                    commit: None,
+                    dirty_limit,
+                },
+            )));
+        };
+        let epoch = match &commit {
+            chunked::Commit::Fenced { lock, .. } => Some(lock.epoch),
+            chunked::Commit::Direct => None,
+        };
+        let same_holding =
+            |source: &Arc<ChunkedSource>| source.data() == manifest.data && source.epoch() == epoch;
+        let shared = self
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(image)
+            .and_then(std::sync::Weak::upgrade)
+            .filter(same_holding);
+        if let Some(source) = shared {
+            return Ok(source);
+        }
+        let manifest = if epoch.is_none() {
+            // Direct writes change the content under the manifest's generation: a new
+            // one keeps every cache from serving blocks read before them. (Fenced
+            // writes need none: readers add the image's lock epoch to the generation.)
+            let manifest = Manifest {
+                id: chunked::unique_id(),
+                ..manifest
+            };
+            self.store
+                .put(&base.clone().join(MANIFEST), manifest.to_bytes())
+                .await?;
+            manifest
+        } else {
+            manifest
+        };
+        let source = Arc::new(ChunkedSource::new(
+            image,
+            chunked::Opening {
+                store: self.store.clone(),
+                base,
+                manifest,
+                versions,
+                commit: Some(commit),
+                dirty_limit,
+            },
+        ));
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers.retain(|_, weak| weak.strong_count() > 0);
+        // Two first opens racing: the one registered first wins, the other's source
+        // (with nothing written yet) is dropped.
+        if let Some(winner) = writers
+            .get(image)
+            .and_then(std::sync::Weak::upgrade)
+            .filter(|winner| winner.epoch() == source.epoch())
+        {
+            return Ok(winner);
+        }
+        writers.insert(image.to_owned(), Arc::downgrade(&source));
+        Ok(source)
     }
 
     async fn import(

@@ -143,7 +143,7 @@ pub(crate) async fn chunked(
                     let data = read_part(file, offset, len).await?;
                     if data.iter().any(|&b| b != 0) {
                         store
-                            .put(&chunk_path(base, &manifest.data, index), data)
+                            .put(&chunk_path(base, &manifest.data, index, None), data)
                             .await?;
                     }
                     options.report(done.fetch_add(len, Ordering::Relaxed) + len);

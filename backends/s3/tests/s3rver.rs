@@ -444,3 +444,73 @@ async fn a_cancelled_import_leaves_nothing_behind() {
         );
     }
 }
+
+/// Issue 12, item 10: writes of a chunked image are fenced by the lock's epoch. A holder
+/// that lost the lock (its session replaced while it still held unflushed chunks, or its
+/// server paused past its timeout) uploads only to names nobody reads, its flush fails,
+/// and the new holder's flushed writes stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_lost_the_lock_commits_nothing() {
+    let server = S3rver::start();
+    let mut config = server.config(Layout::Chunked);
+    config.chunk_size = ByteSize::kib(64);
+    config.writable = true;
+    let ledger = Arc::new(osstream_testkit::MemLedger::default());
+    let backend = S3Backend::new("bucket", config)
+        .unwrap()
+        .with_ledger(Some(ledger.clone()));
+    let (file, data) = image_file(1 << 20);
+    backend
+        .import("dev", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    let image = backend.identity("dev").unwrap();
+    let write = |source: &osstream_core::DynSource, offset: u64, byte: u8| {
+        let source = source.clone();
+        async move {
+            source
+                .write_at(offset, Bytes::from(vec![byte; 4096]), WriteOpts::default())
+                .await
+        }
+    };
+    // Without a lock, a backend with a ledger refuses to write.
+    let err = backend.open("dev", OpenMode::ReadWrite).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly, "{err}");
+
+    let first = ledger.take("devbox", "s1", &image);
+    let a = backend.open("dev", OpenMode::Locked(first)).await.unwrap();
+    write(&a, 0, 0xa1).await.unwrap();
+    a.flush().await.unwrap();
+    // Committed: a reader sees it, through the ledger.
+    let reader = backend.open("dev", OpenMode::ReadOnly).await.unwrap();
+    assert_eq!(reader.read_bytes(0, 4096).await.unwrap()[..], [0xa1; 4096]);
+    // A writes chunk 1 without flushing; the lock moves to the next holder.
+    write(&a, 65_536, 0xa2).await.unwrap();
+    let second = ledger.take("devbox", "s2", &image);
+    let b = backend.open("dev", OpenMode::Locked(second)).await.unwrap();
+    assert_eq!(b.read_bytes(0, 4096).await.unwrap()[..], [0xa1; 4096]);
+    write(&b, 65_536, 0xb2).await.unwrap();
+    b.flush().await.unwrap();
+    // A flushes late, then goes away with more unflushed data: nothing of it lands.
+    let err = a.flush().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    assert!(err.to_string().contains("lost the lock"), "{err}");
+    assert_eq!(
+        write(&a, 131_072, 0xa3).await.unwrap_err().kind(),
+        ErrorKind::Conflict
+    );
+    drop(a);
+    let after = backend.open("dev", OpenMode::ReadOnly).await.unwrap();
+    let mut expected = data.clone();
+    expected[..4096].fill(0xa1);
+    expected[65_536..65_536 + 4096].fill(0xb2);
+    assert!(
+        after.read_all().await.unwrap()[..] == expected[..],
+        "B's flushed write stays"
+    );
+    // No object of the lost holding stays behind: per written chunk, one current version.
+    let keys = server.keys("site/a/dev/chunks").await;
+    let versioned: Vec<&String> = keys.iter().filter(|k| k.contains('.')).collect();
+    assert_eq!(versioned.len(), 2, "{versioned:?}");
+    drop(b);
+}

@@ -12,6 +12,7 @@
 //! `force`.
 
 mod holding;
+mod ledger;
 mod model;
 mod sql;
 

@@ -12,12 +12,24 @@ use crate::source::DynSource;
 pub type DynBackend = Arc<dyn ImageBackend>;
 
 /// How an image is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenMode {
     /// Reads only; write-class calls fail with [`ErrorKind::ReadOnly`].
     ReadOnly,
-    /// Reads and writes (private vdisks, maintenance).
+    /// Reads and writes with no lock (tests and maintenance tools).
     ReadWrite,
+    /// Reads and writes under a private vdisk's lock: what the server uses. Backends
+    /// that fence writes at their storage commit under it (through the context's
+    /// [`crate::ImageLedger`]); the others treat it as [`OpenMode::ReadWrite`] and rely
+    /// on the engine's checks.
+    Locked(crate::LockToken),
+}
+
+impl OpenMode {
+    /// Whether the source may be written.
+    pub fn is_writable(&self) -> bool {
+        !matches!(self, OpenMode::ReadOnly)
+    }
 }
 
 /// What a backend knows about one image without opening it.

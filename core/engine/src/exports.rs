@@ -111,11 +111,14 @@ impl Exports {
         let mut guard = self.live.join(&target, peer, directory.clone())?;
         let grant = self.attach(directory, &target, &identity, peer).await?;
         guard.granted = true;
+        self.live.granted(&target);
         let source = match (&grant.lock, target.overlay) {
             (Some(lock), None) => {
                 // Nobody reads this image by its plain name while it is written.
                 self.live.end_readers(|image| image == identity);
-                let mut source = backend.open(&target.image, OpenMode::ReadWrite).await?;
+                let mut source = backend
+                    .open(&target.image, OpenMode::Locked(lock.clone()))
+                    .await?;
                 for layer in &self.layers {
                     source = layer.layer(source);
                 }

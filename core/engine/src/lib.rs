@@ -49,6 +49,7 @@ mod error;
 mod exports;
 mod fence;
 mod layer;
+mod ledger;
 mod protocol;
 mod registry;
 mod sessions;
@@ -69,6 +70,7 @@ pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, S
 pub use error::{Error, ErrorKind, Result};
 pub use exports::{ExportEntry, Exports, loggable_export_name, overlay_folder};
 pub use layer::Layer;
+pub use ledger::ImageLedger;
 pub use protocol::{BootProtocol, ServeContext};
 pub use registry::{BackendContext, BackendFactory, Registry, config_error, parse_table};
 pub use sessions::{

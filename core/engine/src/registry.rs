@@ -21,9 +21,20 @@ pub struct BackendContext {
     /// The server's data directory; relative paths in backend tables are resolved
     /// against it.
     pub data_dir: PathBuf,
+    /// Where fenced images are committed (the catalog), for backends whose storage
+    /// cannot fence late writes itself; `None` where no catalog is at hand (tests, tools).
+    pub ledger: Option<std::sync::Arc<dyn crate::ImageLedger>>,
 }
 
 impl BackendContext {
+    /// A context with `data_dir` and no ledger.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        BackendContext {
+            data_dir: data_dir.into(),
+            ledger: None,
+        }
+    }
+
     /// Resolves a possibly relative path from a backend table against the data directory.
     pub fn resolve(&self, path: &std::path::Path) -> PathBuf {
         if path.is_absolute() {
@@ -157,6 +168,7 @@ mod tests {
         let mut registry = Registry::new();
         registry.register_backend("file", |_, _, _| unreachable!());
         let ctx = BackendContext {
+            ledger: None,
             data_dir: "/tmp".into(),
         };
         let err = registry

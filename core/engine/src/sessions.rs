@@ -162,9 +162,9 @@ struct LiveSession {
     ended: CancellationToken,
     connections: usize,
     peers: HashSet<String>,
-    /// When this server started holding it: a catalog snapshot older than that does not
-    /// know it yet.
-    joined: Instant,
+    /// Since when the catalog has this server hold it (`None` while the first connection
+    /// still waits for the catalog): a catalog snapshot older than that does not know it.
+    held_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -297,7 +297,7 @@ impl LiveSessions {
                     ended: CancellationToken::new(),
                     connections: 0,
                     peers: HashSet::new(),
-                    joined: Instant::now(),
+                    held_since: None,
                 })
             }
         };
@@ -311,6 +311,17 @@ impl LiveSessions {
             granted: false,
             left: false,
         })
+    }
+
+    /// Records that the catalog granted the session to this server (for [`Self::retain`]).
+    pub(crate) fn granted(&self, target: &SessionTarget) {
+        let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = live
+            .get_mut(&target.client)
+            .filter(|s| s.session == target.session)
+        {
+            entry.held_since.get_or_insert_with(Instant::now);
+        }
     }
 
     /// The session's overlay on this server, made by `make` the first time.
@@ -343,7 +354,8 @@ impl LiveSessions {
     pub(crate) fn retain(&self, is_live: impl Fn(&str) -> bool, as_of: Instant) {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         live.retain(|client, session| {
-            let keep = session.joined > as_of || is_live(&session.session);
+            let keep = session.held_since.is_none_or(|since| since > as_of)
+                || is_live(&session.session);
             if !keep {
                 tracing::info!(%client, session = %session.session, "session ended in the catalog or held elsewhere; ending its connections here");
                 session.ended.cancel();
@@ -512,8 +524,14 @@ mod live_tests {
         let guard = live
             .join(&target("s1", 1), "10.0.0.1:1", directory)
             .unwrap();
+        live.retain(|_| false, Instant::now());
+        assert!(
+            !guard.ended.is_cancelled(),
+            "not granted by the catalog yet"
+        );
+        live.granted(&target("s1", 1));
         live.retain(|_| false, before);
-        assert!(!guard.ended.is_cancelled(), "joined after the snapshot");
+        assert!(!guard.ended.is_cancelled(), "granted after the snapshot");
         live.retain(|_| false, Instant::now());
         assert!(guard.ended.is_cancelled());
     }

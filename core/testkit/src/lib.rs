@@ -4,9 +4,12 @@
 //! - [`MemSource`]: an in-memory image (read-only or writable).
 //! - [`InstrumentedSource`]: counts the reads that reach it (to prove single-flight and
 //!   caching), delays them (a slow backend or link) and fails chosen ones (faults).
+//! - [`MemLedger`]: the catalog's fenced commits, in memory.
 //! - [`conformance`]: the suites.
 
 pub mod conformance;
+mod ledger;
 mod sources;
 
+pub use ledger::MemLedger;
 pub use sources::{InstrumentedBuilder, InstrumentedSource, MemSource, pattern};

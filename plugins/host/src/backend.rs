@@ -195,7 +195,7 @@ impl ImageBackend for PluginBackend {
 
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource> {
         validate_image_name(image)?;
-        let writable = mode == OpenMode::ReadWrite;
+        let writable = mode.is_writable();
         let table = *self.plugin().table();
         let open = table.open.expect("checked at load");
         let get_size = table.get_size.expect("checked at load");
