@@ -214,7 +214,20 @@ pub async fn reconcile(
         }
         match catalog.held_sessions(&me).await {
             Ok(held) => {
-                exports.retain_sessions(|id| held.contains(id), sent);
+                for id in exports.retain_sessions(|id| held.contains(id), sent) {
+                    let why = match catalog.session(&id).await {
+                        Ok(session) if session.closed_at.is_some() => format!(
+                            "it ended: {}",
+                            session.end_reason.as_deref().unwrap_or("closed")
+                        ),
+                        Ok(session) => format!(
+                            "server {} holds it now",
+                            session.owner.as_deref().unwrap_or("?")
+                        ),
+                        Err(err) => format!("it is gone from the catalog ({err})"),
+                    };
+                    tracing::info!(session = %id, "ending the session's connections here: {why}");
+                }
                 // Only now: a session another server took meanwhile is ended above
                 // before this server may write again.
                 directory.renew_lease(sent);

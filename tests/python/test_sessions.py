@@ -147,7 +147,7 @@ def test_closing_a_session_in_the_catalog_ends_its_connections(lab):
         for _ in range(60):
             h.pread(512, 0)
             time.sleep(0.05)
-    assert "session ended in the catalog or held elsewhere" in lab.log.read_text()
+    assert "ending the session's connections here: it ended: closed by an administrator" in lab.log.read_text()
 
 
 def test_a_full_ram_overlay_gives_enospc_and_keeps_serving(lab):

@@ -464,6 +464,17 @@ impl SqlCatalog {
             .collect()
     }
 
+    /// One session by id, live or not.
+    pub async fn session(&self, id: &str) -> Result<Session> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "read session"))?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no session {id:?}")))?;
+        session_from_row(&row)
+    }
+
     /// Ids of every live session.
     pub async fn live_session_ids(&self) -> Result<HashSet<String>> {
         let rows = sqlx::query("SELECT id FROM sessions WHERE closed_at IS NULL")

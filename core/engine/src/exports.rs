@@ -204,8 +204,13 @@ impl Exports {
 
     /// Ends the connections of the sessions this server held before `as_of` that
     /// `is_live` no longer accepts (closed in the catalog, or held by another server).
-    pub fn retain_sessions(&self, is_live: impl Fn(&str) -> bool, as_of: std::time::Instant) {
-        self.live.retain(is_live, as_of);
+    /// Returns the ids of the sessions whose connections it ended.
+    pub fn retain_sessions(
+        &self,
+        is_live: impl Fn(&str) -> bool,
+        as_of: std::time::Instant,
+    ) -> Vec<String> {
+        self.live.retain(is_live, as_of)
     }
 
     /// Ends the connections of session `id` on this server (its previous holder's, when

@@ -351,17 +351,20 @@ impl LiveSessions {
     /// Ends the connections of every live session whose id `is_live` rejects (closed in
     /// the catalog, or held by another server now), among those this server held before
     /// `as_of` (the moment the catalog was asked).
-    pub(crate) fn retain(&self, is_live: impl Fn(&str) -> bool, as_of: Instant) {
+    /// Returns the ids of the sessions it ended.
+    pub(crate) fn retain(&self, is_live: impl Fn(&str) -> bool, as_of: Instant) -> Vec<String> {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
-        live.retain(|client, session| {
-            let keep = session.held_since.is_none_or(|since| since > as_of)
-                || is_live(&session.session);
+        let mut ended = Vec::new();
+        live.retain(|_, session| {
+            let keep =
+                session.held_since.is_none_or(|since| since > as_of) || is_live(&session.session);
             if !keep {
-                tracing::info!(%client, session = %session.session, "session ended in the catalog or held elsewhere; ending its connections here");
                 session.ended.cancel();
+                ended.push(session.session.clone());
             }
             keep
         });
+        ended
     }
 
     /// Ends the connections of the session `id` on this server, if it has any.
