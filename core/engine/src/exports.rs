@@ -14,8 +14,9 @@ use crate::sessions::{
 };
 use crate::source::DynSource;
 
-/// How long a private session waits for its image's previous holder to close.
-const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a private session waits for its image's previous holder to close (less than
+/// the NBD handshake's default timeout, so the client hears why).
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
 /// How often it asks the catalog meanwhile.
 const HANDOVER_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 

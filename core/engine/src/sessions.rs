@@ -162,7 +162,7 @@ struct LiveSession {
     ended: CancellationToken,
     connections: usize,
     peers: HashSet<String>,
-    /// Since when the catalog has this server hold it (`None` while the first connection
+    /// When the catalog last granted it to this server (`None` while the first connection
     /// still waits for the catalog): a catalog snapshot older than that does not know it.
     held_since: Option<Instant>,
 }
@@ -313,14 +313,16 @@ impl LiveSessions {
         })
     }
 
-    /// Records that the catalog granted the session to this server (for [`Self::retain`]).
+    /// Records that the catalog granted the session to this server now (for
+    /// [`Self::retain`]): a catalog snapshot taken before this grant (when a private
+    /// session was let go between two connections, say) must not end it.
     pub(crate) fn granted(&self, target: &SessionTarget) {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = live
             .get_mut(&target.client)
             .filter(|s| s.session == target.session)
         {
-            entry.held_since.get_or_insert_with(Instant::now);
+            entry.held_since = Some(Instant::now());
         }
     }
 
@@ -537,6 +539,26 @@ mod live_tests {
         assert!(!guard.ended.is_cancelled(), "granted after the snapshot");
         live.retain(|_| false, Instant::now());
         assert!(guard.ended.is_cancelled());
+    }
+
+    #[test]
+    fn a_reconnect_granted_after_a_snapshot_is_not_ended_by_it() {
+        // A private session let go between two connections: the catalog snapshot taken
+        // in between does not list it, but the reconnect was granted after it.
+        let live = Arc::new(LiveSessions::default());
+        let directory: Arc<dyn SessionDirectory> = Arc::new(NoCatalog);
+        let mut first = live
+            .join(&target("s1", 1), "10.0.0.1:1", directory.clone())
+            .unwrap();
+        live.granted(&target("s1", 1));
+        assert!(first.leave());
+        let snapshot = Instant::now();
+        let second = live
+            .join(&target("s1", 1), "10.0.0.1:2", directory)
+            .unwrap();
+        live.granted(&target("s1", 1));
+        assert!(live.retain(|_| false, snapshot).is_empty());
+        assert!(!second.ended.is_cancelled());
     }
 
     #[test]
