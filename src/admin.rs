@@ -768,18 +768,42 @@ struct SessionAddress {
     hint: Option<String>,
 }
 
+/// What running servers registered of their NBD address.
+enum Registered {
+    /// No server is running (or none registered yet).
+    Nobody,
+    /// A running server's `HOST:PORT` (its real listener, also one of `serve --listen`).
+    Address(String),
+    /// Servers run, but listen on wildcard addresses only and have no `public_address`.
+    Unknown(Vec<String>),
+}
+
 /// The URI of `export` as a client must use it: `[nbd] public_address` if set, else the
-/// address a running server registered in the catalog (it knows its real listeners, also
-/// those given with `serve --listen`), else a specific TCP listen address of the
-/// configuration, else the unix socket. A wildcard listener without `public_address`
-/// gives no URI: the export name alone, with a hint.
-fn session_address(config: &Config, export: &str, registered: Option<&str>) -> SessionAddress {
+/// address a running server registered in the catalog; with no server running, a
+/// specific TCP listen address of the configuration, else its unix socket. Otherwise no
+/// URI: the export name alone, with a hint.
+fn session_address(config: &Config, export: &str, registered: Registered) -> SessionAddress {
     let nbd = &config.nbd;
     let explicit = nbd
         .public_address
         .as_ref()
         .and_then(|_| nbd.public_address_for(&nbd.listen));
-    if let Some(address) = explicit.or(registered.map(str::to_owned)) {
+    let known = match (explicit, registered) {
+        (Some(address), _) | (None, Registered::Address(address)) => Some(address),
+        (None, Registered::Unknown(servers)) => {
+            return SessionAddress {
+                uri: None,
+                hint: Some(format!(
+                    "the running server(s) {} listen on a wildcard address and know no address for \
+                     clients: set [nbd] public_address to the address clients use (the export name \
+                     alone is printed)",
+                    servers.join(", ")
+                )),
+            };
+        }
+        (None, Registered::Nobody) => None,
+    };
+    if let Some(address) = known {
         return SessionAddress {
             uri: Some(format!("nbd://{address}/{export}")),
             hint: None,
@@ -868,8 +892,12 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
             let timeout = config.sessions.server_timeout.0.as_millis() as i64;
             let mut live = catalog.live_servers(timeout).await?;
             live.sort_by_key(|s| std::cmp::Reverse(s.started_at));
-            let registered = live.iter().find_map(|s| s.nbd_address.clone());
-            let address = session_address(config, &export, registered.as_deref());
+            let registered = match live.iter().find_map(|s| s.nbd_address.clone()) {
+                Some(address) => Registered::Address(address),
+                None if live.is_empty() => Registered::Nobody,
+                None => Registered::Unknown(live.iter().map(|s| s.name.clone()).collect()),
+            };
+            let address = session_address(config, &export, registered);
             if json {
                 #[derive(Serialize)]
                 struct Opened<'a> {

@@ -253,9 +253,11 @@ async fn refresh_image_ids(catalog: &osstream_catalog::SqlCatalog, backends: &[D
         }
     }
     match catalog.set_image_ids(&ids).await {
-        Ok(changed) => {
-            for vdisk in changed {
-                tracing::warn!(%vdisk, "the vdisk's image is somewhere else now (its backend changed)");
+        Ok(differ) => {
+            for (vdisk, recorded, seen) in differ {
+                tracing::warn!(%vdisk, %recorded, %seen, "this server names the vdisk's image differently than \
+                    the catalog recorded (its backend moved, or another host names it so); checks use both names \
+                    and its backend and key");
             }
         }
         Err(err) => tracing::warn!(%err, "cannot record the vdisks' images"),

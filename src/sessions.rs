@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use osstream_catalog::{
-    Catalog, ServerRef, SessionTimers, SqlCatalog, VdiskMode, WriteCache, ended,
+    Catalog, ImageRef, ServerRef, SessionTimers, SqlCatalog, VdiskMode, WriteCache, ended,
 };
 use osstream_core::{
     Error, ErrorKind, Exports, Grant, ImageState, LockToken, OverlayKind, Result, SessionDirectory,
@@ -113,8 +113,6 @@ impl SessionDirectory for CatalogSessions {
                 ),
             ));
         }
-        self.catalog.touch_client(&session.mac).await?;
-        self.catalog.set_session_peer(&session.id, peer).await?;
         Ok(SessionTarget {
             session: session.id,
             client: session.mac.to_string(),
@@ -132,16 +130,21 @@ impl SessionDirectory for CatalogSessions {
     }
 
     async fn attach(&self, target: &SessionTarget, image: &str, peer: &str) -> Result<Grant> {
+        let image = ImageRef {
+            identity: image,
+            backend: &target.backend,
+            key: &target.image,
+        };
         let holding = self
             .catalog
-            .attach_session(&target.session, &self.me, image, &self.timers)
+            .attach_session(&target.session, &self.me, image, peer, &self.timers)
             .await
             .map_err(|e| e.with_context("peer", peer))?;
         Ok(Grant {
             lock: target.is_private().then(|| LockToken {
                 vdisk: target.vdisk.clone(),
                 session: target.session.clone(),
-                image: image.to_owned(),
+                image: holding.image.clone(),
                 epoch: holding.epoch,
             }),
             image_epoch: holding.image_epoch,
@@ -176,8 +179,15 @@ impl SessionDirectory for CatalogSessions {
         (self.epoch.elapsed().as_millis() as u64) < self.lease_until.load(Ordering::Relaxed)
     }
 
-    async fn image_state(&self, image: &str) -> Result<ImageState> {
-        let image_use = self.catalog.image_use(image).await?;
+    async fn image_state(&self, image: &str, backend: &str, key: &str) -> Result<ImageState> {
+        let image_use = self
+            .catalog
+            .image_use(ImageRef {
+                identity: image,
+                backend,
+                key,
+            })
+            .await?;
         Ok(ImageState {
             writer: image_use
                 .writer
@@ -189,9 +199,10 @@ impl SessionDirectory for CatalogSessions {
 
 /// Every `period` (until `shutdown`): the heartbeat; ends the connections here of
 /// sessions the catalog no longer has this server hold (closed, replaced, taken after a
-/// lapse); ends plain-name readers of images a private session writes; releases the
-/// sessions of servers that are gone and ends those past their grace or lease (any
-/// server does it); now and then removes the overlay folders of ended sessions.
+/// lapse) and renews the lease; brings the catalog's record of this server's attachments
+/// in line with its connections; ends plain-name readers of images a private session
+/// writes. Its housekeeping (ending idle sessions, removing old overlays) runs in a task
+/// of its own, so a slow round of it never delays the heartbeat.
 pub async fn reconcile(
     directory: Arc<CatalogSessions>,
     exports: Arc<Exports>,
@@ -199,9 +210,15 @@ pub async fn reconcile(
     overlays: std::path::PathBuf,
     shutdown: CancellationToken,
 ) {
+    tokio::spawn(housekeeping(
+        directory.clone(),
+        exports.clone(),
+        period,
+        overlays,
+        shutdown.clone(),
+    ));
     let catalog = directory.catalog.clone();
     let me = directory.me.clone();
-    let mut last_sweep = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -222,7 +239,7 @@ pub async fn reconcile(
                         ),
                         Ok(session) => format!(
                             "server {} holds it now",
-                            session.owner.as_deref().unwrap_or("?")
+                            session.owner.as_deref().unwrap_or("(none)")
                         ),
                         Err(err) => format!("it is gone from the catalog ({err})"),
                     };
@@ -234,13 +251,75 @@ pub async fn reconcile(
             }
             Err(err) => tracing::warn!(%err, "cannot read the sessions this server holds"),
         }
+        sync_attachments(&catalog, &me, &exports).await;
         match catalog.locked_images().await {
             Ok(locked) => {
                 exports.end_readers(|image| locked.contains(image));
             }
             Err(err) => tracing::warn!(%err, "cannot read locked images"),
         }
-        match catalog.reap_sessions(&me, &directory.timers).await {
+    }
+}
+
+/// Corrects the catalog where it records this server's sessions as attached without a
+/// connection here (a detach that failed), or detached while connections are open (a
+/// server that missed heartbeats and came back).
+async fn sync_attachments(catalog: &SqlCatalog, me: &ServerRef, exports: &Exports) {
+    let held = match catalog.held_attachments(me).await {
+        Ok(held) => held,
+        Err(err) => {
+            tracing::warn!(%err, "cannot read this server's attachments");
+            return;
+        }
+    };
+    for (id, attached, private, closed) in held {
+        let fixed = exports
+            .with_connections(&id, async |connections| {
+                if attached && connections == 0 {
+                    catalog
+                        .detach_session(&id, me, true, private)
+                        .await
+                        .map(|()| Some("recorded as attached with no connection here: detached"))
+                } else if !attached && connections > 0 && !closed {
+                    catalog.reattach_session(&id, me).await.map(|()| {
+                        Some("recorded as detached with connections here: attached again")
+                    })
+                } else {
+                    Ok(None)
+                }
+            })
+            .await;
+        match fixed {
+            Ok(Some(what)) => tracing::info!(session = %id, "{what}"),
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(session = %id, %err, "cannot correct the session's attachment")
+            }
+        }
+    }
+}
+
+/// Every `period`: releases the sessions of servers that are gone and ends those past
+/// their grace or lease (any server does it); now and then removes the overlay folders
+/// of ended sessions.
+async fn housekeeping(
+    directory: Arc<CatalogSessions>,
+    exports: Arc<Exports>,
+    period: Duration,
+    overlays: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
+    let catalog = directory.catalog.clone();
+    let mut last_sweep = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match catalog
+            .reap_sessions(&directory.me, &directory.timers)
+            .await
+        {
             Ok(changes) => {
                 for (session, what) in changes {
                     tracing::info!(session = %session.id, client = %session.mac, vdisk = %session.vdisk, "session {what}");
@@ -269,6 +348,22 @@ pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &
         }
     };
     let connected = exports.connected_sessions();
+    let overlays = overlays.to_path_buf();
+    let swept = osstream_core::run_blocking("sweep overlays", move || {
+        remove_ended_overlays(&overlays, &|id| {
+            live.contains(id) || connected.iter().any(|c| c == id)
+        });
+        Ok(())
+    })
+    .await;
+    if let Err(err) = swept {
+        tracing::warn!(%err, "cannot remove old write overlays");
+    }
+}
+
+/// Removes the `session-<id>` folders under `overlays` whose session `keep` rejects,
+/// then empty client and vdisk folders.
+fn remove_ended_overlays(overlays: &std::path::Path, keep: &dyn Fn(&str) -> bool) {
     let Ok(clients) = std::fs::read_dir(overlays) else {
         return;
     };
@@ -285,7 +380,7 @@ pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &
                 let Some(id) = name.to_str().and_then(|n| n.strip_prefix("session-")) else {
                     continue;
                 };
-                if live.contains(id) || connected.iter().any(|c| c == id) {
+                if keep(id) {
                     continue;
                 }
                 match std::fs::remove_dir_all(folder.path()) {

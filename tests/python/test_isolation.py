@@ -169,7 +169,7 @@ def test_a_standard_session_is_refused_while_a_private_one_writes_its_image(make
     # Backend b now points at the same folder as a.
     s.config.write_text(s.config.read_text().replace(f'root = "{other}"', 'root = "images"'))
     s.start()
-    assert "the vdisk's image is somewhere else now" in s.log.read_text()
+    assert "this server names the vdisk's image differently than the catalog recorded" in s.log.read_text()
     owner = nbd.NBD()
     owner.connect_uri(cli("session", "open", "aa:bb:cc:00:00:72", "devbox").stdout.strip())
     owner.pwrite(b"PRIVATE", 0)

@@ -143,6 +143,19 @@ pub(crate) fn chunk_path(base: &Path, data: &str, index: u64, version: Option<&s
 /// The version of a chunk committed as all zeroes: it has no object.
 const ZERO_VERSION: &str = "z";
 
+/// How often a read follows a chunk to a newer version before it gives up.
+const VERSION_RETRIES: usize = 4;
+
+/// What a committed chunk holds, as [`ChunkedSource::read_committed`] finds it.
+enum Committed {
+    /// The asked range.
+    Bytes(Bytes),
+    /// Committed as all zeroes.
+    Zeroes,
+    /// The imported chunk has no object: zeroes, once the manifest is confirmed.
+    Missing,
+}
+
 /// Zeroes of `len` bytes, as shared static slices.
 fn zeroes(len: u64) -> Vec<Bytes> {
     let mut parts = Vec::new();
@@ -167,10 +180,14 @@ pub(crate) enum Commit {
     },
 }
 
-/// What an upload needs, shared with the task that uploads the last unflushed chunks
-/// when the source is dropped.
+/// One holding's view of a chunked image and how its uploads are committed. Shared by
+/// every source of the holding on this server, and kept by the task that uploads a
+/// source's last unflushed chunks when it is dropped, so a source opened meanwhile
+/// commits after it and reads the versions it committed.
 #[derive(Debug)]
-struct Committer {
+pub(crate) struct Committer {
+    /// Names this committer's uploads apart from any other's (also after a restart).
+    id: String,
     name: String,
     store: Arc<Store>,
     base: Path,
@@ -187,6 +204,51 @@ struct Committer {
 }
 
 impl Committer {
+    /// A committer for the image `name` (at `base`, described by `manifest`) that starts
+    /// from the committed `versions` and commits as `commit` says.
+    pub fn new(
+        name: &str,
+        store: Arc<Store>,
+        base: Path,
+        manifest: Manifest,
+        versions: HashMap<u64, String>,
+        commit: Commit,
+    ) -> Committer {
+        let id = unique_id();
+        Committer {
+            // The random half of the identifier: short, and unique enough per holding.
+            id: id
+                .rsplit('-')
+                .next()
+                .unwrap_or(&id)
+                .chars()
+                .take(8)
+                .collect(),
+            name: name.to_owned(),
+            store,
+            base,
+            manifest,
+            commit,
+            versions: Mutex::new(versions),
+            uploads: AtomicU64::new(0),
+            committing: tokio::sync::Mutex::new(()),
+            fenced: AtomicBool::new(false),
+        }
+    }
+
+    /// The import whose chunks it reads and writes.
+    pub fn data(&self) -> &str {
+        &self.manifest.data
+    }
+
+    /// The lock epoch it commits under (fenced committers only).
+    pub fn epoch(&self) -> Option<u64> {
+        match &self.commit {
+            Commit::Fenced { lock, .. } => Some(lock.epoch),
+            Commit::Direct => None,
+        }
+    }
+
     fn versions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
         self.versions
             .lock()
@@ -263,7 +325,7 @@ impl Committer {
         chunks: Vec<(u64, Bytes)>,
     ) -> Result<()> {
         let upload = self.uploads.fetch_add(1, Ordering::Relaxed) + 1;
-        let version = format!("{}-{upload}", lock.epoch);
+        let version = format!("{}-{}-{upload}", lock.epoch, self.id);
         let stored = futures_util::future::join_all(chunks.into_iter().map(|(index, bytes)| {
             let version = version.clone();
             async move {
@@ -310,8 +372,8 @@ impl Committer {
                 .into_iter()
                 .filter_map(|(index, version)| {
                     versions
-                        .insert(index, version)
-                        .filter(|old| old != ZERO_VERSION)
+                        .insert(index, version.clone())
+                        .filter(|old| old != ZERO_VERSION && *old != version)
                         .map(|old| chunk_path(&self.base, &self.manifest.data, index, Some(&old)))
                 })
                 .collect()
@@ -342,66 +404,30 @@ pub(crate) struct ChunkedSource {
     dirty_limit: u64,
 }
 
-/// How [`ChunkedSource::new`] opens an image.
-#[derive(Debug)]
-pub(crate) struct Opening {
-    pub store: Arc<Store>,
-    pub base: Path,
-    pub manifest: Manifest,
-    /// The versions the ledger has committed (empty without a ledger).
-    pub versions: HashMap<u64, String>,
-    /// `Some` for a writable source: how its uploads are committed.
-    pub commit: Option<Commit>,
-    pub dirty_limit: u64,
-}
-
 impl ChunkedSource {
-    pub fn new(name: &str, opening: Opening) -> ChunkedSource {
-        let Opening {
-            store,
-            base,
-            manifest,
-            versions,
-            commit,
-            dirty_limit,
-        } = opening;
+    /// A source over `committer`'s view of the image; writable when `writable` (then its
+    /// uploads go through the committer).
+    pub fn new(committer: Arc<Committer>, writable: bool, dirty_limit: u64) -> ChunkedSource {
+        let manifest = &committer.manifest;
         ChunkedSource {
             info: SourceInfo {
-                name: name.to_owned(),
+                name: committer.name.clone(),
                 // The same string as `S3Backend::identity`: the image's key under the bucket.
-                identity: format!("{}/{base}", store.location),
+                identity: format!("{}/{}", committer.store.location, committer.base),
                 size: manifest.size,
                 generation: manifest.id.clone(),
             },
-            writable: commit.is_some(),
-            committer: Arc::new(Committer {
-                name: name.to_owned(),
-                store,
-                base,
-                manifest,
-                commit: commit.unwrap_or(Commit::Direct),
-                versions: Mutex::new(versions),
-                uploads: AtomicU64::new(0),
-                committing: tokio::sync::Mutex::new(()),
-                fenced: AtomicBool::new(false),
-            }),
+            writable,
+            committer,
             dirty: Mutex::new(HashMap::new()),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             dirty_limit,
         }
     }
 
-    /// The import whose chunks this source reads.
-    pub fn data(&self) -> &str {
-        &self.committer.manifest.data
-    }
-
-    /// The lock epoch this source writes under (fenced sources only).
-    pub fn epoch(&self) -> Option<u64> {
-        match &self.committer.commit {
-            Commit::Fenced { lock, .. } => Some(lock.epoch),
-            Commit::Direct => None,
-        }
+    /// The committer this source writes through.
+    pub fn committer(&self) -> &Arc<Committer> {
+        &self.committer
     }
 
     fn manifest(&self) -> &Manifest {
@@ -442,23 +468,40 @@ impl ChunkedSource {
             let at = within as usize;
             return Ok(vec![Bytes::copy_from_slice(&chunk[at..at + len as usize])]);
         }
-        let Some((path, versioned)) = self.committer.current_object(index) else {
-            return Ok(zeroes(len));
-        };
-        let chunk_len = self.manifest().chunk_len(index);
-        match self
-            .committer
-            .store
-            .get_range(&path, within..within + len, chunk_len, None)
-            .await?
-        {
-            Some(bytes) => Ok(vec![bytes]),
-            None if versioned => Err(self.version_gone(index)),
-            None => {
+        match self.read_committed(index, within..within + len).await? {
+            Committed::Bytes(bytes) => Ok(vec![bytes]),
+            Committed::Zeroes => Ok(zeroes(len)),
+            Committed::Missing => {
                 self.check_current().await?;
                 Ok(zeroes(len))
             }
         }
+    }
+
+    /// `range` of chunk `index` as committed. A committed version can vanish while it is
+    /// read, when this holding's own next commit replaces and removes it: the read then
+    /// follows the newer version.
+    async fn read_committed(&self, index: u64, range: std::ops::Range<u64>) -> Result<Committed> {
+        let chunk_len = self.manifest().chunk_len(index);
+        for _ in 0..VERSION_RETRIES {
+            let Some((path, versioned)) = self.committer.current_object(index) else {
+                return Ok(Committed::Zeroes);
+            };
+            match self
+                .committer
+                .store
+                .get_range(&path, range.clone(), chunk_len, None)
+                .await?
+            {
+                Some(bytes) => return Ok(Committed::Bytes(bytes)),
+                None if !versioned => return Ok(Committed::Missing),
+                None if self.committer.current_object(index).map(|(p, _)| p) != Some(path) => {
+                    continue;
+                }
+                None => break,
+            }
+        }
+        Err(self.version_gone(index))
     }
 
     /// A committed chunk version that is gone: a newer holder replaced (and removed) it
@@ -502,19 +545,10 @@ impl ChunkedSource {
     /// The whole chunk as stored (zeroes if it has no object).
     async fn load(&self, index: u64) -> Result<Vec<u8>> {
         let len = self.manifest().chunk_len(index);
-        let Some((path, versioned)) = self.committer.current_object(index) else {
-            return Ok(vec![0; len as usize]);
-        };
-        match self
-            .committer
-            .store
-            .get_range(&path, 0..len, len, None)
-            .await?
-        {
-            Some(bytes) => Ok(bytes.to_vec()),
-            None if versioned => Err(self.version_gone(index)),
-            None => Ok(vec![0; len as usize]),
-        }
+        Ok(match self.read_committed(index, 0..len).await? {
+            Committed::Bytes(bytes) => bytes.to_vec(),
+            Committed::Zeroes | Committed::Missing => vec![0; len as usize],
+        })
     }
 
     /// Uploads the given dirty chunks and forgets them once committed. Writers of those

@@ -47,7 +47,7 @@ use osstream_core::{
 
 pub use config::{Layout, S3Config};
 
-use chunked::{ChunkedSource, MANIFEST, Manifest};
+use chunked::{ChunkedSource, Committer, MANIFEST, Manifest};
 use object::ObjectSource;
 use store::Store;
 
@@ -68,14 +68,21 @@ pub struct S3Backend {
     name: String,
     config: S3Config,
     store: Arc<Store>,
-    /// The writable source of each chunked image that has one: every read-write open of
-    /// an image shares it, so their writes meet in one set of dirty chunks instead of
-    /// overwriting each other's chunks at flush.
-    writers: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<ChunkedSource>>>,
+    /// The writable source of each chunked image that has one, and its committer: every
+    /// read-write open of an image (one holding) shares the source, so their writes meet
+    /// in one set of dirty chunks instead of overwriting each other's chunks at flush.
+    writers: std::sync::Mutex<std::collections::HashMap<String, Writer>>,
     /// Where fenced writes are committed and read back (the catalog); `None` where no
     /// catalog is at hand, and then writes replace chunks in place.
     ledger: Option<Arc<dyn ImageLedger>>,
 }
+
+/// The writable source of an image, and its committer (which outlives the source while
+/// the source's last chunks are uploaded).
+type Writer = (
+    std::sync::Weak<ChunkedSource>,
+    std::sync::Weak<chunked::Committer>,
+);
 
 /// Where an image lives and how it is laid out.
 enum Found {
@@ -84,6 +91,18 @@ enum Found {
 }
 
 impl S3Backend {
+    /// The chunk versions the ledger has committed for `manifest`'s data (none without a
+    /// ledger).
+    async fn committed_versions(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<std::collections::HashMap<u64, String>> {
+        match &self.ledger {
+            Some(ledger) => ledger.chunk_versions(&manifest.data).await,
+            None => Ok(Default::default()),
+        }
+    }
+
     /// A backend named `name`; fails on a configuration the S3 client refuses.
     pub fn new(name: &str, config: S3Config) -> Result<Self> {
         let store = Arc::new(Store::new(name, &config)?);
@@ -263,14 +282,6 @@ impl ImageBackend for S3Backend {
             )
             .with_op("open"));
         }
-        let versions = match &self.ledger {
-            Some(ledger) => {
-                ledger
-                    .chunk_versions(&self.identity(image)?, &manifest.data)
-                    .await?
-            }
-            None => Default::default(),
-        };
         let dirty_limit = self.config.dirty_limit.bytes();
         let commit = match mode {
             OpenMode::ReadOnly => None,
@@ -304,72 +315,89 @@ impl ImageBackend for S3Backend {
             OpenMode::ReadWrite => Some(chunked::Commit::Direct),
         };
         let Some(commit) = commit else {
-            return Ok(Arc::new(ChunkedSource::new(
+            let versions = self.committed_versions(&manifest).await?;
+            let committer = Committer::new(
                 image,
-                chunked::Opening {
-                    store: self.store.clone(),
-                    base,
-                    manifest,
-                    versions,
-                    commit: None,
-                    dirty_limit,
-                },
+                self.store.clone(),
+                base,
+                manifest,
+                versions,
+                chunked::Commit::Direct,
+            );
+            return Ok(Arc::new(ChunkedSource::new(
+                Arc::new(committer),
+                false,
+                dirty_limit,
             )));
         };
         let epoch = match &commit {
             chunked::Commit::Fenced { lock, .. } => Some(lock.epoch),
             chunked::Commit::Direct => None,
         };
+        let data = manifest.data.clone();
         let same_holding =
-            |source: &Arc<ChunkedSource>| source.data() == manifest.data && source.epoch() == epoch;
-        let shared = self
-            .writers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(image)
-            .and_then(std::sync::Weak::upgrade)
-            .filter(same_holding);
-        if let Some(source) = shared {
+            |committer: &Committer| committer.data() == data && committer.epoch() == epoch;
+        let (source, committer) = {
+            let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+            writers.retain(|_, (source, committer)| {
+                source.strong_count() > 0 || committer.strong_count() > 0
+            });
+            writers
+                .get(image)
+                .map(|(source, committer)| (source.upgrade(), committer.upgrade()))
+                .unwrap_or((None, None))
+        };
+        if let Some(source) = source.filter(|s| same_holding(s.committer())) {
             return Ok(source);
         }
-        let manifest = if epoch.is_none() {
-            // Direct writes change the content under the manifest's generation: a new
-            // one keeps every cache from serving blocks read before them. (Fenced
-            // writes need none: readers add the image's lock epoch to the generation.)
-            let manifest = Manifest {
-                id: chunked::unique_id(),
-                ..manifest
-            };
-            self.store
-                .put(&base.clone().join(MANIFEST), manifest.to_bytes())
-                .await?;
-            manifest
-        } else {
-            manifest
+        // A source of this holding being dropped may still be committing its last
+        // chunks: the new source shares its committer, so it commits after it and reads
+        // what it committed.
+        let committer = committer.filter(|c| same_holding(c));
+        let committer = match committer {
+            Some(committer) => committer,
+            None => {
+                let manifest = if epoch.is_none() {
+                    // Direct writes change the content under the manifest's generation: a
+                    // new one keeps every cache from serving blocks read before them.
+                    // (Fenced writes need none: readers add the image's lock epoch.)
+                    let manifest = Manifest {
+                        id: chunked::unique_id(),
+                        ..manifest
+                    };
+                    self.store
+                        .put(&base.clone().join(MANIFEST), manifest.to_bytes())
+                        .await?;
+                    manifest
+                } else {
+                    manifest
+                };
+                let versions = self.committed_versions(&manifest).await?;
+                Arc::new(Committer::new(
+                    image,
+                    self.store.clone(),
+                    base,
+                    manifest,
+                    versions,
+                    commit,
+                ))
+            }
         };
-        let source = Arc::new(ChunkedSource::new(
-            image,
-            chunked::Opening {
-                store: self.store.clone(),
-                base,
-                manifest,
-                versions,
-                commit: Some(commit),
-                dirty_limit,
-            },
-        ));
+        let source = Arc::new(ChunkedSource::new(committer.clone(), true, dirty_limit));
         let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        writers.retain(|_, weak| weak.strong_count() > 0);
         // Two first opens racing: the one registered first wins, the other's source
         // (with nothing written yet) is dropped.
         if let Some(winner) = writers
             .get(image)
-            .and_then(std::sync::Weak::upgrade)
-            .filter(|winner| winner.epoch() == source.epoch())
+            .and_then(|(source, _)| source.upgrade())
+            .filter(|winner| same_holding(winner.committer()))
         {
             return Ok(winner);
         }
-        writers.insert(image.to_owned(), Arc::downgrade(&source));
+        writers.insert(
+            image.to_owned(),
+            (Arc::downgrade(&source), Arc::downgrade(&committer)),
+        );
         Ok(source)
     }
 

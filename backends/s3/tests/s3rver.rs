@@ -514,3 +514,48 @@ async fn a_holder_that_lost_the_lock_commits_nothing() {
     assert_eq!(versioned.len(), 2, "{versioned:?}");
     drop(b);
 }
+
+/// A holding's sources come and go (a connection closes, the client's next connection
+/// opens the image again under the same lock): each commits under its own names, so a
+/// later source never overwrites, then removes, a chunk version an earlier one committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successive_sources_of_one_holding_never_reuse_a_chunk_name() {
+    let server = S3rver::start();
+    let mut config = server.config(Layout::Chunked);
+    config.chunk_size = ByteSize::kib(64);
+    config.writable = true;
+    let ledger = Arc::new(osstream_testkit::MemLedger::default());
+    let backend = S3Backend::new("bucket", config)
+        .unwrap()
+        .with_ledger(Some(ledger.clone()));
+    let (file, data) = image_file(1 << 20);
+    backend
+        .import("dev", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    let lock = ledger.take("devbox", "s1", &backend.identity("dev").unwrap());
+    let mut expected = data.clone();
+    for round in 0..3u8 {
+        let source = backend
+            .open("dev", OpenMode::Locked(lock.clone()))
+            .await
+            .unwrap();
+        let offset = u64::from(round) * 1000;
+        source
+            .write_at(
+                offset,
+                Bytes::from(vec![round + 1; 1000]),
+                WriteOpts::default(),
+            )
+            .await
+            .unwrap();
+        source.flush().await.unwrap();
+        expected[offset as usize..offset as usize + 1000].fill(round + 1);
+        drop(source);
+        let reader = backend.open("dev", OpenMode::ReadOnly).await.unwrap();
+        assert!(
+            reader.read_all().await.unwrap()[..] == expected[..],
+            "round {round}: a committed chunk went missing"
+        );
+    }
+}

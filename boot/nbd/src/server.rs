@@ -330,20 +330,25 @@ async fn serve_connection(
         stats.clone(),
     )
     .await;
-    let (outcome, drained) = outcome;
+    let (outcome, still_running) = outcome;
     if let Some(session) = session {
         let (read, written) = (
             stats.read_bytes.load(Ordering::Relaxed),
             stats.written_bytes.load(Ordering::Relaxed),
         );
-        if drained {
-            shared.exports.close_session(session, read, written).await;
-        } else {
-            // Writes may still be running: the session stays attached here in the catalog
-            // (a private one keeps its lock) rather than letting another writer in; this
-            // server's next start, or its heartbeat lapsing, releases it.
-            tracing::warn!(%peer, session = %session.target.session, "requests outlived the drain timeout; the session stays attached");
-            session.keep_attached();
+        match still_running {
+            None => shared.exports.close_session(session, read, written).await,
+            Some(requests) => {
+                // Writes may still be running: the session stays attached here (a
+                // private one keeps its lock, so no other writer starts) until they end.
+                tracing::warn!(%peer, session = %session.target.session, "requests outlived the drain timeout; the session stays attached until they end");
+                let (exports, peer) = (shared.exports.clone(), peer.to_owned());
+                tokio::spawn(async move {
+                    requests.wait().await;
+                    tracing::info!(%peer, session = %session.target.session, "the last requests of a closed connection ended");
+                    exports.close_session(session, read, written).await;
+                });
+            }
         }
     }
     drop(plain_reader);
@@ -505,8 +510,8 @@ where
     }
 }
 
-/// The request loop of one attached connection. Returns why it ended, and whether every
-/// request it started had finished (false after the drain timeout).
+/// The request loop of one attached connection. Returns why it ended, and the requests
+/// still running after the drain timeout, if any.
 async fn transmit<R>(
     mut reader: BufReader<R>,
     write: BoxWrite,
@@ -515,7 +520,7 @@ async fn transmit<R>(
     shutdown: CancellationToken,
     session_ended: CancellationToken,
     stats: Arc<ConnStats>,
-) -> (String, bool)
+) -> (String, Option<TaskTracker>)
 where
     R: AsyncRead + Unpin,
 {
@@ -650,5 +655,5 @@ where
     let mut writer = writer.lock().await;
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
-    (reason, drained)
+    (reason, (!drained).then_some(in_flight))
 }

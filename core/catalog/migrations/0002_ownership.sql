@@ -38,11 +38,24 @@ CREATE TABLE image_epochs (
 );
 
 -- Which version of each chunk of a chunked S3 image is current, for images written by
--- private vdisks (data: the import the chunks belong to).
+-- private vdisks. `data` names the import the chunks belong to (unique per import, the
+-- same for every server that reads the image); image_id says which image, for people.
 CREATE TABLE image_chunks (
-    image_id TEXT NOT NULL,
     data     TEXT NOT NULL,
     chunk    BIGINT NOT NULL,
     version  TEXT NOT NULL,
-    PRIMARY KEY (image_id, data, chunk)
+    image_id TEXT NOT NULL,
+    PRIMARY KEY (data, chunk)
 );
+
+-- Sessions live when this version is installed were held by a server process of the
+-- previous version, which kept no record of it: those a client used (it has a peer)
+-- count as disconnected since their last activity, so they end after the grace period
+-- unless the client comes back; those with a RAM overlay lost it with that process.
+UPDATE sessions SET detached_at = last_active WHERE closed_at IS NULL AND peer IS NOT NULL;
+UPDATE sessions SET closed_at = last_active,
+    end_reason = 'osstream was upgraded and the session''s RAM write overlay went with the old server process; the client must boot again'
+    WHERE closed_at IS NULL AND peer IS NOT NULL
+    AND vdisk IN (SELECT name FROM vdisks WHERE mode = 'standard' AND write_cache IN ('ram', 'ram-overflow-disk'));
+UPDATE vdisks SET locked_by = NULL WHERE locked_by IS NOT NULL
+    AND locked_by NOT IN (SELECT id FROM sessions WHERE closed_at IS NULL);

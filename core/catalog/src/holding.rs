@@ -35,13 +35,36 @@ pub struct SessionTimers {
 }
 
 /// What [`SqlCatalog::attach_session`] grants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holding {
     /// The lock epoch a private session's writes are fenced with (0 for standard).
     pub epoch: u64,
     /// The epoch of the image itself: how many times a private vdisk took it to write.
     /// Caches key blocks by it too, so none read before such writes is served after.
     pub image_epoch: u64,
+    /// The image's identity as the catalog recorded it for the vdisk: what the lock's
+    /// epoch is kept under, the same for every server whatever each one's backends call
+    /// the image locally.
+    pub image: String,
+}
+
+/// Which image a check is about: the identity this server's backend gives it, and the
+/// vdisk's backend and key (servers sharing a catalog configure the same backends, so
+/// `backend/key` names one image on all of them, even where identities differ per host:
+/// a block device's major:minor, a mount path).
+#[derive(Debug, Clone, Copy)]
+pub struct ImageRef<'a> {
+    /// [`osstream_core::ImageBackend::identity`] on this server.
+    pub identity: &'a str,
+    /// The backend's configured name.
+    pub backend: &'a str,
+    /// The image's key on it.
+    pub key: &'a str,
+}
+
+/// SQL matching the vdisks (table alias `v`) of the image `$i` (identity), `$b/$k`.
+fn same_image(i: usize, b: usize, k: usize) -> String {
+    format!("(v.image_id = ${i} OR (v.backend = ${b} AND v.image_key = ${k}))")
 }
 
 /// Where an image stands for readers that are not its private vdisk's session.
@@ -67,11 +90,21 @@ fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(text)
 }
 
-fn text(row: &AnyRow, column: &str) -> Result<Option<String>> {
-    row.try_get(column).map_err(|e| db_error(e, "read session"))
+fn server_from_row(row: &AnyRow) -> Result<Server> {
+    let map = |e| db_error(e, "read server");
+    Ok(Server {
+        id: row.try_get("id").map_err(map)?,
+        instance: row.try_get("instance").map_err(map)?,
+        name: row.try_get("name").map_err(map)?,
+        nbd_address: row.try_get("nbd_address").map_err(map)?,
+        started_at: row.try_get("started_at").map_err(map)?,
+        heartbeat_at: row.try_get("heartbeat_at").map_err(map)?,
+        stopped_at: row.try_get("stopped_at").map_err(map)?,
+        heartbeat_age: row.try_get("heartbeat_age").map_err(map)?,
+    })
 }
 
-fn int(row: &AnyRow, column: &str) -> Result<i64> {
+fn text(row: &AnyRow, column: &str) -> Result<Option<String>> {
     row.try_get(column).map_err(|e| db_error(e, "read session"))
 }
 
@@ -158,26 +191,24 @@ impl SqlCatalog {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| db_error(e, "list servers"))?;
-        rows.iter()
-            .map(|row| {
-                let map = |e| db_error(e, "read server");
-                Ok(Server {
-                    id: row.try_get("id").map_err(map)?,
-                    instance: row.try_get("instance").map_err(map)?,
-                    name: row.try_get("name").map_err(map)?,
-                    nbd_address: row.try_get("nbd_address").map_err(map)?,
-                    started_at: row.try_get("started_at").map_err(map)?,
-                    heartbeat_at: row.try_get("heartbeat_at").map_err(map)?,
-                    stopped_at: row.try_get("stopped_at").map_err(map)?,
-                    heartbeat_age: row.try_get("heartbeat_age").map_err(map)?,
-                })
-            })
-            .collect()
+        rows.iter().map(server_from_row).collect()
     }
 
-    /// One server, if registered.
-    async fn server(&self, id: &str) -> Result<Option<Server>> {
-        Ok(self.servers().await?.into_iter().find(|s| s.id == id))
+    /// One server, if registered, read inside `tx`.
+    async fn server_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        id: &str,
+    ) -> Result<Option<Server>> {
+        let row = sqlx::query(sql(format!(
+            "SELECT *, {} - heartbeat_at AS heartbeat_age FROM servers WHERE id = $1",
+            self.now_sql()
+        )))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(|e| db_error(e, "read server"))?;
+        row.as_ref().map(server_from_row).transpose()
     }
 
     /// The servers alive now (heartbeat younger than `timeout_ms`, not stopped).
@@ -202,20 +233,23 @@ impl SqlCatalog {
         &self,
         id: &str,
         me: &ServerRef,
-        image: &str,
+        image: ImageRef<'_>,
+        peer: &str,
         timers: &SessionTimers,
     ) -> Result<Holding> {
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
         // Writing first takes the row lock (PostgreSQL) and the write lock (SQLite), so
         // two connections of one session attach one after the other.
-        sqlx::query("UPDATE sessions SET attached = attached WHERE id = $1")
+        sqlx::query("UPDATE sessions SET peer = $2, last_active = $3 WHERE id = $1")
             .bind(id)
+            .bind(peer)
+            .bind(now_ms())
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(e, "attach session"))?;
         let row = sqlx::query(
-            "SELECT s.*, v.mode AS vdisk_mode, v.locked_by AS vdisk_locked_by FROM sessions s \
-             LEFT JOIN vdisks v ON v.name = s.vdisk WHERE s.id = $1",
+            "SELECT s.*, v.mode AS vdisk_mode, v.locked_by AS vdisk_locked_by, v.image_id AS vdisk_image \
+             FROM sessions s LEFT JOIN vdisks v ON v.name = s.vdisk WHERE s.id = $1",
         )
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -223,6 +257,26 @@ impl SqlCatalog {
         .map_err(|e| db_error(e, "attach session"))?
         .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no session {id:?}")))?;
         let session = session_from_row(&row)?;
+        sqlx::query("UPDATE clients SET last_seen = $2, first_seen = COALESCE(first_seen, $2) WHERE mac = $1")
+            .bind(session.mac.as_str())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(e, "attach session"))?;
+        // The key the lock's epoch lives under: recorded once per vdisk, so every server
+        // uses the same one.
+        let recorded = match text(&row, "vdisk_image")? {
+            Some(recorded) => recorded,
+            None => {
+                sqlx::query("UPDATE vdisks SET image_id = $2 WHERE name = $1 AND image_id IS NULL")
+                    .bind(&session.vdisk)
+                    .bind(image.identity)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error(e, "attach session"))?;
+                image.identity.to_owned()
+            }
+        };
         let instance = text(&row, "owner_instance")?;
         let private = text(&row, "vdisk_mode")?.as_deref() == Some("private");
         if session.closed_at.is_some() {
@@ -237,7 +291,7 @@ impl SqlCatalog {
                 ),
             ));
         }
-        self.check_image_is_free(&mut tx, &session, private, image)
+        self.check_image_is_free(&mut tx, &session, private, image, &recorded)
             .await?;
         if instance.as_deref() == Some(me.instance.as_str()) {
             // Another connection of a session this process holds already.
@@ -246,17 +300,18 @@ impl SqlCatalog {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error(e, "attach session"))?;
-            let image_epoch = image_epoch(&mut tx, image).await?;
+            let image_epoch = image_epoch(&mut tx, image, &recorded).await?;
             tx.commit()
                 .await
                 .map_err(|e| db_error(e, "attach session"))?;
             return Ok(Holding {
                 epoch: session.epoch,
                 image_epoch,
+                image: recorded,
             });
         }
         if let Some(owner) = session.owner.as_deref().filter(|o| *o != me.id) {
-            let server = self.server(owner).await?;
+            let server = self.server_in(&mut tx, owner).await?;
             let gone = server.as_ref().is_none_or(|s| {
                 s.stopped_at.is_some() || s.heartbeat_age > timers.server_timeout_ms
             });
@@ -307,13 +362,17 @@ impl SqlCatalog {
             // finishing requests on a live server: wait for it to let go.
             let busy = sqlx::query(sql(format!(
                 "SELECT s.id, s.owner FROM sessions s JOIN vdisks v ON v.name = s.vdisk \
-                 WHERE s.id <> $1 AND s.attached = 1 AND (v.name = $2 OR v.image_id = $3) AND s.owner IS NOT NULL \
-                 AND NOT ({})",
+                 WHERE s.id <> $1 AND s.attached = 1 AND (v.name = $2 OR v.image_id = $6 OR {}) \
+                 AND s.owner IS NOT NULL AND NOT ({})",
+                same_image(3, 4, 5),
                 self.gone_sql("s.owner", timers.server_timeout_ms)
             )))
             .bind(id)
             .bind(&session.vdisk)
-            .bind(image)
+            .bind(image.identity)
+            .bind(image.backend)
+            .bind(image.key)
+            .bind(&recorded)
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| db_error(e, "attach session"))?;
@@ -335,11 +394,11 @@ impl SqlCatalog {
                 "INSERT INTO image_epochs (image_id, epoch) VALUES ($1, 1) \
                  ON CONFLICT (image_id) DO UPDATE SET epoch = image_epochs.epoch + 1",
             )
-            .bind(image)
+            .bind(&recorded)
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(e, "take the lock epoch"))?;
-            epoch = image_epoch(&mut tx, image).await?;
+            epoch = image_epoch(&mut tx, image, &recorded).await?;
         }
         sqlx::query(
             "UPDATE sessions SET owner = $2, owner_instance = $3, attached = 1, detached_at = NULL, \
@@ -353,11 +412,15 @@ impl SqlCatalog {
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(e, "attach session"))?;
-        let image_epoch = image_epoch(&mut tx, image).await?;
+        let image_epoch = image_epoch(&mut tx, image, &recorded).await?;
         tx.commit()
             .await
             .map_err(|e| db_error(e, "attach session"))?;
-        Ok(Holding { epoch, image_epoch })
+        Ok(Holding {
+            epoch,
+            image_epoch,
+            image: recorded,
+        })
     }
 
     /// Refuses a standard session of an image a private session writes, and a private
@@ -368,15 +431,20 @@ impl SqlCatalog {
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         session: &Session,
         private: bool,
-        image: &str,
+        image: ImageRef<'_>,
+        recorded: &str,
     ) -> Result<()> {
+        let same = format!("(v.image_id = $5 OR {})", same_image(2, 3, 4));
         if private {
-            let row = sqlx::query(
+            let row = sqlx::query(sql(format!(
                 "SELECT s.id, s.vdisk FROM sessions s JOIN vdisks v ON v.name = s.vdisk \
-                 WHERE v.image_id = $1 AND v.name <> $2 AND s.closed_at IS NULL",
-            )
-            .bind(image)
+                 WHERE {same} AND v.name <> $1 AND s.closed_at IS NULL"
+            )))
             .bind(&session.vdisk)
+            .bind(image.identity)
+            .bind(image.backend)
+            .bind(image.key)
+            .bind(recorded)
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| db_error(e, "check image"))?;
@@ -393,12 +461,15 @@ impl SqlCatalog {
             }
             return Ok(());
         }
-        let row = sqlx::query(
-            "SELECT name, locked_by FROM vdisks WHERE image_id = $1 AND name <> $2 AND mode = 'private' \
-             AND locked_by IS NOT NULL",
-        )
-        .bind(image)
+        let row = sqlx::query(sql(format!(
+            "SELECT v.name, v.locked_by FROM vdisks v WHERE {same} AND v.name <> $1 \
+             AND v.mode = 'private' AND v.locked_by IS NOT NULL"
+        )))
         .bind(&session.vdisk)
+        .bind(image.identity)
+        .bind(image.backend)
+        .bind(image.key)
+        .bind(recorded)
         .fetch_optional(&mut **tx)
         .await
         .map_err(|e| db_error(e, "check image"))?;
@@ -445,6 +516,51 @@ impl SqlCatalog {
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, "detach session"))?;
+        Ok(())
+    }
+
+    /// What the catalog records of this server instance's sessions: `(id, attached,
+    /// private, closed)` for the live ones it holds and the closed ones it still shows
+    /// attached, so the server can correct a record that went astray (a detach that
+    /// failed, a server that missed heartbeats and came back).
+    pub async fn held_attachments(
+        &self,
+        me: &ServerRef,
+    ) -> Result<Vec<(String, bool, bool, bool)>> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.attached, s.closed_at, v.mode FROM sessions s LEFT JOIN vdisks v ON v.name = s.vdisk \
+             WHERE s.owner_instance = $1 AND (s.closed_at IS NULL OR s.attached = 1)",
+        )
+        .bind(&me.instance)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "list held sessions"))?;
+        rows.iter()
+            .map(|row| {
+                let map = |e| db_error(e, "list held sessions");
+                let closed: Option<i64> = row.try_get("closed_at").map_err(map)?;
+                Ok((
+                    row.try_get("id").map_err(map)?,
+                    row.try_get::<i64, _>("attached").map_err(map)? != 0,
+                    text(row, "mode")?.as_deref() == Some("private"),
+                    closed.is_some(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Marks a live session this instance holds as attached again (it has connections
+    /// here, whatever the catalog recorded meanwhile).
+    pub async fn reattach_session(&self, id: &str, me: &ServerRef) -> Result<()> {
+        sqlx::query(
+            "UPDATE sessions SET attached = 1, detached_at = NULL WHERE id = $1 AND owner_instance = $2 \
+             AND closed_at IS NULL",
+        )
+        .bind(id)
+        .bind(&me.instance)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "reattach session"))?;
         Ok(())
     }
 
@@ -726,13 +842,17 @@ impl SqlCatalog {
         Err(lost_lock(lock, holder.as_deref(), epoch))
     }
 
-    /// Where the image `image_id` stands for plain-name readers and standard sessions.
-    pub async fn image_use(&self, image_id: &str) -> Result<ImageUse> {
-        let writer = sqlx::query(
-            "SELECT name, locked_by FROM vdisks WHERE image_id = $1 AND mode = 'private' AND locked_by IS NOT NULL",
-        )
-        .bind(image_id)
-        .fetch_optional(&self.pool)
+    /// Where an image stands for plain-name readers: who writes it now, and its epoch.
+    pub async fn image_use(&self, image: ImageRef<'_>) -> Result<ImageUse> {
+        let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
+        let writer = sqlx::query(sql(format!(
+            "SELECT v.name, v.locked_by FROM vdisks v WHERE {} AND v.mode = 'private' AND v.locked_by IS NOT NULL",
+            same_image(1, 2, 3)
+        )))
+        .bind(image.identity)
+        .bind(image.backend)
+        .bind(image.key)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(|e| db_error(e, "check image"))?;
         let writer = match writer {
@@ -742,14 +862,8 @@ impl SqlCatalog {
             )),
             None => None,
         };
-        let epoch = sqlx::query("SELECT epoch FROM image_epochs WHERE image_id = $1")
-            .bind(image_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_error(e, "read image epoch"))?
-            .map(|row| int(&row, "epoch"))
-            .transpose()?
-            .unwrap_or(0) as u64;
+        let epoch = image_epoch(&mut tx, image, image.identity).await?;
+        let _ = tx.rollback().await;
         Ok(ImageUse { writer, epoch })
     }
 
@@ -770,14 +884,29 @@ impl SqlCatalog {
     }
 }
 
-/// The epoch of `image` (0 if no private vdisk ever took it), inside a transaction.
-async fn image_epoch(tx: &mut sqlx::Transaction<'static, sqlx::Any>, image: &str) -> Result<u64> {
-    let row = sqlx::query("SELECT epoch FROM image_epochs WHERE image_id = $1")
-        .bind(image)
-        .fetch_optional(&mut **tx)
-        .await
+/// The epoch of the image (0 if no private vdisk ever took it): the highest of its own
+/// identity's, the recorded identity's, and those of the vdisks on its backend and key
+/// (another host's identity of it), inside a transaction.
+async fn image_epoch(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    image: ImageRef<'_>,
+    recorded: &str,
+) -> Result<u64> {
+    let row = sqlx::query(
+        "SELECT MAX(epoch) AS epoch FROM image_epochs WHERE image_id = $1 OR image_id = $4 OR image_id IN \
+         (SELECT image_id FROM vdisks WHERE backend = $2 AND image_key = $3 AND image_id IS NOT NULL)",
+    )
+    .bind(image.identity)
+    .bind(image.backend)
+    .bind(image.key)
+    .bind(recorded)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(|e| db_error(e, "read image epoch"))?;
+    let epoch: Option<i64> = row
+        .try_get("epoch")
         .map_err(|e| db_error(e, "read image epoch"))?;
-    Ok(row.map(|r| int(&r, "epoch")).transpose()?.unwrap_or(0) as u64)
+    Ok(epoch.unwrap_or(0) as u64)
 }
 
 /// The refusal for a token of an ended session, with the reason the catalog kept.

@@ -10,15 +10,12 @@ use crate::sql::{SqlCatalog, db_error};
 
 #[async_trait]
 impl ImageLedger for SqlCatalog {
-    async fn chunk_versions(&self, image: &str, data: &str) -> Result<HashMap<u64, String>> {
-        let rows = sqlx::query(
-            "SELECT chunk, version FROM image_chunks WHERE image_id = $1 AND data = $2",
-        )
-        .bind(image)
-        .bind(data)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error(e, "read chunk versions"))?;
+    async fn chunk_versions(&self, data: &str) -> Result<HashMap<u64, String>> {
+        let rows = sqlx::query("SELECT chunk, version FROM image_chunks WHERE data = $1")
+            .bind(data)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "read chunk versions"))?;
         rows.iter()
             .map(|row| {
                 let chunk: i64 = row
@@ -49,16 +46,18 @@ impl ImageLedger for SqlCatalog {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error(e, "commit chunks"))?;
-        let holder: Option<String> = sqlx::query("SELECT locked_by FROM vdisks WHERE name = $1")
-            .bind(&lock.vdisk)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| db_error(e, "commit chunks"))?
-            .map(|row| row.try_get("locked_by"))
-            .transpose()
-            .map_err(|e| db_error(e, "commit chunks"))?
-            .flatten();
-        if current.rows_affected() != 1 || holder.as_deref() != Some(lock.session.as_str()) {
+        // The same for the holder: matching `locked_by` in an UPDATE takes the vdisk row's
+        // lock, so a release (session closed, replaced, unlocked) is ordered with this
+        // commit too: before it (and this fails) or after it.
+        let holder = sqlx::query(
+            "UPDATE vdisks SET locked_by = locked_by WHERE name = $1 AND locked_by = $2",
+        )
+        .bind(&lock.vdisk)
+        .bind(&lock.session)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(e, "commit chunks"))?;
+        if current.rows_affected() != 1 || holder.rows_affected() != 1 {
             let _ = tx.rollback().await;
             return Err(Error::new(
                 ErrorKind::Conflict,
@@ -72,7 +71,7 @@ impl ImageLedger for SqlCatalog {
         for (chunk, version) in chunks {
             sqlx::query(
                 "INSERT INTO image_chunks (image_id, data, chunk, version) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (image_id, data, chunk) DO UPDATE SET version = $4",
+                 ON CONFLICT (data, chunk) DO UPDATE SET version = $4, image_id = $1",
             )
             .bind(&lock.image)
             .bind(data)

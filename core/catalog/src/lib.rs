@@ -18,7 +18,7 @@ mod sql;
 
 use osstream_core::Result;
 
-pub use holding::{Holding, ImageUse, ServerRef, SessionTimers, ended, reasons};
+pub use holding::{Holding, ImageRef, ImageUse, ServerRef, SessionTimers, ended, reasons};
 pub use model::{
     Assignment, BootMethod, Client, Mac, Server, Session, UnknownClientPolicy, Vdisk, VdiskMode,
     WriteCache, validate_name,

@@ -271,13 +271,18 @@ impl SqlCatalog {
         }
     }
 
-    /// Records where the bytes of each vdisk live (`(vdisk, identity)`), as a server or an
-    /// admin command with the backends configured computes them. Returns the vdisks whose
-    /// identity changed from a known earlier one.
-    pub async fn set_image_ids(&self, ids: &[(String, String)]) -> Result<Vec<String>> {
-        let mut changed = Vec::new();
+    /// Records where the bytes of each vdisk live (`(vdisk, identity)`), for vdisks that
+    /// have no identity recorded yet. A recorded identity is kept: every server uses it
+    /// for the lock's epoch, so it must not change with the server that looked last.
+    /// Returns `(vdisk, recorded, seen)` for each vdisk whose identity this caller sees
+    /// differently (another host's name for it, or a backend moved elsewhere).
+    pub async fn set_image_ids(
+        &self,
+        ids: &[(String, String)],
+    ) -> Result<Vec<(String, String, String)>> {
+        let mut differ = Vec::new();
         for (name, image_id) in ids {
-            let before: Option<Option<String>> =
+            let recorded: Option<Option<String>> =
                 sqlx::query("SELECT image_id FROM vdisks WHERE name = $1")
                     .bind(name)
                     .fetch_optional(&self.pool)
@@ -286,20 +291,23 @@ impl SqlCatalog {
                     .map(|row| row.try_get("image_id"))
                     .transpose()
                     .map_err(|e| db_error(e, "read image id"))?;
-            match before {
+            match recorded {
                 None => continue,
                 Some(Some(old)) if &old == image_id => continue,
-                Some(Some(_)) => changed.push(name.clone()),
+                Some(Some(old)) => {
+                    differ.push((name.clone(), old, image_id.clone()));
+                    continue;
+                }
                 Some(None) => {}
             }
-            sqlx::query("UPDATE vdisks SET image_id = $2 WHERE name = $1")
+            sqlx::query("UPDATE vdisks SET image_id = $2 WHERE name = $1 AND image_id IS NULL")
                 .bind(name)
                 .bind(image_id)
                 .execute(&self.pool)
                 .await
                 .map_err(|e| db_error(e, "record image id"))?;
         }
-        Ok(changed)
+        Ok(differ)
     }
 
     /// Applies the migrations not applied yet; returns whether it applied any.

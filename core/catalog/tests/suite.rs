@@ -592,21 +592,29 @@ async fn ownership(catalog: &SqlCatalog) {
     catalog.heartbeat(&server_a).await.unwrap();
     assert_eq!(catalog.live_servers(15_000).await.unwrap().len(), 2);
     let image = |v: &str| format!("file:/srv/{v}.img");
+    fn img(v: &str) -> osstream_catalog::ImageRef<'static> {
+        osstream_catalog::ImageRef {
+            identity: Box::leak(format!("file:/srv/{v}.img").into_boxed_str()),
+            backend: "images",
+            key: Box::leak(v.to_owned().into_boxed_str()),
+        }
+    }
 
     // A standard session is held by one server; its overlay never moves.
     let s = catalog.open_session(&a, "o-std", None).await.unwrap();
     assert_eq!(
         catalog
-            .attach_session(&s.id, &server_a, &image("o-std"), &TIMERS)
+            .attach_session(&s.id, &server_a, img("o-std"), "10.0.0.9:1", &TIMERS)
             .await
             .unwrap(),
         Holding {
             epoch: 0,
-            image_epoch: 0
+            image_epoch: 0,
+            image: image("o-std"),
         }
     );
     let err = catalog
-        .attach_session(&s.id, &server_b, &image("o-std"), &TIMERS)
+        .attach_session(&s.id, &server_b, img("o-std"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Conflict);
@@ -623,7 +631,7 @@ async fn ownership(catalog: &SqlCatalog) {
     assert!(!now.attached && now.detached_at.is_some() && now.owner.as_deref() == Some("srv-a"));
     assert!(
         catalog
-            .attach_session(&s.id, &server_b, &image("o-std"), &TIMERS)
+            .attach_session(&s.id, &server_b, img("o-std"), "10.0.0.9:1", &TIMERS)
             .await
             .is_err(),
         "still held by A within the grace period"
@@ -636,17 +644,17 @@ async fn ownership(catalog: &SqlCatalog) {
     // A private session: the epoch grows with every holding; an old lock is fenced.
     let p = catalog.open_session(&b, "o-dev", None).await.unwrap();
     let first = catalog
-        .attach_session(&p.id, &server_a, &image("o-dev"), &TIMERS)
+        .attach_session(&p.id, &server_a, img("o-dev"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap();
     assert_eq!(first.epoch, 1);
     let again = catalog
-        .attach_session(&p.id, &server_a, &image("o-dev"), &TIMERS)
+        .attach_session(&p.id, &server_a, img("o-dev"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap();
     assert_eq!(again.epoch, 1, "a second connection joins the same holding");
     let err = catalog
-        .attach_session(&p.id, &server_b, &image("o-dev"), &TIMERS)
+        .attach_session(&p.id, &server_b, img("o-dev"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap_err();
     assert!(
@@ -660,7 +668,7 @@ async fn ownership(catalog: &SqlCatalog) {
         epoch,
     };
     catalog.check_lock(&lock(1)).await.unwrap();
-    let used = catalog.image_use(&image("o-dev")).await.unwrap();
+    let used = catalog.image_use(img("o-dev")).await.unwrap();
     assert_eq!(used.writer, Some(("o-dev".into(), p.id.clone())));
     assert!(
         catalog
@@ -669,15 +677,17 @@ async fn ownership(catalog: &SqlCatalog) {
             .unwrap()
             .contains(&image("o-dev"))
     );
-    // A standard session of the same image (a registration from before the checks) is
-    // refused while the private one writes.
-    catalog
-        .set_image_ids(&[("o-ram".into(), image("o-dev"))])
-        .await
-        .unwrap();
+    // A standard session of the same image (a registration from before the checks, or a
+    // backend reconfigured onto the same folder, which this server sees) is refused while
+    // the private one writes.
     let r = catalog.open_session(&a, "o-ram", None).await.unwrap();
+    let seen = osstream_catalog::ImageRef {
+        identity: "file:/srv/o-dev.img",
+        backend: "images",
+        key: "o-ram",
+    };
     let err = catalog
-        .attach_session(&r.id, &server_b, &image("o-dev"), &TIMERS)
+        .attach_session(&r.id, &server_b, seen, "10.0.0.9:1", &TIMERS)
         .await
         .unwrap_err();
     assert!(
@@ -685,17 +695,24 @@ async fn ownership(catalog: &SqlCatalog) {
             .contains("being written by private vdisk \"o-dev\""),
         "{err}"
     );
-    catalog
-        .set_image_ids(&[("o-ram".into(), image("o-ram"))])
-        .await
-        .unwrap();
+    // Another host's name for the image (a LUN's major:minor differs per host) is still
+    // matched by backend and key.
+    let elsewhere = osstream_catalog::ImageRef {
+        identity: "block:8:32",
+        backend: "images",
+        key: "o-dev",
+    };
+    assert_eq!(
+        catalog.image_use(elsewhere).await.unwrap().writer,
+        Some(("o-dev".into(), p.id.clone()))
+    );
     // The private holder lets go on its last disconnect: another server takes it.
     catalog
         .detach_session(&p.id, &server_a, true, true)
         .await
         .unwrap();
     let second = catalog
-        .attach_session(&p.id, &server_b, &image("o-dev"), &TIMERS)
+        .attach_session(&p.id, &server_b, img("o-dev"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap();
     assert_eq!(second.epoch, 2);
@@ -715,7 +732,7 @@ async fn ownership(catalog: &SqlCatalog) {
     catalog.check_lock(&lock(2)).await.unwrap_err();
     let q = catalog.open_session(&a, "o-dev", None).await.unwrap();
     let err = catalog
-        .attach_session(&q.id, &server_a, &image("o-dev"), &TIMERS)
+        .attach_session(&q.id, &server_a, img("o-dev"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap_err();
     assert!(err.is_temporary(), "{err}");
@@ -729,7 +746,7 @@ async fn ownership(catalog: &SqlCatalog) {
         .unwrap();
     assert_eq!(
         catalog
-            .attach_session(&q.id, &server_a, &image("o-dev"), &TIMERS)
+            .attach_session(&q.id, &server_a, img("o-dev"), "10.0.0.9:1", &TIMERS)
             .await
             .unwrap()
             .epoch,
@@ -751,7 +768,7 @@ async fn ownership(catalog: &SqlCatalog) {
         "{released:?}"
     );
     let taken = catalog
-        .attach_session(&q.id, &server_b, &image("o-dev"), &quick)
+        .attach_session(&q.id, &server_b, img("o-dev"), "10.0.0.9:1", &quick)
         .await
         .unwrap();
     assert_eq!(
@@ -765,17 +782,17 @@ async fn ownership(catalog: &SqlCatalog) {
 
     // A restart of server A: a RAM session ends with the reason, a disk one stays.
     catalog
-        .attach_session(&r.id, &server_a, &image("o-ram"), &TIMERS)
+        .attach_session(&r.id, &server_a, img("o-ram"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap_err(); // client a's session on o-ram was replaced by q
     let r = catalog.open_session(&b, "o-ram", None).await.unwrap();
     catalog
-        .attach_session(&r.id, &server_a, &image("o-ram"), &TIMERS)
+        .attach_session(&r.id, &server_a, img("o-ram"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap();
     let s2 = catalog.open_session(&a, "o-std", None).await.unwrap();
     catalog
-        .attach_session(&s2.id, &server_a, &image("o-std"), &TIMERS)
+        .attach_session(&s2.id, &server_a, img("o-std"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap();
     let restarted = me("srv-a", "a2");
@@ -796,7 +813,7 @@ async fn ownership(catalog: &SqlCatalog) {
     assert!(kept.closed_at.is_none() && !kept.attached && kept.detached_at.is_some());
     assert_eq!(
         catalog
-            .attach_session(&s2.id, &restarted, &image("o-std"), &TIMERS)
+            .attach_session(&s2.id, &restarted, img("o-std"), "10.0.0.9:1", &TIMERS)
             .await
             .unwrap()
             .epoch,
@@ -843,7 +860,7 @@ async fn ownership(catalog: &SqlCatalog) {
     // A clean stop ends the RAM sessions held there and marks the server stopped.
     let r = catalog.open_session(&a, "o-ram", None).await.unwrap();
     catalog
-        .attach_session(&r.id, &restarted, &image("o-ram"), &TIMERS)
+        .attach_session(&r.id, &restarted, img("o-ram"), "10.0.0.9:1", &TIMERS)
         .await
         .unwrap();
     let stopped = catalog.stop_server(&restarted).await.unwrap();

@@ -109,10 +109,15 @@ impl Exports {
             let entry = entry(&source);
             return Ok((source, entry, None));
         }
+        // Joined and granted in order with this session's other connections coming and
+        // going here (see `LiveSessions::orders`).
+        let order = self.live.order(&target.session);
+        let in_order = order.lock().await;
         let mut guard = self.live.join(&target, peer, directory.clone())?;
         let grant = self.attach(directory, &target, &identity, peer).await?;
         guard.granted = true;
         self.live.granted(&target);
+        drop(in_order);
         let source = match (&grant.lock, target.overlay) {
             (Some(lock), None) => {
                 // Nobody reads this image by its plain name while it is written.
@@ -220,6 +225,15 @@ impl Exports {
         self.live.end(id)
     }
 
+    /// Runs `check(connections)` with the number of this server's connections of
+    /// session `id`, while no connection of it joins or leaves here: for a caller that
+    /// brings the catalog's record of this server's attachments in line.
+    pub async fn with_connections<T>(&self, id: &str, check: impl AsyncFnOnce(usize) -> T) -> T {
+        let order = self.live.order(id);
+        let _in_order = order.lock().await;
+        check(self.live.connections(id)).await
+    }
+
     /// Ends the plain-name readers of the images (identities) `doomed` names: a private
     /// session writes them now.
     pub fn end_readers(&self, doomed: impl Fn(&str) -> bool) -> usize {
@@ -282,7 +296,9 @@ impl Exports {
         let reader = self.live.add_reader(&identity);
         let mut epoch = 0;
         if let Some((directory, _)) = &self.sessions {
-            let state = directory.image_state(&identity).await?;
+            let state = directory
+                .image_state(&identity, backend.name(), &stat.name)
+                .await?;
             if let Some(writer) = state.writer {
                 return Err(Error::new(
                     ErrorKind::PermissionDenied,

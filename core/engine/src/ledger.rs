@@ -20,18 +20,18 @@ use crate::sessions::LockToken;
 /// The committed state of fenced images.
 ///
 /// # Contract
-/// - `chunk_versions` returns the version committed last for each chunk of image `image`
-///   (an identity) written since its data set `data` was stored; chunks never committed
-///   are absent (they read from the data set itself).
-/// - `commit_chunks` makes `chunks` (`(index, version)`) current for `lock.image` and
-///   `data` in one step, if and only if `lock` is still the image's lock (its session
-///   holds the vdisk's lock at `lock.epoch`); otherwise it changes nothing and fails with
-///   `Conflict`. A later `chunk_versions` (on any server) sees a successful commit.
+/// - `chunk_versions` returns the version committed last for each chunk written since
+///   the data set `data` (one import of an image, named uniquely) was stored; chunks never
+///   committed are absent (they read from the data set itself).
+/// - `commit_chunks` makes `chunks` (`(index, version)`) current for `data` in one step,
+///   if and only if `lock` is still its vdisk's lock (its session holds the vdisk's lock
+///   at `lock.epoch`); otherwise it changes nothing and fails with `Conflict`. A later
+///   `chunk_versions` (on any server) sees a successful commit.
 #[async_trait]
 pub trait ImageLedger: Send + Sync + Debug {
-    /// The current version of every committed chunk.
-    async fn chunk_versions(&self, image: &str, data: &str) -> Result<HashMap<u64, String>>;
-    /// Switches chunks to new versions, fenced by `lock`.
+    /// The current version of every committed chunk of `data`.
+    async fn chunk_versions(&self, data: &str) -> Result<HashMap<u64, String>>;
+    /// Switches chunks of `data` to new versions, fenced by `lock`.
     async fn commit_chunks(
         &self,
         lock: &LockToken,

@@ -108,7 +108,7 @@ pub struct ImageState {
 /// - `resolve` fails with `NotFound` for unknown or ended sessions (saying why it
 ///   ended), `PermissionDenied` when the vdisk is no longer assigned to the client or
 ///   disabled, and `Conflict` when a private vdisk is locked by another session. It
-///   changes nothing: probes use it alone.
+///   changes nothing (probes use it alone); `attach` records the peer.
 /// - `attach` makes this server the session's holder for one more connection, or fails
 ///   with `Conflict` naming the server that holds it; a *temporary* `Conflict` means an
 ///   earlier holder of the image is still closing its connections: retry shortly.
@@ -131,8 +131,9 @@ pub trait SessionDirectory: Send + Sync + Debug {
     async fn check_lock(&self, lock: &LockToken) -> Result<()>;
     /// Whether this server may still write for the sessions it holds.
     fn holds_lease(&self) -> bool;
-    /// Who writes the image `image` (an identity) now, for plain-name readers.
-    async fn image_state(&self, image: &str) -> Result<ImageState>;
+    /// Who writes an image now, for plain-name readers: `image` is its identity here,
+    /// `backend` and `key` what the configuration calls it (the same on every server).
+    async fn image_state(&self, image: &str, backend: &str, key: &str) -> Result<ImageState>;
 }
 
 /// How overlays are built.
@@ -152,7 +153,15 @@ pub struct OverlaySettings {
 pub(crate) struct LiveSessions {
     by_client: Mutex<HashMap<String, LiveSession>>,
     readers: Mutex<HashMap<String, Readers>>,
+    /// Per session: held while a connection joins and is granted, or leaves and is
+    /// detached, so the catalog hears of this server's connections in the order they
+    /// came and went (an attach overtaken by an earlier detach would leave a connected
+    /// session marked disconnected).
+    orders: Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
 }
+
+/// See `LiveSessions::orders`.
+pub(crate) type Order = Arc<tokio::sync::Mutex<()>>;
 
 #[derive(Debug)]
 struct LiveSession {
@@ -184,6 +193,7 @@ pub struct SessionGuard {
     pub ended: CancellationToken,
     live: Arc<LiveSessions>,
     directory: Arc<dyn SessionDirectory>,
+    order: Order,
     /// The catalog granted this connection (and must hear when it ends).
     pub(crate) granted: bool,
     left: bool,
@@ -198,15 +208,9 @@ impl SessionGuard {
         self.live.leave(&self.target)
     }
 
-    /// Leaves the session here but leaves it attached in the catalog: for a connection
-    /// whose requests may still be running (it outlived the drain timeout), so no other
-    /// holder starts writing meanwhile.
-    pub fn keep_attached(mut self) {
-        self.granted = false;
-    }
-
     /// Ends this connection's hold and tells the catalog what it moved.
     pub(crate) async fn close(mut self, read: u64, written: u64) {
+        let _in_order = self.order.clone().lock_owned().await;
         let last = self.leave();
         if self.granted {
             self.granted = false;
@@ -219,11 +223,29 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        let last = self.leave();
-        if self.granted {
-            let (directory, target) = (self.directory.clone(), self.target.clone());
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { directory.detached(&target, 0, 0, last).await });
+        if self.left {
+            return;
+        }
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if self.granted => {
+                // Leave and tell the catalog in order with this session's other
+                // connections (see `LiveSessions::orders`).
+                self.left = true;
+                let (live, directory, target, order) = (
+                    self.live.clone(),
+                    self.directory.clone(),
+                    self.target.clone(),
+                    self.order.clone(),
+                );
+                runtime.spawn(async move {
+                    let _in_order = order.lock_owned().await;
+                    let last = live.leave(&target);
+                    directory.detached(&target, 0, 0, last).await;
+                });
+            }
+            _ => {
+                self.leave();
             }
         }
     }
@@ -249,6 +271,27 @@ impl LiveSessions {
     /// Counts a connection of `target` on this server (starting the live session if it
     /// has none here): refused if a newer session of the client replaced it. The guard
     /// it returns is not granted yet (see [`SessionGuard`]).
+    /// The lock that orders the catalog calls of `session`'s connections on this server.
+    pub(crate) fn order(&self, session: &str) -> Order {
+        let mut orders = self.orders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(order) = orders.get(session).and_then(std::sync::Weak::upgrade) {
+            return order;
+        }
+        orders.retain(|_, order| order.strong_count() > 0);
+        let order = Order::default();
+        orders.insert(session.to_owned(), Arc::downgrade(&order));
+        order
+    }
+
+    /// How many connections of the session `id` this server has.
+    pub(crate) fn connections(&self, id: &str) -> usize {
+        let live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        live.values()
+            .filter(|s| s.session == id)
+            .map(|s| s.connections)
+            .sum()
+    }
+
     pub(crate) fn join(
         self: &Arc<Self>,
         target: &SessionTarget,
@@ -308,6 +351,7 @@ impl LiveSessions {
             ended: entry.ended.clone(),
             live: self.clone(),
             directory,
+            order: self.order(&target.session),
             granted: false,
             left: false,
         })
@@ -353,7 +397,7 @@ impl LiveSessions {
     /// Ends the connections of every live session whose id `is_live` rejects (closed in
     /// the catalog, or held by another server now), among those this server held before
     /// `as_of` (the moment the catalog was asked).
-    /// Returns the ids of the sessions it ended.
+    /// Returns the ids of the sessions whose open connections it ended.
     pub(crate) fn retain(&self, is_live: impl Fn(&str) -> bool, as_of: Instant) -> Vec<String> {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         let mut ended = Vec::new();
@@ -362,7 +406,9 @@ impl LiveSessions {
                 session.held_since.is_none_or(|since| since > as_of) || is_live(&session.session);
             if !keep {
                 session.ended.cancel();
-                ended.push(session.session.clone());
+                if session.connections > 0 {
+                    ended.push(session.session.clone());
+                }
             }
             keep
         });
@@ -482,7 +528,7 @@ mod live_tests {
         fn holds_lease(&self) -> bool {
             true
         }
-        async fn image_state(&self, _: &str) -> Result<ImageState> {
+        async fn image_state(&self, _: &str, _: &str, _: &str) -> Result<ImageState> {
             Ok(ImageState::default())
         }
     }

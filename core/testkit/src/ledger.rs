@@ -16,7 +16,7 @@ pub struct MemLedger {
 struct State {
     epochs: HashMap<String, u64>,
     holders: HashMap<String, String>,
-    chunks: HashMap<(String, String), HashMap<u64, String>>,
+    chunks: HashMap<String, HashMap<u64, String>>,
 }
 
 impl MemLedger {
@@ -39,13 +39,9 @@ impl MemLedger {
 
 #[async_trait]
 impl ImageLedger for MemLedger {
-    async fn chunk_versions(&self, image: &str, data: &str) -> Result<HashMap<u64, String>> {
+    async fn chunk_versions(&self, data: &str) -> Result<HashMap<u64, String>> {
         let state = self.state.lock().unwrap();
-        Ok(state
-            .chunks
-            .get(&(image.to_owned(), data.to_owned()))
-            .cloned()
-            .unwrap_or_default())
+        Ok(state.chunks.get(data).cloned().unwrap_or_default())
     }
 
     async fn commit_chunks(
@@ -65,10 +61,7 @@ impl ImageLedger for MemLedger {
                 ),
             ));
         }
-        let versions = state
-            .chunks
-            .entry((lock.image.clone(), data.to_owned()))
-            .or_default();
+        let versions = state.chunks.entry(data.to_owned()).or_default();
         for (chunk, version) in chunks {
             versions.insert(*chunk, version.clone());
         }
