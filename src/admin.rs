@@ -360,6 +360,21 @@ fn output<T: Serialize>(
     Ok(())
 }
 
+/// A byte count for people: `512B`, `4.0KiB`, `97.7MiB`, `1.5GiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1}{}", UNITS[unit])
+}
+
 fn opt(value: &Option<String>) -> String {
     value.clone().unwrap_or_else(|| "-".to_owned())
 }
@@ -772,65 +787,74 @@ struct SessionAddress {
 enum Registered {
     /// No server is running (or none registered yet).
     Nobody,
-    /// A running server's `HOST:PORT` (its real listener, also one of `serve --listen`).
+    /// A running server's `HOST:PORT` (its real listener, also one of `serve --listen`)
+    /// or `unix:PATH`.
     Address(String),
     /// Servers run, but listen on wildcard addresses only and have no `public_address`.
     Unknown(Vec<String>),
 }
 
-/// The URI of `export` as a client must use it: `[nbd] public_address` if set, else the
-/// address a running server registered in the catalog; with no server running, a
-/// specific TCP listen address of the configuration, else its unix socket. Otherwise no
-/// URI: the export name alone, with a hint.
+/// The URI of `export` at `address` (`HOST:PORT` or `unix:PATH`).
+fn uri_at(address: &str, export: &str) -> String {
+    match address.strip_prefix("unix:") {
+        Some(socket) => format!("nbd+unix:///{export}?socket={socket}"),
+        None => format!("nbd://{address}/{export}"),
+    }
+}
+
+/// The URI of `export` as a client must use it: the address a running server registered
+/// in the catalog (what it really listens on, also with `serve --listen`, and its
+/// `public_address`); with no server running, the configuration's `public_address`, a
+/// specific TCP listen address, or its unix socket. Otherwise no URI: the export name
+/// alone, with a hint.
 fn session_address(config: &Config, export: &str, registered: Registered) -> SessionAddress {
-    let nbd = &config.nbd;
-    let explicit = nbd
-        .public_address
-        .as_ref()
-        .and_then(|_| nbd.public_address_for(&nbd.listen));
-    let known = match (explicit, registered) {
-        (Some(address), _) | (None, Registered::Address(address)) => Some(address),
-        (None, Registered::Unknown(servers)) => {
-            return SessionAddress {
-                uri: None,
-                hint: Some(format!(
-                    "the running server(s) {} listen on a wildcard address and know no address for \
-                     clients: set [nbd] public_address to the address clients use (the export name \
-                     alone is printed)",
-                    servers.join(", ")
-                )),
-            };
-        }
-        (None, Registered::Nobody) => None,
-    };
-    if let Some(address) = known {
-        return SessionAddress {
-            uri: Some(format!("nbd://{address}/{export}")),
-            hint: None,
-        };
-    }
-    if let Some(address) = nbd.public_address_for(&nbd.listen) {
-        return SessionAddress {
-            uri: Some(format!("nbd://{address}/{export}")),
-            hint: None,
-        };
-    }
-    if let Some(socket) = nbd.listen.iter().find_map(|a| a.strip_prefix("unix:"))
-        && nbd.listen.iter().all(|a| a.starts_with("unix:"))
-    {
-        return SessionAddress {
-            uri: Some(format!("nbd+unix:///{export}?socket={socket}")),
-            hint: None,
-        };
-    }
-    SessionAddress {
+    let hint = |what: String| SessionAddress {
         uri: None,
         hint: Some(format!(
-            "the server listens on {} and no address for clients is known: set [nbd] \
-             public_address to the address clients use (the export name alone is printed)",
-            nbd.listen.join(", ")
+            "{what} and no address for clients is known: set [nbd] public_address to the address \
+             clients use (the export name alone is printed)"
         )),
+    };
+    let known = |address: &str| SessionAddress {
+        uri: Some(uri_at(address, export)),
+        hint: None,
+    };
+    match registered {
+        Registered::Address(address) => return known(&address),
+        Registered::Unknown(servers) => {
+            return hint(format!(
+                "the running server(s) {} listen on a wildcard address",
+                servers.join(", ")
+            ));
+        }
+        Registered::Nobody => {}
     }
+    let nbd = &config.nbd;
+    if let Some(address) = nbd.public_address_for(&nbd.listen) {
+        return known(&address);
+    }
+    if nbd.listen.iter().all(|a| a.starts_with("unix:"))
+        && let Some(socket) = nbd.listen.first()
+    {
+        return known(socket);
+    }
+    hint(format!("the server listens on {}", nbd.listen.join(", ")))
+}
+
+/// What the running servers registered: this configuration's own server first (the
+/// one whose id is in its data_dir), else the most recently started one.
+async fn registered_address(config: &Config, catalog: &SqlCatalog) -> Result<Registered> {
+    let timeout = config.sessions.server_timeout.0.as_millis() as i64;
+    let mut live = catalog.live_servers(timeout).await?;
+    let own = std::fs::read_to_string(config.data_dir.join("server-id"))
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default();
+    live.sort_by_key(|s| (s.id != own, std::cmp::Reverse(s.started_at)));
+    Ok(match live.iter().find_map(|s| s.nbd_address.clone()) {
+        Some(address) => Registered::Address(address),
+        None if live.is_empty() => Registered::Nobody,
+        None => Registered::Unknown(live.iter().map(|s| s.name.clone()).collect()),
+    })
 }
 
 pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> Result<()> {
@@ -868,8 +892,8 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
                         opt(&s.peer),
                         server_name(&s.owner),
                         when(Some(s.started_at)),
-                        osstream_core::ByteSize(s.bytes_read).to_string(),
-                        osstream_core::ByteSize(s.bytes_written).to_string(),
+                        human_bytes(s.bytes_read),
+                        human_bytes(s.bytes_written),
                         state,
                     ]
                 })
@@ -887,16 +911,7 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
             let mac: Mac = mac.parse()?;
             let session = catalog.open_session(&mac, &vdisk, None).await?;
             let export = session.export_name();
-            // The address a running server registered (its real listeners, also those of
-            // `serve --listen`), the most recently started first.
-            let timeout = config.sessions.server_timeout.0.as_millis() as i64;
-            let mut live = catalog.live_servers(timeout).await?;
-            live.sort_by_key(|s| std::cmp::Reverse(s.started_at));
-            let registered = match live.iter().find_map(|s| s.nbd_address.clone()) {
-                Some(address) => Registered::Address(address),
-                None if live.is_empty() => Registered::Nobody,
-                None => Registered::Unknown(live.iter().map(|s| s.name.clone()).collect()),
-            };
+            let registered = registered_address(config, &catalog).await?;
             let address = session_address(config, &export, registered);
             if json {
                 #[derive(Serialize)]

@@ -356,6 +356,8 @@ fn check(config: &Config) -> Result<()> {
     #[cfg(feature = "boot-nbd")]
     {
         let nbd = &config.nbd;
+        nbd.check_public_address()
+            .map_err(|why| Error::new(ErrorKind::Config, why))?;
         if nbd.enabled && nbd.listen.is_empty() {
             return Err(Error::new(
                 ErrorKind::Config,

@@ -168,11 +168,11 @@ async fn serve(config: Config) -> Result<()> {
         tracing::info!(protocol = protocol.name(), listen = %bound.join(", "), "listening");
         #[cfg(feature = "boot-nbd")]
         if protocol.name() == osstream_nbd::KIND {
-            let address = config.nbd.public_address_for(&bound);
+            let address = config.nbd.registered_address_for(&bound);
             catalog.set_server_address(&me, address.as_deref()).await?;
         }
     }
-    tracing::info!(exports = %names.join(", "), "osstream ready");
+    tracing::info!(images = %names.join(", "), "osstream ready");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::sessions::reconcile(

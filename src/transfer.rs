@@ -171,7 +171,24 @@ fn check_image(file: &Path, format: &str) -> Result<()> {
     // Exit codes of qemu-img check: 0 clean, 1 check failed, 2 corrupt, 3 only leaked
     // clusters (harmless for reading), 63 the format cannot be checked.
     match out.status.code() {
-        Some(0 | 3 | 63) => Ok(()),
+        Some(0 | 3 | 63) => {
+            // A file cut by less than a cluster passes the check, but its clusters reach past
+            // the end: the end offset the check computes is beyond the file's size.
+            let size = std::fs::metadata(file).map_or(0, |m| m.len());
+            if let Some(end) = report["image-end-offset"].as_u64()
+                && end > size
+            {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{} is a truncated {format} image: its data reaches byte {end} but the file has {size} \
+                     bytes; nothing was imported",
+                        file.display()
+                    ),
+                ));
+            }
+            Ok(())
+        }
         Some(2) => Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
@@ -360,6 +377,17 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
     let backend: DynBackend = backend_named(config, &add.backend, Some(catalog))?;
     // Checked before the (slow) conversion and hashing; the backend checks again when it
     // stores the image.
+    if backend.kind() == "file"
+        && let Some(stem) = key.strip_suffix(".img")
+    {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "--key {key} ends in the file extension; keys are image names and the backend adds \
+                 its extension: --key {stem}"
+            ),
+        ));
+    }
     let image_id = backend.identity(&key)?;
     crate::admin::fill_image_ids(config, catalog).await?;
     catalog

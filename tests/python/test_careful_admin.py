@@ -72,11 +72,23 @@ def test_output_into_a_closed_pipe_ends_quietly(lab):
         assert out.stdout.strip() in ("0", "141"), f"{args}: exit {out.stdout}"
 
 
-def test_a_key_with_the_file_extension_gets_a_hint(lab):
+def test_a_key_with_the_file_extension_gets_a_hint(lab, tmp_path):
     err = lab("vdisk", "add", "win", "--backend", "images", "--key", "win.img", ok=False).stderr
     assert 'has no image "win.img"; keys leave out the file extension: --key win' in err
     err = lab("vdisk", "add", "other", "--backend", "images", "--key", "ghost.img", ok=False).stderr
     assert 'has no image "ghost.img"' in err and "leave out" not in err
+    raw = tmp_path / "k.raw"
+    random_image(raw, MIB, seed=7)
+    err = lab("vdisk", "import", str(raw), "k4", "--backend", "images", "--key", "k4.img", "--quiet", ok=False).stderr
+    assert "ends in the file extension" in err and "--key k4" in err, err
+    assert not (lab.data / "images" / "k4.img.img").exists()
+
+
+@pytest.mark.parametrize("address", ["nbd://boot:10809", "boot lab", "boot:notaport", "boot:10809/x"])
+def test_a_malformed_public_address_is_refused(lab, address):
+    lab.write(f'listen = ["0.0.0.0:10810"]\npublic_address = "{address}"\n')
+    err = lab("config", "show", ok=False).stderr
+    assert "nbd.public_address" in err and "HOST or HOST:PORT" in err, err
 
 
 def test_a_truncated_qcow2_is_refused_before_anything_is_stored(lab, tmp_path):
@@ -91,6 +103,13 @@ def test_a_truncated_qcow2_is_refused_before_anything_is_stored(lab, tmp_path):
     assert not (lab.data / "images" / "broken.img").exists()
     assert not [p for p in os.listdir(lab.data) if p.startswith(".import")], "no converted leftover"
     assert "broken" not in lab("vdisk", "list").stdout
+    # Cut by less than a cluster: `qemu-img check` finds no error, but the data reaches
+    # past the end of the file.
+    slightly = tmp_path / "slightly.qcow2"
+    slightly.write_bytes(good.read_bytes()[:-1000])
+    err = lab("vdisk", "import", str(slightly), "cut", "--backend", "images", "--quiet", ok=False).stderr
+    assert "is a truncated qcow2 image" in err and "nothing was imported" in err, err
+    assert not (lab.data / "images" / "cut.img").exists()
     # The whole file imports fine.
     lab("vdisk", "import", str(good), "fine", "--backend", "images", "--quiet")
 

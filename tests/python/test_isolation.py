@@ -118,6 +118,9 @@ def test_plain_names_never_serve_an_image_a_private_session_writes(make_server):
             time.sleep(0.05)
     message = server_message(s.uri("dev"))
     assert 'private vdisk "devbox"' in message and "writes this image" in message, message
+    listing = subprocess.run(["nbdinfo", "--list", "--json", s.uri()], check=True, capture_output=True, text=True)
+    import json
+    assert "dev" not in [e["export-name"] for e in json.loads(listing.stdout)["exports"]], "not listed either"
     assert "writes this image" in server_message(s.uri("images/dev"))
     assert owner.pread(5, 0) == b"OWNER"
     owner.shutdown()
@@ -176,4 +179,23 @@ def test_a_standard_session_is_refused_while_a_private_one_writes_its_image(make
     owner.flush()
     message = server_message(cli("session", "open", "aa:bb:cc:00:00:73", "kiosk").stdout.strip())
     assert 'being written by private vdisk "devbox"' in message, message
+    owner.shutdown()
+
+
+def test_a_hard_linked_image_is_never_written(make_server):
+    """Another name for the same file (a hard link) would reach a private vdisk's bytes
+    without its lock: such a file is never opened for writing."""
+    s = writable_lab(make_server)
+    os.link(s.images / "dev.img", s.images / "devhl.img")
+    s.cli("vdisk", "add", "devhl", "--backend", "images", "--mode", "private")
+    s.cli("client", "assign", "aa:bb:cc:00:00:71", "devhl")
+    for vdisk in ("devbox", "devhl"):
+        uri = s.cli("session", "open", "aa:bb:cc:00:00:71", vdisk).stdout.strip()
+        message = server_message(uri)
+        assert "has 2 hard links" in message and "never written" in message, message
+    (s.images / "devhl.img").unlink()
+    owner = nbd.NBD()
+    owner.connect_uri(s.cli("session", "open", "aa:bb:cc:00:00:71", "devbox").stdout.strip())
+    owner.pwrite(b"ONE NAME", 0)
+    owner.flush()
     owner.shutdown()

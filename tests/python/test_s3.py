@@ -296,3 +296,35 @@ def test_ctrl_c_stops_an_import_and_stores_nothing(make_server, tmp_path, s3):
     # Nothing half-stored: the same import without --replace goes through.
     random_image(raw, 6 * MIB, seed=28)
     cli("vdisk", "import", str(raw), "big", "--backend", "bucket")
+
+
+def test_quick_reconnects_of_a_private_chunked_vdisk_lose_no_flushed_write(make_server, tmp_path, s3):
+    """A client that reconnects at once and writes again (a boot's next stage) while its
+    previous connection's source is still going away: every flushed write stays."""
+    s = make_server(backend_toml("bucket", s3, 'layout = "chunked"\nwritable = true')
+                    + '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
+    cli = cli_for(s)
+    raw = tmp_path / "pv.raw"
+    random_image(raw, 8 * MIB, seed=33)
+    cli("vdisk", "import", str(raw), "pv", "--backend", "bucket", "--mode", "private", "--quiet")
+    cli("client", "add", "aa:bb:cc:00:00:0a")
+    cli("client", "assign", "aa:bb:cc:00:00:0a", "pv")
+    s.start()
+    uri = cli("session", "open", "aa:bb:cc:00:00:0a", "pv").stdout.strip()
+    expected = bytearray(raw.read_bytes())
+    for i in range(7):
+        offset = (i + 1) * MIB
+        for at, data in ((offset, b"FLSH%04d" % i), (offset + 4096, b"SECONDW!")):
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            h.pwrite(data, at)
+            h.flush()
+            h.shutdown()
+            expected[at:at + 8] = data
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.pread(8, offset) == b"FLSH%04d" % i and h.pread(8, offset + 4096) == b"SECONDW!", i
+        h.shutdown()
+    out = tmp_path / "pv-out.raw"
+    cli("vdisk", "export", "pv", str(out), "--quiet")
+    assert sha256(out) == sha256(bytes(expected))

@@ -465,3 +465,26 @@ def test_session_open_does_not_guess_when_the_running_server_listens_on_a_wildca
     out = cli("session", "open", "aa:bb:cc:00:00:62", "os")
     assert out.stdout.startswith("s/") and "127.0.0.1:1" not in out.stdout, out.stdout
     assert "listen on a wildcard address" in out.stderr and "public_address" in out.stderr, out.stderr
+
+
+def test_session_open_prints_the_unix_socket_of_a_running_server(make_server, tmp_path):
+    s = make_server('[backends.images]\nkind = "file"\nroot = "images"\n[nbd]\nbase_exports = false\n'
+                    'listen = ["127.0.0.1:1"]\n', start=False, demo=False)
+    random_image(s.images / "os.img", MIB, seed=10)
+    sock = tmp_path / "nbd.sock"
+    s.proc = subprocess.Popen([BINARY, "--config", str(s.config), "serve", "--listen", f"unix:{sock}"],
+                              stdout=open(s.log, "w"), stderr=subprocess.STDOUT)
+    s.log_file = open(os.devnull, "w")
+    s.wait_ready()
+
+    def cli(*args):
+        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    cli("vdisk", "add", "os", "--backend", "images")
+    cli("client", "add", "aa:bb:cc:00:00:63")
+    cli("client", "assign", "aa:bb:cc:00:00:63", "os")
+    uri = cli("session", "open", "aa:bb:cc:00:00:63", "os")
+    assert uri.startswith("nbd+unix:///s/") and uri.endswith(f"?socket={sock}"), uri
+    h = connect(uri)
+    assert h.get_size() == MIB
+    h.shutdown()

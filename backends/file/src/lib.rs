@@ -149,7 +149,10 @@ impl ImageBackend for FileBackend {
         let stat = self.stat_path(image, &path)?;
         let writable = match mode {
             OpenMode::ReadOnly => false,
-            _ if stat.writable => true,
+            _ if stat.writable => {
+                refuse_hard_links(image, &path)?;
+                true
+            }
             _ => {
                 return Err(Error::new(
                     ErrorKind::ReadOnly,
@@ -205,6 +208,29 @@ impl ImageBackend for FileBackend {
             .map_err(|e| Error::new(ErrorKind::Unexpected, format!("import task failed: {e}")))??;
         self.stat_path(image, &path)
     }
+}
+
+/// Refuses to write a file that has hard links: images are told apart by their real path
+/// (symlinks resolved), so another name of the same file would reach the bytes of a
+/// private vdisk without its lock.
+fn refuse_hard_links(image: &str, path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let links = std::fs::metadata(path)
+        .map_err(|e| io_error(e, "stat", path))?
+        .nlink();
+    if links > 1 {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "image '{image}' ({}) has {links} hard links: another name of the file would reach a \
+                 private vdisk's bytes without its lock, so it is never written; give the image one name \
+                 (copy it: cp --reflink=auto)",
+                path.display()
+            ),
+        )
+        .with_op("open"));
+    }
+    Ok(())
 }
 
 /// Copies `from` to `to` through a temporary file in the same folder, renamed into place

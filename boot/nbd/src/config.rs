@@ -85,6 +85,64 @@ impl NbdConfig {
     }
 }
 
+impl NbdConfig {
+    /// Checks `public_address`: a host name or address, optionally with a port.
+    pub fn check_public_address(&self) -> std::result::Result<(), String> {
+        let Some(public) = &self.public_address else {
+            return Ok(());
+        };
+        let bad = |why: &str| {
+            Err(format!(
+                "nbd.public_address = {public:?} {why}; give HOST or HOST:PORT, such as \
+                 \"boot.lab.example\", \"10.0.0.5:10809\" or \"[fd00::5]:10809\""
+            ))
+        };
+        if public.contains("://") {
+            return bad("is a URL");
+        }
+        let (host, port) = if let Some(rest) = public.strip_prefix('[') {
+            match rest.split_once(']') {
+                Some((host, "")) => (host, None),
+                Some((host, port)) => match port.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return bad("has something after the closing bracket"),
+                },
+                None => return bad("lacks the closing bracket of an IPv6 address"),
+            }
+        } else if has_port(public) {
+            let (host, port) = public.rsplit_once(':').expect("has a colon");
+            (host, Some(port))
+        } else {
+            (public.as_str(), None)
+        };
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'));
+        if !host_ok {
+            return bad("is not a host name or address");
+        }
+        if let Some(port) = port
+            && port.parse::<u16>().map_or(true, |p| p == 0)
+        {
+            return bad("has no valid port");
+        }
+        Ok(())
+    }
+
+    /// What the server records in the catalog as its clients' address: the public
+    /// address, else `unix:PATH` when it listens on unix sockets only.
+    pub fn registered_address_for(&self, bound: &[String]) -> Option<String> {
+        self.public_address_for(bound).or_else(|| {
+            bound
+                .iter()
+                .all(|a| a.starts_with("unix:"))
+                .then(|| bound.first().cloned())
+                .flatten()
+        })
+    }
+}
+
 /// `HOST:PORT` or `[V6]:PORT`, as opposed to a bare host or IPv6 address.
 fn has_port(address: &str) -> bool {
     if let Some(rest) = address.strip_prefix('[') {
@@ -127,6 +185,35 @@ mod tests {
             ..NbdConfig::default()
         };
         assert!(forced.base_exports_for(&bound(&["0.0.0.0:10809"])));
+    }
+
+    #[test]
+    fn public_addresses_are_checked() {
+        let public = |text: &str| NbdConfig {
+            public_address: Some(text.to_owned()),
+            ..NbdConfig::default()
+        };
+        for good in [
+            "boot.lab",
+            "10.0.0.5:10809",
+            "[fd00::5]:7",
+            "fd00::5",
+            "[fd00::5]",
+            "boot_1",
+        ] {
+            public(good).check_public_address().unwrap();
+        }
+        for bad in [
+            "nbd://boot:10809",
+            "boot lab",
+            "boot:notaport",
+            "boot:10809/x",
+            "[fd00::5",
+            "boot:0",
+            "",
+        ] {
+            assert!(public(bad).check_public_address().is_err(), "{bad}");
+        }
     }
 
     #[test]

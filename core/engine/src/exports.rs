@@ -255,9 +255,23 @@ impl Exports {
         Ok(all)
     }
 
-    /// Every export, sorted by name.
+    /// Every export, sorted by name: images a private session writes are left out (they
+    /// are refused by their plain names).
     pub async fn list(&self) -> Result<Vec<ExportEntry>> {
-        let images = self.all_images().await?;
+        let mut images = self.all_images().await?;
+        if let Some((directory, _)) = &self.sessions {
+            let mut kept = Vec::with_capacity(images.len());
+            for (backend, stat) in images {
+                let identity = backend.identity(&stat.name)?;
+                let state = directory
+                    .image_state(&identity, backend.name(), &stat.name)
+                    .await?;
+                if state.writer.is_none() {
+                    kept.push((backend, stat));
+                }
+            }
+            images = kept;
+        }
         let mut owners: BTreeMap<&str, usize> = BTreeMap::new();
         for (_, stat) in &images {
             *owners.entry(stat.name.as_str()).or_default() += 1;
