@@ -175,12 +175,15 @@ async fn serve(config: Config) -> Result<()> {
     tracing::info!(images = %names.join(", "), "osstream ready");
 
     let shutdown = CancellationToken::new();
+    // The heartbeat goes on while connections drain (up to drain_timeout, longer than
+    // server_timeout): until they are done, this server still holds their sessions.
+    let heartbeat_stop = CancellationToken::new();
     tokio::spawn(crate::sessions::reconcile(
         directory,
         exports.clone(),
         config.sessions.reconcile_interval.0,
         overlays.dir.clone(),
-        shutdown.clone(),
+        heartbeat_stop.clone(),
     ));
     let serve_ctx = ServeContext { exports };
     let mut running = tokio::task::JoinSet::new();
@@ -203,6 +206,7 @@ async fn serve(config: Config) -> Result<()> {
             Err(err) => tracing::error!(%err, "protocol task failed"),
         }
     }
+    heartbeat_stop.cancel();
     match catalog.stop_server(&me).await {
         Ok(ended) => {
             for session in ended {

@@ -251,10 +251,13 @@ pub async fn reconcile(
             }
             Err(err) => tracing::warn!(%err, "cannot read the sessions this server holds"),
         }
-        sync_attachments(&catalog, &me, &exports).await;
         match catalog.locked_images().await {
             Ok(locked) => {
-                exports.end_readers(|image| locked.contains(image));
+                exports.end_readers(|identity, backend, key| {
+                    locked.iter().any(|(recorded, b, k)| {
+                        recorded.as_deref() == Some(identity) || (b == backend && k == key)
+                    })
+                });
             }
             Err(err) => tracing::warn!(%err, "cannot read locked images"),
         }
@@ -290,9 +293,10 @@ async fn sync_attachments(catalog: &SqlCatalog, me: &ServerRef, exports: &Export
             })
             .await;
         match fixed {
-            Ok(Some(what)) => tracing::info!(session = %id, "{what}"),
-            Ok(None) => {}
-            Err(err) => {
+            Some(Ok(Some(what))) => tracing::info!(session = %id, "{what}"),
+            // Nothing to correct, or a connection is joining or leaving: next round.
+            Some(Ok(None)) | None => {}
+            Some(Err(err)) => {
                 tracing::warn!(session = %id, %err, "cannot correct the session's attachment")
             }
         }
@@ -316,6 +320,7 @@ async fn housekeeping(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
+        sync_attachments(&catalog, &directory.me, &exports).await;
         match catalog
             .reap_sessions(&directory.me, &directory.timers)
             .await

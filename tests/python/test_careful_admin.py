@@ -110,8 +110,15 @@ def test_a_truncated_qcow2_is_refused_before_anything_is_stored(lab, tmp_path):
     err = lab("vdisk", "import", str(slightly), "cut", "--backend", "images", "--quiet", ok=False).stderr
     assert "is a truncated qcow2 image" in err and "nothing was imported" in err, err
     assert not (lab.data / "images" / "cut.img").exists()
-    # The whole file imports fine.
+    # The whole file imports fine, and so does a compressed one (whose last cluster ends
+    # before a whole cluster's size).
     lab("vdisk", "import", str(good), "fine", "--backend", "images", "--quiet")
+    text = tmp_path / "text.raw"
+    text.write_bytes(b"osstream compressible line of text 0123456789\n" * 200_000)
+    compressed = tmp_path / "compressed.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(text), str(compressed)], check=True)
+    lab("vdisk", "import", str(compressed), "packed", "--backend", "images", "--quiet")
+    assert (lab.data / "images" / "packed.img").read_bytes()[:text.stat().st_size] == text.read_bytes()
 
 
 def test_an_existing_image_is_refused_before_the_slow_conversion(lab, tmp_path):

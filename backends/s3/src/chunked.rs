@@ -201,6 +201,9 @@ pub(crate) struct Committer {
     committing: tokio::sync::Mutex<()>,
     /// A commit was refused: this holding lost the lock and writes nothing more.
     fenced: AtomicBool,
+    /// Chunks a dropped source handed over for its last upload, until committed: a
+    /// source opened meanwhile reads (and writes on top of) them, not the older version.
+    pending: Mutex<HashMap<u64, Bytes>>,
 }
 
 impl Committer {
@@ -233,7 +236,30 @@ impl Committer {
             uploads: AtomicU64::new(0),
             committing: tokio::sync::Mutex::new(()),
             fenced: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Bytes>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Commits the last unflushed chunks of a dropped source. They are visible to the
+    /// holding's other sources until the commit is done (or failed).
+    async fn commit_handed_over(&self, chunks: Vec<(u64, Bytes)>) -> Result<()> {
+        let outcome = self.commit(chunks.clone()).await;
+        let mut pending = self.pending();
+        for (index, chunk) in chunks {
+            if pending
+                .get(&index)
+                .is_some_and(|held| held.as_ptr() == chunk.as_ptr())
+            {
+                pending.remove(&index);
+            }
+        }
+        outcome
     }
 
     /// The import whose chunks it reads and writes.
@@ -468,6 +494,9 @@ impl ChunkedSource {
             let at = within as usize;
             return Ok(vec![Bytes::copy_from_slice(&chunk[at..at + len as usize])]);
         }
+        if let Some(chunk) = self.committer.pending().get(&index) {
+            return Ok(vec![chunk.slice(within as usize..(within + len) as usize)]);
+        }
         match self.read_committed(index, within..within + len).await? {
             Committed::Bytes(bytes) => Ok(vec![bytes]),
             Committed::Zeroes => Ok(zeroes(len)),
@@ -544,6 +573,9 @@ impl ChunkedSource {
 
     /// The whole chunk as stored (zeroes if it has no object).
     async fn load(&self, index: u64) -> Result<Vec<u8>> {
+        if let Some(chunk) = self.committer.pending().get(&index) {
+            return Ok(chunk.to_vec());
+        }
         let len = self.manifest().chunk_len(index);
         Ok(match self.read_committed(index, 0..len).await? {
             Committed::Bytes(bytes) => bytes.to_vec(),
@@ -635,9 +667,10 @@ impl Drop for ChunkedSource {
             .map(|(index, chunk)| (index, Bytes::from(chunk)))
             .collect();
         let committer = self.committer.clone();
+        committer.pending().extend(chunks.iter().cloned());
         let upload = async move {
             let (backend, name) = (committer.store.backend.clone(), committer.name.clone());
-            match committer.commit(chunks).await {
+            match committer.commit_handed_over(chunks).await {
                 Ok(()) => {
                     tracing::info!(backend = %backend, image = %name, chunks = count, "uploaded unflushed chunks after the last disconnect")
                 }

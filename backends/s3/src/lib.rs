@@ -383,17 +383,22 @@ impl ImageBackend for S3Backend {
                 ))
             }
         };
-        let source = Arc::new(ChunkedSource::new(committer.clone(), true, dirty_limit));
         let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let (registered_source, registered_committer) = writers
+            .get(image)
+            .map(|(source, committer)| (source.upgrade(), committer.upgrade()))
+            .unwrap_or((None, None));
         // Two first opens racing: the one registered first wins, the other's source
         // (with nothing written yet) is dropped.
-        if let Some(winner) = writers
-            .get(image)
-            .and_then(|(source, _)| source.upgrade())
-            .filter(|winner| same_holding(winner.committer()))
-        {
+        if let Some(winner) = registered_source.filter(|winner| same_holding(winner.committer())) {
             return Ok(winner);
         }
+        // A committer of this holding registered meanwhile (its source is gone but its
+        // last upload may still run): one committer per holding, so this one is dropped.
+        let committer = registered_committer
+            .filter(|registered| same_holding(registered))
+            .unwrap_or(committer);
+        let source = Arc::new(ChunkedSource::new(committer.clone(), true, dirty_limit));
         writers.insert(
             image.to_owned(),
             (Arc::downgrade(&source), Arc::downgrade(&committer)),

@@ -390,15 +390,18 @@ impl SqlCatalog {
                 )
                 .set_temporary());
             }
+            // Above every epoch any name of the image had, kept under the recorded id
+            // (what check_lock and commits compare with).
+            epoch = image_epoch(&mut tx, image, &recorded).await? + 1;
             sqlx::query(
-                "INSERT INTO image_epochs (image_id, epoch) VALUES ($1, 1) \
-                 ON CONFLICT (image_id) DO UPDATE SET epoch = image_epochs.epoch + 1",
+                "INSERT INTO image_epochs (image_id, epoch) VALUES ($1, $2) \
+                 ON CONFLICT (image_id) DO UPDATE SET epoch = $2",
             )
             .bind(&recorded)
+            .bind(epoch as i64)
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(e, "take the lock epoch"))?;
-            epoch = image_epoch(&mut tx, image, &recorded).await?;
         }
         sqlx::query(
             "UPDATE sessions SET owner = $2, owner_instance = $3, attached = 1, detached_at = NULL, \
@@ -867,18 +870,23 @@ impl SqlCatalog {
         Ok(ImageUse { writer, epoch })
     }
 
-    /// Identities of the images a private session holds the lock of now.
-    pub async fn locked_images(&self) -> Result<HashSet<String>> {
+    /// The images a private session holds the lock of now: `(recorded identity,
+    /// backend, key)` of each such vdisk.
+    pub async fn locked_images(&self) -> Result<Vec<(Option<String>, String, String)>> {
         let rows = sqlx::query(
-            "SELECT image_id FROM vdisks WHERE mode = 'private' AND locked_by IS NOT NULL AND image_id IS NOT NULL",
+            "SELECT image_id, backend, image_key FROM vdisks WHERE mode = 'private' AND locked_by IS NOT NULL",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(|e| db_error(e, "list locked images"))?;
         rows.iter()
             .map(|r| {
-                r.try_get("image_id")
-                    .map_err(|e| db_error(e, "list locked images"))
+                let map = |e| db_error(e, "list locked images");
+                Ok((
+                    r.try_get("image_id").map_err(map)?,
+                    r.try_get("backend").map_err(map)?,
+                    r.try_get("image_key").map_err(map)?,
+                ))
             })
             .collect()
     }

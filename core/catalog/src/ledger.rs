@@ -36,6 +36,17 @@ impl ImageLedger for SqlCatalog {
         chunks: &[(u64, String)],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
+        // Matching the holder in an UPDATE takes the vdisk row's lock (first, in the order
+        // attach takes them: vdisk, then epoch), so a release (session closed, replaced, unlocked) is ordered with this
+        // commit too: before it (and this fails) or after it.
+        let holder = sqlx::query(
+            "UPDATE vdisks SET locked_by = locked_by WHERE name = $1 AND locked_by = $2",
+        )
+        .bind(&lock.vdisk)
+        .bind(&lock.session)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(e, "commit chunks"))?;
         // The compare-and-swap: this statement takes the epoch row's lock (PostgreSQL) or
         // the database's write lock (SQLite) and matches only while the epoch is ours, so
         // a new holder's epoch is taken either before (and this commit fails) or after it.
@@ -46,17 +57,6 @@ impl ImageLedger for SqlCatalog {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| db_error(e, "commit chunks"))?;
-        // The same for the holder: matching `locked_by` in an UPDATE takes the vdisk row's
-        // lock, so a release (session closed, replaced, unlocked) is ordered with this
-        // commit too: before it (and this fails) or after it.
-        let holder = sqlx::query(
-            "UPDATE vdisks SET locked_by = locked_by WHERE name = $1 AND locked_by = $2",
-        )
-        .bind(&lock.vdisk)
-        .bind(&lock.session)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error(e, "commit chunks"))?;
         if current.rows_affected() != 1 || holder.rows_affected() != 1 {
             let _ = tx.rollback().await;
             return Err(Error::new(

@@ -670,13 +670,11 @@ async fn ownership(catalog: &SqlCatalog) {
     catalog.check_lock(&lock(1)).await.unwrap();
     let used = catalog.image_use(img("o-dev")).await.unwrap();
     assert_eq!(used.writer, Some(("o-dev".into(), p.id.clone())));
-    assert!(
-        catalog
-            .locked_images()
-            .await
-            .unwrap()
-            .contains(&image("o-dev"))
-    );
+    assert!(catalog.locked_images().await.unwrap().contains(&(
+        Some(image("o-dev")),
+        "images".into(),
+        "o-dev".into()
+    )));
     // A standard session of the same image (a registration from before the checks, or a
     // backend reconfigured onto the same folder, which this server sees) is refused while
     // the private one writes.

@@ -9,8 +9,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::fence::{FencedSource, Regenerated};
 use crate::layer::Layer;
 use crate::sessions::{
-    Grant, LiveSessions, OverlayKind, OverlaySettings, ReaderGuard, SessionDirectory, SessionGuard,
-    SessionTarget,
+    Grant, LiveSessions, OverlayKind, OverlaySettings, ReadImage, ReaderGuard, SessionDirectory,
+    SessionGuard, SessionTarget,
 };
 use crate::source::DynSource;
 
@@ -115,13 +115,15 @@ impl Exports {
         let in_order = order.lock().await;
         let mut guard = self.live.join(&target, peer, directory.clone())?;
         let grant = self.attach(directory, &target, &identity, peer).await?;
-        guard.granted = true;
-        self.live.granted(&target);
+        self.live.granted(&mut guard);
         drop(in_order);
         let source = match (&grant.lock, target.overlay) {
             (Some(lock), None) => {
                 // Nobody reads this image by its plain name while it is written.
-                self.live.end_readers(|image| image == identity);
+                self.live.end_readers(|image| {
+                    image.identity == identity
+                        || (image.backend == target.backend && image.key == target.image)
+                });
                 let mut source = backend
                     .open(&target.image, OpenMode::Locked(lock.clone()))
                     .await?;
@@ -227,17 +229,23 @@ impl Exports {
 
     /// Runs `check(connections)` with the number of this server's connections of
     /// session `id`, while no connection of it joins or leaves here: for a caller that
-    /// brings the catalog's record of this server's attachments in line.
-    pub async fn with_connections<T>(&self, id: &str, check: impl AsyncFnOnce(usize) -> T) -> T {
+    /// brings the catalog's record of this server's attachments in line. `None` (and
+    /// `check` is not run) while a connection of the session is joining or leaving.
+    pub async fn with_connections<T>(
+        &self,
+        id: &str,
+        check: impl AsyncFnOnce(usize) -> T,
+    ) -> Option<T> {
         let order = self.live.order(id);
-        let _in_order = order.lock().await;
-        check(self.live.connections(id)).await
+        let _in_order = order.try_lock().ok()?;
+        Some(check(self.live.connections(id)).await)
     }
 
-    /// Ends the plain-name readers of the images (identities) `doomed` names: a private
-    /// session writes them now.
-    pub fn end_readers(&self, doomed: impl Fn(&str) -> bool) -> usize {
-        self.live.end_readers(doomed)
+    /// Ends the plain-name readers of the images `doomed` names (given each image's
+    /// identity here, its backend and its key): a private session writes them now.
+    pub fn end_readers(&self, doomed: impl Fn(&str, &str, &str) -> bool) -> usize {
+        self.live
+            .end_readers(|image| doomed(image.identity, image.backend, image.key))
     }
 
     /// Ends a connection's hold on its session and accounts for its I/O.
@@ -307,7 +315,11 @@ impl Exports {
         let identity = backend.identity(&stat.name)?;
         // Counted before the catalog is asked: a private session taking the image after
         // the answer ends this reader.
-        let reader = self.live.add_reader(&identity);
+        let reader = self.live.add_reader(ReadImage {
+            identity: &identity,
+            backend: backend.name(),
+            key: &stat.name,
+        });
         let mut epoch = 0;
         if let Some((directory, _)) = &self.sessions {
             let state = directory

@@ -158,6 +158,8 @@ pub(crate) struct LiveSessions {
     /// came and went (an attach overtaken by an earlier detach would leave a connected
     /// session marked disconnected).
     orders: Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+    /// Numbers live-session entries (see `LiveSession::generation`).
+    generations: std::sync::atomic::AtomicU64,
 }
 
 /// See `LiveSessions::orders`.
@@ -174,12 +176,21 @@ struct LiveSession {
     /// When the catalog last granted it to this server (`None` while the first connection
     /// still waits for the catalog): a catalog snapshot older than that does not know it.
     held_since: Option<Instant>,
+    /// Connections counted here that still wait for the catalog's grant: a catalog
+    /// snapshot taken meanwhile may not list the session yet.
+    pending: usize,
+    /// Tells this entry from an earlier or later one of the same session (ended here and
+    /// joined again), so a late leave of an old connection never counts down a new one.
+    generation: u64,
 }
 
 #[derive(Debug)]
 struct Readers {
     count: usize,
     ended: CancellationToken,
+    /// The backend and key the image was opened by (its name on every server).
+    backend: String,
+    key: String,
 }
 
 /// A connection's hold on its session: ended when the session is replaced or closed.
@@ -194,6 +205,8 @@ pub struct SessionGuard {
     live: Arc<LiveSessions>,
     directory: Arc<dyn SessionDirectory>,
     order: Order,
+    /// The live-session entry it counts in.
+    generation: u64,
     /// The catalog granted this connection (and must hear when it ends).
     pub(crate) granted: bool,
     left: bool,
@@ -205,7 +218,7 @@ impl SessionGuard {
         if std::mem::replace(&mut self.left, true) {
             return false;
         }
-        self.live.leave(&self.target)
+        self.live.leave(&self.target, self.generation, self.granted)
     }
 
     /// Ends this connection's hold and tells the catalog what it moved.
@@ -232,15 +245,16 @@ impl Drop for SessionGuard {
                 // Leave and tell the catalog in order with this session's other
                 // connections (see `LiveSessions::orders`).
                 self.left = true;
-                let (live, directory, target, order) = (
+                let (live, directory, target, order, generation) = (
                     self.live.clone(),
                     self.directory.clone(),
                     self.target.clone(),
                     self.order.clone(),
+                    self.generation,
                 );
                 runtime.spawn(async move {
                     let _in_order = order.lock_owned().await;
-                    let last = live.leave(&target);
+                    let last = live.leave(&target, generation, true);
                     directory.detached(&target, 0, 0, last).await;
                 });
             }
@@ -259,6 +273,17 @@ pub struct ReaderGuard {
     pub ended: CancellationToken,
     identity: String,
     live: Arc<LiveSessions>,
+}
+
+/// An image as readers of its plain name opened it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadImage<'a> {
+    /// Its identity on this server.
+    pub identity: &'a str,
+    /// The backend's configured name.
+    pub backend: &'a str,
+    /// Its key on that backend.
+    pub key: &'a str,
 }
 
 impl Drop for ReaderGuard {
@@ -341,32 +366,42 @@ impl LiveSessions {
                     connections: 0,
                     peers: HashSet::new(),
                     held_since: None,
+                    pending: 0,
+                    generation: self
+                        .generations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 })
             }
         };
         entry.connections += 1;
+        entry.pending += 1;
         entry.peers.insert(host);
+        let (ended, generation) = (entry.ended.clone(), entry.generation);
+        drop(live);
         Ok(SessionGuard {
             target: target.clone(),
-            ended: entry.ended.clone(),
+            ended,
             live: self.clone(),
             directory,
             order: self.order(&target.session),
+            generation,
             granted: false,
             left: false,
         })
     }
 
-    /// Records that the catalog granted the session to this server now (for
-    /// [`Self::retain`]): a catalog snapshot taken before this grant (when a private
-    /// session was let go between two connections, say) must not end it.
-    pub(crate) fn granted(&self, target: &SessionTarget) {
+    /// Records that the catalog granted `guard`'s connection now (for [`Self::retain`]):
+    /// a catalog snapshot taken before this grant (when a private session was let go
+    /// between two connections, say) must not end it.
+    pub(crate) fn granted(&self, guard: &mut SessionGuard) {
+        guard.granted = true;
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = live
-            .get_mut(&target.client)
-            .filter(|s| s.session == target.session)
+            .get_mut(&guard.target.client)
+            .filter(|s| s.session == guard.target.session && s.generation == guard.generation)
         {
             entry.held_since = Some(Instant::now());
+            entry.pending = entry.pending.saturating_sub(1);
         }
     }
 
@@ -402,8 +437,9 @@ impl LiveSessions {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         let mut ended = Vec::new();
         live.retain(|_, session| {
-            let keep =
-                session.held_since.is_none_or(|since| since > as_of) || is_live(&session.session);
+            let keep = session.pending > 0
+                || session.held_since.is_none_or(|since| since > as_of)
+                || is_live(&session.session);
             if !keep {
                 session.ended.cancel();
                 if session.connections > 0 {
@@ -438,38 +474,47 @@ impl LiveSessions {
             .collect()
     }
 
-    /// Leaves the session; returns whether that was its last connection here.
-    fn leave(&self, target: &SessionTarget) -> bool {
+    /// Leaves the session entry `generation` (of a connection the catalog `granted` or
+    /// not); returns whether that was the session's last connection here.
+    fn leave(&self, target: &SessionTarget, generation: u64, granted: bool) -> bool {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
         match live
             .get_mut(&target.client)
             .filter(|s| s.session == target.session)
         {
-            Some(entry) => {
+            Some(entry) if entry.generation == generation => {
                 entry.connections = entry.connections.saturating_sub(1);
+                if !granted {
+                    entry.pending = entry.pending.saturating_sub(1);
+                }
                 if entry.connections == 0 {
                     entry.peers.clear();
                 }
                 entry.connections == 0
             }
+            // The session was ended here and joined again since: the new connections
+            // hold it now.
+            Some(_) => false,
             // Replaced or ended meanwhile: this was the old session's last word here.
             None => true,
         }
     }
 
-    /// Counts a reader of the plain name of image `identity`.
-    pub(crate) fn add_reader(self: &Arc<Self>, identity: &str) -> ReaderGuard {
+    /// Counts a reader of the plain name of `image`.
+    pub(crate) fn add_reader(self: &Arc<Self>, image: ReadImage<'_>) -> ReaderGuard {
         let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         let entry = readers
-            .entry(identity.to_owned())
+            .entry(image.identity.to_owned())
             .or_insert_with(|| Readers {
                 count: 0,
                 ended: CancellationToken::new(),
+                backend: image.backend.to_owned(),
+                key: image.key.to_owned(),
             });
         entry.count += 1;
         ReaderGuard {
             ended: entry.ended.clone(),
-            identity: identity.to_owned(),
+            identity: image.identity.to_owned(),
             live: self.clone(),
         }
     }
@@ -489,11 +534,16 @@ impl LiveSessions {
 
     /// Ends the plain-name readers of every image `doomed` names; returns how many
     /// images had readers.
-    pub(crate) fn end_readers(&self, doomed: impl Fn(&str) -> bool) -> usize {
+    pub(crate) fn end_readers(&self, doomed: impl Fn(ReadImage<'_>) -> bool) -> usize {
         let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         let mut ended = 0;
         readers.retain(|identity, entry| {
-            if doomed(identity) {
+            let image = ReadImage {
+                identity,
+                backend: &entry.backend,
+                key: &entry.key,
+            };
+            if doomed(image) {
                 tracing::info!(image = %identity, readers = entry.count, "a private session writes this image: ending its plain-name readers");
                 entry.ended.cancel();
                 ended += 1;
@@ -572,7 +622,7 @@ mod live_tests {
         let live = Arc::new(LiveSessions::default());
         let directory: Arc<dyn SessionDirectory> = Arc::new(NoCatalog);
         let before = Instant::now();
-        let guard = live
+        let mut guard = live
             .join(&target("s1", 1), "10.0.0.1:1", directory)
             .unwrap();
         live.retain(|_| false, Instant::now());
@@ -580,11 +630,12 @@ mod live_tests {
             !guard.ended.is_cancelled(),
             "not granted by the catalog yet"
         );
-        live.granted(&target("s1", 1));
+        live.granted(&mut guard);
         live.retain(|_| false, before);
         assert!(!guard.ended.is_cancelled(), "granted after the snapshot");
         live.retain(|_| false, Instant::now());
         assert!(guard.ended.is_cancelled());
+        guard.granted = false;
     }
 
     #[test]
@@ -596,27 +647,63 @@ mod live_tests {
         let mut first = live
             .join(&target("s1", 1), "10.0.0.1:1", directory.clone())
             .unwrap();
-        live.granted(&target("s1", 1));
+        live.granted(&mut first);
         assert!(first.leave());
         let snapshot = Instant::now();
-        let second = live
+        let mut second = live
             .join(&target("s1", 1), "10.0.0.1:2", directory)
             .unwrap();
-        live.granted(&target("s1", 1));
+        // Still waiting for the catalog when the snapshot is applied: kept.
+        assert!(live.retain(|_| false, snapshot).is_empty());
+        live.granted(&mut second);
         assert!(live.retain(|_| false, snapshot).is_empty());
         assert!(!second.ended.is_cancelled());
+        second.granted = false; // nothing to tell the (absent) catalog
+    }
+
+    #[test]
+    fn a_late_leave_of_an_ended_entry_never_counts_down_a_new_one() {
+        let live = Arc::new(LiveSessions::default());
+        let directory: Arc<dyn SessionDirectory> = Arc::new(NoCatalog);
+        let mut old = live
+            .join(&target("s1", 1), "10.0.0.1:1", directory.clone())
+            .unwrap();
+        live.granted(&mut old);
+        // Ended here (taken elsewhere), then the client reconnects here.
+        live.retain(|_| false, Instant::now());
+        let mut new = live
+            .join(&target("s1", 1), "10.0.0.1:2", directory)
+            .unwrap();
+        live.granted(&mut new);
+        assert!(
+            !old.leave(),
+            "the old connection's leave is not the session's last"
+        );
+        assert_eq!(live.connections("s1"), 1);
+        new.granted = false;
     }
 
     #[test]
     fn readers_of_an_image_end_when_a_private_session_takes_it() {
         let live = Arc::new(LiveSessions::default());
-        let a = live.add_reader("file:/x.img");
-        let b = live.add_reader("file:/y.img");
-        assert_eq!(live.end_readers(|id| id == "file:/x.img"), 1);
+        let image = |identity: &'static str, key: &'static str| ReadImage {
+            identity,
+            backend: "images",
+            key,
+        };
+        let a = live.add_reader(image("file:/x.img", "x"));
+        let b = live.add_reader(image("file:/y.img", "y"));
+        assert_eq!(live.end_readers(|i| i.identity == "file:/x.img"), 1);
         assert!(a.ended.is_cancelled() && !b.ended.is_cancelled());
         drop(a);
-        // A new reader of the image after that is a new group.
-        let c = live.add_reader("file:/x.img");
+        // A new reader of the image after that is a new group; found by backend and key
+        // too (another host's identity of the image).
+        let c = live.add_reader(image("file:/x.img", "x"));
         assert!(!c.ended.is_cancelled());
+        assert_eq!(
+            live.end_readers(|i| i.backend == "images" && i.key == "x"),
+            1
+        );
+        assert!(c.ended.is_cancelled());
     }
 }
