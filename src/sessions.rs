@@ -37,13 +37,13 @@ impl CatalogSessions {
             lease_until: AtomicU64::new(0),
             epoch: Instant::now(),
         };
-        sessions.renew_lease(Instant::now());
+        sessions.extend_lease(Instant::now());
         sessions
     }
 
     /// Extends the lease from `sent`, the moment the heartbeat that reached the catalog
     /// was sent.
-    fn renew_lease(&self, sent: Instant) {
+    fn extend_lease(&self, sent: Instant) {
         let valid = Duration::from_millis(self.timers.server_timeout_ms.max(0) as u64 / 2);
         let until = (sent + valid).saturating_duration_since(self.epoch);
         self.lease_until
@@ -179,6 +179,16 @@ impl SessionDirectory for CatalogSessions {
         (self.epoch.elapsed().as_millis() as u64) < self.lease_until.load(Ordering::Relaxed)
     }
 
+    async fn renew_lease(&self, lock: &LockToken) -> Result<()> {
+        let sent = Instant::now();
+        self.catalog.heartbeat(&self.me).await?;
+        self.catalog.check_lock(lock).await?;
+        // The epoch is still this holding's: nobody took over during the stall, and with
+        // the heartbeat just sent nobody can for another lease.
+        self.extend_lease(sent);
+        Ok(())
+    }
+
     async fn image_state(&self, image: &str, backend: &str, key: &str) -> Result<ImageState> {
         let image_use = self
             .catalog
@@ -247,7 +257,7 @@ pub async fn reconcile(
                 }
                 // Only now: a session another server took meanwhile is ended above
                 // before this server may write again.
-                directory.renew_lease(sent);
+                directory.extend_lease(sent);
             }
             Err(err) => tracing::warn!(%err, "cannot read the sessions this server holds"),
         }

@@ -488,3 +488,19 @@ def test_session_open_prints_the_unix_socket_of_a_running_server(make_server, tm
     h = connect(uri)
     assert h.get_size() == MIB
     h.shutdown()
+
+
+def test_a_short_stall_of_the_server_does_not_fail_a_private_write(make_server):
+    """A pause shorter than server_timeout (nobody took over) costs the client nothing:
+    the first write after it confirms the lock with the catalog instead of failing."""
+    lab = build_lab(make_server, 'server_timeout = "2s"\n')
+    h = connect(open_session(lab, "aa:bb:cc:00:00:01", "dev"))
+    h.pwrite(b"before", 0)
+    h.flush()
+    lab.proc.send_signal(signal.SIGSTOP)
+    time.sleep(1.5)
+    lab.proc.send_signal(signal.SIGCONT)
+    h.pwrite(b"after!", 0)
+    h.flush()
+    assert h.pread(6, 0) == b"after!"
+    h.shutdown()

@@ -56,13 +56,16 @@ impl FencedSource {
     }
 
     /// Refuses a write-class call this holding may no longer make.
-    fn admit(&self, op: &'static str) -> Result<()> {
+    async fn admit(&self, op: &'static str) -> Result<()> {
         let why = if self.ended.is_cancelled() {
             "the session was closed, replaced or taken by another server"
-        } else if !self.directory.holds_lease() {
-            "this server has not reached the catalog recently enough to be sure it still holds it"
-        } else {
+        } else if self.directory.holds_lease() {
             return Ok(());
+        } else if self.directory.renew_lease(&self.lock).await.is_ok() {
+            // A stall (a paused process, a slow catalog) during which nobody took over.
+            return Ok(());
+        } else {
+            "this server could not confirm with the catalog that it still holds it"
         };
         Err(Error::new(
             ErrorKind::Conflict,
@@ -103,7 +106,7 @@ impl BlockSource for FencedSource {
     }
 
     async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
-        self.admit("write_at")?;
+        self.admit("write_at").await?;
         self.inner.write_at(offset, data, opts).await?;
         if opts.fua {
             self.confirm().await
@@ -113,18 +116,18 @@ impl BlockSource for FencedSource {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.admit("flush")?;
+        self.admit("flush").await?;
         self.inner.flush().await?;
         self.confirm().await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.admit("trim")?;
+        self.admit("trim").await?;
         self.inner.trim(offset, len).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, opts: ZeroOpts) -> Result<()> {
-        self.admit("write_zeroes")?;
+        self.admit("write_zeroes").await?;
         self.inner.write_zeroes(offset, len, opts).await?;
         if opts.fua {
             self.confirm().await

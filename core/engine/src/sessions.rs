@@ -118,6 +118,8 @@ pub struct ImageState {
 /// - `check_lock` fails with `Conflict` once `lock` is no longer the vdisk's lock.
 /// - `holds_lease` does no I/O: it says whether this server's heartbeat reached the
 ///   catalog recently enough that no other server can have taken its sessions.
+///   `renew_lease` sends a heartbeat and checks `lock` (failing like `check_lock`), and
+///   renews the lease when both succeed.
 #[async_trait]
 pub trait SessionDirectory: Send + Sync + Debug {
     /// Looks a token up for a client connecting from `peer`.
@@ -131,6 +133,9 @@ pub trait SessionDirectory: Send + Sync + Debug {
     async fn check_lock(&self, lock: &LockToken) -> Result<()>;
     /// Whether this server may still write for the sessions it holds.
     fn holds_lease(&self) -> bool;
+    /// Renews this server's lease at once, if `lock` still holds: after a stall (the
+    /// process paused, the catalog slow) a write need not fail when nobody took over.
+    async fn renew_lease(&self, lock: &LockToken) -> Result<()>;
     /// Who writes an image now, for plain-name readers: `image` is its identity here,
     /// `backend` and `key` what the configuration calls it (the same on every server).
     async fn image_state(&self, image: &str, backend: &str, key: &str) -> Result<ImageState>;
@@ -577,6 +582,9 @@ mod live_tests {
         }
         fn holds_lease(&self) -> bool {
             true
+        }
+        async fn renew_lease(&self, _: &LockToken) -> Result<()> {
+            Ok(())
         }
         async fn image_state(&self, _: &str, _: &str, _: &str) -> Result<ImageState> {
             Ok(ImageState::default())
