@@ -438,16 +438,20 @@ impl SqlCatalog {
         recorded: &str,
     ) -> Result<()> {
         let same = format!("(v.image_id = $5 OR {})", same_image(2, 3, 4));
+        // $1 the vdisk, $2-$4 the image as this server names it, $5 as recorded.
+        let query = |text: String| {
+            sqlx::query(sql(text))
+                .bind(session.vdisk.clone())
+                .bind(image.identity.to_owned())
+                .bind(image.backend.to_owned())
+                .bind(image.key.to_owned())
+                .bind(recorded.to_owned())
+        };
         if private {
-            let row = sqlx::query(sql(format!(
+            let row = query(format!(
                 "SELECT s.id, s.vdisk FROM sessions s JOIN vdisks v ON v.name = s.vdisk \
                  WHERE {same} AND v.name <> $1 AND s.closed_at IS NULL"
-            )))
-            .bind(&session.vdisk)
-            .bind(image.identity)
-            .bind(image.backend)
-            .bind(image.key)
-            .bind(recorded)
+            ))
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| db_error(e, "check image"))?;
@@ -464,15 +468,10 @@ impl SqlCatalog {
             }
             return Ok(());
         }
-        let row = sqlx::query(sql(format!(
+        let row = query(format!(
             "SELECT v.name, v.locked_by FROM vdisks v WHERE {same} AND v.name <> $1 \
              AND v.mode = 'private' AND v.locked_by IS NOT NULL"
-        )))
-        .bind(&session.vdisk)
-        .bind(image.identity)
-        .bind(image.backend)
-        .bind(image.key)
-        .bind(recorded)
+        ))
         .fetch_optional(&mut **tx)
         .await
         .map_err(|e| db_error(e, "check image"))?;

@@ -149,6 +149,18 @@ impl CowSource {
         }
     }
 
+    /// Reads `from..to` of the base (one call, through the shared caches) onto `parts`.
+    async fn read_base(
+        &self,
+        (from, to): (u64, u64),
+        opts: ReadOpts,
+        parts: &mut Vec<Bytes>,
+    ) -> Result<()> {
+        let chunks = self.inner.read_at(from, (to - from) as usize, opts).await?;
+        parts.extend(chunks.parts().iter().cloned());
+        Ok(())
+    }
+
     /// Applies `fill(block_start, buf)` to each block of `offset..offset+len`.
     async fn modify(&self, offset: u64, len: u64, fill: impl Fn(u64, &mut [u8])) -> Result<()> {
         if len == 0 {
@@ -277,15 +289,8 @@ impl BlockSource for CowSource {
                 base_run = Some((base_run.map_or(from, |(f, _)| f), to));
                 continue;
             }
-            if let Some((run_from, run_to)) = base_run.take() {
-                parts.extend(
-                    self.inner
-                        .read_at(run_from, (run_to - run_from) as usize, opts)
-                        .await?
-                        .parts()
-                        .iter()
-                        .cloned(),
-                );
+            if let Some(run) = base_run.take() {
+                self.read_base(run, opts, &mut parts).await?;
             }
             match slot {
                 Slot::Data(data) => {
@@ -294,15 +299,8 @@ impl BlockSource for CowSource {
                 _ => zero_parts((to - from) as usize, &mut parts),
             }
         }
-        if let Some((run_from, run_to)) = base_run {
-            parts.extend(
-                self.inner
-                    .read_at(run_from, (run_to - run_from) as usize, opts)
-                    .await?
-                    .parts()
-                    .iter()
-                    .cloned(),
-            );
+        if let Some(run) = base_run {
+            self.read_base(run, opts, &mut parts).await?;
         }
         Ok(Chunks::from_parts(parts))
     }
