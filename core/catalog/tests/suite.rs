@@ -888,3 +888,158 @@ async fn postgres_catalog_keeps_sessions_to_one_server_and_fences_old_holders() 
     let cluster = PgCluster::start();
     ownership(&SqlCatalog::open(&cluster.url).await.unwrap()).await;
 }
+
+/// A catalog as the first release made it (migration 1 only), with a client, vdisks,
+/// assignments, a policy and sessions in every state.
+async fn first_release_catalog(url: &str) {
+    use sqlx::Executor;
+    sqlx::any::install_default_drivers();
+    let url = if url.starts_with("sqlite:") {
+        format!("{url}?mode=rwc")
+    } else {
+        url.to_owned()
+    };
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    pool.execute(
+        "CREATE TABLE IF NOT EXISTS osstream_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .await
+    .unwrap();
+    sqlx::raw_sql(include_str!("../migrations/0001_init.sql"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    for statement in [
+        "INSERT INTO osstream_migrations (version, applied_at) VALUES (1, 1700000000000)",
+        "INSERT INTO clients (mac, name, hostname, client_group, notes, first_seen, last_seen, created_at) \
+         VALUES ('aa:bb:cc:00:09:01', 'pc1', 'pc1-host', 'lab', 'desk 1', 1700000000100, 1700000000200, 1700000000000)",
+        "INSERT INTO vdisks (name, backend, image_key, size, mode, write_cache, boot, kernel, initrd, cmdline, description, enabled, locked_by, created_at) \
+         VALUES ('win11', 'images', 'win11', 67108864, 'standard', 'ram', 'sanboot', NULL, NULL, NULL, 'Windows', 1, NULL, 1700000000000)",
+        "INSERT INTO vdisks (name, backend, image_key, size, mode, write_cache, boot, kernel, initrd, cmdline, description, enabled, locked_by, created_at) \
+         VALUES ('dev', 'images', 'dev', 67108864, 'private', 'ram', 'linux-nbd', 'vmlinuz', 'initrd', 'ro', '', 1, 's-dev', 1700000000000)",
+        "INSERT INTO vdisks (name, backend, image_key, size, mode, write_cache, boot, kernel, initrd, cmdline, description, enabled, locked_by, created_at) \
+         VALUES ('kiosk', 'images', 'kiosk', 67108864, 'standard', 'server-disk', 'sanboot', NULL, NULL, NULL, '', 0, NULL, 1700000000000)",
+        "INSERT INTO assignments (mac, vdisk, position, is_default) VALUES ('aa:bb:cc:00:09:01', 'win11', 0, 0)",
+        "INSERT INTO assignments (mac, vdisk, position, is_default) VALUES ('aa:bb:cc:00:09:01', 'dev', 1, 1)",
+        "INSERT INTO settings (key, value) VALUES ('unknown_client_policy', 'register')",
+        // A RAM-overlay session a client used, a private one holding its lock, one opened
+        // but never used, and one that ended.
+        "INSERT INTO sessions (id, token, mac, vdisk, peer, started_at, last_active, bytes_read, bytes_written, closed_at) \
+         VALUES ('s-win', 'token-win', 'aa:bb:cc:00:09:01', 'win11', '10.0.0.9:1000', 1700000000300, 1700000000400, 10, 20, NULL)",
+        "INSERT INTO sessions (id, token, mac, vdisk, peer, started_at, last_active, bytes_read, bytes_written, closed_at) \
+         VALUES ('s-dev', 'token-dev', 'aa:bb:cc:00:09:01', 'dev', '10.0.0.9:1001', 1700000000500, 1700000000600, 0, 0, NULL)",
+        "INSERT INTO sessions (id, token, mac, vdisk, peer, started_at, last_active, bytes_read, bytes_written, closed_at) \
+         VALUES ('s-kiosk', 'token-kiosk', 'aa:bb:cc:00:09:01', 'kiosk', NULL, 1700000000700, 1700000000700, 0, 0, NULL)",
+        "INSERT INTO sessions (id, token, mac, vdisk, peer, started_at, last_active, bytes_read, bytes_written, closed_at) \
+         VALUES ('s-old', 'token-old', 'aa:bb:cc:00:09:01', 'win11', '10.0.0.9:999', 1600000000000, 1600000000000, 5, 5, 1600000000100)",
+    ] {
+        pool.execute(statement).await.unwrap();
+    }
+    pool.close().await;
+}
+
+/// Issue 13: a catalog made by an earlier release opens under this code with everything
+/// kept, and its live sessions are handled as the upgrade note in migration 2 says.
+async fn upgrade(url: &str) {
+    first_release_catalog(url).await;
+    let catalog = SqlCatalog::open(url).await.unwrap();
+    let a: Mac = "aa:bb:cc:00:09:01".parse().unwrap();
+    let client = catalog.client(&a).await.unwrap();
+    assert_eq!(
+        (
+            client.name.as_deref(),
+            client.hostname.as_deref(),
+            client.group.as_deref(),
+            client.notes.as_str(),
+            client.last_seen
+        ),
+        (
+            Some("pc1"),
+            Some("pc1-host"),
+            Some("lab"),
+            "desk 1",
+            Some(1700000000200)
+        )
+    );
+    let dev = catalog.vdisk("dev").await.unwrap();
+    assert_eq!(
+        (
+            dev.mode,
+            dev.boot,
+            dev.kernel.as_deref(),
+            dev.locked_by.as_deref(),
+            dev.image_id
+        ),
+        (
+            VdiskMode::Private,
+            BootMethod::LinuxNbd,
+            Some("vmlinuz"),
+            Some("s-dev"),
+            None
+        )
+    );
+    assert!(!catalog.vdisk("kiosk").await.unwrap().enabled);
+    let menu: Vec<(String, bool)> = catalog
+        .assignments(&a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| (x.vdisk, x.is_default))
+        .collect();
+    assert_eq!(menu, [("win11".into(), false), ("dev".into(), true)]);
+    assert_eq!(
+        catalog.unknown_client_policy().await.unwrap(),
+        UnknownClientPolicy::Register
+    );
+    let by = |token: &str| {
+        let catalog = catalog.clone();
+        let token = token.to_owned();
+        async move { catalog.session_by_token(&token).await.unwrap() }
+    };
+    // The RAM overlay went with the old server process.
+    let win = by("token-win").await;
+    assert!(win.closed_at.is_some(), "{win:?}");
+    assert!(
+        win.end_reason
+            .unwrap()
+            .contains("RAM write overlay went with the old server")
+    );
+    assert_eq!((win.bytes_read, win.bytes_written), (10, 20));
+    // The private session keeps its lock and counts as disconnected since it was last used.
+    let dev_session = by("token-dev").await;
+    assert!(dev_session.closed_at.is_none() && !dev_session.attached);
+    assert_eq!(dev_session.detached_at, Some(1700000000600));
+    // Never used: still waiting for its client.
+    let kiosk = by("token-kiosk").await;
+    assert!(kiosk.closed_at.is_none() && kiosk.detached_at.is_none());
+    assert_eq!(by("token-old").await.closed_at, Some(1600000000100));
+    // From here the new rules apply: the grace ends the private session and frees its lock,
+    // the lease ends the unused one.
+    let me = me("srv-up", "u1");
+    catalog.register_server(&me, "host-up").await.unwrap();
+    let quick = osstream_catalog::SessionTimers {
+        grace_ms: 1000,
+        lease_ms: 1000,
+        server_timeout_ms: 15_000,
+    };
+    let reaped = catalog.reap_sessions(&me, &quick).await.unwrap();
+    assert_eq!(reaped.len(), 2, "{reaped:?}");
+    assert!(catalog.vdisk("dev").await.unwrap().locked_by.is_none());
+    assert!(catalog.sessions(false).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_sqlite_catalog_of_the_first_release_upgrades_with_everything_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    upgrade(&format!(
+        "sqlite://{}",
+        dir.path().join("catalog.db").display()
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_postgres_catalog_of_the_first_release_upgrades_with_everything_kept() {
+    let cluster = PgCluster::start();
+    upgrade(&cluster.url).await;
+}
