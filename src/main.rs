@@ -1,12 +1,16 @@
 //! `osstream`: the OS-streaming server and its admin commands.
 
+mod address;
 mod admin;
+mod args;
 mod config;
 mod demo;
+mod output;
 mod progress;
 mod serve;
 mod sessions;
 mod transfer;
+mod wiring;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -152,7 +156,7 @@ fn main() -> ExitCode {
             for (name, table) in &config.backends {
                 let is_plugin = matches!(table.get("kind"), Some(figment::value::Value::String(_, k)) if k == "plugin");
                 if !is_plugin {
-                    admin::backend_named(&config, name, None)?;
+                    wiring::backend_named(&config, name, None)?;
                 }
             }
             config::redact_secrets(&mut config);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use osstream_catalog::SessionTimers;
 use osstream_core::{
     BackendContext, BootProtocol, CacheLayer, DynBackend, Error, ErrorKind, Exports, Layer,
-    OverlaySettings, RamTier, Registry, Result, ServeContext,
+    OverlaySettings, RamTier, Result, ServeContext,
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::Targets;
@@ -30,23 +30,6 @@ fn init_logging(filter: &str) -> Result<()> {
         .with(targets)
         .try_init()
         .map_err(|e| Error::new(ErrorKind::Unexpected, format!("cannot set up logging: {e}")))
-}
-
-/// Every backend kind this build knows.
-pub fn registry() -> Registry {
-    #[allow(unused_mut)]
-    let mut registry = Registry::new();
-    #[cfg(feature = "backend-file")]
-    osstream_backend_file::register(&mut registry);
-    #[cfg(feature = "backend-nfs")]
-    osstream_backend_nfs::register(&mut registry);
-    #[cfg(feature = "backend-block")]
-    osstream_backend_block::register(&mut registry);
-    #[cfg(feature = "backend-s3")]
-    osstream_backend_s3::register(&mut registry);
-    #[cfg(feature = "backend-plugin")]
-    osstream_plugin_host::register(&mut registry);
-    registry
 }
 
 /// Keeps request-sized buffers (up to 64 MiB) on the heap instead of a fresh `mmap`
@@ -84,7 +67,7 @@ async fn serve(config: Config) -> Result<()> {
     // The server lock first: a second server on this data_dir stops here, before it
     // touches the catalog or the backends.
     let (me, _server_lock) = crate::sessions::server_identity(&config.data_dir)?;
-    let catalog = crate::admin::open_catalog(&config).await?;
+    let catalog = crate::wiring::open_catalog(&config).await?;
     tracing::info!(catalog = catalog.flavour(), "catalog ready");
     let ctx = BackendContext {
         data_dir: config.data_dir.clone(),
@@ -98,7 +81,7 @@ async fn serve(config: Config) -> Result<()> {
         }
     }
 
-    let registry = registry();
+    let registry = crate::wiring::registry();
     let mut backends: Vec<DynBackend> = Vec::new();
     for (name, table) in &config.backends {
         let backend = registry.build_backend(&ctx, name, table.clone())?;

@@ -14,9 +14,10 @@ use osstream_core::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::admin::{VdiskExport, VdiskImport, backend_named, register_vdisk};
+use crate::args::{VdiskExport, VdiskImport};
 use crate::config::Config;
 use crate::progress::Progress;
+use crate::wiring::{backend_named, register_vdisk};
 
 /// Bytes per read when hashing or exporting.
 const PIECE: u64 = 8 << 20;
@@ -392,7 +393,7 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
         ));
     }
     let image_id = backend.identity(&key)?;
-    crate::admin::fill_image_ids(config, catalog).await?;
+    crate::wiring::fill_image_ids(config, catalog).await?;
     catalog
         .check_image_modes(&add.name, mode, Some(&image_id))
         .await?;

@@ -1,0 +1,89 @@
+//! Where clients reach a session: the address `osstream session open` prints.
+
+use osstream_catalog::SqlCatalog;
+use osstream_core::Result;
+
+use crate::config::Config;
+
+/// Where clients reach a session: its `nbd://` URI when the address clients use is known,
+/// else a hint saying how to make it known.
+pub struct SessionAddress {
+    /// The URI, when the address clients use is known.
+    pub uri: Option<String>,
+    /// What to set when it is not.
+    pub hint: Option<String>,
+}
+
+/// What running servers registered of their NBD address.
+pub enum Registered {
+    /// No server is running (or none registered yet).
+    Nobody,
+    /// A running server's `HOST:PORT` (its real listener, also one of `serve --listen`)
+    /// or `unix:PATH`.
+    Address(String),
+    /// Servers run, but listen on wildcard addresses only and have no `public_address`.
+    Unknown(Vec<String>),
+}
+
+/// The URI of `export` at `address` (`HOST:PORT` or `unix:PATH`).
+fn uri_at(address: &str, export: &str) -> String {
+    match address.strip_prefix("unix:") {
+        Some(socket) => format!("nbd+unix:///{export}?socket={socket}"),
+        None => format!("nbd://{address}/{export}"),
+    }
+}
+
+/// The URI of `export` as a client must use it: the address a running server registered
+/// in the catalog (what it really listens on, also with `serve --listen`, and its
+/// `public_address`); with no server running, the configuration's `public_address`, a
+/// specific TCP listen address, or its unix socket. Otherwise no URI: the export name
+/// alone, with a hint.
+pub fn session_address(config: &Config, export: &str, registered: Registered) -> SessionAddress {
+    let hint = |what: String| SessionAddress {
+        uri: None,
+        hint: Some(format!(
+            "{what} and no address for clients is known: set [nbd] public_address to the address \
+             clients use (the export name alone is printed)"
+        )),
+    };
+    let known = |address: &str| SessionAddress {
+        uri: Some(uri_at(address, export)),
+        hint: None,
+    };
+    match registered {
+        Registered::Address(address) => return known(&address),
+        Registered::Unknown(servers) => {
+            return hint(format!(
+                "the running server(s) {} listen on a wildcard address",
+                servers.join(", ")
+            ));
+        }
+        Registered::Nobody => {}
+    }
+    let nbd = &config.nbd;
+    if let Some(address) = nbd.public_address_for(&nbd.listen) {
+        return known(&address);
+    }
+    if nbd.listen.iter().all(|a| a.starts_with("unix:"))
+        && let Some(socket) = nbd.listen.first()
+    {
+        return known(socket);
+    }
+    hint(format!("the server listens on {}", nbd.listen.join(", ")))
+}
+
+/// What the running servers registered: this configuration's own server first (the
+/// one whose id is in its data_dir), else the most recently started one.
+pub async fn registered_address(config: &Config, catalog: &SqlCatalog) -> Result<Registered> {
+    let timeout = config.sessions.server_timeout.0.as_millis() as i64;
+    let mut live = catalog.live_servers(timeout).await?;
+    let own = std::fs::read_to_string(config.data_dir.join("server-id"))
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default();
+    live.sort_by_key(|s| (s.id != own, std::cmp::Reverse(s.started_at)));
+    Ok(match live.iter().find_map(|s| s.nbd_address.clone()) {
+        Some(address) => Registered::Address(address),
+        None if live.is_empty() => Registered::Nobody,
+        None => Registered::Unknown(live.iter().map(|s| s.name.clone()).collect()),
+    })
+}

@@ -1,0 +1,200 @@
+//! The admin commands' arguments (clap): `vdisk`, `client`, `session`, `policy`.
+
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum VdiskCommand {
+    /// Register an image of a backend as a vdisk.
+    Add(VdiskAdd),
+    /// List vdisks.
+    List,
+    /// Show one vdisk.
+    Show { name: String },
+    /// Change a vdisk.
+    Set(VdiskSet),
+    /// Remove a vdisk (refused while it has live sessions, unless --force).
+    Rm {
+        name: String,
+        /// Close its live sessions and remove it anyway.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Clear a private vdisk's write lock left by a session that is gone.
+    ///
+    /// Refused while the holding session is attached on a server whose heartbeat is
+    /// fresh (its client is writing), unless --force.
+    Unlock {
+        name: String,
+        /// Unlock even while the holder is attached on a live server: its later flushes
+        /// fail (they are fenced by the lock's epoch), but a write already on its way to
+        /// file, block or NFS storage may still land after the next holder's.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Upload a local disk image to a backend and register it as a vdisk.
+    ///
+    /// Works on `file` and `s3` backends. On S3 the backend's `layout` decides how the
+    /// image is stored: one object (read-only), or chunks (needed for a private vdisk,
+    /// with `writable = true`). Raw images are stored as they are; qcow2, VMDK, VHD(X)
+    /// and VDI images are first converted to raw with `qemu-img convert` (qemu-utils),
+    /// which needs free space in data_dir for the whole raw image. The stored image is
+    /// read back and its SHA-256 compared with the file's before the vdisk is registered.
+    Import(VdiskImport),
+    /// Download a vdisk's base image (without any client's overlay) to a raw, sparse file.
+    ///
+    /// Safe while the server runs; for a private vdisk in use, it shows what its client
+    /// has flushed so far.
+    Export(VdiskExport),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VdiskImport {
+    /// The local image file (raw, or any format qemu-img reads).
+    pub file: std::path::PathBuf,
+    #[command(flatten)]
+    pub add: VdiskAdd,
+    /// Overwrite an existing image of that name on the backend (and update the vdisk if
+    /// it is registered already).
+    #[arg(long)]
+    pub replace: bool,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VdiskExport {
+    /// The vdisk to export.
+    pub name: String,
+    /// The file to write (zero runs become holes).
+    pub file: std::path::PathBuf,
+    /// raw, or qcow2 (written raw next to FILE, then converted with qemu-img). Default:
+    /// qcow2 when FILE ends in .qcow2, else raw.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Overwrite FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VdiskAdd {
+    /// The vdisk's name (letters, digits, '.', '_', '-').
+    pub name: String,
+    /// The backend holding the image (`[backends.NAME]` in the configuration).
+    #[arg(long)]
+    pub backend: String,
+    /// The image's name on the backend (default: the vdisk's name).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// standard: shared base, per-session overlays; private: one writer, writes to the vdisk.
+    #[arg(long, default_value = "standard")]
+    pub mode: String,
+    /// Where standard-mode writes go: ram, ram-overflow-disk, server-disk, server-disk-persistent.
+    #[arg(long, default_value = "ram-overflow-disk")]
+    pub write_cache: String,
+    /// How clients boot it: linux-nbd or sanboot.
+    #[arg(long, default_value = "sanboot")]
+    pub boot: String,
+    /// Kernel image key on the same backend (linux-nbd).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Initrd image key on the same backend (linux-nbd).
+    #[arg(long)]
+    pub initrd: Option<String>,
+    /// Kernel command line (linux-nbd).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Free text for listings and boot menus.
+    #[arg(long, default_value = "")]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VdiskSet {
+    pub name: String,
+    #[arg(long)]
+    pub mode: Option<String>,
+    #[arg(long)]
+    pub write_cache: Option<String>,
+    #[arg(long)]
+    pub boot: Option<String>,
+    /// Kernel key; an empty string clears it.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Initrd key; an empty string clears it.
+    #[arg(long)]
+    pub initrd: Option<String>,
+    /// Kernel command line; an empty string clears it.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Offer it to clients again.
+    #[arg(long, conflicts_with = "disable")]
+    pub enable: bool,
+    /// Stop offering it to clients (live sessions continue).
+    #[arg(long)]
+    pub disable: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientCommand {
+    /// Register a client by MAC (aa:bb:cc:dd:ee:ff, aa-bb-.. or aabbcc..).
+    Add(ClientFields),
+    /// List clients.
+    List,
+    /// Show one client with its vdisks.
+    Show { mac: String },
+    /// Change a client (an empty value clears a field).
+    Set(ClientFields),
+    /// Remove a client (its sessions are closed).
+    Rm { mac: String },
+    /// Let a client boot a vdisk.
+    Assign {
+        mac: String,
+        vdisk: String,
+        /// Make it the client's default vdisk.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Take a vdisk away from a client.
+    Unassign { mac: String, vdisk: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientFields {
+    pub mac: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub hostname: Option<String>,
+    #[arg(long)]
+    pub group: Option<String>,
+    #[arg(long)]
+    pub notes: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SessionCommand {
+    /// List live sessions (--all: closed ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Open a session of a client on one of its vdisks; prints the client's nbd:// URI.
+    Open { mac: String, vdisk: String },
+    /// Close a session by id.
+    Close { id: String },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PolicyCommand {
+    /// Show what happens when an unknown MAC boots.
+    Show,
+    /// Set it: ignore, register, or register-and-assign:TEMPLATE_MAC.
+    Set { policy: String },
+}
