@@ -196,12 +196,7 @@ async fn check_unlock(
     let Some(holder) = vdisk.locked_by else {
         return Ok(());
     };
-    let Some(session) = catalog
-        .sessions(true)
-        .await?
-        .into_iter()
-        .find(|s| s.id == holder)
-    else {
+    let Ok(session) = catalog.session(&holder).await else {
         return Ok(());
     };
     let timeout = config.sessions.server_timeout.0.as_millis() as i64;

@@ -70,9 +70,11 @@ class Server:
     def uri(self, export=""):
         return f"nbd://127.0.0.1:{self.port}/{export}"
 
-    def start(self, wait=True):
+    def start(self, wait=True, args=()):
+        """`osstream serve` with this server's configuration (and `args`, such as
+        `--listen`)."""
         self.log_file = open(self.log, "w")
-        self.proc = subprocess.Popen([BINARY, "--config", str(self.config), "serve"],
+        self.proc = subprocess.Popen([BINARY, "--config", str(self.config), "serve", *args],
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()

@@ -424,66 +424,43 @@ def test_overlay_folders_of_ended_sessions_are_removed(lab):
     assert list(overlays.glob("aa-bb-cc-00-00-02/kiosk/persistent/overlay.data")), "persistent overlays stay"
 
 
-def test_session_open_prints_the_address_a_running_server_listens_on(make_server, tmp_path):
-    """Issue 12, item 7: `serve --listen` is reflected (the server registers its address)."""
+def open_on_a_server_started_with(make_server, listen, mac):
+    """`session open` for a vdisk of a server started with `serve --listen LISTEN` (its
+    configuration file says 127.0.0.1:1); returns the finished command."""
     s = make_server('[backends.images]\nkind = "file"\nroot = "images"\n[nbd]\nbase_exports = false\n'
                     'listen = ["127.0.0.1:1"]\n', start=False, demo=False)
     random_image(s.images / "os.img", MIB, seed=8)
-    port = s.port
-    s.proc = subprocess.Popen([BINARY, "--config", str(s.config), "serve", "--listen", f"127.0.0.1:{port}"],
-                              stdout=open(s.log, "w"), stderr=subprocess.STDOUT)
-    s.log_file = open(os.devnull, "w")
-    s.wait_ready()
+    s.start(args=["--listen", listen.replace("PORT", str(s.port))])
 
     def cli(*args):
         return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
-                              text=True).stdout.strip()
+                              text=True)
     cli("vdisk", "add", "os", "--backend", "images")
-    cli("client", "add", "aa:bb:cc:00:00:61")
-    cli("client", "assign", "aa:bb:cc:00:00:61", "os")
-    uri = cli("session", "open", "aa:bb:cc:00:00:61", "os")
-    assert uri.startswith(f"nbd://127.0.0.1:{port}/s/"), uri
+    cli("client", "add", mac)
+    cli("client", "assign", mac, "os")
+    return s, cli("session", "open", mac, "os")
+
+
+def test_session_open_prints_the_address_a_running_server_listens_on(make_server):
+    """Issue 12, item 7: `serve --listen` is reflected (the server registers its address)."""
+    s, out = open_on_a_server_started_with(make_server, "127.0.0.1:PORT", "aa:bb:cc:00:00:61")
+    uri = out.stdout.strip()
+    assert uri.startswith(f"nbd://127.0.0.1:{s.port}/s/"), uri
     h = connect(uri)
     assert h.get_size() == MIB
     h.shutdown()
 
 
 def test_session_open_does_not_guess_when_the_running_server_listens_on_a_wildcard(make_server):
-    s = make_server('[backends.images]\nkind = "file"\nroot = "images"\n[nbd]\nbase_exports = false\n'
-                    'listen = ["127.0.0.1:1"]\n', start=False, demo=False)
-    random_image(s.images / "os.img", MIB, seed=9)
-    s.proc = subprocess.Popen([BINARY, "--config", str(s.config), "serve", "--listen", f"0.0.0.0:{s.port}"],
-                              stdout=open(s.log, "w"), stderr=subprocess.STDOUT)
-    s.log_file = open(os.devnull, "w")
-    s.wait_ready()
-
-    def cli(*args):
-        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True, text=True)
-    cli("vdisk", "add", "os", "--backend", "images")
-    cli("client", "add", "aa:bb:cc:00:00:62")
-    cli("client", "assign", "aa:bb:cc:00:00:62", "os")
-    out = cli("session", "open", "aa:bb:cc:00:00:62", "os")
+    _, out = open_on_a_server_started_with(make_server, "0.0.0.0:PORT", "aa:bb:cc:00:00:62")
     assert out.stdout.startswith("s/") and "127.0.0.1:1" not in out.stdout, out.stdout
     assert "listen on a wildcard address" in out.stderr and "public_address" in out.stderr, out.stderr
 
 
 def test_session_open_prints_the_unix_socket_of_a_running_server(make_server, tmp_path):
-    s = make_server('[backends.images]\nkind = "file"\nroot = "images"\n[nbd]\nbase_exports = false\n'
-                    'listen = ["127.0.0.1:1"]\n', start=False, demo=False)
-    random_image(s.images / "os.img", MIB, seed=10)
     sock = tmp_path / "nbd.sock"
-    s.proc = subprocess.Popen([BINARY, "--config", str(s.config), "serve", "--listen", f"unix:{sock}"],
-                              stdout=open(s.log, "w"), stderr=subprocess.STDOUT)
-    s.log_file = open(os.devnull, "w")
-    s.wait_ready()
-
-    def cli(*args):
-        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
-                              text=True).stdout.strip()
-    cli("vdisk", "add", "os", "--backend", "images")
-    cli("client", "add", "aa:bb:cc:00:00:63")
-    cli("client", "assign", "aa:bb:cc:00:00:63", "os")
-    uri = cli("session", "open", "aa:bb:cc:00:00:63", "os")
+    _, out = open_on_a_server_started_with(make_server, f"unix:{sock}", "aa:bb:cc:00:00:63")
+    uri = out.stdout.strip()
     assert uri.startswith("nbd+unix:///s/") and uri.endswith(f"?socket={sock}"), uri
     h = connect(uri)
     assert h.get_size() == MIB

@@ -568,18 +568,8 @@ impl SqlCatalog {
 
     /// Ids of the live sessions this server instance holds.
     pub async fn held_sessions(&self, me: &ServerRef) -> Result<HashSet<String>> {
-        let rows =
-            sqlx::query("SELECT id FROM sessions WHERE closed_at IS NULL AND owner_instance = $1")
-                .bind(&me.instance)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| db_error(e, "list held sessions"))?;
-        rows.iter()
-            .map(|r| {
-                r.try_get("id")
-                    .map_err(|e| db_error(e, "list held sessions"))
-            })
-            .collect()
+        self.live_ids("owner_instance = $1", Some(&me.instance))
+            .await
     }
 
     /// One session by id, live or not.
@@ -595,10 +585,21 @@ impl SqlCatalog {
 
     /// Ids of every live session.
     pub async fn live_session_ids(&self) -> Result<HashSet<String>> {
-        let rows = sqlx::query("SELECT id FROM sessions WHERE closed_at IS NULL")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| db_error(e, "list live sessions"))?;
+        self.live_ids("1 = 1", None).await
+    }
+
+    /// Ids of the live sessions matching `condition` (SQL; `$1` is `value`).
+    async fn live_ids(&self, condition: &str, value: Option<&str>) -> Result<HashSet<String>> {
+        let query = sqlx::query(sql(format!(
+            "SELECT id FROM sessions WHERE closed_at IS NULL AND {condition}"
+        )));
+        let rows = match value {
+            Some(value) => query.bind(value.to_owned()),
+            None => query,
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "list live sessions"))?;
         rows.iter()
             .map(|r| {
                 r.try_get("id")
@@ -609,7 +610,7 @@ impl SqlCatalog {
 
     /// Closes `id` with `reason` if `condition` (SQL over the session row) still holds,
     /// releasing its lock; returns whether it closed it.
-    async fn close_if(&self, id: &str, reason: &str, condition: &str) -> Result<bool> {
+    pub(crate) async fn close_if(&self, id: &str, reason: &str, condition: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
         let closed = sqlx::query(sql(format!(
             "UPDATE sessions SET closed_at = $2, end_reason = $3 WHERE id = $1 AND closed_at IS NULL AND {condition}"

@@ -872,12 +872,7 @@ impl Catalog for SqlCatalog {
             if locked.rows_affected() == 0 {
                 let _ = tx.rollback().await;
                 let holder = self.vdisk(vdisk_name).await?.locked_by.unwrap_or_default();
-                let detail = match self
-                    .sessions(true)
-                    .await?
-                    .into_iter()
-                    .find(|s| s.id == holder)
-                {
+                let detail = match self.session(&holder).await.ok() {
                     Some(s) => format!(
                         "session {} of client {} (peer {})",
                         s.id,
@@ -937,29 +932,13 @@ impl Catalog for SqlCatalog {
     }
 
     async fn close_session(&self, id: &str, reason: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
-        let closed = sqlx::query(
-            "UPDATE sessions SET closed_at = $2, end_reason = $3 WHERE id = $1 AND closed_at IS NULL",
-        )
-        .bind(id)
-        .bind(now_ms())
-        .bind(reason)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error(e, "close session"))?;
-        if closed.rows_affected() == 0 {
-            let _ = tx.rollback().await;
+        if !self.close_if(id, reason, "1 = 1").await? {
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!("no live session with id {id:?} (see `osstream session list`)"),
             ));
         }
-        sqlx::query("UPDATE vdisks SET locked_by = NULL WHERE locked_by = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(e, "close session"))?;
-        tx.commit().await.map_err(|e| db_error(e, "close session"))
+        Ok(())
     }
 
     async fn record_io(&self, id: &str, read: u64, written: u64) -> Result<()> {

@@ -221,12 +221,6 @@ impl Exports {
         self.live.retain(is_live, as_of)
     }
 
-    /// Ends the connections of session `id` on this server (its previous holder's, when
-    /// a private vdisk changes hands here).
-    pub fn end_session(&self, id: &str) -> bool {
-        self.live.end(id)
-    }
-
     /// Runs `check(connections)` with the number of this server's connections of
     /// session `id`, while no connection of it joins or leaves here: for a caller that
     /// brings the catalog's record of this server's attachments in line. `None` (and
@@ -440,7 +434,7 @@ fn make_overlay(
 }
 
 /// The folder of a client's overlays of one vdisk, relative to the overlay directory.
-pub fn overlay_folder(client: &str, vdisk: &str) -> std::path::PathBuf {
+fn overlay_folder(client: &str, vdisk: &str) -> std::path::PathBuf {
     std::path::Path::new(&client.replace(':', "-")).join(vdisk)
 }
 

@@ -68,7 +68,7 @@ pub use cache::{
 pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, SpillOverlay};
 pub use error::{Error, ErrorKind, Result};
-pub use exports::{ExportEntry, Exports, loggable_export_name, overlay_folder};
+pub use exports::{ExportEntry, Exports, loggable_export_name};
 pub use layer::Layer;
 pub use ledger::ImageLedger;
 pub use protocol::{BootProtocol, ServeContext};

@@ -456,20 +456,6 @@ impl LiveSessions {
         ended
     }
 
-    /// Ends the connections of the session `id` on this server, if it has any.
-    pub(crate) fn end(&self, id: &str) -> bool {
-        let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
-        let before = live.len();
-        live.retain(|_, session| {
-            let doomed = session.session == id;
-            if doomed {
-                session.ended.cancel();
-            }
-            !doomed
-        });
-        live.len() != before
-    }
-
     /// Ids of sessions with at least one connection.
     pub(crate) fn connected(&self) -> Vec<String> {
         let live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
