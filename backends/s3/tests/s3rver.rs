@@ -445,12 +445,9 @@ async fn a_cancelled_import_leaves_nothing_behind() {
     }
 }
 
-/// Issue 12, item 10: writes of a chunked image are fenced by the lock's epoch. A holder
-/// that lost the lock (its session replaced while it still held unflushed chunks, or its
-/// server paused past its timeout) uploads only to names nobody reads, its flush fails,
-/// and the new holder's flushed writes stay.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_holder_that_lost_the_lock_commits_nothing() {
+/// A writable chunked backend on a fresh s3rver whose writes commit to an in-memory
+/// ledger, holding the 1 MiB image `dev` (64 KiB chunks) and its bytes.
+async fn fenced_image() -> (S3rver, S3Backend, Arc<osstream_testkit::MemLedger>, Vec<u8>) {
     let server = S3rver::start();
     let mut config = server.config(Layout::Chunked);
     config.chunk_size = ByteSize::kib(64);
@@ -464,6 +461,16 @@ async fn a_holder_that_lost_the_lock_commits_nothing() {
         .import("dev", file.path(), &ImportOptions::default())
         .await
         .unwrap();
+    (server, backend, ledger, data)
+}
+
+/// Issue 12, item 10: writes of a chunked image are fenced by the lock's epoch. A holder
+/// that lost the lock (its session replaced while it still held unflushed chunks, or its
+/// server paused past its timeout) uploads only to names nobody reads, its flush fails,
+/// and the new holder's flushed writes stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_lost_the_lock_commits_nothing() {
+    let (server, backend, ledger, data) = fenced_image().await;
     let image = backend.identity("dev").unwrap();
     let write = |source: &osstream_core::DynSource, offset: u64, byte: u8| {
         let source = source.clone();
@@ -520,19 +527,7 @@ async fn a_holder_that_lost_the_lock_commits_nothing() {
 /// later source never overwrites, then removes, a chunk version an earlier one committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn successive_sources_of_one_holding_never_reuse_a_chunk_name() {
-    let server = S3rver::start();
-    let mut config = server.config(Layout::Chunked);
-    config.chunk_size = ByteSize::kib(64);
-    config.writable = true;
-    let ledger = Arc::new(osstream_testkit::MemLedger::default());
-    let backend = S3Backend::new("bucket", config)
-        .unwrap()
-        .with_ledger(Some(ledger.clone()));
-    let (file, data) = image_file(1 << 20);
-    backend
-        .import("dev", file.path(), &ImportOptions::default())
-        .await
-        .unwrap();
+    let (_server, backend, ledger, data) = fenced_image().await;
     let lock = ledger.take("devbox", "s1", &backend.identity("dev").unwrap());
     let mut expected = data.clone();
     for round in 0..3u8 {
