@@ -115,6 +115,11 @@ impl S3Backend {
         })
     }
 
+    /// Calls made to the bucket so far (retries of one call not counted).
+    pub fn calls(&self) -> u64 {
+        self.store.calls()
+    }
+
     /// The same backend, committing fenced writes to `ledger` and reading them back.
     pub fn with_ledger(mut self, ledger: Option<Arc<dyn ImageLedger>>) -> Self {
         self.ledger = ledger;
@@ -236,6 +241,27 @@ impl ImageBackend for S3Backend {
         match self.find(image).await? {
             Some(found) => Ok(self.stat_of(image, &found)),
             None => Err(self.not_found(image)),
+        }
+    }
+
+    /// A single object read-only is opened from the stat alone (its etag is in the
+    /// generation; chunked images' generations are manifest ids, never `etag:`): no
+    /// second `HEAD`. Chunked images read their manifest as `open` does.
+    async fn open_stat(&self, stat: &ImageStat, mode: OpenMode) -> Result<DynSource> {
+        match stat.generation.strip_prefix("etag:") {
+            Some(etag) if !mode.is_writable() => Ok(Arc::new(ObjectSource::new(
+                SourceInfo {
+                    name: stat.name.clone(),
+                    identity: self.identity(&stat.name)?,
+                    size: stat.size,
+                    generation: stat.generation.clone(),
+                },
+                self.store.clone(),
+                self.store.path(&[&stat.name]),
+                Some(format!("\"{etag}\"")),
+                self.config.part_size.bytes().max(64 * 1024),
+            ))),
+            _ => self.open(&stat.name, mode).await,
         }
     }
 

@@ -31,6 +31,8 @@ pub(crate) struct Store {
     s3: AmazonS3,
     prefix: Path,
     limit: Semaphore,
+    /// Calls made to the bucket (retries of one call not counted).
+    calls: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -108,6 +110,7 @@ impl Store {
             s3,
             prefix,
             limit: Semaphore::new(config.concurrency),
+            calls: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -121,6 +124,16 @@ impl Store {
     /// The prefix every image lives under.
     pub fn prefix(&self) -> &Path {
         &self.prefix
+    }
+
+    /// Calls made to the bucket so far (each `head`, `get`, `put`, `list`, `delete`...).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_call(&self) {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Waits for one of the backend's request slots.
@@ -165,6 +178,7 @@ impl Store {
     }
 
     pub async fn head(&self, path: &Path) -> Result<ObjectMeta> {
+        self.count_call();
         self.retrying("head", path, || async {
             let _permit = self.permit().await;
             self.s3
@@ -231,6 +245,7 @@ impl Store {
             .await?
             .map(|bytes| bytes.slice(skip..skip + 1)));
         }
+        self.count_call();
         let want = range.end - range.start;
         self.retrying("read", path, || async {
             let _permit = if take_slot {
@@ -295,6 +310,7 @@ impl Store {
 
     /// Reads a whole (small) object; `None` if it does not exist.
     pub async fn get_all(&self, path: &Path) -> Result<Option<(Bytes, ObjectMeta)>> {
+        self.count_call();
         self.retrying("read", path, || async {
             let _permit = self.permit().await;
             let result = match self.s3.get(path).await {
@@ -315,6 +331,7 @@ impl Store {
     /// Stores `data` as the object `path` (a PUT replaces an object atomically, so a
     /// retried PUT is harmless).
     pub async fn put(&self, path: &Path, data: Bytes) -> Result<PutResult> {
+        self.count_call();
         self.retrying("write", path, || async {
             let _permit = self.permit().await;
             self.s3
@@ -326,6 +343,7 @@ impl Store {
     }
 
     pub async fn delete(&self, path: &Path) -> Result<()> {
+        self.count_call();
         self.retrying("delete", path, || async {
             let _permit = self.permit().await;
             match self.s3.delete(path).await {
@@ -338,6 +356,7 @@ impl Store {
 
     /// Every object under `prefix`, recursively.
     pub async fn list_all(&self, prefix: &Path) -> Result<Vec<ObjectMeta>> {
+        self.count_call();
         self.retrying("list", prefix, || async {
             let _permit = self.permit().await;
             self.s3
@@ -351,6 +370,7 @@ impl Store {
 
     /// The objects and sub-prefixes directly under `prefix`.
     pub async fn list_dir(&self, prefix: &Path) -> Result<ListResult> {
+        self.count_call();
         self.retrying("list", prefix, || async {
             let _permit = self.permit().await;
             let root = (!prefix.as_ref().is_empty()).then_some(prefix);
@@ -367,6 +387,7 @@ impl Store {
         &self,
         path: &Path,
     ) -> Result<Box<dyn object_store::MultipartUpload>> {
+        self.count_call();
         let _permit = self.permit().await;
         self.s3
             .put_multipart(path)

@@ -280,6 +280,43 @@ async fn list_and_stat_see_both_layouts_and_missing_images_are_not_found() {
 }
 
 #[tokio::test]
+async fn opening_an_object_from_its_stat_asks_the_bucket_nothing_more() {
+    let server = S3rver::start();
+    let object = S3Backend::new("bucket", server.config(Layout::Object)).unwrap();
+    let (file, data) = image_file(200_000);
+    object
+        .import("one", file.path(), &ImportOptions::default())
+        .await
+        .unwrap();
+    let before = object.calls();
+    let stat = object.stat("one").await.unwrap();
+    let after_stat = object.calls();
+    let source = object.open_stat(&stat, OpenMode::ReadOnly).await.unwrap();
+    assert_eq!(
+        object.calls(),
+        after_stat,
+        "open_stat made calls of its own ({} for the stat)",
+        after_stat - before
+    );
+    assert_eq!(source.info().generation, stat.generation);
+    // The etag taken from the stat still guards the reads: they succeed on the same object.
+    assert!(source.read_all().await.unwrap()[..] == data[..]);
+    // Replaced under the source: a read fails instead of mixing old and new bytes.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other.path(), pattern(8, 200_000)).unwrap();
+    let replace = ImportOptions {
+        replace: true,
+        ..ImportOptions::default()
+    };
+    object.import("one", other.path(), &replace).await.unwrap();
+    let err = source
+        .read_at(0, 4096, Default::default())
+        .await
+        .expect_err("the object changed");
+    assert_ne!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+#[tokio::test]
 async fn an_unreachable_endpoint_is_a_temporary_error_not_a_hang() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -3,7 +3,8 @@
 
 use bytes::BytesMut;
 use osstream_core::{
-    DynSource, ErrorKind, ExportEntry, Exports, ReaderGuard, SessionGuard, loggable_export_name,
+    AttachRequest, Attachment, DynSource, ErrorKind, ExportName, Exports, Intent,
+    loggable_export_name,
 };
 
 use crate::proto::{
@@ -23,12 +24,7 @@ pub(crate) enum Step {
 /// An export a client has attached to, with what was negotiated for it.
 #[derive(Debug)]
 pub(crate) struct Attached {
-    pub source: DynSource,
-    pub entry: ExportEntry,
-    /// The session this connection belongs to, for `s/<token>` exports.
-    pub session: Option<SessionGuard>,
-    /// The hold of a plain-name reader (ended when a private session takes the image).
-    pub reader: Option<ReaderGuard>,
+    pub attachment: Attachment,
     pub flags: u16,
     pub structured: bool,
     pub base_allocation: bool,
@@ -159,7 +155,7 @@ impl<'a> Negotiation<'a> {
             ClientOption::ExportName(name) => match self.attach(&name, true).await {
                 Ok(attached) => {
                     out.extend_from_slice(&proto::export_name_reply(
-                        attached.entry.size,
+                        attached.attachment.entry.size,
                         attached.flags,
                         self.no_zeroes,
                     ));
@@ -262,14 +258,14 @@ impl<'a> Negotiation<'a> {
             out,
             option,
             rep::INFO,
-            &proto::info_export(attached.entry.size, attached.flags),
+            &proto::info_export(attached.attachment.entry.size, attached.flags),
         );
         if requests.contains(&info::NAME) {
             proto::put_option_reply(
                 out,
                 option,
                 rep::INFO,
-                &proto::info_string(info::NAME, &attached.entry.name),
+                &proto::info_string(info::NAME, &attached.attachment.entry.name),
             );
         }
         if requests.contains(&info::DESCRIPTION) {
@@ -277,10 +273,10 @@ impl<'a> Negotiation<'a> {
                 out,
                 option,
                 rep::INFO,
-                &proto::info_string(info::DESCRIPTION, &attached.entry.description),
+                &proto::info_string(info::DESCRIPTION, &attached.attachment.entry.description),
             );
         }
-        let geometry = attached.source.geometry();
+        let geometry = attached.attachment.source.geometry();
         let maximum = geometry.maximum.min(self.max_request);
         proto::put_option_reply(
             out,
@@ -298,45 +294,18 @@ impl<'a> Negotiation<'a> {
 
     /// Opens `name` as the client would get it; on refusal, the option error and message.
     async fn attach(&self, name: &str, go: bool) -> Result<Attached, (u32, String)> {
-        if let Some(token) = name.strip_prefix("s/") {
-            let (source, entry, session) = self
-                .exports
-                .open_session(token, self.peer, go)
-                .await
-                .map_err(|err| {
-                    let code = match err.kind() {
-                        ErrorKind::PermissionDenied | ErrorKind::Conflict => rep::ERR_POLICY,
-                        ErrorKind::Shutdown => rep::ERR_SHUTDOWN,
-                        _ => rep::ERR_UNKNOWN,
-                    };
-                    tracing::warn!(peer = %self.peer, %err, "session export refused");
-                    (code, err.to_string())
-                })?;
-            let base_allocation = self.structured && self.meta_for.as_deref() == Some(name);
-            return Ok(Attached {
-                flags: transmission_flags(&source, self.structured),
-                source,
-                entry,
-                session,
-                reader: None,
-                structured: self.structured,
-                base_allocation,
-            });
-        }
-        let resolved = if name.is_empty() {
-            match self.default_export {
-                Some(default) => default,
-                None => {
-                    return Err((
-                        rep::ERR_UNKNOWN,
-                        "no default export is configured; ask for an export by name (nbdinfo --list shows them)".to_owned(),
-                    ));
-                }
+        let resolved = match (name, self.default_export) {
+            ("", Some(default)) => default,
+            ("", None) => {
+                return Err((
+                    rep::ERR_UNKNOWN,
+                    "no default export is configured; ask for an export by name (nbdinfo --list shows them)".to_owned(),
+                ));
             }
-        } else {
-            name
+            _ => name,
         };
-        if !self.base_exports {
+        let is_session = matches!(ExportName::parse(resolved), ExportName::Session(_));
+        if !is_session && !self.base_exports {
             return Err((
                 rep::ERR_POLICY,
                 format!(
@@ -346,24 +315,31 @@ impl<'a> Negotiation<'a> {
                 ),
             ));
         }
-        let (source, entry, reader) = self.exports.open(resolved).await.map_err(|err| {
+        let request = AttachRequest {
+            name: resolved,
+            peer: self.peer,
+            protocol: crate::KIND,
+            intent: if go { Intent::Use } else { Intent::Probe },
+        };
+        let attachment = self.exports.attach(request).await.map_err(|err| {
             let code = match err.kind() {
                 ErrorKind::PermissionDenied => rep::ERR_POLICY,
-                ErrorKind::InvalidInput => rep::ERR_INVALID,
+                ErrorKind::Conflict if is_session => rep::ERR_POLICY,
+                ErrorKind::InvalidInput if !is_session => rep::ERR_INVALID,
                 ErrorKind::Shutdown => rep::ERR_SHUTDOWN,
                 _ => rep::ERR_UNKNOWN,
             };
+            if is_session {
+                tracing::warn!(peer = %self.peer, %err, "session export refused");
+            }
             (code, err.to_string())
         })?;
         // `entry.name` stays the canonical name (what NBD_INFO_NAME reports); the meta
         // context selection is matched against the name exactly as the client sent it.
         let base_allocation = self.structured && self.meta_for.as_deref() == Some(name);
         Ok(Attached {
-            flags: transmission_flags(&source, self.structured),
-            source,
-            entry,
-            session: None,
-            reader: Some(reader),
+            flags: transmission_flags(&attachment.source, self.structured),
+            attachment,
             structured: self.structured,
             base_allocation,
         })

@@ -4,12 +4,14 @@ use std::future::Future;
 use std::io::IoSlice;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use osstream_core::{BootProtocol, Error, ErrorKind, Exports, Result, ServeContext, async_trait};
+use osstream_core::{
+    BootProtocol, Error, ErrorKind, Exports, IoCounters, Result, ServeContext, async_trait,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, Semaphore};
@@ -306,59 +308,54 @@ async fn serve_connection(
             Ok(Ok(attached)) => attached,
         },
     };
-    let export = attached.entry.name.clone();
-    tracing::info!(%peer, %export, structured = attached.structured, flags = format_args!("{:#x}", attached.flags), "NBD client attached");
+    let Attached {
+        attachment,
+        flags,
+        structured,
+        base_allocation,
+    } = attached;
+    let export = attachment.entry.name.clone();
+    tracing::info!(%peer, %export, structured, flags = format_args!("{flags:#x}"), "NBD client attached");
     let started = Instant::now();
-    let stats = Arc::new(ConnStats::default());
-    let mut attached = attached;
-    let session = attached.session.take();
-    let plain_reader = attached.reader.take();
-    // A session replaced by a newer one (the client rebooted), closed or taken by another
-    // server ends this connection; so does a private session taking a plain name's image.
-    let ended = match (&session, &plain_reader) {
-        (Some(session), _) => session.ended.clone(),
-        (None, Some(reader)) => reader.ended.clone(),
-        (None, None) => CancellationToken::new(),
+    let session = attachment.session().map(str::to_owned);
+    let conn = Transmission {
+        source: attachment.source.clone(),
+        structured,
+        base_allocation,
+        max_request: shared.max_request,
     };
-    let outcome = transmit(
+    let (outcome, still_running) = transmit(
         reader,
         write,
-        attached,
+        conn,
         shared,
         shutdown,
-        ended,
-        stats.clone(),
+        attachment.ended().clone(),
+        attachment.counters().clone(),
     )
     .await;
-    let (outcome, still_running) = outcome;
-    if let Some(session) = session {
-        let (read, written) = (
-            stats.read_bytes.load(Ordering::Relaxed),
-            stats.written_bytes.load(Ordering::Relaxed),
-        );
-        match still_running {
-            None => shared.exports.close_session(session, read, written).await,
-            Some(requests) => {
-                // Writes may still be running: the session stays attached here (a
-                // private one keeps its lock, so no other writer starts) until they end.
-                tracing::warn!(%peer, session = %session.target.session, "requests outlived the drain timeout; the session stays attached until they end");
-                let (exports, peer) = (shared.exports.clone(), peer.to_owned());
-                tokio::spawn(async move {
-                    requests.wait().await;
-                    tracing::info!(%peer, session = %session.target.session, "the last requests of a closed connection ended");
-                    exports.close_session(session, read, written).await;
-                });
-            }
+    let counts = attachment.counters().snapshot();
+    match still_running {
+        None => attachment.close().await,
+        Some(requests) => {
+            // Writes may still be running: the attachment (a private session's lock with
+            // it, so no other writer starts) stays until they end.
+            tracing::warn!(%peer, session = ?session, "requests outlived the drain timeout; the attachment stays until they end");
+            let peer = peer.to_owned();
+            tokio::spawn(async move {
+                requests.wait().await;
+                tracing::info!(%peer, session = ?session, "the last requests of a closed connection ended");
+                attachment.close().await;
+            });
         }
     }
-    drop(plain_reader);
     tracing::info!(
         %peer,
         %export,
-        requests = stats.requests.load(Ordering::Relaxed),
-        read_bytes = stats.read_bytes.load(Ordering::Relaxed),
-        written_bytes = stats.written_bytes.load(Ordering::Relaxed),
-        errors = stats.errors.load(Ordering::Relaxed),
+        requests = counts.requests,
+        read_bytes = counts.read_bytes,
+        written_bytes = counts.written_bytes,
+        errors = counts.errors,
         seconds = started.elapsed().as_secs_f64(),
         reason = %outcome,
         "NBD client detached"
@@ -414,14 +411,6 @@ where
             Step::Transmit(attached) => return Ok(*attached),
         }
     }
-}
-
-#[derive(Default)]
-struct ConnStats {
-    requests: AtomicU64,
-    read_bytes: AtomicU64,
-    written_bytes: AtomicU64,
-    errors: AtomicU64,
 }
 
 /// Writes a reply whole, header and body in as few syscalls as the socket allows.
@@ -515,22 +504,17 @@ where
 async fn transmit<R>(
     mut reader: BufReader<R>,
     write: BoxWrite,
-    attached: Attached,
+    conn: Transmission,
     shared: &Arc<Shared>,
     shutdown: CancellationToken,
     session_ended: CancellationToken,
-    stats: Arc<ConnStats>,
+    stats: Arc<IoCounters>,
 ) -> (String, Option<TaskTracker>)
 where
     R: AsyncRead + Unpin,
 {
     let writer = Arc::new(Mutex::new(write));
-    let conn = Arc::new(Transmission {
-        source: attached.source,
-        structured: attached.structured,
-        base_allocation: attached.base_allocation,
-        max_request: shared.max_request,
-    });
+    let conn = Arc::new(conn);
     let per_request_max = request_units(shared.max_request);
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_UNITS.max(per_request_max) as usize));
     let in_flight = TaskTracker::new();
@@ -558,7 +542,7 @@ where
                 break format!("bad request: {err}");
             }
         };
-        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.request();
         if req.command == cmd::DISC {
             break "client sent NBD_CMD_DISC".to_owned();
         }
@@ -593,7 +577,7 @@ where
             }
         }
         if let Err(failure) = checked {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
+            stats.error();
             tracing::debug!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, message = %failure.message, "request refused");
             let reply = conn.error_reply(&req, &failure);
             if write_reply(&writer, &reply).await.is_err() {
@@ -602,14 +586,10 @@ where
             continue;
         }
         match req.command {
-            cmd::READ => stats
-                .read_bytes
-                .fetch_add(u64::from(req.length), Ordering::Relaxed),
-            cmd::WRITE => stats
-                .written_bytes
-                .fetch_add(u64::from(req.length), Ordering::Relaxed),
-            _ => 0,
-        };
+            cmd::READ => stats.read(u64::from(req.length)),
+            cmd::WRITE => stats.written(u64::from(req.length)),
+            _ => {}
+        }
         let (conn2, writer2, stats2, broken2) =
             (conn.clone(), writer.clone(), stats.clone(), broken.clone());
         let mut work = Box::pin(async move {
@@ -624,7 +604,7 @@ where
             let reply = match outcome {
                 Ok(reply) => reply,
                 Err(failure) => {
-                    stats2.errors.fetch_add(1, Ordering::Relaxed);
+                    stats2.error();
                     tracing::warn!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, message = %failure.message, "request failed");
                     conn2.error_reply(&req, &failure)
                 }

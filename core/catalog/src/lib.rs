@@ -11,6 +11,7 @@
 //! assignments need an existing vdisk, a vdisk with live sessions is not removed without
 //! `force`.
 
+mod boot;
 mod holding;
 mod ledger;
 mod model;

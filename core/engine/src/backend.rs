@@ -85,6 +85,13 @@ pub trait ImageBackend: Send + Sync + Debug {
     /// Opens one image as a block source.
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource>;
 
+    /// Opens the image `stat` describes, a stat the caller made just now: a backend whose
+    /// `open` would ask its storage again (a `HEAD` on S3) takes size and generation from
+    /// it instead. The default is `open`.
+    async fn open_stat(&self, stat: &ImageStat, mode: OpenMode) -> Result<DynSource> {
+        self.open(&stat.name, mode).await
+    }
+
     /// Stores the raw image file `from` as the image `image` (`osstream vdisk import`).
     ///
     /// An existing image of that name is [`ErrorKind::Conflict`] unless

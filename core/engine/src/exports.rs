@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::attach::{AttachContext, AttachRequest, Attachment, ExportName, Hold, Intent};
 use crate::backend::{DynBackend, ImageStat, OpenMode, validate_image_name};
 use crate::cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fence::{FencedSource, Regenerated};
 use crate::layer::Layer;
 use crate::sessions::{
-    Grant, LiveSessions, OverlayKind, OverlaySettings, ReadImage, ReaderGuard, SessionDirectory,
-    SessionGuard, SessionTarget,
+    Grant, LiveSessions, OverlayKind, OverlaySettings, ReadImage, SessionDirectory, SessionTarget,
 };
 use crate::source::DynSource;
 
@@ -70,19 +70,23 @@ impl Exports {
         self
     }
 
-    /// Opens the session export of `token` for a client at `peer`: the vdisk under the
-    /// shared layers, plus the client's overlay (standard) or read-write under the
-    /// vdisk's lock (private).
+    /// Attaches a client to an export: a session (`s/<token>`) or a plain image name.
     ///
-    /// With `join` false (a client only asking about the export, NBD `OPT_INFO`), the
-    /// catalog is only asked, nothing of the session is taken: the source has a
-    /// throwaway overlay and no guard.
-    pub async fn open_session(
-        &self,
-        token: &str,
-        peer: &str,
-        join: bool,
-    ) -> Result<(DynSource, ExportEntry, Option<SessionGuard>)> {
+    /// A session gives the vdisk under the shared layers, plus the client's overlay
+    /// (standard) or read-write under the vdisk's lock (private). A plain name is always
+    /// read-only, also on a writable backend: writes reach an image only through a
+    /// private vdisk's session, which holds its lock; an image a private session writes
+    /// is refused (`PermissionDenied`), and the attachment's `ended` token fires when one
+    /// starts writing it later. With [`Intent::Probe`] nothing of a live session is
+    /// taken and no layer hook runs.
+    pub async fn attach(&self, request: AttachRequest<'_>) -> Result<Attachment> {
+        match ExportName::parse(request.name) {
+            ExportName::Session(token) => self.attach_session(token, &request).await,
+            ExportName::Image(name) => self.attach_image(name, &request).await,
+        }
+    }
+
+    async fn attach_session(&self, token: &str, request: &AttachRequest<'_>) -> Result<Attachment> {
         let Some((directory, overlays)) = &self.sessions else {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -90,65 +94,81 @@ impl Exports {
             )
             .with_op("open_session"));
         };
+        let peer = request.peer;
         let target = directory.resolve(token, peer).await?;
         let backend = self.backend(&target)?;
         let identity = backend.identity(&target.image)?;
         let entry = |source: &DynSource| ExportEntry {
-            name: format!("s/{}", target.session),
+            name: ExportName::of_session(&target.session),
             description: target.description.clone(),
             size: source.info().size,
             writable: true,
         };
-        if !join {
-            let mut source = backend.open(&target.image, OpenMode::ReadOnly).await?;
-            for layer in &self.layers {
-                source = layer.layer(source);
-            }
+        let context_of = |source: &DynSource| AttachContext {
+            protocol: request.protocol,
+            peer: peer.to_owned(),
+            export: loggable_export_name(request.name).into_owned(),
+            client: Some(target.client.clone()),
+            session: Some(target.session.clone()),
+            vdisk: Some(target.vdisk.clone()),
+            image: identity.clone(),
+            generation: source.info().generation.clone(),
+        };
+        if request.intent == Intent::Probe {
+            let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
+            let context = context_of(&base);
+            let (source, _) = self.stack(base, None);
             // Reads of the base, writes nowhere: what a client probing the export sees.
-            source = CowLayer::new(Box::new(RamOverlay::new(0)), overlays.block_size).layer(source);
+            let source =
+                CowLayer::new(Box::new(RamOverlay::new(0)), overlays.block_size).layer(source);
             let entry = entry(&source);
-            return Ok((source, entry, None));
+            return Ok(Attachment::new(
+                source,
+                entry,
+                context,
+                Hold::Nothing,
+                Vec::new(),
+            ));
         }
         // Joined and granted in order with this session's other connections coming and
         // going here (see `LiveSessions::orders`).
         let order = self.live.order(&target.session);
         let in_order = order.lock().await;
         let mut guard = self.live.join(&target, peer, directory.clone())?;
-        let grant = self.attach(directory, &target, &identity, peer).await?;
+        let grant = self.grant(directory, &target, &identity, peer).await?;
         self.live.granted(&mut guard);
         drop(in_order);
-        let source = match (&grant.lock, target.overlay) {
+        let (source, hooked, context) = match (&grant.lock, target.overlay) {
             (Some(lock), None) => {
                 // Nobody reads this image by its plain name while it is written.
                 self.live.end_readers(|image| {
                     image.identity == identity
                         || (image.backend == target.backend && image.key == target.image)
                 });
-                let mut source = backend
+                let base = backend
                     .open(&target.image, OpenMode::Locked(lock.clone()))
                     .await?;
-                for layer in &self.layers {
-                    source = layer.layer(source);
-                }
-                Arc::new(FencedSource::new(
+                let hook = context_of(&base);
+                let (source, hooked) = self.stack(base, Some(&hook));
+                let fenced = Arc::new(FencedSource::new(
                     source,
                     lock.clone(),
                     directory.clone(),
                     guard.ended.clone(),
-                )) as DynSource
+                )) as DynSource;
+                (fenced, hooked, hook)
             }
             (_, Some(kind)) => {
                 let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
-                let mut source = Regenerated::wrap(base, grant.image_epoch);
-                for layer in &self.layers {
-                    source = layer.layer(source);
-                }
+                let base = Regenerated::wrap(base, grant.image_epoch);
+                let hook = context_of(&base);
+                let (source, hooked) = self.stack(base, Some(&hook));
                 let image_size = source.info().size;
                 let overlay = self.live.overlay(&target, || {
                     let store = make_overlay(overlays, &target, kind, image_size)?;
                     Ok(Arc::new(CowLayer::new(store, overlays.block_size)))
                 })?;
-                overlay.layer(source)
+                (overlay.layer(source), hooked, hook)
             }
             (None, None) => {
                 return Err(Error::new(
@@ -161,13 +181,42 @@ impl Exports {
             }
         };
         let entry = entry(&source);
-        Ok((source, entry, Some(guard)))
+        Ok(Attachment::new(
+            source,
+            entry,
+            context,
+            Hold::Session(guard),
+            hooked,
+        ))
+    }
+
+    /// Wraps `base` in every shared layer, the first next to the backend; with `hook`,
+    /// tells each layer of the attachment (and returns the layers told, to tell them
+    /// again when it ends).
+    fn stack(
+        &self,
+        base: DynSource,
+        hook: Option<&AttachContext>,
+    ) -> (DynSource, Vec<Arc<dyn Layer>>) {
+        let mut source = base;
+        for layer in &self.layers {
+            source = layer.layer(source);
+            if let Some(context) = hook {
+                layer.attached(context, &source);
+            }
+        }
+        let hooked = if hook.is_some() {
+            self.layers.clone()
+        } else {
+            Vec::new()
+        };
+        (source, hooked)
     }
 
     /// Asks the catalog for the session, waiting (a few seconds at most) while an
     /// earlier holder of a private vdisk's image still has connections open (its
     /// server ends them when it sees the catalog's change, within a reconcile interval).
-    async fn attach(
+    async fn grant(
         &self,
         directory: &Arc<dyn SessionDirectory>,
         target: &SessionTarget,
@@ -242,11 +291,6 @@ impl Exports {
             .end_readers(|image| doomed(image.identity, image.backend, image.key))
     }
 
-    /// Ends a connection's hold on its session and accounts for its I/O.
-    pub async fn close_session(&self, guard: SessionGuard, read: u64, written: u64) {
-        guard.close(read, written).await;
-    }
-
     async fn all_images(&self) -> Result<Vec<(DynBackend, ImageStat)>> {
         let mut all = Vec::new();
         for backend in &self.backends {
@@ -298,13 +342,8 @@ impl Exports {
         Ok(entries)
     }
 
-    /// Opens the export `name` (`IMAGE` or `BACKEND/IMAGE`) with every layer applied.
-    ///
-    /// Plain names are always read-only, also on a writable backend: writes reach an image
-    /// only through a private vdisk's session, which holds its lock. An image a private
-    /// session writes is refused (`PermissionDenied`), and the guard's `ended` token ends
-    /// the connection when one starts writing it later.
-    pub async fn open(&self, name: &str) -> Result<(DynSource, ExportEntry, ReaderGuard)> {
+    /// Attaches a reader of the plain name `name` (`IMAGE` or `BACKEND/IMAGE`).
+    async fn attach_image(&self, name: &str, request: &AttachRequest<'_>) -> Result<Attachment> {
         let (backend, stat) = self.resolve(name).await?;
         let identity = backend.identity(&stat.name)?;
         // Counted before the catalog is asked: a private session taking the image after
@@ -331,18 +370,32 @@ impl Exports {
             }
             epoch = state.epoch;
         }
-        let base = backend.open(&stat.name, OpenMode::ReadOnly).await?;
-        let mut source = Regenerated::wrap(base, epoch);
-        for layer in &self.layers {
-            source = layer.layer(source);
-        }
+        let base = backend.open_stat(&stat, OpenMode::ReadOnly).await?;
+        let base = Regenerated::wrap(base, epoch);
+        let context = AttachContext {
+            protocol: request.protocol,
+            peer: request.peer.to_owned(),
+            export: name.to_owned(),
+            client: None,
+            session: None,
+            vdisk: None,
+            image: identity,
+            generation: base.info().generation.clone(),
+        };
+        let probe = request.intent == Intent::Probe;
+        let (source, hooked) = self.stack(base, (!probe).then_some(&context));
         let entry = ExportEntry {
             name: name.to_owned(),
             description: describe(&backend, &stat),
             size: source.info().size,
             writable: false,
         };
-        Ok((source, entry, reader))
+        let hold = if probe {
+            Hold::Nothing
+        } else {
+            Hold::Reader(reader)
+        };
+        Ok(Attachment::new(source, entry, context, hold, hooked))
     }
 
     async fn resolve(&self, name: &str) -> Result<(DynBackend, ImageStat)> {
@@ -450,10 +503,10 @@ fn describe(backend: &DynBackend, stat: &ImageStat) -> String {
 /// An export name fit for logs: a session token (`s/<token>`, a bearer secret) shortened to
 /// its first six characters, any other name as it is.
 pub fn loggable_export_name(name: &str) -> std::borrow::Cow<'_, str> {
-    match name.strip_prefix("s/") {
-        Some(token) if token.chars().count() > 6 => {
+    match ExportName::parse(name) {
+        ExportName::Session(token) if token.chars().count() > 6 => {
             let prefix: String = token.chars().take(6).collect();
-            std::borrow::Cow::Owned(format!("s/{prefix}…"))
+            std::borrow::Cow::Owned(ExportName::of_session(&format!("{prefix}…")))
         }
         _ => std::borrow::Cow::Borrowed(name),
     }

@@ -2,6 +2,7 @@
 
 use std::fmt::Debug;
 
+use crate::attach::AttachContext;
 use crate::source::DynSource;
 
 /// Wraps a source in another that adds one behaviour.
@@ -10,10 +11,26 @@ use crate::source::DynSource;
 /// The layer owns any state shared by its wrappers (a cache tier, counters, an in-flight
 /// map); `layer` only builds a cheap projection over `inner` and that state. It never does
 /// I/O and never fails.
+///
+/// A layer that keeps state per client (a recorder of first-touch order, a prefetcher)
+/// hears of each attachment through `attached`, with the source it built for it, and of
+/// its end through `detached`, with the same context. Both are called once per
+/// attachment that uses the export (never for probes), must not block (spawn any I/O)
+/// and default to nothing.
 pub trait Layer: Send + Sync + Debug {
     /// A short name for logs (`cache:ram`, `cow`, ...).
     fn name(&self) -> &str;
 
     /// Returns `inner` wrapped by this layer.
     fn layer(&self, inner: DynSource) -> DynSource;
+
+    /// A client attached: `source` is what this layer built for it.
+    fn attached(&self, context: &AttachContext, source: &DynSource) {
+        let _ = (context, source);
+    }
+
+    /// The attachment `context` ended.
+    fn detached(&self, context: &AttachContext) {
+        let _ = context;
+    }
 }

@@ -40,8 +40,10 @@
 //! # });
 //! ```
 
+mod attach;
 mod backend;
 mod blocking;
+mod boot;
 pub mod cache;
 mod chunks;
 pub mod cow;
@@ -57,11 +59,15 @@ mod source;
 pub mod sparse;
 pub mod units;
 
+pub use attach::{
+    AttachContext, AttachRequest, Attachment, ExportName, Intent, IoCounters, IoCounts,
+};
 pub use backend::{
     DynBackend, ImageBackend, ImageStat, ImportOptions, OpenMode, ProgressFn, file_identity,
     validate_image_name,
 };
 pub use blocking::run_blocking;
+pub use boot::{BootChoice, BootClient, BootDirectory, BootKind, BootSession, UnknownPolicy};
 pub use cache::{
     BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, TierStats, stable_hash,
 };
@@ -74,8 +80,7 @@ pub use ledger::ImageLedger;
 pub use protocol::{BootProtocol, ServeContext};
 pub use registry::{BackendContext, BackendFactory, Registry, config_error, parse_table};
 pub use sessions::{
-    Grant, ImageState, LockToken, OverlayKind, OverlaySettings, ReaderGuard, SessionDirectory,
-    SessionGuard, SessionTarget,
+    Grant, ImageState, LockToken, OverlayKind, OverlaySettings, SessionDirectory, SessionTarget,
 };
 pub use source::{
     BlockSource, BlockSourceExt, Capability, DynSource, Extent, ExtentKind, Geometry, ReadOpts,

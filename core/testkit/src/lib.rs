@@ -4,12 +4,15 @@
 //! - [`MemSource`]: an in-memory image (read-only or writable).
 //! - [`InstrumentedSource`]: counts the reads that reach it (to prove single-flight and
 //!   caching), delays them (a slow backend or link) and fails chosen ones (faults).
+//! - [`MemBackend`]: a backend of in-memory images that counts its calls.
 //! - [`MemLedger`]: the catalog's fenced commits, in memory.
 //! - [`conformance`]: the suites.
 
+mod backend;
 pub mod conformance;
 mod ledger;
 mod sources;
 
+pub use backend::MemBackend;
 pub use ledger::MemLedger;
 pub use sources::{InstrumentedBuilder, InstrumentedSource, MemSource, pattern};

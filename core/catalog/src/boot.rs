@@ -1,0 +1,203 @@
+//! The catalog as the engine's [`BootDirectory`]: clients, boot menus, the unknown-client
+//! policy and sessions, as plain engine records. Built on the [`Catalog`] operations alone,
+//! so the boot path gets the same validation and messages as the admin commands.
+
+use osstream_core::{
+    BootChoice, BootClient, BootDirectory, BootKind, BootSession, Error, ErrorKind, OverlayKind,
+    Result, UnknownPolicy, async_trait,
+};
+
+use crate::Catalog;
+use crate::model::{
+    Assignment, BootMethod, Client, Mac, UnknownClientPolicy, Vdisk, VdiskMode, WriteCache,
+};
+use crate::sql::SqlCatalog;
+
+fn boot_client(client: Client) -> BootClient {
+    BootClient {
+        mac: client.mac.into(),
+        name: client.name,
+        hostname: client.hostname,
+        group: client.group,
+        first_seen: client.first_seen,
+        last_seen: client.last_seen,
+    }
+}
+
+fn boot_kind(method: BootMethod) -> BootKind {
+    match method {
+        BootMethod::LinuxNbd => BootKind::LinuxNbd,
+        BootMethod::Sanboot => BootKind::Sanboot,
+    }
+}
+
+fn boot_choice(assignment: &Assignment, vdisk: Vdisk) -> BootChoice {
+    BootChoice {
+        vdisk: vdisk.name,
+        description: vdisk.description,
+        is_default: assignment.is_default,
+        boot: boot_kind(vdisk.boot),
+        kernel: vdisk.kernel,
+        initrd: vdisk.initrd,
+        cmdline: vdisk.cmdline,
+        backend: vdisk.backend,
+        enabled: vdisk.enabled,
+    }
+}
+
+fn overlay(vdisk: &Vdisk) -> Option<OverlayKind> {
+    match vdisk.mode {
+        VdiskMode::Private => None,
+        VdiskMode::Standard => Some(match vdisk.write_cache {
+            WriteCache::Ram => OverlayKind::Ram,
+            WriteCache::RamOverflowDisk => OverlayKind::RamOverflowDisk,
+            WriteCache::ServerDisk => OverlayKind::ServerDisk,
+            WriteCache::ServerDiskPersistent => OverlayKind::ServerDiskPersistent,
+        }),
+    }
+}
+
+/// The catalog's record of `mac`, or `None` if it has none.
+async fn find_client(catalog: &SqlCatalog, mac: &Mac) -> Result<Option<Client>> {
+    match catalog.client(mac).await {
+        Ok(client) => Ok(Some(client)),
+        Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Adds `mac` as `osstream client add` would, then gives it `assignments` (a template's
+/// menu) as `osstream client assign [--default]` would, in order. On failure the client
+/// is removed again, so a retry starts from scratch.
+async fn add_with_assignments(
+    catalog: &SqlCatalog,
+    mac: &Mac,
+    notes: String,
+    assignments: &[Assignment],
+) -> Result<()> {
+    catalog
+        .add_client(&Client {
+            mac: mac.clone(),
+            name: None,
+            hostname: None,
+            group: None,
+            notes,
+            first_seen: None,
+            last_seen: None,
+            created_at: 0,
+        })
+        .await?;
+    for assignment in assignments {
+        if let Err(err) = catalog
+            .assign(mac, &assignment.vdisk, assignment.is_default)
+            .await
+        {
+            if let Err(cleanup) = catalog.remove_client(mac).await {
+                tracing::warn!(%mac, error = %cleanup, "cannot remove a half-registered client");
+            }
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl BootDirectory for SqlCatalog {
+    async fn known_client(&self, mac: &str) -> Result<Option<BootClient>> {
+        let mac: Mac = mac.parse()?;
+        Ok(find_client(self, &mac).await?.map(boot_client))
+    }
+
+    async fn boot_menu(&self, mac: &str) -> Result<Vec<BootChoice>> {
+        let mac: Mac = mac.parse()?;
+        let mut menu = Vec::new();
+        for assignment in self.assignments(&mac).await? {
+            match self.vdisk(&assignment.vdisk).await {
+                Ok(vdisk) => menu.push(boot_choice(&assignment, vdisk)),
+                // Removed since the assignments were read (its assignments went with it).
+                Err(err) if err.kind() == ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(menu)
+    }
+
+    async fn unknown_policy(&self) -> Result<UnknownPolicy> {
+        Ok(match self.unknown_client_policy().await? {
+            UnknownClientPolicy::Ignore => UnknownPolicy::Ignore,
+            UnknownClientPolicy::Register => UnknownPolicy::Register,
+            UnknownClientPolicy::RegisterAndAssign { template } => {
+                UnknownPolicy::RegisterAndAssign {
+                    template: template.into(),
+                }
+            }
+        })
+    }
+
+    async fn register_client(&self, mac: &str, notes: &str) -> Result<BootClient> {
+        let mac: Mac = mac.parse()?;
+        let policy = self.unknown_client_policy().await?;
+        let assignments = match &policy {
+            UnknownClientPolicy::Ignore => {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "client {mac} is not registered, and the unknown-client policy \
+                         ({policy}) registers no one: add it (osstream client add {mac}) or \
+                         change the policy (osstream policy set register)"
+                    ),
+                ));
+            }
+            UnknownClientPolicy::Register => Vec::new(),
+            UnknownClientPolicy::RegisterAndAssign { template } => {
+                // Checked first: a client removed after the policy was set would leave
+                // every newcomer registered without vdisks.
+                if find_client(self, template).await?.is_none() {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "cannot register client {mac}: the template client {template} of the \
+                             unknown-client policy {policy} no longer exists"
+                        ),
+                    ));
+                }
+                self.assignments(template).await?
+            }
+        };
+        // Why the client is there, for whoever reads `osstream client list` later.
+        let mut record =
+            format!("registered on its first boot by the unknown-client policy {policy}");
+        if !notes.is_empty() {
+            record.push_str(": ");
+            record.push_str(notes);
+        }
+        add_with_assignments(self, &mac, record, &assignments).await?;
+        self.touch_client(&mac).await?;
+        Ok(boot_client(self.client(&mac).await?))
+    }
+
+    async fn open_boot_session(
+        &self,
+        mac: &str,
+        vdisk: &str,
+        peer: Option<&str>,
+    ) -> Result<BootSession> {
+        let mac: Mac = mac.parse()?;
+        let session = self.open_session(&mac, vdisk, peer).await?;
+        // A vdisk's mode does not change while it has live sessions (`update_vdisk`
+        // refuses), so reading it after the session opened gives the session's mode.
+        let overlay = overlay(&self.vdisk(&session.vdisk).await?);
+        Ok(BootSession {
+            export: session.export_name(),
+            id: session.id,
+            token: session.token,
+            mac: session.mac.into(),
+            vdisk: session.vdisk,
+            overlay,
+        })
+    }
+
+    async fn client_seen(&self, mac: &str) -> Result<()> {
+        self.touch_client(&mac.parse()?).await
+    }
+}

@@ -1,0 +1,246 @@
+//! [`Attachment`]: one client's use of one export, the same for every protocol.
+//!
+//! A protocol turns what its client asked for (an NBD export name, an HTTP SAN path, a
+//! TFTP file) into an [`AttachRequest`] and calls [`crate::Exports::attach`]. What comes
+//! back holds everything the engine keeps for that use: the layered source, the export
+//! entry, the session's or the plain-name reader's hold, byte counters, and the token
+//! that fires when the engine ends it (the session replaced, closed or taken by another
+//! server; a private session taking the image of a plain name). One [`Attachment::close`]
+//! ends it. A protocol crate needs nothing of sessions' inner workings.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::exports::ExportEntry;
+use crate::layer::Layer;
+use crate::sessions::{ReaderGuard, SessionGuard};
+use crate::source::DynSource;
+
+/// The prefix of session export names: `s/<token>`.
+const SESSION_PREFIX: &str = "s/";
+
+/// What an export name asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportName<'a> {
+    /// A client's session, by its token (a bearer secret: never log it whole).
+    Session(&'a str),
+    /// An image by its plain name (`IMAGE` or `BACKEND/IMAGE`), always read-only.
+    Image(&'a str),
+}
+
+impl<'a> ExportName<'a> {
+    /// Reads an export name as a client sent it.
+    pub fn parse(name: &'a str) -> Self {
+        match name.strip_prefix(SESSION_PREFIX) {
+            Some(token) => ExportName::Session(token),
+            None => ExportName::Image(name),
+        }
+    }
+
+    /// The export name of the session with `token`.
+    pub fn of_session(token: &str) -> String {
+        format!("{SESSION_PREFIX}{token}")
+    }
+}
+
+/// How far an attach goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// The client only asks about the export (NBD `OPT_INFO`, HTTP `HEAD`): the catalog
+    /// is asked, nothing of a live session is taken, no layer hook runs. A probe of a
+    /// session reads the base through a throwaway overlay that keeps nothing.
+    Probe,
+    /// The client will read and write: the session is joined (a private vdisk's lock
+    /// taken), layers see the attach.
+    Use,
+}
+
+/// One request to attach.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachRequest<'a> {
+    /// The export name as the client sent it (see [`ExportName`]).
+    pub name: &'a str,
+    /// Where the client connects from, for the catalog and logs.
+    pub peer: &'a str,
+    /// The protocol asking (`nbd`, `http`, `tftp`, `agent`).
+    pub protocol: &'static str,
+    /// Probe or use.
+    pub intent: Intent,
+}
+
+/// Who uses an image through an attachment: what a layer keeping per-attachment state
+/// (a recorder of first-touch order, a prefetcher) is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachContext {
+    /// The protocol serving it.
+    pub protocol: &'static str,
+    /// The client's address.
+    pub peer: String,
+    /// The export name, fit for logs (session tokens shortened).
+    pub export: String,
+    /// The client's identity (its MAC) for a session; `None` for a plain name.
+    pub client: Option<String>,
+    /// The session id; `None` for a plain name.
+    pub session: Option<String>,
+    /// The vdisk; `None` for a plain name.
+    pub vdisk: Option<String>,
+    /// Where the image's bytes live ([`crate::SourceInfo::identity`]).
+    pub image: String,
+    /// The image's generation as the layers see it ([`crate::SourceInfo::generation`]).
+    pub generation: String,
+}
+
+/// Bytes and requests one attachment moved, kept by its protocol.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    requests: AtomicU64,
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl IoCounters {
+    /// Counts one request.
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts bytes read by the client.
+    pub fn read(&self, bytes: u64) {
+        self.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts bytes written by the client.
+    pub fn written(&self, bytes: u64) {
+        self.written_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts one failed or refused request.
+    pub fn error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> IoCounts {
+        IoCounts {
+            requests: self.requests.load(Ordering::Relaxed),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            written_bytes: self.written_bytes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A snapshot of [`IoCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IoCounts {
+    /// Requests received.
+    pub requests: u64,
+    /// Bytes the client read.
+    pub read_bytes: u64,
+    /// Bytes the client wrote.
+    pub written_bytes: u64,
+    /// Requests that failed or were refused.
+    pub errors: u64,
+}
+
+/// What an attachment holds on the engine's side.
+#[derive(Debug)]
+pub(crate) enum Hold {
+    /// A connection of a session.
+    Session(SessionGuard),
+    /// A reader of a plain name.
+    Reader(ReaderGuard),
+    /// A probe: nothing.
+    Nothing,
+}
+
+/// One client's use of one export: see the module documentation.
+///
+/// Dropping an attachment without [`close`](Attachment::close) still ends it (the
+/// session's catalog record is updated in the background, with no byte counts).
+#[derive(Debug)]
+pub struct Attachment {
+    /// The source to serve: the image under every layer (and the session's overlay).
+    pub source: DynSource,
+    /// The export as listings show it.
+    pub entry: ExportEntry,
+    context: AttachContext,
+    hold: Hold,
+    counters: Arc<IoCounters>,
+    ended: CancellationToken,
+    /// Layers told of this attachment, told again when it ends.
+    hooked: Vec<Arc<dyn Layer>>,
+}
+
+impl Attachment {
+    pub(crate) fn new(
+        source: DynSource,
+        entry: ExportEntry,
+        context: AttachContext,
+        hold: Hold,
+        hooked: Vec<Arc<dyn Layer>>,
+    ) -> Self {
+        let ended = match &hold {
+            Hold::Session(guard) => guard.ended.clone(),
+            Hold::Reader(guard) => guard.ended.clone(),
+            Hold::Nothing => CancellationToken::new(),
+        };
+        Attachment {
+            source,
+            entry,
+            context,
+            hold,
+            counters: Arc::default(),
+            ended,
+            hooked,
+        }
+    }
+
+    /// Fires when the engine ends this attachment: its session was replaced (the client
+    /// rebooted), closed or taken by another server, or a private session took the image
+    /// of a plain name. The protocol then closes the client's connection.
+    pub fn ended(&self) -> &CancellationToken {
+        &self.ended
+    }
+
+    /// The counters the protocol keeps for this attachment; the session's record gets
+    /// them at [`close`](Attachment::close).
+    pub fn counters(&self) -> &Arc<IoCounters> {
+        &self.counters
+    }
+
+    /// Who uses what.
+    pub fn context(&self) -> &AttachContext {
+        &self.context
+    }
+
+    /// The session id, for a session export.
+    pub fn session(&self) -> Option<&str> {
+        self.context.session.as_deref()
+    }
+
+    /// Ends the attachment: layers are told, the session's record gets the bytes moved
+    /// (when a private session's lock goes is the session's rule, not this call's).
+    pub async fn close(mut self) {
+        self.unhook();
+        let counts = self.counters.snapshot();
+        if let Hold::Session(guard) = std::mem::replace(&mut self.hold, Hold::Nothing) {
+            guard.close(counts.read_bytes, counts.written_bytes).await;
+        }
+    }
+
+    fn unhook(&mut self) {
+        for layer in std::mem::take(&mut self.hooked) {
+            layer.detached(&self.context);
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.unhook();
+    }
+}

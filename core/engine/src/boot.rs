@@ -1,0 +1,167 @@
+//! The catalog as boot protocols see it: who a MAC is, what it may boot, what happens to
+//! MACs nobody registered, and how a boot becomes a session.
+//!
+//! DHCP, the iPXE script builder and the unknown-client policy read the catalog through
+//! [`BootDirectory`] alone, with the plain records defined here: they need neither the
+//! catalog crate nor its database types, and tests can stand in a directory of their own.
+
+use std::fmt::{self, Debug};
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::sessions::OverlayKind;
+
+/// A client the catalog knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootClient {
+    /// Its MAC address, normalised: `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Its unique short name, if it has one.
+    pub name: Option<String>,
+    /// The unique hostname it is given, if any.
+    pub hostname: Option<String>,
+    /// Its group, if any.
+    pub group: Option<String>,
+    /// When it first booted (Unix milliseconds); `None` until it does.
+    pub first_seen: Option<i64>,
+    /// When it last booted (Unix milliseconds); `None` until it does.
+    pub last_seen: Option<i64>,
+}
+
+/// How a client boots a vdisk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BootKind {
+    /// Kernel and initrd over the network, the root file system streamed over NBD.
+    LinuxNbd,
+    /// The firmware boots the disk itself (iPXE `sanboot`).
+    Sanboot,
+}
+
+/// One entry of a client's boot menu: a vdisk assigned to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootChoice {
+    /// The vdisk's name (what [`BootDirectory::open_boot_session`] takes).
+    pub vdisk: String,
+    /// Free text for the menu.
+    pub description: String,
+    /// Booted when the client does not choose.
+    pub is_default: bool,
+    /// How it boots.
+    pub boot: BootKind,
+    /// The kernel's image key on [`Self::backend`], for [`BootKind::LinuxNbd`].
+    pub kernel: Option<String>,
+    /// The initrd's image key on [`Self::backend`], for [`BootKind::LinuxNbd`].
+    pub initrd: Option<String>,
+    /// The kernel command line, for [`BootKind::LinuxNbd`].
+    pub cmdline: Option<String>,
+    /// The backend (`[backends.NAME]`) holding the vdisk's image, kernel and initrd.
+    pub backend: String,
+    /// A disabled vdisk stays on the menu so it can say why it cannot boot, but no
+    /// session opens on it.
+    pub enabled: bool,
+}
+
+/// What happens when a MAC the catalog does not know boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnknownPolicy {
+    /// Nothing: the client gets no vdisk and is not registered.
+    Ignore,
+    /// It is registered, with no vdisks (an administrator assigns them).
+    Register,
+    /// It is registered and given the vdisks of the template client.
+    RegisterAndAssign {
+        /// The template client's MAC, normalised.
+        template: String,
+    },
+}
+
+/// A session opened for a booting client: what it connects to.
+///
+/// The token is a bearer secret, so `Debug` leaves it out and shortens the export name.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BootSession {
+    /// Short id, for logs and admins.
+    pub id: String,
+    /// The secret that reaches the session.
+    pub token: String,
+    /// The export name the client opens: `s/<token>`.
+    pub export: String,
+    /// The client's MAC, normalised.
+    pub mac: String,
+    /// The vdisk.
+    pub vdisk: String,
+    /// `Some(kind)` for a standard vdisk (its writes go to an overlay of that kind);
+    /// `None` for a private vdisk, written in place.
+    pub overlay: Option<OverlayKind>,
+}
+
+impl BootSession {
+    /// A private vdisk's session (written in place, under the vdisk's lock).
+    pub fn is_private(&self) -> bool {
+        self.overlay.is_none()
+    }
+}
+
+impl Debug for BootSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BootSession")
+            .field("id", &self.id)
+            .field("export", &crate::loggable_export_name(&self.export))
+            .field("mac", &self.mac)
+            .field("vdisk", &self.vdisk)
+            .field("overlay", &self.overlay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The catalog as boot protocols (DHCP, iPXE scripts, the unknown-client policy) see it.
+///
+/// # Contract
+/// - A MAC is accepted in any spelling the catalog accepts (`aa:bb:cc:dd:ee:ff`,
+///   `aa-bb-cc-dd-ee-ff`, `aabbccddeeff`, any case); a malformed one fails with
+///   `InvalidInput` before anything is read or written. Records carry the normalised form.
+/// - `known_client` returns `None` exactly when the catalog does not know the MAC: a
+///   catalog that cannot be reached is an error (`Io`, temporary), never `None`.
+/// - `boot_menu` lists the vdisks assigned to that client and nothing else, in menu order,
+///   at most one of them the default; disabled vdisks are listed with `enabled` false.
+///   An unknown MAC has an empty menu.
+/// - `open_boot_session` opens a session only on a vdisk assigned to that client:
+///   `NotFound` for an unknown client or vdisk, `PermissionDenied` for a vdisk that is
+///   not assigned to it or is disabled, `Conflict` for a private vdisk another session
+///   holds. It ends the client's earlier live session (one client, one session) and
+///   records that the client was seen. No call ever reveals or opens another client's
+///   vdisks.
+/// - `unknown_policy` is read from the catalog at each call, so a change applies to the
+///   next boot.
+/// - `register_client` registers the MAC as the policy says, and records it as seen:
+///   `PermissionDenied` naming the MAC and the policy when the policy is to ignore
+///   unknown clients, `Conflict` when the catalog knows the MAC already (another server
+///   may have registered it a moment earlier), `NotFound` when the policy's template
+///   client no longer exists. A registration that fails part-way (a template's vdisk
+///   removed meanwhile) is undone, so a retry starts afresh.
+/// - `client_seen` records that the client is booting now; an unknown MAC is not an error
+///   and changes nothing.
+/// - Every method is safe to call concurrently, from several servers sharing a catalog.
+#[async_trait]
+pub trait BootDirectory: Send + Sync + Debug {
+    /// The client with this MAC, or `None` if the catalog does not know it.
+    async fn known_client(&self, mac: &str) -> Result<Option<BootClient>>;
+    /// The vdisks this client may boot, in menu order.
+    async fn boot_menu(&self, mac: &str) -> Result<Vec<BootChoice>>;
+    /// What happens when a MAC the catalog does not know boots.
+    async fn unknown_policy(&self) -> Result<UnknownPolicy>;
+    /// Registers a MAC the catalog does not know, as the unknown-client policy allows;
+    /// `notes` (may be empty) says for the administrator where it was first seen.
+    async fn register_client(&self, mac: &str, notes: &str) -> Result<BootClient>;
+    /// Opens a session of the client on one of its vdisks; `peer` is the address it boots
+    /// from, if known.
+    async fn open_boot_session(
+        &self,
+        mac: &str,
+        vdisk: &str,
+        peer: Option<&str>,
+    ) -> Result<BootSession>;
+    /// Records that the client is booting now (its first and last seen).
+    async fn client_seen(&self, mac: &str) -> Result<()>;
+}
