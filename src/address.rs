@@ -60,16 +60,32 @@ pub fn session_address(config: &Config, export: &str, registered: Registered) ->
         }
         Registered::Nobody => {}
     }
-    let nbd = &config.nbd;
+    configured_address(config)
+        .map(|address| known(&address))
+        .unwrap_or_else(hint)
+}
+
+/// The address the configuration's `[nbd]` listeners give clients, or why there is none.
+#[cfg(feature = "boot-nbd")]
+fn configured_address(config: &Config) -> std::result::Result<String, String> {
+    let nbd: osstream_nbd::NbdConfig = config
+        .protocol_tables()
+        .ok()
+        .and_then(|mut tables| tables.remove(osstream_nbd::KIND))
+        .and_then(|table| osstream_core::parse_table(osstream_nbd::KIND, table).ok())
+        .unwrap_or_default();
     if let Some(address) = nbd.public_address_for(&nbd.listen) {
-        return known(&address);
+        return Ok(address);
     }
-    if nbd.listen.iter().all(|a| a.starts_with("unix:"))
-        && let Some(socket) = nbd.listen.first()
-    {
-        return known(socket);
+    match nbd.listen.first() {
+        Some(socket) if nbd.listen.iter().all(|a| a.starts_with("unix:")) => Ok(socket.clone()),
+        _ => Err(format!("the server listens on {}", nbd.listen.join(", "))),
     }
-    hint(format!("the server listens on {}", nbd.listen.join(", ")))
+}
+
+#[cfg(not(feature = "boot-nbd"))]
+fn configured_address(_: &Config) -> std::result::Result<String, String> {
+    Err("this build serves no NBD".to_owned())
 }
 
 /// What the running servers registered: this configuration's own server first (the

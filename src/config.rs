@@ -10,15 +10,16 @@ use figment::value::{Dict, Value};
 use osstream_core::{ByteSize, Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
 
-#[cfg(feature = "boot-nbd")]
-pub use osstream_nbd::NbdConfig;
-
 /// The configuration file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "osstream.toml";
 
 /// Everything `osstream` can be configured with. `examples/osstream.toml` documents each key.
+///
+/// Cache tiers (`[cache.KIND]`) and boot protocols (`[KIND]`) are tables of kinds the
+/// registry knows ([`crate::wiring::registry`]); [`load`] checks them by their kind and
+/// fills in their defaults, so they are as strictly checked as the typed keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Config {
     /// Where osstream keeps its state: images of the default backend, caches, the catalog.
     pub data_dir: PathBuf,
@@ -34,9 +35,9 @@ pub struct Config {
     pub catalog: CatalogConfig,
     /// Client sessions and their write overlays.
     pub sessions: SessionsConfig,
-    /// The NBD server.
-    #[cfg(feature = "boot-nbd")]
-    pub nbd: NbdConfig,
+    /// Boot protocols by section name (`[nbd]`), each a table of its kind.
+    #[serde(flatten)]
+    pub protocols: BTreeMap<String, Value>,
 }
 
 /// `[log]`.
@@ -112,24 +113,24 @@ impl Default for SessionsConfig {
 }
 
 /// `[cache]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CacheConfig {
-    /// `[cache.ram]`: the RAM tier shared by every client of every image.
-    pub ram: RamCacheConfig,
+    /// The tiers a read looks in, nearest the client first (a miss in one is filled from
+    /// the next, the last from the backend). Default: `["ram"]`; `[]` caches nothing.
+    pub tiers: Vec<String>,
+    /// Each tier's table, `[cache.KIND]`.
+    #[serde(flatten)]
+    pub tables: BTreeMap<String, Value>,
 }
 
-/// `[cache.ram]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RamCacheConfig {
-    /// Put the RAM cache in front of every backend. Default: true.
-    pub enabled: bool,
-    /// Most bytes held. Default: `1GiB`.
-    pub capacity: ByteSize,
-    /// Cache block size: reads are filled from the backend in aligned blocks of this
-    /// size. Default: `64KiB`.
-    pub block_size: ByteSize,
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            tiers: vec!["ram".to_owned()],
+            tables: BTreeMap::new(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -142,8 +143,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             catalog: CatalogConfig::default(),
             sessions: SessionsConfig::default(),
-            #[cfg(feature = "boot-nbd")]
-            nbd: NbdConfig::default(),
+            protocols: BTreeMap::new(),
         }
     }
 }
@@ -161,16 +161,6 @@ impl Default for DemoConfig {
         DemoConfig {
             create: true,
             size: ByteSize::mib(64),
-        }
-    }
-}
-
-impl Default for RamCacheConfig {
-    fn default() -> Self {
-        RamCacheConfig {
-            enabled: true,
-            capacity: ByteSize::gib(1),
-            block_size: ByteSize::kib(64),
         }
     }
 }
@@ -237,6 +227,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config> {
         config.backends = default_backends();
     }
     check(&config)?;
+    fill_components(&mut config, &figment)?;
     Ok(config)
 }
 
@@ -303,22 +294,6 @@ pub fn check_log_filter(filter: &str) -> Result<()> {
 
 fn check(config: &Config) -> Result<()> {
     check_log_filter(&config.log.filter)?;
-    let ram = &config.cache.ram;
-    if ram.enabled && (ram.block_size.bytes() < 512 || !ram.block_size.bytes().is_power_of_two()) {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "cache.ram.block_size = {} must be a power of two of at least 512 bytes",
-                ram.block_size
-            ),
-        ));
-    }
-    if ram.enabled && ram.block_size.bytes() > 16 << 20 {
-        return Err(Error::new(
-            ErrorKind::Config,
-            "cache.ram.block_size must be at most 16MiB",
-        ));
-    }
     let overlay = &config.sessions.block_size;
     if overlay.bytes() < 512 || !overlay.bytes().is_power_of_two() || overlay.bytes() > 1 << 20 {
         return Err(Error::new(
@@ -353,29 +328,74 @@ fn check(config: &Config) -> Result<()> {
             ));
         }
     }
-    #[cfg(feature = "boot-nbd")]
-    {
-        let nbd = &config.nbd;
-        nbd.check_public_address()
-            .map_err(|why| Error::new(ErrorKind::Config, why))?;
-        if nbd.enabled && nbd.listen.is_empty() {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "nbd.listen is empty; give at least one HOST:PORT or unix:PATH, or set nbd.enabled = false",
-            ));
-        }
-        let max = nbd.max_request.bytes();
-        if !(4096..=(1 << 30)).contains(&max) {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "nbd.max_request = {} must be between 4KiB and 1GiB",
-                    nbd.max_request
-                ),
-            ));
-        }
-    }
     Ok(())
+}
+
+/// The keys `Config` itself has, for the message about an unknown one.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "data_dir", "log", "demo", "backends", "cache", "catalog", "sessions",
+];
+
+/// `tables` as tables: every value under `what` must be one.
+fn as_tables(what: &str, tables: &BTreeMap<String, Value>) -> Result<BTreeMap<String, Dict>> {
+    tables
+        .iter()
+        .map(|(key, value)| match value {
+            Value::Dict(_, dict) => Ok((key.clone(), dict.clone())),
+            _ => Err(Error::new(
+                ErrorKind::Config,
+                format!("{what}{key} must be a table ([{what}{key}])"),
+            )),
+        })
+        .collect()
+}
+
+/// Checks the cache tier and protocol tables by their kinds and replaces them with
+/// their effective values (every default filled in, as `config show` prints them).
+fn fill_components(config: &mut Config, source: &Figment) -> Result<()> {
+    let registry = crate::wiring::registry();
+    let known = registry.protocol_kinds();
+    if let Some(key) = config
+        .protocols
+        .keys()
+        .find(|k| !known.contains(&k.as_str()))
+    {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "invalid configuration: unknown key `{key}`; known keys: {}, and the protocol sections {}",
+                TOP_LEVEL_KEYS.join(", "),
+                known.join(", ")
+            ),
+        ));
+    }
+    as_tables("", &config.protocols)?;
+    let present: Vec<String> = config.protocols.keys().cloned().collect();
+    let protocols = registry.effective_protocols(source, &present)?;
+    config.protocols = protocols
+        .into_iter()
+        .map(|(kind, dict)| (kind, Value::from(dict)))
+        .collect();
+    as_tables("cache.", &config.cache.tables)?;
+    let present: Vec<String> = config.cache.tables.keys().cloned().collect();
+    let tiers = registry.effective_tiers(source, &config.cache.tiers, &present)?;
+    config.cache.tables = tiers
+        .into_iter()
+        .map(|(kind, dict)| (kind, Value::from(dict)))
+        .collect();
+    Ok(())
+}
+
+impl Config {
+    /// The protocols' tables (after [`load`]: every registered one, defaults filled in).
+    pub fn protocol_tables(&self) -> Result<BTreeMap<String, Dict>> {
+        as_tables("", &self.protocols)
+    }
+
+    /// The cache tiers' tables (after [`load`]: every listed one, defaults filled in).
+    pub fn tier_tables(&self) -> Result<BTreeMap<String, Dict>> {
+        as_tables("cache.", &self.cache.tables)
+    }
 }
 
 /// Replaces secrets (backend keys naming a secret, password or token, and the password of
@@ -431,9 +451,14 @@ mod tests {
         let config = load_from("").unwrap();
         assert_eq!(config.data_dir, PathBuf::from("./osstream-data"));
         assert!(config.backends.contains_key("images"));
-        assert!(config.cache.ram.enabled);
+        assert_eq!(config.cache.tiers, vec!["ram".to_owned()]);
+        let ram = &config.tier_tables().unwrap()["ram"];
+        assert_eq!(ram["enabled"], Value::from(true));
         #[cfg(feature = "boot-nbd")]
-        assert_eq!(config.nbd.listen, vec!["127.0.0.1:10809".to_owned()]);
+        assert_eq!(
+            config.protocol_tables().unwrap()["nbd"]["listen"],
+            Value::from(vec!["127.0.0.1:10809".to_owned()])
+        );
     }
 
     #[test]
@@ -444,6 +469,18 @@ mod tests {
         assert!(text.contains("capacity"), "{text}");
         let err = load_from("colour = \"blue\"\n").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+        let err = load_from("[nbx]\nlisten = []\n").unwrap_err();
+        assert!(err.to_string().contains("unknown key `nbx`"), "{err}");
+        let err = load_from("[cache]\ntiers = [\"ram\", \"tape\"]\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unknown cache tier \"tape\"; known tiers: ram"),
+            "{err}"
+        );
+        let err = load_from("[cache.rma]\ncapacity = \"1GiB\"\n").unwrap_err();
+        assert!(err.to_string().contains("\"rma\""), "{err}");
+        let err = load_from("[nbd]\nlistne = []\n").unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
     }
 
     #[test]
@@ -453,7 +490,11 @@ mod tests {
              [backends.nas]\nkind = \"file\"\nroot = \"/mnt/nas/images\"\n",
         )
         .unwrap();
-        assert_eq!(config.cache.ram.capacity, ByteSize::gib(8));
+        let ram = &config.tier_tables().unwrap()["ram"];
+        assert_eq!(
+            ram["capacity"].deserialize::<ByteSize>().unwrap(),
+            ByteSize::gib(8)
+        );
         assert_eq!(
             config.backends.len(),
             1,

@@ -4,8 +4,7 @@ use std::sync::Arc;
 
 use osstream_catalog::SessionTimers;
 use osstream_core::{
-    BackendContext, BootProtocol, CacheLayer, DynBackend, Error, ErrorKind, Exports, Layer,
-    OverlaySettings, RamTier, Result, ServeContext,
+    BackendContext, DynBackend, Error, ErrorKind, Exports, OverlaySettings, Result, ServeContext,
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::Targets;
@@ -95,17 +94,9 @@ async fn serve(config: Config) -> Result<()> {
         backends.push(backend);
     }
 
-    let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
-    let ram = &config.cache.ram;
-    let mut ram_cache = None;
-    if ram.enabled {
-        let cache = Arc::new(CacheLayer::new(
-            Arc::new(RamTier::new(ram.capacity.bytes())),
-            ram.block_size.bytes(),
-        ));
-        layers.push(cache.clone());
-        ram_cache = Some(cache);
-        tracing::info!(capacity = %ram.capacity, block_size = %ram.block_size, "RAM cache on");
+    let layers = registry.build_tiers(&ctx, &config.cache.tiers, &config.tier_tables()?)?;
+    if layers.is_empty() {
+        tracing::info!("no cache tier: every read goes to its backend");
     }
     catalog
         .register_server(&me, &crate::sessions::host_name())
@@ -130,31 +121,31 @@ async fn serve(config: Config) -> Result<()> {
         me.clone(),
         timers,
     ));
-    let exports =
-        Arc::new(Exports::new(backends, layers).with_sessions(directory.clone(), overlays.clone()));
+    let exports = Arc::new(
+        Exports::new(backends, layers.clone()).with_sessions(directory.clone(), overlays.clone()),
+    );
     crate::sessions::sweep_overlays(&catalog, &exports, &overlays.dir).await;
     let names: Vec<String> = exports.list().await?.into_iter().map(|e| e.name).collect();
 
-    let mut protocols: Vec<Box<dyn BootProtocol>> = Vec::new();
-    #[cfg(feature = "boot-nbd")]
-    if config.nbd.enabled {
-        protocols.push(Box::new(osstream_nbd::NbdServer::new(config.nbd.clone())));
-    }
+    let mut protocols = registry.build_protocols(&ctx, &config.protocol_tables()?)?;
     if protocols.is_empty() {
         return Err(Error::new(
             ErrorKind::Config,
-            "no protocol is enabled; nothing to serve",
+            format!(
+                "no protocol is enabled; nothing to serve (this build serves: {})",
+                registry.protocol_kinds().join(", ")
+            ),
         ));
     }
+    let mut session_address = None;
     for protocol in &mut protocols {
         let bound = protocol.bind().await?;
         tracing::info!(protocol = protocol.name(), listen = %bound.join(", "), "listening");
-        #[cfg(feature = "boot-nbd")]
-        if protocol.name() == osstream_nbd::KIND {
-            let address = config.nbd.registered_address_for(&bound);
-            catalog.set_server_address(&me, address.as_deref()).await?;
-        }
+        session_address = session_address.or_else(|| protocol.session_address());
     }
+    catalog
+        .set_server_address(&me, session_address.as_deref())
+        .await?;
     tracing::info!(images = %names.join(", "), "osstream ready");
 
     let shutdown = CancellationToken::new();
@@ -199,19 +190,8 @@ async fn serve(config: Config) -> Result<()> {
         }
         Err(err) => tracing::warn!(%err, "cannot record the stop in the catalog"),
     }
-    if let Some(cache) = ram_cache {
-        let stats = cache.stats();
-        let tier = cache.tier().stats();
-        tracing::info!(
-            hits = stats.hits,
-            misses = stats.misses,
-            coalesced = stats.coalesced,
-            backend_reads = stats.backend_reads,
-            backend_bytes = stats.backend_bytes,
-            evictions = tier.evictions,
-            cached_bytes = tier.bytes,
-            "RAM cache statistics (blocks)"
-        );
+    for layer in &layers {
+        layer.log_summary();
     }
     tracing::info!("stopped");
     Ok(())

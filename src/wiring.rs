@@ -8,10 +8,13 @@ use osstream_core::{BackendContext, Error, ErrorKind, Registry, Result};
 use crate::args::VdiskAdd;
 use crate::config::Config;
 
-/// Every backend kind this build knows.
+/// Every backend, cache tier and protocol kind this build knows: adding one is a crate
+/// and a line here.
 pub fn registry() -> Registry {
-    #[allow(unused_mut)]
     let mut registry = Registry::new();
+    registry.register_tier::<osstream_core::RamTierConfig>();
+    #[cfg(feature = "boot-nbd")]
+    osstream_nbd::register(&mut registry);
     #[cfg(feature = "backend-file")]
     osstream_backend_file::register(&mut registry);
     #[cfg(feature = "backend-nfs")]

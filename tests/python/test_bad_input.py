@@ -200,4 +200,4 @@ def test_shutdown_drains_and_exits_zero(server):
     assert closed_by_server(s)
     log = server.log.read_text()
     assert "finishing requests in flight" in log and "stopped" in log
-    assert "RAM cache statistics" in log and "misses=16" in log  # 1 MiB read = 16 blocks of 64 KiB
+    assert "cache statistics (blocks)" in log and "tier=ram" in log and "misses=16" in log  # 1 MiB read = 16 blocks of 64 KiB

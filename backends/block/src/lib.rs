@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use osstream_core::{
     BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageStat, OpenMode,
-    Registry, Result, async_trait, parse_table, validate_image_name,
+    Registry, Result, async_trait, validate_image_name,
 };
 
 pub use config::BlockConfig;
@@ -55,10 +55,15 @@ pub fn device_identity(path: &std::path::Path) -> String {
 
 /// Adds the `block` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register_backend(KIND, |_ctx: &BackendContext, name, table| {
-        let config: BlockConfig = parse_table(&format!("backends.{name}"), table)?;
-        Ok(Arc::new(BlockBackend::new(name, config)?) as DynBackend)
-    });
+    registry.register::<BlockConfig>();
+}
+
+impl osstream_core::BackendKind for BlockConfig {
+    const KIND: &'static str = KIND;
+
+    fn build(self, _ctx: &BackendContext, name: &str) -> Result<DynBackend> {
+        Ok(Arc::new(BlockBackend::new(name, self)?) as DynBackend)
+    }
 }
 
 /// Administrator-listed block devices.

@@ -23,8 +23,7 @@ use std::sync::Arc;
 
 use osstream_core::{
     BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageStat,
-    ImportOptions, OpenMode, Registry, Result, async_trait, file_identity, parse_table,
-    validate_image_name,
+    ImportOptions, OpenMode, Registry, Result, async_trait, file_identity, validate_image_name,
 };
 
 pub use config::FileConfig;
@@ -36,10 +35,15 @@ pub const KIND: &str = "file";
 
 /// Adds the `file` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register_backend(KIND, |ctx, name, table| {
-        let config: FileConfig = parse_table(&format!("backends.{name}"), table)?;
-        Ok(Arc::new(FileBackend::new(ctx, name, config)) as DynBackend)
-    });
+    registry.register::<FileConfig>();
+}
+
+impl osstream_core::BackendKind for FileConfig {
+    const KIND: &'static str = KIND;
+
+    fn build(self, ctx: &BackendContext, name: &str) -> Result<DynBackend> {
+        Ok(Arc::new(FileBackend::new(ctx, name, self)) as DynBackend)
+    }
 }
 
 /// Raw images in one directory.

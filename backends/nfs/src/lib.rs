@@ -34,7 +34,7 @@ use nfs3_client::{Nfs3Client, Nfs3ConnectionBuilder};
 use osstream_core::{
     BackendContext, BlockSource, Bytes, BytesMut, Capability, Chunks, DynBackend, DynSource, Error,
     ErrorKind, Extent, Geometry, ImageBackend, ImageStat, OpenMode, ReadOpts, Registry, Result,
-    SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, parse_table, read_only_error,
+    SourceInfo, WriteOpts, ZeroOpts, async_trait, check_range, read_only_error,
     validate_image_name,
 };
 use serde::{Deserialize, Serialize};
@@ -89,10 +89,15 @@ fn default_extension() -> String {
 
 /// Adds the `nfs` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register_backend(KIND, |_ctx: &BackendContext, name, table| {
-        let config: NfsConfig = parse_table(&format!("backends.{name}"), table)?;
-        Ok(Arc::new(NfsBackend::new(name, config)) as DynBackend)
-    });
+    registry.register::<NfsConfig>();
+}
+
+impl osstream_core::BackendKind for NfsConfig {
+    const KIND: &'static str = KIND;
+
+    fn build(self, _ctx: &BackendContext, name: &str) -> Result<DynBackend> {
+        Ok(Arc::new(NfsBackend::new(name, self)) as DynBackend)
+    }
 }
 
 type Client = Nfs3Client<<TokioConnector as nfs3_client::net::Connector>::Connection>;

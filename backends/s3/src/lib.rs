@@ -41,8 +41,7 @@ use std::sync::Arc;
 use object_store::path::Path;
 use osstream_core::{
     BackendContext, DynBackend, DynSource, Error, ErrorKind, ImageBackend, ImageLedger, ImageStat,
-    ImportOptions, OpenMode, Registry, Result, SourceInfo, async_trait, parse_table,
-    validate_image_name,
+    ImportOptions, OpenMode, Registry, Result, SourceInfo, async_trait, validate_image_name,
 };
 
 pub use config::{Layout, S3Config};
@@ -56,10 +55,15 @@ pub const KIND: &str = "s3";
 
 /// Adds the `s3` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register_backend(KIND, |ctx: &BackendContext, name, table| {
-        let config: S3Config = parse_table(&format!("backends.{name}"), table)?;
-        Ok(Arc::new(S3Backend::new(name, config)?.with_ledger(ctx.ledger.clone())) as DynBackend)
-    });
+    registry.register::<S3Config>();
+}
+
+impl osstream_core::BackendKind for S3Config {
+    const KIND: &'static str = KIND;
+
+    fn build(self, ctx: &BackendContext, name: &str) -> Result<DynBackend> {
+        Ok(Arc::new(S3Backend::new(name, self)?.with_ledger(ctx.ledger.clone())) as DynBackend)
+    }
 }
 
 /// Images in one bucket (under one prefix).

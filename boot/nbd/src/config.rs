@@ -1,4 +1,6 @@
-use osstream_core::{ByteSize, Seconds};
+use osstream_core::{
+    BackendContext, BootProtocol, ByteSize, Error, ErrorKind, ProtocolKind, Result, Seconds,
+};
 use serde::{Deserialize, Serialize};
 
 /// `[nbd]`: the NBD server.
@@ -49,6 +51,38 @@ impl Default for NbdConfig {
             max_connections: 1024,
             drain_timeout: Seconds(std::time::Duration::from_secs(30)),
         }
+    }
+}
+
+impl ProtocolKind for NbdConfig {
+    const KIND: &'static str = crate::KIND;
+
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn check(&self) -> Result<()> {
+        let config = |why: String| Error::new(ErrorKind::Config, why);
+        self.check_public_address().map_err(config)?;
+        if self.enabled && self.listen.is_empty() {
+            return Err(config(
+                "nbd.listen is empty; give at least one HOST:PORT or unix:PATH, or set nbd.enabled = false"
+                    .to_owned(),
+            ));
+        }
+        let max = self.max_request.bytes();
+        if !(4096..=(1 << 30)).contains(&max) {
+            return Err(config(format!(
+                "nbd.max_request = {} must be between 4KiB and 1GiB",
+                self.max_request
+            )));
+        }
+        Ok(())
+    }
+
+    fn build(self, _ctx: &BackendContext) -> Result<Box<dyn BootProtocol>> {
+        self.check()?;
+        Ok(Box::new(crate::NbdServer::new(self)))
     }
 }
 

@@ -25,3 +25,8 @@ pub use server::NbdServer;
 
 /// The protocol name used in configuration (`[nbd]`) and logs.
 pub const KIND: &str = "nbd";
+
+/// Adds the NBD protocol (`[nbd]`) to `registry`.
+pub fn register(registry: &mut osstream_core::Registry) {
+    registry.register_protocol::<NbdConfig>();
+}

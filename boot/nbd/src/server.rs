@@ -42,6 +42,8 @@ pub struct NbdServer {
     listeners: Vec<Listener>,
     /// Plain image names are served (decided at `bind`, from where it listens).
     base_exports: bool,
+    /// The listeners' addresses, once bound.
+    bound: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -57,6 +59,7 @@ impl NbdServer {
             config,
             listeners: Vec::new(),
             base_exports: false,
+            bound: Vec::new(),
         }
     }
 }
@@ -64,7 +67,7 @@ impl NbdServer {
 #[async_trait]
 impl BootProtocol for NbdServer {
     fn name(&self) -> &'static str {
-        "nbd"
+        crate::KIND
     }
 
     async fn bind(&mut self) -> Result<Vec<String>> {
@@ -128,7 +131,12 @@ impl BootProtocol for NbdServer {
                  can print it"
             );
         }
+        self.bound = bound.clone();
         Ok(bound)
+    }
+
+    fn session_address(&self) -> Option<String> {
+        self.config.registered_address_for(&self.bound)
     }
 
     async fn serve(self: Box<Self>, ctx: ServeContext, shutdown: CancellationToken) -> Result<()> {

@@ -33,4 +33,7 @@ pub trait Layer: Send + Sync + Debug {
     fn detached(&self, context: &AttachContext) {
         let _ = context;
     }
+
+    /// Logs what the layer did since start (the server calls it when it stops).
+    fn log_summary(&self) {}
 }

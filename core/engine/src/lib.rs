@@ -69,7 +69,8 @@ pub use backend::{
 pub use blocking::run_blocking;
 pub use boot::{BootChoice, BootClient, BootDirectory, BootKind, BootSession, UnknownPolicy};
 pub use cache::{
-    BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, TierStats, stable_hash,
+    BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, RamTierConfig, TierStats,
+    stable_hash,
 };
 pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, SpillOverlay};
@@ -78,7 +79,10 @@ pub use exports::{ExportEntry, Exports, loggable_export_name};
 pub use layer::Layer;
 pub use ledger::ImageLedger;
 pub use protocol::{BootProtocol, ServeContext};
-pub use registry::{BackendContext, BackendFactory, Registry, config_error, parse_table};
+pub use registry::{
+    BackendContext, BackendFactory, BackendKind, ProtocolKind, Registry, TierKind, config_error,
+    parse_table,
+};
 pub use sessions::{
     Grant, ImageState, LockToken, OverlayKind, OverlaySettings, SessionDirectory, SessionTarget,
 };

@@ -31,6 +31,13 @@ pub trait BootProtocol: Send + Sync + Debug {
     /// Binds the configured listeners; returns what was bound, for logs.
     async fn bind(&mut self) -> Result<Vec<String>>;
 
+    /// After `bind`: the address clients reach session exports at (`HOST:PORT` or
+    /// `unix:PATH`), which the server records in the catalog for `session open`; `None`
+    /// for protocols that serve no session exports, or when no such address is known.
+    fn session_address(&self) -> Option<String> {
+        None
+    }
+
     /// Serves clients until `shutdown` is cancelled and in-flight work has drained.
     async fn serve(self: Box<Self>, ctx: ServeContext, shutdown: CancellationToken) -> Result<()>;
 }

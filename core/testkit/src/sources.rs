@@ -155,8 +155,9 @@ impl BlockSource for MemSource {
 }
 
 /// Forwards everything to `inner` and instruments reads: counts them (and their bytes),
-/// delays each by a fixed time (a slow backend or a high-latency link), and fails every
-/// n-th one with a temporary I/O error (a flaky backend).
+/// delays each by a fixed time (a slow backend or a high-latency link; reads marked
+/// [`ReadOpts::prefetch`] may get a delay of their own), and fails every n-th one with a
+/// temporary I/O error (a flaky backend).
 ///
 /// ```
 /// # use std::{sync::Arc, time::Duration};
@@ -171,8 +172,12 @@ impl BlockSource for MemSource {
 pub struct InstrumentedSource {
     inner: DynSource,
     delay: Duration,
+    prefetch_delay: Duration,
     fail_every: u64,
     reads: AtomicU64,
+    prefetch_reads: AtomicU64,
+    reading: AtomicU64,
+    peak_reading: AtomicU64,
     bytes: AtomicU64,
 }
 
@@ -181,6 +186,7 @@ pub struct InstrumentedSource {
 pub struct InstrumentedBuilder {
     inner: DynSource,
     delay: Duration,
+    prefetch_delay: Option<Duration>,
     fail_every: u64,
 }
 
@@ -188,6 +194,13 @@ impl InstrumentedBuilder {
     /// Every read waits `delay` before it reaches the inner source.
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Reads marked [`ReadOpts::prefetch`] wait `delay` instead of the one set by
+    /// [`InstrumentedBuilder::delay`]: a backend whose speculative reads are long ones.
+    pub fn prefetch_delay(mut self, delay: Duration) -> Self {
+        self.prefetch_delay = Some(delay);
         self
     }
 
@@ -202,8 +215,12 @@ impl InstrumentedBuilder {
         Arc::new(InstrumentedSource {
             inner: self.inner,
             delay: self.delay,
+            prefetch_delay: self.prefetch_delay.unwrap_or(self.delay),
             fail_every: self.fail_every,
             reads: AtomicU64::new(0),
+            prefetch_reads: AtomicU64::new(0),
+            reading: AtomicU64::new(0),
+            peak_reading: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         })
     }
@@ -215,6 +232,7 @@ impl InstrumentedSource {
         InstrumentedBuilder {
             inner,
             delay: Duration::ZERO,
+            prefetch_delay: None,
             fail_every: 0,
         }
     }
@@ -229,9 +247,38 @@ impl InstrumentedSource {
         self.reads.load(Ordering::SeqCst)
     }
 
+    /// Reads marked [`ReadOpts::prefetch`] that reached this source (counted in
+    /// [`InstrumentedSource::reads`] too).
+    pub fn prefetch_reads(&self) -> u64 {
+        self.prefetch_reads.load(Ordering::SeqCst)
+    }
+
+    /// The most reads that were in progress here at once.
+    pub fn peak_concurrent_reads(&self) -> u64 {
+        self.peak_reading.load(Ordering::SeqCst)
+    }
+
     /// Bytes requested through this source.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts one read of an [`InstrumentedSource`] as in progress until dropped (when the read
+/// returns or is cancelled).
+struct ReadInProgress<'a>(&'a InstrumentedSource);
+
+impl<'a> ReadInProgress<'a> {
+    fn start(source: &'a InstrumentedSource) -> Self {
+        let reading = source.reading.fetch_add(1, Ordering::SeqCst) + 1;
+        source.peak_reading.fetch_max(reading, Ordering::SeqCst);
+        ReadInProgress(source)
+    }
+}
+
+impl Drop for ReadInProgress<'_> {
+    fn drop(&mut self) {
+        self.0.reading.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -252,8 +299,15 @@ impl BlockSource for InstrumentedSource {
     async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Chunks> {
         let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
         self.bytes.fetch_add(len as u64, Ordering::SeqCst);
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
+        let _reading = ReadInProgress::start(self);
+        let delay = if opts.prefetch {
+            self.prefetch_reads.fetch_add(1, Ordering::SeqCst);
+            self.prefetch_delay
+        } else {
+            self.delay
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         if self.fail_every > 0 && n.is_multiple_of(self.fail_every) {
             return Err(

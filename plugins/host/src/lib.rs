@@ -21,7 +21,7 @@ mod loader;
 
 use std::sync::Arc;
 
-use osstream_core::{DynBackend, Registry, parse_table};
+use osstream_core::{BackendContext, DynBackend, Registry, Result};
 
 pub use backend::PluginBackend;
 pub use config::PluginConfig;
@@ -32,8 +32,13 @@ pub const KIND: &str = "plugin";
 
 /// Adds the `plugin` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register_backend(KIND, |_ctx, name, table| {
-        let config: PluginConfig = parse_table(&format!("backends.{name}"), table)?;
-        Ok(Arc::new(PluginBackend::new(name, &config)?) as DynBackend)
-    });
+    registry.register::<PluginConfig>();
+}
+
+impl osstream_core::BackendKind for PluginConfig {
+    const KIND: &'static str = KIND;
+
+    fn build(self, _ctx: &BackendContext, name: &str) -> Result<DynBackend> {
+        Ok(Arc::new(PluginBackend::new(name, &self)?) as DynBackend)
+    }
 }

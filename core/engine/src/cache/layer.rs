@@ -1,11 +1,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::tier::{BlockKey, DynTier, stable_hash};
 use crate::chunks::Chunks;
@@ -19,6 +19,10 @@ use crate::source::{
 /// The result of one block fill, shared with every reader that waited for it.
 type Fill = Option<Result<Bytes>>;
 
+/// How many prefetch backend reads a layer runs at once unless told otherwise: enough to
+/// keep a backend busy between demand reads, few enough not to queue ahead of them.
+const DEFAULT_PREFETCH_CONCURRENCY: usize = 2;
+
 /// Read-through block cache in front of any source, over any [`crate::CacheTier`].
 ///
 /// - Reads are split into aligned blocks of `block_size`; hits come from the tier
@@ -27,6 +31,21 @@ type Fill = Option<Result<Bytes>>;
 ///   that block (from any connection, for the same image generation) waits for that fill
 ///   instead of reading the backend again. Adjacent missing blocks are filled with one
 ///   backend read.
+/// - A tier `put` never holds up a reader: the filling reader and its waiters get the
+///   bytes as soon as the backend returns them, and the blocks are stored in the tier
+///   afterwards, by a task of its own (one per backend read; inline when there is no
+///   tokio runtime). Until that put is done, the filled blocks stay in flight and are
+///   served from there, so a reader arriving meanwhile neither reads the backend again
+///   nor waits for the tier. Errors are never stored: their blocks leave the in-flight
+///   set at once.
+/// - **Demand reads go before prefetch** ([`ReadOpts::prefetch`]): prefetch fills pass a
+///   gate of a few concurrent backend reads ([`CacheLayer::with_prefetch_concurrency`]),
+///   demand fills never do. A demand read finding a block claimed by a prefetch fill does
+///   not wait for it (the fill may be queued behind other prefetch work, or be one long
+///   read of many blocks): it takes the block over and reads it itself, and later demand
+///   readers of the block wait for that demand fill. A prefetch read waits for whatever
+///   fill it finds in flight, demand or prefetch: it must return the bytes too, and
+///   waiting costs no backend read.
 /// - Only read-only sources are cached. A writable source (a private vdisk) is returned
 ///   unwrapped: its generation moves with its own writes, so connections opened at
 ///   different moments would key its blocks differently and could read stale ones. Its
@@ -36,29 +55,49 @@ type Fill = Option<Result<Bytes>>;
 ///   fails a read the backend could serve.
 pub struct CacheLayer {
     state: Arc<CacheState>,
+    /// Bounds the prefetch backend reads of every source layered from here on.
+    prefetch_gate: Arc<Semaphore>,
+    prefetch_concurrency: usize,
 }
 
 struct CacheState {
     tier: DynTier,
     block_size: u64,
-    inflight: Mutex<HashMap<BlockKey, watch::Receiver<Fill>>>,
+    inflight: Mutex<HashMap<BlockKey, InFlight>>,
+    /// Numbers fills, so a fill only ever removes the in-flight entries it still owns.
+    next_fill: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     coalesced: AtomicU64,
+    preempted: AtomicU64,
     backend_reads: AtomicU64,
     backend_bytes: AtomicU64,
     tier_errors: AtomicU64,
 }
 
+/// A block being filled, or filled and still being stored in the tier.
+struct InFlight {
+    /// The fill that owns the entry.
+    fill: u64,
+    /// The fill is a prefetch, which demand reads take over instead of waiting for.
+    prefetch: bool,
+    /// `None` while the backend read runs; then the bytes until the tier put is done.
+    result: watch::Receiver<Fill>,
+}
+
 /// Counters of one [`CacheLayer`], in blocks unless named otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CacheStats {
-    /// Blocks found in the tier.
+    /// Blocks served without a backend read or a wait: found in the tier, or in a
+    /// finished fill whose tier put was still under way.
     pub hits: u64,
     /// Blocks this layer had to read from the backend.
     pub misses: u64,
     /// Blocks a reader got by waiting for another reader's fill (single-flight).
     pub coalesced: u64,
+    /// Blocks a demand read took over from a prefetch fill still under way, and read
+    /// itself (the prefetch reads them too).
+    pub preempted: u64,
     /// Backend read calls made (adjacent misses share one call).
     pub backend_reads: u64,
     /// Bytes read from the backend.
@@ -79,14 +118,28 @@ impl CacheLayer {
                 tier,
                 block_size,
                 inflight: Mutex::new(HashMap::new()),
+                next_fill: AtomicU64::new(0),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 coalesced: AtomicU64::new(0),
+                preempted: AtomicU64::new(0),
                 backend_reads: AtomicU64::new(0),
                 backend_bytes: AtomicU64::new(0),
                 tier_errors: AtomicU64::new(0),
             }),
+            prefetch_gate: Arc::new(Semaphore::new(DEFAULT_PREFETCH_CONCURRENCY)),
+            prefetch_concurrency: DEFAULT_PREFETCH_CONCURRENCY,
         }
+    }
+
+    /// Lets at most `reads` prefetch backend reads (at least one) run at once, over all
+    /// the sources layered after this call; the default is 2. Demand reads are never
+    /// counted against it.
+    pub fn with_prefetch_concurrency(mut self, reads: usize) -> Self {
+        let reads = reads.max(1);
+        self.prefetch_gate = Arc::new(Semaphore::new(reads));
+        self.prefetch_concurrency = reads;
+        self
     }
 
     /// The tier blocks are kept in.
@@ -101,6 +154,7 @@ impl CacheLayer {
             hits: s.hits.load(Ordering::Relaxed),
             misses: s.misses.load(Ordering::Relaxed),
             coalesced: s.coalesced.load(Ordering::Relaxed),
+            preempted: s.preempted.load(Ordering::Relaxed),
             backend_reads: s.backend_reads.load(Ordering::Relaxed),
             backend_bytes: s.backend_bytes.load(Ordering::Relaxed),
             tier_errors: s.tier_errors.load(Ordering::Relaxed),
@@ -113,6 +167,7 @@ impl fmt::Debug for CacheLayer {
         f.debug_struct("CacheLayer")
             .field("tier", &self.state.tier.name())
             .field("block_size", &self.state.block_size)
+            .field("prefetch_concurrency", &self.prefetch_concurrency)
             .field("stats", &self.stats())
             .finish()
     }
@@ -121,6 +176,23 @@ impl fmt::Debug for CacheLayer {
 impl Layer for CacheLayer {
     fn name(&self) -> &str {
         "cache"
+    }
+
+    fn log_summary(&self) {
+        let stats = self.stats();
+        let tier = self.state.tier.stats();
+        tracing::info!(
+            tier = %self.state.tier.name(),
+            hits = stats.hits,
+            misses = stats.misses,
+            coalesced = stats.coalesced,
+            preempted = stats.preempted,
+            backend_reads = stats.backend_reads,
+            backend_bytes = stats.backend_bytes,
+            evictions = tier.evictions,
+            cached_bytes = tier.bytes,
+            "cache statistics (blocks)"
+        );
     }
 
     fn layer(&self, inner: DynSource) -> DynSource {
@@ -133,7 +205,34 @@ impl Layer for CacheLayer {
             generation: stable_hash(&[&info.generation]),
             inner,
             state: self.state.clone(),
+            prefetch_gate: self.prefetch_gate.clone(),
         })
+    }
+}
+
+impl CacheState {
+    fn inflight(&self) -> MutexGuard<'_, HashMap<BlockKey, InFlight>> {
+        // A poisoned map only means a panic elsewhere mid-update of plain data; every
+        // update is one insert or remove, so the map is consistent.
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes the in-flight entries of `keys` that `fill` still owns; a demand fill may
+    /// have taken some over, and those are its own to remove.
+    fn release<'k>(&self, fill: u64, keys: impl IntoIterator<Item = &'k BlockKey>) {
+        let mut inflight = self.inflight();
+        for key in keys {
+            if inflight.get(key).is_some_and(|entry| entry.fill == fill) {
+                inflight.remove(key);
+            }
+        }
+    }
+
+    async fn tier_put(&self, key: BlockKey, data: Bytes) {
+        if let Err(err) = self.tier.put(key, data).await {
+            self.tier_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(tier = self.tier.name(), %err, "cache tier put failed");
+        }
     }
 }
 
@@ -141,6 +240,7 @@ impl Layer for CacheLayer {
 struct CacheSource {
     inner: DynSource,
     state: Arc<CacheState>,
+    prefetch_gate: Arc<Semaphore>,
     image: u128,
     generation: u128,
 }
@@ -154,23 +254,55 @@ impl fmt::Debug for CacheSource {
     }
 }
 
-/// Removes the in-flight entries of a fill when the filling reader finishes or is
-/// cancelled; waiters then see either the result or a closed channel (and retry).
+/// One block a reader claimed to fill.
+struct Claim {
+    block: u64,
+    key: BlockKey,
+    result: watch::Sender<Fill>,
+}
+
+/// The blocks one reader claimed to fill. Dropped when the reader finishes or is
+/// cancelled, it removes the in-flight entries of the claims it never settled; their
+/// waiters then see a closed channel and retry.
 struct FillGuard<'a> {
     state: &'a CacheState,
-    keys: Vec<BlockKey>,
+    fill: u64,
+    claims: Vec<Claim>,
+    /// `claims[..settled]` have their result sent, and their entries handed to a tier
+    /// put (bytes) or removed (errors).
+    settled: usize,
 }
 
 impl Drop for FillGuard<'_> {
     fn drop(&mut self) {
-        let mut inflight = self
-            .state
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for key in &self.keys {
-            inflight.remove(key);
+        // The senders are dropped after this (fields outlive `drop`), so a waiter woken by
+        // its closed channel no longer finds the entry and claims the block itself.
+        let unsettled = self.claims.get(self.settled..).unwrap_or_default();
+        self.state
+            .release(self.fill, unsettled.iter().map(|claim| &claim.key));
+    }
+}
+
+/// The tier puts of one filled backend read. Its blocks stay in flight, serving their
+/// bytes, until it has run or is dropped unrun (a runtime shutting down).
+struct PendingPut {
+    state: Arc<CacheState>,
+    fill: u64,
+    blocks: Vec<(BlockKey, Bytes)>,
+}
+
+impl PendingPut {
+    async fn run(self) {
+        for (key, data) in &self.blocks {
+            self.state.tier_put(*key, data.clone()).await;
         }
+    }
+}
+
+impl Drop for PendingPut {
+    fn drop(&mut self) {
+        self.state
+            .release(self.fill, self.blocks.iter().map(|(key, _)| key));
     }
 }
 
@@ -201,13 +333,6 @@ impl CacheSource {
         }
     }
 
-    async fn tier_put(&self, key: BlockKey, data: Bytes) {
-        if let Err(err) = self.state.tier.put(key, data).await {
-            self.state.tier_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(tier = self.state.tier.name(), %err, "cache tier put failed");
-        }
-    }
-
     /// Returns blocks `first..=last`, each whole (clamped at the image end).
     async fn blocks(&self, first: u64, last: u64, opts: ReadOpts) -> Result<Vec<Bytes>> {
         let count = (last - first + 1) as usize;
@@ -215,41 +340,62 @@ impl CacheSource {
         for block in first..=last {
             found.push(self.tier_get(&self.key(block)).await);
         }
-        let hits = found.iter().filter(|b| b.is_some()).count() as u64;
-        self.state.hits.fetch_add(hits, Ordering::Relaxed);
-        if hits == count as u64 {
+        let tier_hits = found.iter().filter(|b| b.is_some()).count();
+        self.state
+            .hits
+            .fetch_add(tier_hits as u64, Ordering::Relaxed);
+        if tier_hits == count {
             return Ok(found.into_iter().map(|b| b.unwrap_or_default()).collect());
         }
 
-        // Claim every missing block nobody else is filling; wait for the rest.
-        let mut claimed: Vec<(u64, watch::Sender<Fill>)> = Vec::new();
+        // Take what finished fills hold, claim every missing block nobody else is filling
+        // (or only prefetching, for a demand read), and wait for the rest.
+        let mut guard = FillGuard {
+            state: &self.state,
+            fill: self.state.next_fill.fetch_add(1, Ordering::Relaxed),
+            claims: Vec::new(),
+            settled: 0,
+        };
         let mut waiting: Vec<(u64, watch::Receiver<Fill>)> = Vec::new();
         {
-            let mut inflight = self
-                .state
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            for (i, slot) in found.iter().enumerate() {
+            let mut inflight = self.state.inflight();
+            let mut filled_hits = 0;
+            for (i, slot) in found.iter_mut().enumerate() {
                 if slot.is_some() {
                     continue;
                 }
                 let block = first + i as u64;
                 let key = self.key(block);
-                if let Some(rx) = inflight.get(&key) {
-                    waiting.push((block, rx.clone()));
-                } else {
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(key, rx);
-                    claimed.push((block, tx));
+                if let Some(entry) = inflight.get(&key) {
+                    if let Some(Ok(data)) = &*entry.result.borrow() {
+                        // Filled; only its tier put is still running.
+                        *slot = Some(data.clone());
+                        filled_hits += 1;
+                        continue;
+                    }
+                    if opts.prefetch || !entry.prefetch {
+                        waiting.push((block, entry.result.clone()));
+                        continue;
+                    }
+                    // A demand read does not queue behind prefetch work: the entry becomes
+                    // ours, the prefetch fill keeps its own waiters.
+                    self.state.preempted.fetch_add(1, Ordering::Relaxed);
                 }
+                let (result, receiver) = watch::channel(None);
+                inflight.insert(
+                    key,
+                    InFlight {
+                        fill: guard.fill,
+                        prefetch: opts.prefetch,
+                        result: receiver,
+                    },
+                );
+                guard.claims.push(Claim { block, key, result });
             }
+            self.state.hits.fetch_add(filled_hits, Ordering::Relaxed);
         }
-        let guard = FillGuard {
-            state: &self.state,
-            keys: claimed.iter().map(|(b, _)| self.key(*b)).collect(),
-        };
-        self.fill_claimed(&claimed, first, &mut found, opts).await?;
+        self.fill_claimed(&mut guard, first, &mut found, opts)
+            .await?;
         drop(guard);
 
         for (block, rx) in waiting {
@@ -261,65 +407,108 @@ impl CacheSource {
     }
 
     /// Reads the claimed blocks from the backend, one read per run of adjacent blocks,
-    /// stores them in the tier and hands them to waiters.
+    /// hands them to the waiters and to `found`, and leaves storing them in the tier to
+    /// [`CacheSource::store`].
     async fn fill_claimed(
         &self,
-        claimed: &[(u64, watch::Sender<Fill>)],
+        guard: &mut FillGuard<'_>,
         first: u64,
         found: &mut [Option<Bytes>],
         opts: ReadOpts,
     ) -> Result<()> {
         let mut start = 0;
-        while start < claimed.len() {
+        while start < guard.claims.len() {
             let mut end = start + 1;
-            while end < claimed.len() && claimed[end].0 == claimed[end - 1].0 + 1 {
+            while end < guard.claims.len()
+                && guard.claims[end].block == guard.claims[end - 1].block + 1
+            {
                 end += 1;
             }
-            let run = &claimed[start..end];
-            let (offset, _) = self.block_span(run[0].0);
-            let (last_offset, last_len) = self.block_span(run[run.len() - 1].0);
+            let run = &guard.claims[start..end];
+            let (offset, _) = self.block_span(run[0].block);
+            let (last_offset, last_len) = self.block_span(run[run.len() - 1].block);
             let len = (last_offset - offset) as usize + last_len;
-            self.state
-                .misses
-                .fetch_add(run.len() as u64, Ordering::Relaxed);
-            self.state.backend_reads.fetch_add(1, Ordering::Relaxed);
-            self.state
-                .backend_bytes
-                .fetch_add(len as u64, Ordering::Relaxed);
-            let data = match self.inner.read_at(offset, len, opts).await {
-                Ok(data) if data.len() == len => data.into_bytes(),
-                Ok(data) => {
-                    let err = Error::new(
-                        ErrorKind::Unexpected,
-                        format!(
-                            "backend returned {} bytes for a {len}-byte read",
-                            data.len()
-                        ),
-                    )
-                    .with_op("read_at");
-                    for (_, tx) in run {
-                        tx.send_replace(Some(Err(err.clone())));
-                    }
-                    return Err(err);
-                }
+            let data = match self.read_run(offset, len, run.len(), opts).await {
+                Ok(data) => data,
                 Err(err) => {
-                    for (_, tx) in run {
-                        tx.send_replace(Some(Err(err.clone())));
+                    // Errors are not cached, not even while the waiters wake: a reader
+                    // arriving from now on tries the backend again.
+                    self.state
+                        .release(guard.fill, run.iter().map(|claim| &claim.key));
+                    for claim in run {
+                        claim.result.send_replace(Some(Err(err.clone())));
                     }
+                    guard.settled = end;
                     return Err(err);
                 }
             };
-            for (block, tx) in run {
-                let (block_offset, block_len) = self.block_span(*block);
-                let start = (block_offset - offset) as usize;
-                let piece = data.slice(start..start + block_len);
-                self.tier_put(self.key(*block), piece.clone()).await;
-                tx.send_replace(Some(Ok(piece.clone())));
-                found[(*block - first) as usize] = Some(piece);
+            let mut filled = Vec::with_capacity(run.len());
+            for claim in run {
+                let (block_offset, block_len) = self.block_span(claim.block);
+                let from = (block_offset - offset) as usize;
+                let piece = data.slice(from..from + block_len);
+                claim.result.send_replace(Some(Ok(piece.clone())));
+                found[(claim.block - first) as usize] = Some(piece.clone());
+                filled.push((claim.key, piece));
             }
+            guard.settled = end;
+            self.store(guard.fill, filled).await;
             start = end;
         }
         Ok(())
+    }
+
+    /// Reads one run of `blocks` claimed blocks (`len` bytes at `offset`) from the
+    /// backend; a prefetch read first passes the prefetch gate.
+    async fn read_run(
+        &self,
+        offset: u64,
+        len: usize,
+        blocks: usize,
+        opts: ReadOpts,
+    ) -> Result<Bytes> {
+        // Held for the backend read only: the tier put runs ungated, after it. The gate is
+        // never closed, so `acquire` cannot fail.
+        let _permit = if opts.prefetch {
+            self.prefetch_gate.acquire().await.ok()
+        } else {
+            None
+        };
+        self.state
+            .misses
+            .fetch_add(blocks as u64, Ordering::Relaxed);
+        self.state.backend_reads.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .backend_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        let data = self.inner.read_at(offset, len, opts).await?;
+        if data.len() != len {
+            return Err(Error::new(
+                ErrorKind::Unexpected,
+                format!(
+                    "backend returned {} bytes for a {len}-byte read",
+                    data.len()
+                ),
+            )
+            .with_op("read_at"));
+        }
+        Ok(data.into_bytes())
+    }
+
+    /// Stores the blocks of one filled backend read in the tier without holding up the
+    /// reader: in a task of its own under a tokio runtime, inline without one. The
+    /// blocks' in-flight entries serve them until the put is done.
+    async fn store(&self, fill: u64, blocks: Vec<(BlockKey, Bytes)>) {
+        let put = PendingPut {
+            state: self.state.clone(),
+            fill,
+            blocks,
+        };
+        match tokio::runtime::Handle::try_current() {
+            // Detached: nobody waits for the put, and the task cleans up after itself.
+            Ok(runtime) => drop(runtime.spawn(put.run())),
+            Err(_) => put.run().await,
+        }
     }
 
     /// Waits for another reader's fill of `block`; if that reader went away without a

@@ -8,6 +8,62 @@ use bytes::Bytes;
 
 use super::tier::{BlockKey, CacheTier, TierStats};
 use crate::error::Result;
+use crate::registry::{BackendContext, TierKind, config_error};
+use crate::units::ByteSize;
+
+/// `[cache.ram]`: the RAM tier shared by every client of every image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RamTierConfig {
+    /// Cache in RAM at all (while `[cache] tiers` lists `ram`). Default: true.
+    pub enabled: bool,
+    /// Most bytes held. Default: `1GiB`.
+    pub capacity: ByteSize,
+    /// Cache block size: reads are filled from the backend in aligned blocks of this
+    /// size. Default: `64KiB`.
+    pub block_size: ByteSize,
+}
+
+impl Default for RamTierConfig {
+    fn default() -> Self {
+        RamTierConfig {
+            enabled: true,
+            capacity: ByteSize::gib(1),
+            block_size: ByteSize::kib(64),
+        }
+    }
+}
+
+impl TierKind for RamTierConfig {
+    const KIND: &'static str = "ram";
+
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn check(&self) -> Result<()> {
+        let block = self.block_size.bytes();
+        if !(512..=16 << 20).contains(&block) || !block.is_power_of_two() {
+            return Err(config_error(
+                "cache.ram",
+                &format!(
+                    "block_size = {} must be a power of two from 512 bytes to 16MiB",
+                    self.block_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn build(self, _ctx: &BackendContext) -> Result<std::sync::Arc<dyn crate::Layer>> {
+        self.check()?;
+        tracing::info!(capacity = %self.capacity, block_size = %self.block_size, "RAM cache on");
+        Ok(std::sync::Arc::new(super::CacheLayer::new(
+            std::sync::Arc::new(RamTier::new(self.capacity.bytes())),
+            self.block_size.bytes(),
+        )))
+    }
+}
 
 const SHARDS: usize = 16;
 
