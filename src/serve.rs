@@ -159,7 +159,9 @@ async fn serve(config: Config) -> Result<()> {
         overlays.dir.clone(),
         heartbeat_stop.clone(),
     ));
-    let serve_ctx = ServeContext { exports };
+    let cpus = Arc::new(osstream_core::CpuRuntimes::start()?);
+    tracing::debug!(runtimes = cpus.len(), "per-CPU runtimes started");
+    let serve_ctx = ServeContext { exports, cpus };
     let mut running = tokio::task::JoinSet::new();
     for protocol in protocols {
         let (ctx, shutdown) = (serve_ctx.clone(), shutdown.clone());

@@ -53,10 +53,12 @@ def nbdcopy_seconds(uri, conns=None):
     return time.perf_counter() - start
 
 
-def fio_read(uri, rw, bs, depth, runtime):
-    """fio's nbd engine; returns the job's read statistics."""
+def fio_read(uri, rw, bs, depth, runtime, cpu=None):
+    """fio's nbd engine; returns the job's read statistics. With `cpu`, fio runs pinned to
+    that CPU (as a client with pinned vCPUs or I/O threads would)."""
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     out = subprocess.run(
-        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+        pin + ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
          f"--iodepth={depth}", "--time_based", f"--runtime={runtime}", "--ramp_time=1",
          "--output-format=json"],
         check=True, capture_output=True, text=True).stdout

@@ -25,6 +25,13 @@ all) under the same fio job, run in the same alternating rounds, for the QD1 row
 per-request latency dominates: what the client, the kernel's loopback and one round trip
 cost on this machine. The session row shares the 4k random QD1 floor (the same job).
 
+The two "client pinned to CPU 0" rows run the same QD1 job with fio pinned to one CPU, as
+a client with pinned vCPUs or I/O threads runs. On small VMs a wake-up that crosses CPUs
+costs most of a QD1 round trip; unpinned, the kernel puts client and server on different
+CPUs whichever server it is, and both sit at the floor. osstream serves each connection
+on the CPU its requests arrive on (`[nbd] cpu_local`), so with a pinned client both stay on
+one CPU; nbdkit's threads go where the scheduler puts them.
+
 The only non-default server setting besides paths, port and log level is
 `[sessions] grace`: with the default 60 s, the session (no connection between two of its
 fio runs, a round apart) would end mid-benchmark.
@@ -52,6 +59,8 @@ VDISK = "bench-session"
 RAND_QD1 = "fio rand 4k, QD1"
 SEQ_QD1 = "fio seq 4k, QD1"
 SESSION_QD1 = "fio rand 4k, QD1, session export"
+PINNED_QD1 = "fio rand 4k, QD1, client pinned to CPU 0"
+PINNED_SESSION_QD1 = "fio rand 4k, QD1, session export, client pinned to CPU 0"
 
 
 def rounds(rows, runs):
@@ -82,7 +91,8 @@ def table(results, rows):
     lines = ["| test | osstream | nbdkit file | ratio | nbdkit null (floor) |", "|---|---|---|---|---|"]
     for name, unit, _, _ in rows:
         got = results[name]
-        floor = got.get("null") or (results[RAND_QD1].get("null") if name == SESSION_QD1 else None)
+        same_job = {SESSION_QD1: RAND_QD1, PINNED_SESSION_QD1: PINNED_QD1}
+        floor = got.get("null") or (results[same_job[name]].get("null") if name in same_job else None)
         ratio = statistics.median(got["osstream"]) / statistics.median(got["nbdkit"])
         lines.append(f"| {name} | {cell(got['osstream'], unit)} | {cell(got['nbdkit'], unit)} | "
                      f"{ratio:.2f}x | {cell(floor, unit)} |")
@@ -150,8 +160,8 @@ def main():
         for uri in (f"{os_uri}/bench", kit_uri):
             nbdcopy_seconds(uri)  # warm: osstream's RAM cache, nbdkit's page cache
 
-        def qd1(rw):
-            return lambda u: fio_read(u, rw, "4k", 1, args.runtime)["iops"]
+        def qd1(rw, cpu=None):
+            return lambda u: fio_read(u, rw, "4k", 1, args.runtime, cpu)["iops"]
 
         pair = {"osstream": f"{os_uri}/bench", "nbdkit": kit_uri}
         rows = [(name, unit, measure, pair) for name, unit, measure in standard_rows(size, args.runtime)]
@@ -159,6 +169,8 @@ def main():
         rows += [
             (SEQ_QD1, "IOPS", qd1("read"), {**pair, "null": null_uri}),
             (SESSION_QD1, "IOPS", qd1("randread"), {"osstream": session_uri, "nbdkit": kit_uri}),
+            (PINNED_QD1, "IOPS", qd1("randread", 0), {**pair, "null": null_uri}),
+            (PINNED_SESSION_QD1, "IOPS", qd1("randread", 0), {"osstream": session_uri, "nbdkit": kit_uri}),
         ]
         results = rounds(rows, args.runs)
         listed = json.loads(cli("session", "list"))

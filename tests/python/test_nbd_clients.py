@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 
 import nbd
 import pytest
@@ -221,6 +222,39 @@ def test_a_private_vdisk_supports_every_write_command(make_server):
     assert on_disk[4096:14096] == b"A" * 10000
     assert on_disk[MIB:MIB + 512] == b"B" * 512
     assert on_disk[2 * MIB:2 * MIB + 65536] == bytes(65536)
+
+
+@pytest.mark.parametrize("cpu_local", ["true", "false"])
+def test_connections_on_their_cpu_or_the_shared_pool_serve_alike(make_server, cpu_local):
+    """With cpu_local (the default), a TCP connection moves to its CPU's runtime after the
+    handshake, taking any request the client sent early along; without, it stays on the
+    shared pool. Either way: a pipelined first request, many requests in flight, writes
+    of a session, and a session replaced while its connection idles before any request."""
+    s = make_server(f'[nbd]\nlisten = ["127.0.0.1:PORT"]\ncpu_local = {cpu_local}\n')
+
+    def cli(*args):
+        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    cli("vdisk", "add", "std", "--backend", "images", "--key", "demo")
+    cli("client", "add", "aa:bb:cc:00:00:51")
+    cli("client", "assign", "aa:bb:cc:00:00:51", "std")
+    uri = cli("session", "open", "aa:bb:cc:00:00:51", "std")
+    h = connect(uri)
+    # Requests sent together right after the handshake, before any reply.
+    for i in range(16):
+        h.aio_pwrite(bytes([i]) * 65536, i * 65536)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for i in range(16):
+        assert h.pread(65536, i * 65536) == bytes([i]) * 65536
+    h.shutdown()
+    # A connection that attached and sent nothing yet ends when its session is replaced.
+    idle = connect(uri)
+    cli("session", "open", "aa:bb:cc:00:00:51", "std")
+    with pytest.raises(nbd.Error):
+        for _ in range(100):
+            idle.pread(512, 0)
+            time.sleep(0.1)
 
 
 def test_unix_socket_listener(make_server, tmp_path):

@@ -36,6 +36,11 @@ pub struct NbdConfig {
     pub max_connections: usize,
     /// On shutdown, how long in-flight requests may take to finish. Default: `30s`.
     pub drain_timeout: Seconds,
+    /// Serve each TCP connection on the CPU its requests arrive on (the NIC queue's CPU;
+    /// over loopback, the client's), so a request's wake-ups stay on one CPU: the
+    /// latency of one-at-a-time reads. `false` serves every connection on the shared
+    /// thread pool. Default: true.
+    pub cpu_local: bool,
 }
 
 impl Default for NbdConfig {
@@ -50,6 +55,7 @@ impl Default for NbdConfig {
             max_request: ByteSize::mib(32),
             max_connections: 1024,
             drain_timeout: Seconds(std::time::Duration::from_secs(30)),
+            cpu_local: true,
         }
     }
 }

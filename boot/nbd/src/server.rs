@@ -143,6 +143,7 @@ impl BootProtocol for NbdServer {
         let max_request = u32::try_from(self.config.max_request.bytes()).unwrap_or(u32::MAX);
         let shared = Arc::new(Shared {
             exports: ctx.exports,
+            cpus: ctx.cpus,
             connections: AtomicUsize::new(0),
             // One request of the largest size must always fit in either budget.
             budget: Arc::new(Semaphore::new(
@@ -197,6 +198,7 @@ fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
 
 struct Shared {
     exports: Arc<Exports>,
+    cpus: Arc<osstream_core::CpuRuntimes>,
     config: NbdConfig,
     connections: AtomicUsize,
     budget: Arc<Semaphore>,
@@ -243,7 +245,7 @@ async fn accept_loop(
             _ = shutdown.cancelled() => return,
             accepted = accept(&listener) => accepted,
         };
-        let (read, write, peer) = match accepted {
+        let (connection, peer) = match accepted {
             Ok(conn) => conn,
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -258,32 +260,109 @@ async fn accept_loop(
         }
         shared.connections.fetch_add(1, Ordering::Relaxed);
         let slot = ConnectionSlot(shared.clone());
-        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        let (shared, shutdown, tracker2) = (shared.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
-            let _slot = slot;
-            serve_connection(read, write, &peer, &shared, shutdown).await;
+            match connection {
+                Accepted::Tcp(stream) if shared.config.cpu_local && !shared.cpus.is_empty() => {
+                    serve_tcp(stream, peer, shared, shutdown, tracker2, slot).await;
+                }
+                Accepted::Tcp(stream) => {
+                    let _slot = slot;
+                    let (read, write) = stream.into_split();
+                    serve_connection(Box::new(read), Box::new(write), &peer, &shared, shutdown)
+                        .await;
+                }
+                Accepted::Unix(read, write) => {
+                    let _slot = slot;
+                    serve_connection(read, write, &peer, &shared, shutdown).await;
+                }
+            }
         });
+    }
+}
+
+/// Serves a TCP connection: the handshake here, then requests on the runtime of the CPU
+/// its first request arrived on (see [`osstream_core::CpuRuntimes`]): a client's thread
+/// doing I/O may not be the one that connected.
+async fn serve_tcp(
+    mut stream: tokio::net::TcpStream,
+    peer: String,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    slot: ConnectionSlot,
+) {
+    let (attached, early) = {
+        let (read, mut write) = stream.split();
+        // Small: only options pass through it; requests get their own buffer below.
+        let mut reader = BufReader::with_capacity(8 * 1024, read);
+        let Some(attached) = handshake(&mut reader, &mut write, &peer, &shared, &shutdown).await
+        else {
+            return;
+        };
+        (attached, reader.buffer().to_vec())
+    };
+    if early.is_empty() {
+        // The request loop sees why it should end (shutdown, the session ended) at once.
+        let ended = attached.attachment.ended().clone();
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = ended.cancelled() => {}
+            _ = stream.readable() => {}
+        }
+    }
+    let local = shared.cpus.for_socket(&stream).cloned();
+    let serve = async move |stream: tokio::net::TcpStream| {
+        let _slot = slot;
+        let (read, write) = stream.into_split();
+        let read: BoxRead = Box::new(std::io::Cursor::new(early).chain(read));
+        let reader = BufReader::with_capacity(256 * 1024, read);
+        attached_connection(reader, Box::new(write), attached, &peer, &shared, shutdown).await;
+    };
+    let Some(handle) = local else {
+        return serve(stream).await;
+    };
+    match stream.into_std() {
+        Ok(stream) => {
+            tracker.spawn_on(
+                async move {
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => serve(stream).await,
+                        Err(err) => {
+                            tracing::warn!(%err, "cannot serve an NBD connection on its CPU")
+                        }
+                    }
+                },
+                &handle,
+            );
+        }
+        Err(err) => tracing::warn!(%err, "cannot hand an NBD connection to its CPU; closing it"),
     }
 }
 
 type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-async fn accept(listener: &Listener) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+/// An accepted connection: TCP streams stay whole until it is known where they are
+/// served.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(BoxRead, BoxWrite),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Accepted, String)> {
     match listener {
         Listener::Tcp(listener) => {
             let (stream, peer) = listener.accept().await?;
             // Replies are written whole; Nagle would only add latency to small ones.
             stream.set_nodelay(true)?;
-            let (read, write) = stream.into_split();
-            Ok((Box::new(read), Box::new(write), peer.to_string()))
+            Ok((Accepted::Tcp(stream), peer.to_string()))
         }
         Listener::Unix(listener, path) => {
             let (stream, _) = listener.accept().await?;
             let (read, write) = stream.into_split();
             Ok((
-                Box::new(read),
-                Box::new(write),
+                Accepted::Unix(Box::new(read), Box::new(write)),
                 format!("unix:{}", path.display()),
             ))
         }
@@ -298,24 +377,53 @@ async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     let mut reader = BufReader::with_capacity(256 * 1024, read);
+    let Some(attached) = handshake(&mut reader, &mut write, peer, shared, &shutdown).await else {
+        return;
+    };
+    attached_connection(reader, write, attached, peer, shared, shutdown).await;
+}
+
+/// Runs the handshake under its timeout; `None` when the connection ended in it.
+async fn handshake<R, W>(
+    reader: &mut R,
+    write: &mut W,
+    peer: &str,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Option<Attached>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let handshake = tokio::time::timeout(
         shared.config.handshake_timeout.0,
-        negotiate(&mut reader, &mut write, shared, peer),
+        negotiate(reader, write, shared, peer),
     );
-    let attached = tokio::select! {
-        _ = shutdown.cancelled() => return,
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
         outcome = handshake => match outcome {
             Err(_) => {
                 tracing::warn!(%peer, timeout = %shared.config.handshake_timeout, "NBD handshake timed out; closing");
-                return;
+                None
             }
             Ok(Err(reason)) => {
                 tracing::info!(%peer, %reason, "NBD connection closed during handshake");
-                return;
+                None
             }
-            Ok(Ok(attached)) => attached,
+            Ok(Ok(attached)) => Some(attached),
         },
-    };
+    }
+}
+
+/// Serves the requests of an attached connection until it ends, then ends the attachment.
+async fn attached_connection(
+    reader: BufReader<BoxRead>,
+    write: BoxWrite,
+    attached: Attached,
+    peer: &str,
+    shared: &Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let Attached {
         attachment,
         flags,

@@ -47,6 +47,7 @@ mod boot;
 pub mod cache;
 mod chunks;
 pub mod cow;
+mod cpus;
 mod error;
 mod exports;
 mod fence;
@@ -74,6 +75,7 @@ pub use cache::{
 };
 pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, SpillOverlay};
+pub use cpus::CpuRuntimes;
 pub use error::{Error, ErrorKind, Result};
 pub use exports::{ExportEntry, Exports, loggable_export_name};
 pub use layer::Layer;

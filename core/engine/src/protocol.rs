@@ -14,6 +14,9 @@ use crate::exports::Exports;
 pub struct ServeContext {
     /// Names clients may open, resolved to layered sources.
     pub exports: Arc<Exports>,
+    /// One runtime per CPU, for serving a connection on the CPU its packets arrive on
+    /// (empty: everything is served on the shared runtime).
+    pub cpus: Arc<crate::CpuRuntimes>,
 }
 
 /// A protocol server.
