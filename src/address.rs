@@ -68,6 +68,7 @@ pub fn session_address(config: &Config, export: &str, registered: Registered) ->
 /// The address the configuration's `[nbd]` listeners give clients, or why there is none.
 #[cfg(feature = "boot-nbd")]
 fn configured_address(config: &Config) -> std::result::Result<String, String> {
+    // `config::load` already parsed and checked this table; a build without it has none.
     let nbd: osstream_nbd::NbdConfig = config
         .protocol_tables()
         .ok()

@@ -354,36 +354,68 @@ fn as_tables(what: &str, tables: &BTreeMap<String, Value>) -> Result<BTreeMap<St
 /// their effective values (every default filled in, as `config show` prints them).
 fn fill_components(config: &mut Config, source: &Figment) -> Result<()> {
     let registry = crate::wiring::registry();
-    let known = registry.protocol_kinds();
+    let protocols = registry.protocol_kinds();
     if let Some(key) = config
         .protocols
         .keys()
-        .find(|k| !known.contains(&k.as_str()))
+        .find(|k| !protocols.contains(&k.as_str()))
     {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "invalid configuration: unknown key `{key}`; known keys: {}, and the protocol sections {}",
+        return Err(unknown_key(
+            source,
+            key,
+            &format!(
+                "known keys: {}, and the protocol sections {}",
                 TOP_LEVEL_KEYS.join(", "),
-                known.join(", ")
+                protocols.join(", ")
+            ),
+        ));
+    }
+    let tiers = registry.tier_kinds();
+    if let Some(key) = config
+        .cache
+        .tables
+        .keys()
+        .find(|k| !tiers.contains(&k.as_str()))
+    {
+        return Err(unknown_key(
+            source,
+            &format!("cache.{key}"),
+            &format!(
+                "[cache] has `tiers` and a table per tier; tiers this build knows: {}",
+                tiers.join(", ")
             ),
         ));
     }
     as_tables("", &config.protocols)?;
     let present: Vec<String> = config.protocols.keys().cloned().collect();
-    let protocols = registry.effective_protocols(source, &present)?;
-    config.protocols = protocols
+    config.protocols = registry
+        .effective_protocols(source, &present)?
         .into_iter()
         .map(|(kind, dict)| (kind, Value::from(dict)))
         .collect();
     as_tables("cache.", &config.cache.tables)?;
     let present: Vec<String> = config.cache.tables.keys().cloned().collect();
-    let tiers = registry.effective_tiers(source, &config.cache.tiers, &present)?;
-    config.cache.tables = tiers
+    config.cache.tables = registry
+        .effective_tiers(source, &config.cache.tiers, &present)?
         .into_iter()
         .map(|(kind, dict)| (kind, Value::from(dict)))
         .collect();
     Ok(())
+}
+
+/// An unknown key, with where it was set (file or environment variable).
+fn unknown_key(source: &Figment, key: &str, known: &str) -> Error {
+    let origin = source
+        .find_metadata(key)
+        .map(|m| match &m.source {
+            Some(from) => format!(" (from {from})"),
+            None => format!(" (from {})", m.name),
+        })
+        .unwrap_or_default();
+    Error::new(
+        ErrorKind::Config,
+        format!("invalid configuration: unknown key `{key}`{origin}; {known}"),
+    )
 }
 
 impl Config {
@@ -410,14 +442,30 @@ pub fn redact_secrets(config: &mut Config) {
         *url = format!("{scheme}://{user}:<redacted>@{host}");
     }
     for table in config.backends.values_mut() {
-        for (key, value) in table.iter_mut() {
-            let key = key.to_ascii_lowercase();
-            if ["secret", "password", "token"]
-                .iter()
-                .any(|w| key.contains(w))
-            {
-                *value = figment::value::Value::from("<redacted>");
-            }
+        redact_table(table);
+    }
+    for value in config
+        .protocols
+        .values_mut()
+        .chain(config.cache.tables.values_mut())
+    {
+        if let Value::Dict(_, table) = value {
+            redact_table(table);
+        }
+    }
+}
+
+/// Redacts the values of keys naming a secret, password or token, in nested tables too.
+fn redact_table(table: &mut Dict) {
+    for (key, value) in table.iter_mut() {
+        let key = key.to_ascii_lowercase();
+        if ["secret", "password", "token"]
+            .iter()
+            .any(|w| key.contains(w))
+        {
+            *value = Value::from("<redacted>");
+        } else if let Value::Dict(_, nested) = value {
+            redact_table(nested);
         }
     }
 }
@@ -470,7 +518,16 @@ mod tests {
         let err = load_from("colour = \"blue\"\n").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
         let err = load_from("[nbx]\nlisten = []\n").unwrap_err();
-        assert!(err.to_string().contains("unknown key `nbx`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown key `nbx` (from "),
+            "{err}"
+        );
+        assert!(err.to_string().contains("c.toml"), "{err}");
+        let err = load_from("[cache]\nteirs = [\"ram\"]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown key `cache.teirs`"),
+            "{err}"
+        );
         let err = load_from("[cache]\ntiers = [\"ram\", \"tape\"]\n").unwrap_err();
         assert!(
             err.to_string()
@@ -478,7 +535,7 @@ mod tests {
             "{err}"
         );
         let err = load_from("[cache.rma]\ncapacity = \"1GiB\"\n").unwrap_err();
-        assert!(err.to_string().contains("\"rma\""), "{err}");
+        assert!(err.to_string().contains("`cache.rma`"), "{err}");
         let err = load_from("[nbd]\nlistne = []\n").unwrap_err();
         assert!(err.to_string().contains("listne"), "{err}");
     }

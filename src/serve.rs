@@ -159,8 +159,15 @@ async fn serve(config: Config) -> Result<()> {
         overlays.dir.clone(),
         heartbeat_stop.clone(),
     ));
-    let cpus = Arc::new(osstream_core::CpuRuntimes::start()?);
+    let cpus = match osstream_core::CpuRuntimes::start() {
+        Ok(cpus) => cpus,
+        Err(err) => {
+            tracing::warn!(%err, "cannot start per-CPU runtimes; every connection is served on the shared pool");
+            osstream_core::CpuRuntimes::none()
+        }
+    };
     tracing::debug!(runtimes = cpus.len(), "per-CPU runtimes started");
+    let cpus = Arc::new(cpus);
     let serve_ctx = ServeContext { exports, cpus };
     let mut running = tokio::task::JoinSet::new();
     for protocol in protocols {

@@ -70,6 +70,11 @@ class Server:
     def uri(self, export=""):
         return f"nbd://127.0.0.1:{self.port}/{export}"
 
+    def cli(self, *args):
+        """Runs an admin command on this server's configuration; returns its output."""
+        return subprocess.run([BINARY, "--config", str(self.config), *args], check=True, capture_output=True,
+                              text=True, timeout=60).stdout.strip()
+
     def start(self, wait=True, args=()):
         """`osstream serve` with this server's configuration (and `args`, such as
         `--listen`)."""

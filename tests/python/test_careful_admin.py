@@ -137,9 +137,7 @@ def test_session_tokens_reach_the_log_only_as_a_prefix(make_server):
     random_image(s.images / "win.img", MIB, seed=6)
     s.start()
 
-    def cli(*args):
-        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
-                              text=True).stdout.strip()
+    cli = s.cli
     cli("vdisk", "add", "win", "--backend", "images", "--write-cache", "ram")
     cli("client", "add", "aa:bb:cc:00:00:31")
     cli("client", "assign", "aa:bb:cc:00:00:31", "win")

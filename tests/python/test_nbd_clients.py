@@ -194,9 +194,7 @@ def test_a_private_vdisk_supports_every_write_command(make_server):
     assert plain.is_read_only()
     plain.shutdown()
 
-    def cli(*args):
-        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
-                              text=True).stdout.strip()
+    cli = s.cli
     cli("vdisk", "add", "rw", "--backend", "rw", "--mode", "private")
     cli("client", "add", "aa:bb:cc:00:00:41")
     cli("client", "assign", "aa:bb:cc:00:00:41", "rw")
@@ -232,9 +230,7 @@ def test_connections_on_their_cpu_or_the_shared_pool_serve_alike(make_server, cp
     of a session, and a session replaced while its connection idles before any request."""
     s = make_server(f'[nbd]\nlisten = ["127.0.0.1:PORT"]\ncpu_local = {cpu_local}\n')
 
-    def cli(*args):
-        return subprocess.run([BINARY, "--config", str(s.config), *args], check=True, capture_output=True,
-                              text=True).stdout.strip()
+    cli = s.cli
     cli("vdisk", "add", "std", "--backend", "images", "--key", "demo")
     cli("client", "add", "aa:bb:cc:00:00:51")
     cli("client", "assign", "aa:bb:cc:00:00:51", "std")

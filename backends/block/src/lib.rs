@@ -55,7 +55,7 @@ pub fn device_identity(path: &std::path::Path) -> String {
 
 /// Adds the `block` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register::<BlockConfig>();
+    registry.register_backend::<BlockConfig>();
 }
 
 impl osstream_core::BackendKind for BlockConfig {

@@ -35,7 +35,7 @@ pub const KIND: &str = "file";
 
 /// Adds the `file` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register::<FileConfig>();
+    registry.register_backend::<FileConfig>();
 }
 
 impl osstream_core::BackendKind for FileConfig {

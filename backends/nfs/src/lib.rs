@@ -89,7 +89,7 @@ fn default_extension() -> String {
 
 /// Adds the `nfs` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register::<NfsConfig>();
+    registry.register_backend::<NfsConfig>();
 }
 
 impl osstream_core::BackendKind for NfsConfig {

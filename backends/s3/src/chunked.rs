@@ -654,8 +654,11 @@ impl Drop for ChunkedSource {
     /// Uploads chunks written but not flushed when the last user lets go (a client that
     /// disconnects without FLUSH). NBD promises nothing for unflushed writes, but a clean
     /// disconnect should not lose them; a holding that lost the lock commits nothing.
-    /// Runs on the current worker thread (the server's runtime has several) so the next
-    /// open of the image sees the uploaded chunks.
+    /// The server flushes a private vdisk when its connection closes, before the session
+    /// lets go, so this is a last resort (a source dropped without that close). On a
+    /// multi-threaded runtime it uploads in place, so the next open of the image sees the
+    /// chunks; on a single-threaded one (a per-CPU runtime) it can only start the upload
+    /// in the background.
     fn drop(&mut self) {
         let dirty = std::mem::take(&mut *self.dirty());
         if dirty.is_empty() {

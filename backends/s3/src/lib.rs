@@ -55,7 +55,7 @@ pub const KIND: &str = "s3";
 
 /// Adds the `s3` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register::<S3Config>();
+    registry.register_backend::<S3Config>();
 }
 
 impl osstream_core::BackendKind for S3Config {

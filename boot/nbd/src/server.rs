@@ -263,14 +263,8 @@ async fn accept_loop(
         let (shared, shutdown, tracker2) = (shared.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
             match connection {
-                Accepted::Tcp(stream) if shared.config.cpu_local && !shared.cpus.is_empty() => {
-                    serve_tcp(stream, peer, shared, shutdown, tracker2, slot).await;
-                }
                 Accepted::Tcp(stream) => {
-                    let _slot = slot;
-                    let (read, write) = stream.into_split();
-                    serve_connection(Box::new(read), Box::new(write), &peer, &shared, shutdown)
-                        .await;
+                    serve_tcp(stream, peer, shared, shutdown, tracker2, slot).await;
                 }
                 Accepted::Unix(read, write) => {
                     let _slot = slot;
@@ -281,9 +275,10 @@ async fn accept_loop(
     }
 }
 
-/// Serves a TCP connection: the handshake here, then requests on the runtime of the CPU
-/// its first request arrived on (see [`osstream_core::CpuRuntimes`]): a client's thread
-/// doing I/O may not be the one that connected.
+/// Serves a TCP connection: the handshake here, then (with `cpu_local`) its requests on
+/// the runtime of the CPU its first request arrived on (see
+/// [`osstream_core::CpuRuntimes`]; not the CPU it connected from: a client's thread doing
+/// I/O may not be the one that connected).
 async fn serve_tcp(
     mut stream: tokio::net::TcpStream,
     peer: String,
@@ -302,7 +297,8 @@ async fn serve_tcp(
         };
         (attached, reader.buffer().to_vec())
     };
-    if early.is_empty() {
+    let moves = shared.config.cpu_local && !shared.cpus.is_empty();
+    if moves && early.is_empty() {
         // The request loop sees why it should end (shutdown, the session ended) at once.
         let ended = attached.attachment.ended().clone();
         tokio::select! {
@@ -311,7 +307,9 @@ async fn serve_tcp(
             _ = stream.readable() => {}
         }
     }
-    let local = shared.cpus.for_socket(&stream).cloned();
+    let local = moves
+        .then(|| shared.cpus.for_socket(&stream).cloned())
+        .flatten();
     let serve = async move |stream: tokio::net::TcpStream| {
         let _slot = slot;
         let (read, write) = stream.into_split();

@@ -172,7 +172,11 @@ impl BootDirectory for SqlCatalog {
             record.push_str(notes);
         }
         add_with_assignments(self, &mac, record, &assignments).await?;
-        self.touch_client(&mac).await?;
+        // Registered now: a failure to note when it was seen must not leave a client
+        // that a retry would refuse as already known.
+        if let Err(err) = self.touch_client(&mac).await {
+            tracing::warn!(client = %mac, %err, "registered, but cannot record when it was seen");
+        }
         Ok(boot_client(self.client(&mac).await?))
     }
 
@@ -183,10 +187,11 @@ impl BootDirectory for SqlCatalog {
         peer: Option<&str>,
     ) -> Result<BootSession> {
         let mac: Mac = mac.parse()?;
+        // Read first: a failure after the session opened would leave it open with its
+        // token lost. A vdisk's mode does not change while it has live sessions
+        // (`update_vdisk` refuses), so this is the session's mode.
+        let overlay = overlay(&self.vdisk(vdisk).await?);
         let session = self.open_session(&mac, vdisk, peer).await?;
-        // A vdisk's mode does not change while it has live sessions (`update_vdisk`
-        // refuses), so reading it after the session opened gives the session's mode.
-        let overlay = overlay(&self.vdisk(&session.vdisk).await?);
         Ok(BootSession {
             export: session.export_name(),
             id: session.id,

@@ -157,6 +157,43 @@ pub(crate) enum Hold {
     Nothing,
 }
 
+/// The layers told of an attachment (`Layer::attached`); dropped, it tells them it ended
+/// (`Layer::detached`), once, however the attachment ends: closed, dropped, or failed
+/// after the layers heard of it.
+#[derive(Debug)]
+pub(crate) struct Hooks {
+    layers: Vec<Arc<dyn Layer>>,
+    context: AttachContext,
+}
+
+impl Hooks {
+    /// Tells `layer` of the attachment now, and of its end when these hooks drop.
+    pub(crate) fn attach(&mut self, layer: &Arc<dyn Layer>, source: &DynSource) {
+        layer.attached(&self.context, source);
+        self.layers.push(layer.clone());
+    }
+
+    pub(crate) fn new(context: AttachContext) -> Self {
+        Hooks {
+            layers: Vec::new(),
+            context,
+        }
+    }
+
+    /// Who the layers were told of.
+    pub(crate) fn context(&self) -> &AttachContext {
+        &self.context
+    }
+}
+
+impl Drop for Hooks {
+    fn drop(&mut self) {
+        for layer in self.layers.drain(..) {
+            layer.detached(&self.context);
+        }
+    }
+}
+
 /// One client's use of one export: see the module documentation.
 ///
 /// Dropping an attachment without [`close`](Attachment::close) still ends it (the
@@ -172,7 +209,10 @@ pub struct Attachment {
     counters: Arc<IoCounters>,
     ended: CancellationToken,
     /// Layers told of this attachment, told again when it ends.
-    hooked: Vec<Arc<dyn Layer>>,
+    hooks: Option<Hooks>,
+    /// Written in place (a private vdisk): flushed when it closes, before the session
+    /// lets go, so no write is left for a later holder to fence out.
+    flush_on_close: bool,
 }
 
 impl Attachment {
@@ -181,13 +221,14 @@ impl Attachment {
         entry: ExportEntry,
         context: AttachContext,
         hold: Hold,
-        hooked: Vec<Arc<dyn Layer>>,
+        hooks: Option<Hooks>,
     ) -> Self {
         let ended = match &hold {
             Hold::Session(guard) => guard.ended.clone(),
             Hold::Reader(guard) => guard.ended.clone(),
             Hold::Nothing => CancellationToken::new(),
         };
+        let flush_on_close = matches!(&hold, Hold::Session(guard) if guard.target.is_private());
         Attachment {
             source,
             entry,
@@ -195,7 +236,8 @@ impl Attachment {
             hold,
             counters: Arc::default(),
             ended,
-            hooked,
+            hooks,
+            flush_on_close,
         }
     }
 
@@ -222,25 +264,21 @@ impl Attachment {
         self.context.session.as_deref()
     }
 
-    /// Ends the attachment: layers are told, the session's record gets the bytes moved
-    /// (when a private session's lock goes is the session's rule, not this call's).
+    /// Ends the attachment: layers are told; a private vdisk's writes are flushed (so
+    /// none is left behind when the session lets go: a later holder's epoch would fence
+    /// it out); the session's record gets the bytes moved (when a private session's
+    /// lock goes is the session's rule, not this call's).
     pub async fn close(mut self) {
-        self.unhook();
+        self.hooks.take();
+        if self.flush_on_close
+            && let Err(err) = self.source.flush().await
+        {
+            tracing::warn!(session = ?self.context.session, vdisk = ?self.context.vdisk, %err,
+                "flushing the writes of a closing connection failed; writes it did not flush may be lost");
+        }
         let counts = self.counters.snapshot();
         if let Hold::Session(guard) = std::mem::replace(&mut self.hold, Hold::Nothing) {
             guard.close(counts.read_bytes, counts.written_bytes).await;
         }
-    }
-
-    fn unhook(&mut self) {
-        for layer in std::mem::take(&mut self.hooked) {
-            layer.detached(&self.context);
-        }
-    }
-}
-
-impl Drop for Attachment {
-    fn drop(&mut self) {
-        self.unhook();
     }
 }

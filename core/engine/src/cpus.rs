@@ -57,6 +57,7 @@ impl CpuRuntimes {
         }
         let mut runtimes = CpuRuntimes::none();
         let max = allowed.iter().copied().max().unwrap_or(0);
+        let allowed_count = allowed.len();
         runtimes.handles = vec![None; max + 1];
         for &cpu in &allowed {
             let (handle_tx, handle_rx) = std::sync::mpsc::channel();
@@ -68,6 +69,8 @@ impl CpuRuntimes {
                     let outcome = pin_to(&[cpu]).and_then(|()| {
                         tokio::runtime::Builder::new_current_thread()
                             .enable_all()
+                            // Together no more blocking threads than one shared pool has.
+                            .max_blocking_threads((512 / allowed_count).max(16))
                             .thread_name(format!("osstream-cpu{cpu}-blocking"))
                             // Blocking work (file reads) may use every CPU.
                             .on_thread_start(move || {

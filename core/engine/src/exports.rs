@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::attach::{AttachContext, AttachRequest, Attachment, ExportName, Hold, Intent};
+use crate::attach::{AttachContext, AttachRequest, Attachment, ExportName, Hold, Hooks, Intent};
 use crate::backend::{DynBackend, ImageStat, OpenMode, validate_image_name};
 use crate::cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};
 use crate::error::{Error, ErrorKind, Result};
@@ -117,18 +117,12 @@ impl Exports {
         if request.intent == Intent::Probe {
             let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
             let context = context_of(&base);
-            let (source, _) = self.stack(base, None);
+            let source = self.stack(base, None);
             // Reads of the base, writes nowhere: what a client probing the export sees.
             let source =
                 CowLayer::new(Box::new(RamOverlay::new(0)), overlays.block_size).layer(source);
             let entry = entry(&source);
-            return Ok(Attachment::new(
-                source,
-                entry,
-                context,
-                Hold::Nothing,
-                Vec::new(),
-            ));
+            return Ok(Attachment::new(source, entry, context, Hold::Nothing, None));
         }
         // Joined and granted in order with this session's other connections coming and
         // going here (see `LiveSessions::orders`).
@@ -138,7 +132,7 @@ impl Exports {
         let grant = self.grant(directory, &target, &identity, peer).await?;
         self.live.granted(&mut guard);
         drop(in_order);
-        let (source, hooked, context) = match (&grant.lock, target.overlay) {
+        let (source, hooks) = match (&grant.lock, target.overlay) {
             (Some(lock), None) => {
                 // Nobody reads this image by its plain name while it is written.
                 self.live.end_readers(|image| {
@@ -148,27 +142,27 @@ impl Exports {
                 let base = backend
                     .open(&target.image, OpenMode::Locked(lock.clone()))
                     .await?;
-                let hook = context_of(&base);
-                let (source, hooked) = self.stack(base, Some(&hook));
+                let mut hooks = Hooks::new(context_of(&base));
+                let source = self.stack(base, Some(&mut hooks));
                 let fenced = Arc::new(FencedSource::new(
                     source,
                     lock.clone(),
                     directory.clone(),
                     guard.ended.clone(),
                 )) as DynSource;
-                (fenced, hooked, hook)
+                (fenced, hooks)
             }
             (_, Some(kind)) => {
                 let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
                 let base = Regenerated::wrap(base, grant.image_epoch);
-                let hook = context_of(&base);
-                let (source, hooked) = self.stack(base, Some(&hook));
+                let mut hooks = Hooks::new(context_of(&base));
+                let source = self.stack(base, Some(&mut hooks));
                 let image_size = source.info().size;
                 let overlay = self.live.overlay(&target, || {
                     let store = make_overlay(overlays, &target, kind, image_size)?;
                     Ok(Arc::new(CowLayer::new(store, overlays.block_size)))
                 })?;
-                (overlay.layer(source), hooked, hook)
+                (overlay.layer(source), hooks)
             }
             (None, None) => {
                 return Err(Error::new(
@@ -181,36 +175,27 @@ impl Exports {
             }
         };
         let entry = entry(&source);
+        let context = hooks.context().clone();
         Ok(Attachment::new(
             source,
             entry,
             context,
             Hold::Session(guard),
-            hooked,
+            Some(hooks),
         ))
     }
 
-    /// Wraps `base` in every shared layer, the first next to the backend; with `hook`,
-    /// tells each layer of the attachment (and returns the layers told, to tell them
-    /// again when it ends).
-    fn stack(
-        &self,
-        base: DynSource,
-        hook: Option<&AttachContext>,
-    ) -> (DynSource, Vec<Arc<dyn Layer>>) {
+    /// Wraps `base` in every shared layer, the first next to the backend; with `hooks`,
+    /// tells each layer of the attachment (the hooks tell them of its end when dropped).
+    fn stack(&self, base: DynSource, mut hooks: Option<&mut Hooks>) -> DynSource {
         let mut source = base;
         for layer in &self.layers {
             source = layer.layer(source);
-            if let Some(context) = hook {
-                layer.attached(context, &source);
+            if let Some(hooks) = hooks.as_deref_mut() {
+                hooks.attach(layer, &source);
             }
         }
-        let hooked = if hook.is_some() {
-            self.layers.clone()
-        } else {
-            Vec::new()
-        };
-        (source, hooked)
+        source
     }
 
     /// Asks the catalog for the session, waiting (a few seconds at most) while an
@@ -347,11 +332,14 @@ impl Exports {
         let (backend, stat) = self.resolve(name).await?;
         let identity = backend.identity(&stat.name)?;
         // Counted before the catalog is asked: a private session taking the image after
-        // the answer ends this reader.
-        let reader = self.live.add_reader(ReadImage {
-            identity: &identity,
-            backend: backend.name(),
-            key: &stat.name,
+        // the answer ends this reader. A probe reads nothing later, so it is not counted.
+        let probe = request.intent == Intent::Probe;
+        let reader = (!probe).then(|| {
+            self.live.add_reader(ReadImage {
+                identity: &identity,
+                backend: backend.name(),
+                key: &stat.name,
+            })
         });
         let mut epoch = 0;
         if let Some((directory, _)) = &self.sessions {
@@ -382,20 +370,16 @@ impl Exports {
             image: identity,
             generation: base.info().generation.clone(),
         };
-        let probe = request.intent == Intent::Probe;
-        let (source, hooked) = self.stack(base, (!probe).then_some(&context));
+        let mut hooks = (!probe).then(|| Hooks::new(context.clone()));
+        let source = self.stack(base, hooks.as_mut());
         let entry = ExportEntry {
             name: name.to_owned(),
             description: describe(&backend, &stat),
             size: source.info().size,
             writable: false,
         };
-        let hold = if probe {
-            Hold::Nothing
-        } else {
-            Hold::Reader(reader)
-        };
-        Ok(Attachment::new(source, entry, context, hold, hooked))
+        let hold = reader.map_or(Hold::Nothing, Hold::Reader);
+        Ok(Attachment::new(source, entry, context, hold, hooks))
     }
 
     async fn resolve(&self, name: &str) -> Result<(DynBackend, ImageStat)> {

@@ -117,10 +117,20 @@ fn backend_factory<K: BackendKind>(
     parse_table::<K>(&format!("backends.{name}"), table)?.build(ctx, name)
 }
 
-fn tier_effective<K: TierKind>(config: &Figment, section: &str) -> Result<(Dict, bool)> {
+/// Parses and checks one section; returns it with defaults filled in, and whether it is on.
+fn effective<K: DeserializeOwned + Serialize>(
+    config: &Figment,
+    section: &str,
+    check: fn(&K) -> Result<()>,
+    enabled: fn(&K) -> bool,
+) -> Result<(Dict, bool)> {
     let config = parse_section::<K>(config, section)?;
-    config.check()?;
-    Ok((to_dict(section, &config)?, config.enabled()))
+    check(&config)?;
+    Ok((to_dict(section, &config)?, enabled(&config)))
+}
+
+fn tier_effective<K: TierKind>(config: &Figment, section: &str) -> Result<(Dict, bool)> {
+    effective::<K>(config, section, K::check, K::enabled)
 }
 
 fn tier_build<K: TierKind>(
@@ -132,9 +142,7 @@ fn tier_build<K: TierKind>(
 }
 
 fn protocol_effective<K: ProtocolKind>(config: &Figment, section: &str) -> Result<(Dict, bool)> {
-    let config = parse_section::<K>(config, section)?;
-    config.check()?;
-    Ok((to_dict(section, &config)?, config.enabled()))
+    effective::<K>(config, section, K::check, K::enabled)
 }
 
 fn protocol_build<K: ProtocolKind>(
@@ -178,7 +186,7 @@ impl Registry {
     }
 
     /// Adds the backend kind `K`. A kind registered twice keeps the later one.
-    pub fn register<K: BackendKind>(&mut self) {
+    pub fn register_backend<K: BackendKind>(&mut self) {
         self.backends.insert(K::KIND, backend_factory::<K>);
     }
 
@@ -205,7 +213,7 @@ impl Registry {
     }
 
     /// Adds a backend kind built by a hand-written factory (tests).
-    pub fn register_backend(&mut self, kind: &'static str, factory: BackendFactory) {
+    pub fn register_backend_factory(&mut self, kind: &'static str, factory: BackendFactory) {
         self.backends.insert(kind, factory);
     }
 
@@ -461,7 +469,7 @@ mod tests {
     #[test]
     fn unknown_kind_lists_known_kinds() {
         let mut registry = Registry::new();
-        registry.register_backend("file", |_, _, _| unreachable!());
+        registry.register_backend_factory("file", |_, _, _| unreachable!());
         let ctx = BackendContext {
             ledger: None,
             data_dir: "/tmp".into(),

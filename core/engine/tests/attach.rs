@@ -50,6 +50,8 @@ impl Layer for Recorder {
 #[derive(Debug, Default)]
 struct OneSession {
     detached: Mutex<Vec<(u64, u64, bool)>>,
+    /// Overlays on the server's disk instead of in RAM.
+    on_disk: bool,
 }
 
 fn session_target() -> SessionTarget {
@@ -69,7 +71,11 @@ fn session_target() -> SessionTarget {
 impl SessionDirectory for OneSession {
     async fn resolve(&self, token: &str, _: &str) -> Result<SessionTarget> {
         if token == "tok" {
-            Ok(session_target())
+            let mut target = session_target();
+            if self.on_disk {
+                target.overlay = Some(OverlayKind::ServerDisk);
+            }
+            Ok(target)
         } else {
             Err(Error::new(ErrorKind::NotFound, "no such session"))
         }
@@ -100,11 +106,23 @@ impl SessionDirectory for OneSession {
 const SIZE: usize = 1 << 20;
 
 fn exports(recorder: &Arc<Recorder>) -> (Exports, Arc<MemBackend>, Arc<OneSession>) {
+    exports_with(
+        recorder,
+        OneSession::default(),
+        std::env::temp_dir().join("osstream-attach-test-unused"),
+    )
+}
+
+fn exports_with(
+    recorder: &Arc<Recorder>,
+    directory: OneSession,
+    overlay_dir: std::path::PathBuf,
+) -> (Exports, Arc<MemBackend>, Arc<OneSession>) {
     let backend = Arc::new(MemBackend::new("mem").with_image("disk", pattern(1, SIZE)));
     let cache = Arc::new(CacheLayer::new(Arc::new(RamTier::new(8 << 20)), 64 << 10));
-    let directory = Arc::new(OneSession::default());
+    let directory = Arc::new(directory);
     let overlays = OverlaySettings {
-        dir: std::env::temp_dir().join("osstream-attach-test-unused"),
+        dir: overlay_dir,
         ram_capacity: 4 << 20,
         block_size: 4096,
     };
@@ -244,4 +262,21 @@ async fn unknown_names_and_tokens_are_refused_with_their_kind() {
         .expect_err("escapes");
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(recorder.events().is_empty());
+}
+
+#[tokio::test]
+async fn layers_hear_the_end_of_an_attach_that_fails_after_they_heard_of_it() {
+    let recorder = Arc::new(Recorder::default());
+    let session = OneSession {
+        on_disk: true,
+        ..OneSession::default()
+    };
+    // No overlay can be made there: the attach fails after the layers were told.
+    let (exports, _, _) = exports_with(&recorder, session, "/proc/osstream-no-overlays".into());
+    exports
+        .attach(request("s/tok", Intent::Use))
+        .await
+        .expect_err("no overlay folder");
+    let events: Vec<&str> = recorder.events().iter().map(|(e, _)| *e).collect();
+    assert_eq!(events, vec!["attached", "detached"]);
 }

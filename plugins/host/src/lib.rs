@@ -32,7 +32,7 @@ pub const KIND: &str = "plugin";
 
 /// Adds the `plugin` kind to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register::<PluginConfig>();
+    registry.register_backend::<PluginConfig>();
 }
 
 impl osstream_core::BackendKind for PluginConfig {
