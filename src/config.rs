@@ -538,6 +538,16 @@ mod tests {
         assert!(err.to_string().contains("`cache.rma`"), "{err}");
         let err = load_from("[nbd]\nlistne = []\n").unwrap_err();
         assert!(err.to_string().contains("listne"), "{err}");
+        assert!(err.to_string().contains("c.toml"), "{err}");
+        for bad in [
+            "listen = [\"garbage\"]",
+            "listen = [\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+            "max_connections = 0",
+            "handshake_timeout = \"0s\"",
+        ] {
+            let err = load_from(&format!("[nbd]\n{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains("nbd."), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -76,6 +76,31 @@ impl ProtocolKind for NbdConfig {
                     .to_owned(),
             ));
         }
+        for (i, address) in self.listen.iter().enumerate() {
+            let tcp_ok = address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            let unix_ok = address.strip_prefix("unix:").is_some_and(|p| !p.is_empty());
+            if !tcp_ok && !unix_ok {
+                return Err(config(format!(
+                    "nbd.listen: {address:?} is neither HOST:PORT (IPv6 as [ADDR]:PORT) nor unix:PATH"
+                )));
+            }
+            if self.listen[..i].contains(address) {
+                return Err(config(format!("nbd.listen lists {address:?} twice")));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(config(
+                "nbd.max_connections = 0 would refuse every client; give at least 1".to_owned(),
+            ));
+        }
+        if self.handshake_timeout.0.is_zero() {
+            return Err(config(
+                "nbd.handshake_timeout = 0s would disconnect every client; give a time such as \"10s\""
+                    .to_owned(),
+            ));
+        }
         let max = self.max_request.bytes();
         if !(4096..=(1 << 30)).contains(&max) {
             return Err(config(format!(

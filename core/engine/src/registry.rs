@@ -400,10 +400,8 @@ fn table_figment(section: &str, table: &Dict) -> Figment {
 /// Component configs use `#[serde(deny_unknown_fields)]`, so a misspelt key fails here
 /// with an error that names the section, the key and the valid keys.
 pub fn parse_table<T: DeserializeOwned>(section: &str, table: Dict) -> Result<T> {
-    parse_figment(
-        section,
-        Figment::from(figment::providers::Serialized::defaults(table)),
-    )
+    let table = Figment::from(figment::providers::Serialized::defaults(table));
+    parse_figment(section, table, false)
 }
 
 /// Deserializes the table at `section` (a dotted path; missing means all defaults) of a
@@ -414,21 +412,30 @@ pub fn parse_section<T: DeserializeOwned>(config: &Figment, section: &str) -> Re
     } else {
         Figment::new()
     };
-    parse_figment(section, focused)
+    parse_figment(section, focused, true)
 }
 
-fn parse_figment<T: DeserializeOwned>(section: &str, figment: Figment) -> Result<T> {
+/// Extracts `T`; with `name_origin`, each error says where its value was set (a file, the
+/// environment), as the configuration's own provider metadata records it.
+fn parse_figment<T: DeserializeOwned>(
+    section: &str,
+    figment: Figment,
+    name_origin: bool,
+) -> Result<T> {
     figment.extract::<T>().map_err(|err| {
         let details: Vec<String> = err
             .into_iter()
             .map(|e| {
                 let path = e.path.join(".");
-                let origin = e
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.source.as_ref())
-                    .map(|source| format!(" (from {source})"))
-                    .unwrap_or_default();
+                let origin = match e.metadata.as_ref().filter(|_| name_origin) {
+                    // Built-in defaults: where in the code says nothing to an admin.
+                    Some(m) if matches!(m.source, Some(figment::Source::Code(_))) => String::new(),
+                    Some(m) => match &m.source {
+                        Some(source) => format!(" (from {source})"),
+                        None => format!(" (from {})", m.name),
+                    },
+                    None => String::new(),
+                };
                 if path.is_empty() {
                     format!("{}{origin}", e.kind)
                 } else {
