@@ -94,6 +94,15 @@ async fn serve(config: Config) -> Result<()> {
         backends.push(backend);
     }
 
+    for unlisted in config
+        .cache
+        .tables
+        .keys()
+        .filter(|kind| !config.cache.tiers.contains(kind))
+    {
+        tracing::warn!(tier = %unlisted, tiers = ?config.cache.tiers,
+            "[cache.{unlisted}] is configured but [cache] tiers does not list it: it is not used");
+    }
     let layers = registry.build_tiers(&ctx, &config.cache.tiers, &config.tier_tables()?)?;
     if layers.is_empty() {
         tracing::info!("no cache tier: every read goes to its backend");
