@@ -1,6 +1,7 @@
 """Bad input over raw sockets: the right error or a logged close, never a crash, and
 every other client keeps being served."""
 
+import signal
 import socket
 import struct
 import subprocess
@@ -188,6 +189,28 @@ def test_bad_request_magic_closes_that_connection_only(server):
     s.sendall(b"\xde\xad\xbe\xef" + b"\x00" * 24)
     assert closed_by_server(s)
     still_serving(server)
+
+
+def test_requests_queued_at_shutdown_are_answered_not_dropped(server):
+    """A pipelining client's requests that reach the server as it shuts down are each
+    answered (served, or refused with NBD_ESHUTDOWN), never left for a closed socket."""
+    s = greet(server.port)
+    go(s)
+    for cookie in range(32):
+        request(s, 0, cookie * 4096, 4096, cookie=cookie)
+    server.proc.send_signal(signal.SIGTERM)
+    for cookie in range(32, 64):
+        request(s, 0, cookie * 4096, 4096, cookie=cookie)
+    answers = {}
+    for _ in range(64):
+        error, cookie = simple_reply(s)
+        if error == 0:
+            recv_exact(s, 4096)
+        answers[cookie] = error
+    assert sorted(answers) == list(range(64))
+    assert set(answers.values()) <= {0, 108}, answers  # 108: ESHUTDOWN
+    assert closed_by_server(s)
+    assert server.stop(timeout=20) == 0
 
 
 def test_shutdown_drains_and_exits_zero(server):

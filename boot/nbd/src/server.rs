@@ -579,38 +579,67 @@ where
     tokio::pin!(finished, deadline);
     let mut reading = true;
     loop {
-        let mut header = [0u8; proto::REQUEST_HEADER_LEN];
         tokio::select! {
             biased;
-            _ = &mut finished => return true,
-            _ = &mut deadline => return false,
-            read = reader.read_exact(&mut header), if reading => {
-                let Ok(req) = read.map_err(drop).and_then(|_| Request::parse(&header).map_err(drop)) else {
-                    reading = false;
-                    continue;
-                };
-                if req.command == cmd::DISC {
-                    reading = false;
-                    continue;
-                }
-                if req.command == cmd::WRITE {
-                    let skipped = tokio::io::copy(
-                        &mut (&mut *reader).take(u64::from(req.length)),
-                        &mut tokio::io::sink(),
-                    )
-                    .await;
-                    if skipped.map_or(true, |n| n != u64::from(req.length)) {
-                        reading = false;
-                        continue;
+            _ = &mut finished => {
+                // A pipelining client may have sent more before it saw the first refusal:
+                // answer what is already on its way instead of closing on it.
+                let mut answered = 0;
+                while reading && answered < QUEUED_REFUSALS {
+                    match tokio::time::timeout(QUEUED_GRACE, refuse_one(reader, writer, conn)).await {
+                        Ok(more) => reading = more,
+                        Err(_) => break,
                     }
+                    answered += 1;
                 }
-                let failure = Failure::new(errno::ESHUTDOWN, "the server is shutting down");
-                if write_reply(writer, &conn.error_reply(&req, &failure)).await.is_err() {
-                    reading = false;
-                }
+                return true;
             }
+            _ = &mut deadline => return false,
+            more = refuse_one(reader, writer, conn), if reading => reading = more,
         }
     }
+}
+
+/// After the last request in flight finished, how long to wait for one more request the
+/// client already sent, and how many to answer at most.
+const QUEUED_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
+const QUEUED_REFUSALS: usize = 4096;
+
+/// Reads one request and answers it `NBD_ESHUTDOWN` (skipping a write's payload); false
+/// when nothing more can be read (the client left, sent `DISC` or garbage).
+async fn refuse_one<R>(
+    reader: &mut BufReader<R>,
+    writer: &Arc<Mutex<BoxWrite>>,
+    conn: &Transmission,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+{
+    let mut header = [0u8; proto::REQUEST_HEADER_LEN];
+    let read = reader.read_exact(&mut header).await;
+    let Ok(req) = read
+        .map_err(drop)
+        .and_then(|_| Request::parse(&header).map_err(drop))
+    else {
+        return false;
+    };
+    if req.command == cmd::DISC {
+        return false;
+    }
+    if req.command == cmd::WRITE {
+        let skipped = tokio::io::copy(
+            &mut (&mut *reader).take(u64::from(req.length)),
+            &mut tokio::io::sink(),
+        )
+        .await;
+        if skipped.map_or(true, |n| n != u64::from(req.length)) {
+            return false;
+        }
+    }
+    let failure = Failure::new(errno::ESHUTDOWN, "the server is shutting down");
+    write_reply(writer, &conn.error_reply(&req, &failure))
+        .await
+        .is_ok()
 }
 
 /// The request loop of one attached connection. Returns why it ended, and the requests
