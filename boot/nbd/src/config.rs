@@ -112,7 +112,6 @@ impl ProtocolKind for NbdConfig {
     }
 
     fn build(self, _ctx: &BackendContext) -> Result<Box<dyn BootProtocol>> {
-        self.check()?;
         Ok(Box::new(crate::NbdServer::new(self)))
     }
 }

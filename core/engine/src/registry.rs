@@ -78,7 +78,7 @@ pub trait TierKind: DeserializeOwned + Serialize + Default + 'static {
     fn check(&self) -> Result<()> {
         Ok(())
     }
-    /// Builds the caching layer over this tier.
+    /// Builds the caching layer over this tier (the registry has run `check` first).
     fn build(self, ctx: &BackendContext) -> Result<Arc<dyn Layer>>;
 }
 
@@ -92,7 +92,8 @@ pub trait ProtocolKind: DeserializeOwned + Serialize + Default + 'static {
     fn check(&self) -> Result<()> {
         Ok(())
     }
-    /// Builds the protocol server (binding comes later, in [`BootProtocol::bind`]).
+    /// Builds the protocol server (the registry has run `check` first; binding comes
+    /// later, in [`BootProtocol::bind`]).
     fn build(self, ctx: &BackendContext) -> Result<Box<dyn BootProtocol>>;
 }
 
@@ -105,8 +106,8 @@ struct Component<T> {
     /// bad value came from); returns it with every default filled in, and whether the
     /// component is on.
     effective: fn(config: &Figment, section: &str) -> Result<(Dict, bool)>,
-    /// Builds the component from its table.
-    build: fn(ctx: &BackendContext, section: &str, table: Dict) -> Result<T>,
+    /// Builds the component from its table (checked here too); `None` when it is off.
+    build: fn(ctx: &BackendContext, section: &str, table: Dict) -> Result<Option<T>>,
 }
 
 fn backend_factory<K: BackendKind>(
@@ -133,24 +134,30 @@ fn tier_effective<K: TierKind>(config: &Figment, section: &str) -> Result<(Dict,
     effective::<K>(config, section, K::check, K::enabled)
 }
 
+/// Parses a tier's table once, checks it, and builds it when it is on.
 fn tier_build<K: TierKind>(
     ctx: &BackendContext,
     section: &str,
     table: Dict,
-) -> Result<Arc<dyn Layer>> {
-    parse_table::<K>(section, table)?.build(ctx)
+) -> Result<Option<Arc<dyn Layer>>> {
+    let config = parse_table::<K>(section, table)?;
+    config.check()?;
+    config.enabled().then(|| config.build(ctx)).transpose()
 }
 
 fn protocol_effective<K: ProtocolKind>(config: &Figment, section: &str) -> Result<(Dict, bool)> {
     effective::<K>(config, section, K::check, K::enabled)
 }
 
+/// Parses a protocol's table once, checks it, and builds it when it is on.
 fn protocol_build<K: ProtocolKind>(
     ctx: &BackendContext,
     section: &str,
     table: Dict,
-) -> Result<Box<dyn BootProtocol>> {
-    parse_table::<K>(section, table)?.build(ctx)
+) -> Result<Option<Box<dyn BootProtocol>>> {
+    let config = parse_table::<K>(section, table)?;
+    config.check()?;
+    config.enabled().then(|| config.build(ctx)).transpose()
 }
 
 fn to_dict<T: Serialize>(section: &str, config: &T) -> Result<Dict> {
@@ -336,10 +343,7 @@ impl Registry {
             let tier = self.tier(kind)?;
             let section = format!("cache.{kind}");
             let table = tables.get(kind).cloned().unwrap_or_default();
-            let (_, enabled) = (tier.effective)(&table_figment(&section, &table), &section)?;
-            if enabled {
-                layers.push((tier.build)(ctx, &section, table)?);
-            }
+            layers.extend((tier.build)(ctx, &section, table)?);
         }
         Ok(layers)
     }
@@ -375,16 +379,14 @@ impl Registry {
         let mut built = Vec::new();
         for (kind, protocol) in &self.protocols {
             let table = tables.get(*kind).cloned().unwrap_or_default();
-            let (_, enabled) = (protocol.effective)(&table_figment(kind, &table), kind)?;
-            if enabled {
-                built.push((protocol.build)(ctx, kind, table)?);
-            }
+            built.extend((protocol.build)(ctx, kind, table)?);
         }
         Ok(built)
     }
 }
 
-/// A configuration holding only `table` at `section` (a dotted path).
+/// A configuration holding only `table` at `section` (a dotted path), for tests.
+#[cfg(test)]
 fn table_figment(section: &str, table: &Dict) -> Figment {
     let mut value = Value::from(table.clone());
     for key in section.rsplit('.') {

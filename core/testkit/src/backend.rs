@@ -38,7 +38,8 @@ impl MemBackend {
         self
     }
 
-    /// `stat` calls so far (`open_stat` makes none).
+    /// Look-ups so far: `stat` calls and `open` (which looks the image up); `open_stat`
+    /// makes none.
     pub fn stat_calls(&self) -> u64 {
         self.stats.load(Ordering::Relaxed)
     }
@@ -94,7 +95,20 @@ impl ImageBackend for MemBackend {
         self.stat_of(image)
     }
 
+    /// Looks the image up as real backends do (counted as a `stat`).
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource> {
+        self.stats.fetch_add(1, Ordering::Relaxed);
+        self.open_found(image, mode)
+    }
+
+    /// Takes the caller's stat: no look-up of its own.
+    async fn open_stat(&self, stat: &ImageStat, mode: OpenMode) -> Result<DynSource> {
+        self.open_found(&stat.name, mode)
+    }
+}
+
+impl MemBackend {
+    fn open_found(&self, image: &str, mode: OpenMode) -> Result<DynSource> {
         self.opens.fetch_add(1, Ordering::Relaxed);
         let source = self.image(image)?;
         if mode.is_writable() {

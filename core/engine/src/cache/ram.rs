@@ -56,7 +56,6 @@ impl TierKind for RamTierConfig {
     }
 
     fn build(self, _ctx: &BackendContext) -> Result<std::sync::Arc<dyn crate::Layer>> {
-        self.check()?;
         tracing::info!(capacity = %self.capacity, block_size = %self.block_size, "RAM cache on");
         Ok(std::sync::Arc::new(super::CacheLayer::new(
             std::sync::Arc::new(RamTier::new(self.capacity.bytes())),
