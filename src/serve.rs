@@ -177,7 +177,12 @@ async fn serve(config: Config) -> Result<()> {
     };
     tracing::debug!(runtimes = cpus.len(), "per-CPU runtimes started");
     let cpus = Arc::new(cpus);
-    let serve_ctx = ServeContext { exports, cpus };
+    let serve_ctx = ServeContext {
+        exports,
+        cpus,
+        boot: Some(Arc::new(catalog.clone())),
+        session_address,
+    };
     let mut running = tokio::task::JoinSet::new();
     for protocol in protocols {
         let (ctx, shutdown) = (serve_ctx.clone(), shutdown.clone());

@@ -15,6 +15,8 @@ pub fn registry() -> Registry {
     registry.register_tier::<osstream_core::RamTierConfig>();
     #[cfg(feature = "boot-nbd")]
     osstream_nbd::register(&mut registry);
+    #[cfg(feature = "boot-http")]
+    osstream_http::register(&mut registry);
     #[cfg(feature = "backend-file")]
     osstream_backend_file::register(&mut registry);
     #[cfg(feature = "backend-nfs")]

@@ -33,6 +33,9 @@ use source::FileSource;
 /// The registry kind.
 pub const KIND: &str = "file";
 
+/// The folder under `root` that holds boot files (kernels, initrds).
+pub const BOOT_DIR: &str = "boot";
+
 /// Adds the `file` kind to `registry`.
 pub fn register(registry: &mut Registry) {
     registry.register_backend::<FileConfig>();
@@ -171,6 +174,22 @@ impl ImageBackend for FileBackend {
         let identity = file_identity(&path);
         let source =
             tokio::task::spawn_blocking(move || FileSource::open(path, identity, stat, writable))
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Unexpected, format!("open task failed: {e}"))
+                })??;
+        Ok(Arc::new(source))
+    }
+
+    /// Boot files live in `ROOT/boot/`, under their own names (`vmlinuz`, not
+    /// `vmlinuz.img`), so the image list shows disks only.
+    async fn open_boot_file(&self, key: &str) -> Result<DynSource> {
+        validate_image_name(key)?;
+        let path = self.root.join(BOOT_DIR).join(key);
+        let stat = self.stat_path(key, &path)?;
+        let identity = file_identity(&path);
+        let source =
+            tokio::task::spawn_blocking(move || FileSource::open(path, identity, stat, false))
                 .await
                 .map_err(|e| {
                     Error::new(ErrorKind::Unexpected, format!("open task failed: {e}"))

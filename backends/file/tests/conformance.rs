@@ -205,3 +205,38 @@ async fn identity_is_the_real_path_of_the_image() {
         ErrorKind::InvalidInput
     );
 }
+
+#[tokio::test]
+async fn boot_files_live_in_boot_under_their_own_names_and_stay_inside() {
+    let (dir, _) = setup(4096);
+    let boot = dir
+        .path()
+        .join("images")
+        .join(osstream_backend_file::BOOT_DIR);
+    std::fs::create_dir(&boot).unwrap();
+    std::fs::write(boot.join("vmlinuz"), b"kernel").unwrap();
+    let backend = backend(dir.path(), true);
+    let kernel = backend.open_boot_file("vmlinuz").await.unwrap();
+    assert_eq!(kernel.info().size, 6);
+    assert!(!kernel.capability().write);
+    let bytes = kernel
+        .read_at(0, 6, osstream_core::ReadOpts::default())
+        .await
+        .unwrap();
+    assert_eq!(&bytes, &b"kernel"[..]);
+    // Boot files are not images, and images are not boot files.
+    let names: Vec<String> = backend
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, ["disk"]);
+    let missing = backend.open_boot_file("disk").await.unwrap_err();
+    assert_eq!(missing.kind(), ErrorKind::NotFound);
+    for name in ["../disk.img", "/etc/passwd", "a/b", ""] {
+        let err = backend.open_boot_file(name).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{name:?}");
+    }
+}

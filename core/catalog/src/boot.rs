@@ -205,4 +205,42 @@ impl BootDirectory for SqlCatalog {
     async fn client_seen(&self, mac: &str) -> Result<()> {
         self.touch_client(&mac.parse()?).await
     }
+
+    async fn session_boot(&self, token: &str) -> Result<(BootSession, BootChoice)> {
+        let gone = || Error::new(ErrorKind::NotFound, "no live session has this token");
+        let session = match self.session_by_token(token).await {
+            Ok(session) if session.closed_at.is_none() => session,
+            Ok(_) => return Err(gone()),
+            Err(err) if err.kind() == ErrorKind::NotFound => return Err(gone()),
+            Err(err) => return Err(err),
+        };
+        let vdisk = self.vdisk(&session.vdisk).await?;
+        let assignment = self
+            .assignments(&session.mac)
+            .await?
+            .into_iter()
+            .find(|a| a.vdisk == vdisk.name)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "vdisk {:?} is no longer assigned to client {}",
+                        vdisk.name, session.mac
+                    ),
+                )
+            })?;
+        let overlay = overlay(&vdisk);
+        let choice = boot_choice(&assignment, vdisk);
+        Ok((
+            BootSession {
+                export: session.export_name(),
+                id: session.id,
+                token: session.token,
+                mac: session.mac.into(),
+                vdisk: session.vdisk,
+                overlay,
+            },
+            choice,
+        ))
+    }
 }

@@ -23,28 +23,9 @@ impl FromStr for Mac {
 
     /// Accepts `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` and `aabbccddeeff`, any case.
     fn from_str(text: &str) -> Result<Self> {
-        let trimmed = text.trim();
-        let hex: String = match trimmed.len() {
-            17 => {
-                let separator = trimmed.as_bytes()[2];
-                if !matches!(separator, b':' | b'-') {
-                    return Err(bad_mac(text));
-                }
-                let parts: Vec<&str> = trimmed.split(separator as char).collect();
-                if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
-                    return Err(bad_mac(text));
-                }
-                parts.concat()
-            }
-            12 => trimmed.to_owned(),
-            _ => return Err(bad_mac(text)),
-        };
-        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad_mac(text));
-        }
-        let hex = hex.to_ascii_lowercase();
-        let pairs: Vec<&str> = (0..6).map(|i| &hex[i * 2..i * 2 + 2]).collect();
-        Ok(Mac(pairs.join(":")))
+        osstream_core::normalize_mac(text)
+            .map(Mac)
+            .ok_or_else(|| bad_mac(text))
     }
 }
 

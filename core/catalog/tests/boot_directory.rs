@@ -208,7 +208,19 @@ async fn sessions_open_for_booting_clients(catalog: &SqlCatalog) {
         .filter(|s| s.mac.as_str() == PC1)
         .map(|s| s.id)
         .collect();
-    assert_eq!(live, [next.id]);
+    assert_eq!(live, [next.id.clone()]);
+
+    // A live session's token tells boot protocols its vdisk's boot files; a replaced
+    // session's token, or a made-up one, tells nothing.
+    let (by_token, choice) = catalog.session_boot(&next.token).await.unwrap();
+    assert_eq!(by_token.id, next.id);
+    assert_eq!(choice.vdisk, "ubuntu");
+    assert_eq!(choice.kernel.as_deref(), Some("ubuntu-vmlinuz"));
+    assert_eq!(choice.initrd.as_deref(), Some("ubuntu-initrd"));
+    for gone in [session.token.as_str(), "no-such-token"] {
+        let err = catalog.session_boot(gone).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    }
 
     let private = catalog.open_boot_session(PC2, "build", None).await.unwrap();
     assert!(private.is_private());

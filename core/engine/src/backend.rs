@@ -92,6 +92,14 @@ pub trait ImageBackend: Send + Sync + Debug {
         self.open(&stat.name, mode).await
     }
 
+    /// Opens a boot file (a kernel, an initrd, a bootloader) read-only: what a vdisk's
+    /// `--kernel` and `--initrd` keys name. Backends whose image names follow a rule that
+    /// suits disks but not boot files (the `file` backend's `NAME.img`) keep boot files in
+    /// a home of their own and say so; the default opens the key as an image.
+    async fn open_boot_file(&self, key: &str) -> Result<DynSource> {
+        self.open(key, OpenMode::ReadOnly).await
+    }
+
     /// Stores the raw image file `from` as the image `image` (`osstream vdisk import`).
     ///
     /// An existing image of that name is [`ErrorKind::Conflict`] unless

@@ -12,6 +12,34 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::sessions::OverlayKind;
 
+/// A MAC address in its normal spelling, `aa:bb:cc:dd:ee:ff`, from any spelling clients
+/// and admins use: `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` (iPXE's `hexhyp`) or
+/// `aabbccddeeff`, any case. `None` for anything else.
+pub fn normalize_mac(text: &str) -> Option<String> {
+    let trimmed = text.trim();
+    let hex: String = match trimmed.len() {
+        17 => {
+            let separator = trimmed.as_bytes()[2];
+            if !matches!(separator, b':' | b'-') {
+                return None;
+            }
+            let parts: Vec<&str> = trimmed.split(separator as char).collect();
+            if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
+                return None;
+            }
+            parts.concat()
+        }
+        12 => trimmed.to_owned(),
+        _ => return None,
+    };
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let hex = hex.to_ascii_lowercase();
+    let pairs: Vec<&str> = (0..6).map(|i| &hex[i * 2..i * 2 + 2]).collect();
+    Some(pairs.join(":"))
+}
+
 /// A client the catalog knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootClient {
@@ -140,6 +168,8 @@ impl Debug for BootSession {
 ///   may have registered it a moment earlier), `NotFound` when the policy's template
 ///   client no longer exists. A registration that fails part-way (a template's vdisk
 ///   removed meanwhile) is undone, so a retry starts afresh.
+/// - `session_boot` answers for a live session only (an ended or replaced one is
+///   `NotFound`, as an unknown token), and only with the vdisk that session opened.
 /// - `client_seen` records that the client is booting now; an unknown MAC is not an error
 ///   and changes nothing.
 /// - Every method is safe to call concurrently, from several servers sharing a catalog.
@@ -164,4 +194,7 @@ pub trait BootDirectory: Send + Sync + Debug {
     ) -> Result<BootSession>;
     /// Records that the client is booting now (its first and last seen).
     async fn client_seen(&self, mac: &str) -> Result<()>;
+    /// The vdisk a live session boots, as its client's menu lists it: what the session's
+    /// boot files (kernel, initrd) are. `NotFound` for a token no live session has.
+    async fn session_boot(&self, token: &str) -> Result<(BootSession, BootChoice)>;
 }

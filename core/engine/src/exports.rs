@@ -225,18 +225,30 @@ impl Exports {
     }
 
     fn backend(&self, target: &SessionTarget) -> Result<&DynBackend> {
+        self.backend_named(&target.backend, &target.vdisk)
+    }
+
+    fn backend_named(&self, backend: &str, vdisk: &str) -> Result<&DynBackend> {
         self.backends
             .iter()
-            .find(|b| b.name() == target.backend)
+            .find(|b| b.name() == backend)
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::Config,
                     format!(
-                        "vdisk {:?} lives on backend {:?}, which this server does not configure",
-                        target.vdisk, target.backend
+                        "vdisk {vdisk:?} lives on backend {backend:?}, which this server does not configure"
                     ),
                 )
             })
+    }
+
+    /// Opens a boot file of `vdisk` (its kernel or initrd: `key` on `backend`) read-only,
+    /// under the shared layers, so a kernel many clients fetch is read from its backend
+    /// once. Boot files are not exports: no session, no hooks.
+    pub async fn open_boot_file(&self, vdisk: &str, backend: &str, key: &str) -> Result<DynSource> {
+        let backend = self.backend_named(backend, vdisk)?;
+        let base = backend.open_boot_file(key).await?;
+        Ok(self.stack(base, None))
     }
 
     /// Ids of the sessions with at least one connection on this server.

@@ -68,7 +68,9 @@ pub use backend::{
     validate_image_name,
 };
 pub use blocking::run_blocking;
-pub use boot::{BootChoice, BootClient, BootDirectory, BootKind, BootSession, UnknownPolicy};
+pub use boot::{
+    BootChoice, BootClient, BootDirectory, BootKind, BootSession, UnknownPolicy, normalize_mac,
+};
 pub use cache::{
     BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, RamTierConfig, TierStats,
     stable_hash,

@@ -17,6 +17,12 @@ pub struct ServeContext {
     /// One runtime per CPU, for serving a connection on the CPU its packets arrive on
     /// (empty: everything is served on the shared runtime).
     pub cpus: Arc<crate::CpuRuntimes>,
+    /// The catalog as boot protocols read it (DHCP, iPXE scripts); `None` where no
+    /// catalog is at hand.
+    pub boot: Option<Arc<dyn crate::BootDirectory>>,
+    /// Where clients reach session exports over NBD (`HOST:PORT`), as the protocol that
+    /// serves them reported it after binding: what a boot script tells a kernel.
+    pub session_address: Option<String>,
 }
 
 /// A protocol server.

@@ -1,0 +1,628 @@
+//! The HTTP listener: connections, routes, bodies read through the engine.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use osstream_core::{
+    AttachRequest, Attachment, BootDirectory, BootProtocol, DynSource, Error, ErrorKind,
+    ExportName, Exports, Intent, IoCounters, ReadOpts, Result, ServeContext, UnknownPolicy,
+    async_trait, normalize_mac,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::HttpConfig;
+use crate::request::{
+    Method, RangeAnswer, Refusal, Request, ResponseHead, parse_range, parse_request,
+};
+use crate::script::{self, Identity, SessionBoot};
+
+/// A request head must arrive within this time once it has started.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// On shutdown, how long responses in flight may take to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bodies are read from their source in pieces of at most this size.
+const BODY_PIECE: u64 = 1 << 20;
+
+/// The HTTP boot server (see the crate documentation for its routes).
+#[derive(Debug)]
+pub struct HttpServer {
+    config: HttpConfig,
+    listener: Option<TcpListener>,
+    base_url: Option<String>,
+}
+
+impl HttpServer {
+    /// A server for `config`; nothing is bound until [`BootProtocol::bind`].
+    pub fn new(config: HttpConfig) -> Self {
+        HttpServer {
+            config,
+            listener: None,
+            base_url: None,
+        }
+    }
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Shared {
+    exports: Arc<Exports>,
+    boot: Option<Arc<dyn BootDirectory>>,
+    nbd_address: Option<String>,
+    base_url: Option<String>,
+    menu_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+#[async_trait]
+impl BootProtocol for HttpServer {
+    fn name(&self) -> &'static str {
+        crate::KIND
+    }
+
+    async fn bind(&mut self) -> Result<Vec<String>> {
+        let address: SocketAddr = self.config.listen.parse().map_err(|_| {
+            Error::new(
+                ErrorKind::Config,
+                format!("http.listen: {:?} is not HOST:PORT", self.config.listen),
+            )
+        })?;
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| Error::from_io(e, format!("cannot listen on {address} (http.listen)")))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Error::from_io(e, "cannot read the HTTP listener's address"))?;
+        self.base_url = self.config.base_url_for(bound);
+        self.listener = Some(listener);
+        Ok(vec![bound.to_string()])
+    }
+
+    async fn serve(self: Box<Self>, ctx: ServeContext, shutdown: CancellationToken) -> Result<()> {
+        let listener = self.listener.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unexpected,
+                "the HTTP server serves before it is bound",
+            )
+        })?;
+        if ctx.boot.is_none() {
+            tracing::warn!("no catalog: /ipxe scripts answer with a message only");
+        }
+        let shared = Arc::new(Shared {
+            exports: ctx.exports,
+            boot: ctx.boot,
+            nbd_address: ctx.session_address,
+            base_url: self.base_url,
+            menu_timeout: self.config.menu_timeout.0,
+            idle_timeout: self.config.idle_timeout.0,
+        });
+        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        let tracker = TaskTracker::new();
+        loop {
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors, typically: wait instead of spinning.
+                        tracing::warn!(%err, "http: cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let connection = Connection {
+                shared: shared.clone(),
+                stream,
+                peer,
+                buf: BytesMut::with_capacity(4096),
+                san: None,
+                shutdown: shutdown.clone(),
+            };
+            tracker.spawn(async move {
+                let _permit = permit;
+                connection.run().await;
+            });
+        }
+        drop(listener);
+        tracker.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = tracker.len(),
+                "http: responses still in flight after the drain timeout; closing them"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// An answer before it is written.
+enum Reply {
+    /// A small body held in memory.
+    Text { head: ResponseHead, body: String },
+    /// A body read from a source, with `Range` support; `counters` count it for a session.
+    Source {
+        source: DynSource,
+        counters: Option<Arc<IoCounters>>,
+    },
+}
+
+impl Reply {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        let mut body = body.into();
+        body.push('\n');
+        Reply::Text {
+            head: ResponseHead::new(status).header("Content-Type", "text/plain; charset=utf-8"),
+            body,
+        }
+    }
+
+    fn script(body: String) -> Self {
+        Reply::Text {
+            head: ResponseHead::new(200).header("Content-Type", "text/plain; charset=utf-8"),
+            body,
+        }
+    }
+
+    fn error(err: &Error) -> Self {
+        let status = match err.kind() {
+            ErrorKind::NotFound => 404,
+            ErrorKind::PermissionDenied => 403,
+            ErrorKind::Conflict => 409,
+            ErrorKind::InvalidInput | ErrorKind::OutOfRange => 400,
+            ErrorKind::Shutdown => 503,
+            _ => 500,
+        };
+        Reply::text(status, err.to_string())
+    }
+}
+
+/// A path with its session token (after `/san/` or `/boot/`) hidden, for logs.
+pub(crate) fn loggable_path(path: &str) -> String {
+    for prefix in ["/san/", "/boot/"] {
+        if let Some(rest) = path.strip_prefix(prefix) {
+            let tail = rest.find('/').map_or("", |i| &rest[i..]);
+            return format!("{prefix}<token>{tail}");
+        }
+    }
+    path.to_owned()
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: BytesMut,
+    /// The session this connection reads over HTTP SAN, kept between its requests.
+    san: Option<(String, Attachment)>,
+    shutdown: CancellationToken,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        loop {
+            let request = match self.next_request().await {
+                Ok(Some(request)) => request,
+                Ok(None) => break,
+                Err(refusal) => {
+                    tracing::info!(peer = %self.peer, status = refusal.status, reason = %refusal.reason, "http: bad request");
+                    let mut head = ResponseHead::new(refusal.status);
+                    if refusal.status == 405 {
+                        head = head.header("Allow", "GET, HEAD");
+                    }
+                    let body = format!("{}\n", refusal.reason);
+                    let _ = self.write_text(head, &body, true, false).await;
+                    break;
+                }
+            };
+            let keep_alive = request.keep_alive && !self.shutdown.is_cancelled();
+            match self.answer(&request, keep_alive).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(err) => {
+                    tracing::debug!(peer = %self.peer, %err, "http: connection ended");
+                    break;
+                }
+            }
+        }
+        if let Some((_, attachment)) = self.san.take() {
+            attachment.close().await;
+        }
+    }
+
+    /// The next request head; `Ok(None)` when the connection ends (closed, idle,
+    /// shutdown, or a head that does not arrive in time).
+    async fn next_request(&mut self) -> std::result::Result<Option<Request>, Refusal> {
+        loop {
+            if !self.buf.is_empty()
+                && let Some((request, used)) = parse_request(&self.buf)?
+            {
+                self.buf.advance(used);
+                return Ok(Some(request));
+            }
+            let idle = self.buf.is_empty();
+            let wait = if idle {
+                self.shared.idle_timeout
+            } else {
+                HEAD_TIMEOUT
+            };
+            let read = tokio::select! {
+                read = tokio::time::timeout(wait, self.stream.read_buf(&mut self.buf)) => read,
+                _ = self.shutdown.cancelled(), if idle => return Ok(None),
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                    if !idle {
+                        tracing::debug!(peer = %self.peer, "http: connection closed in the middle of a request head");
+                    }
+                    return Ok(None);
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Answers one request; `Ok(false)` when the connection must close after it.
+    async fn answer(&mut self, request: &Request, keep_alive: bool) -> std::io::Result<bool> {
+        let reply = self.route(request).await;
+        let head_only = request.method == Method::Head;
+        match reply {
+            Reply::Text { head, body } => {
+                if let Some(status) = status_of(&head) {
+                    tracing::debug!(peer = %self.peer, path = %loggable_path(&request.path), status, "http");
+                }
+                self.write_text(head, &body, !keep_alive, head_only).await?;
+                Ok(keep_alive)
+            }
+            Reply::Source { source, counters } => {
+                self.send_source(request, &source, counters.as_deref(), keep_alive, head_only)
+                    .await
+            }
+        }
+    }
+
+    async fn write_text(
+        &mut self,
+        head: ResponseHead,
+        body: &str,
+        close: bool,
+        head_only: bool,
+    ) -> std::io::Result<()> {
+        let mut out = head.encode(body.len() as u64, !close);
+        if !head_only {
+            out.extend_from_slice(body.as_bytes());
+        }
+        self.stream.write_all(&out).await
+    }
+
+    /// Sends `source` (the part a `Range` asks for); closes the connection when a read
+    /// fails half-way, since the status has gone out already.
+    async fn send_source(
+        &mut self,
+        request: &Request,
+        source: &DynSource,
+        counters: Option<&IoCounters>,
+        keep_alive: bool,
+        head_only: bool,
+    ) -> std::io::Result<bool> {
+        let size = source.info().size;
+        let answer = request
+            .range
+            .as_deref()
+            .map_or(RangeAnswer::Whole, |range| parse_range(range, size));
+        let (head, start, length) = match answer {
+            RangeAnswer::Whole => (ResponseHead::new(200), 0, size),
+            RangeAnswer::Part { start, end } => (
+                ResponseHead::new(206)
+                    .header("Content-Range", format!("bytes {start}-{end}/{size}")),
+                start,
+                end - start + 1,
+            ),
+            RangeAnswer::Unsatisfiable => {
+                let head =
+                    ResponseHead::new(416).header("Content-Range", format!("bytes */{size}"));
+                self.write_text(head, "", !keep_alive, head_only).await?;
+                return Ok(keep_alive);
+            }
+        };
+        let head = head
+            .header("Accept-Ranges", "bytes")
+            .header("Content-Type", "application/octet-stream");
+        self.stream
+            .write_all(&head.encode(length, keep_alive))
+            .await?;
+        if head_only {
+            return Ok(keep_alive);
+        }
+        let end = start + length;
+        let mut offset = start;
+        while offset < end {
+            let piece = (end - offset).min(BODY_PIECE);
+            let chunks = match source
+                .read_at(offset, piece as usize, ReadOpts::default())
+                .await
+            {
+                Ok(chunks) => chunks,
+                Err(err) => {
+                    if let Some(counters) = counters {
+                        counters.error();
+                    }
+                    tracing::warn!(peer = %self.peer, path = %loggable_path(&request.path), offset, %err, "http: read failed in the middle of a body; closing the connection");
+                    return Ok(false);
+                }
+            };
+            for part in chunks.parts() {
+                self.stream.write_all(part).await?;
+            }
+            offset += piece;
+        }
+        if let Some(counters) = counters {
+            counters.request();
+            counters.read(length);
+        }
+        Ok(keep_alive)
+    }
+
+    async fn route(&mut self, request: &Request) -> Reply {
+        let path = request.path.trim_start_matches('/');
+        let segments: Vec<&str> = path.split('/').collect();
+        match segments.as_slice() {
+            ["boot.ipxe"] => Reply::script(script::chain_script(&self.base_url(request))),
+            ["ipxe", mac] => self.client_script(request, mac, None).await,
+            ["ipxe", mac, vdisk] => self.client_script(request, mac, Some(vdisk)).await,
+            ["boot", token, file @ ("kernel" | "initrd")] => {
+                match self.boot_file(token, file).await {
+                    Ok(reply) => reply,
+                    Err(err) => {
+                        tracing::info!(peer = %self.peer, path = %loggable_path(&request.path), %err, "http: boot file refused");
+                        Reply::error(&err)
+                    }
+                }
+            }
+            ["san", token] => match self.san(token, request.method).await {
+                Ok(reply) => reply,
+                Err(err) => {
+                    tracing::info!(peer = %self.peer, path = %loggable_path(&request.path), %err, "http: SAN refused");
+                    Reply::error(&err)
+                }
+            },
+            _ => Reply::text(
+                404,
+                format!(
+                    "nothing at {}: this server answers /boot.ipxe, /ipxe/MAC, /boot/TOKEN/kernel|initrd and /san/TOKEN",
+                    loggable_path(&request.path)
+                ),
+            ),
+        }
+    }
+
+    fn base_url(&self, request: &Request) -> String {
+        if let Some(base) = &self.shared.base_url {
+            return base.clone();
+        }
+        match &request.host {
+            Some(host) => format!("http://{host}"),
+            None => match self.stream.local_addr() {
+                Ok(local) => format!("http://{local}"),
+                Err(_) => "http://127.0.0.1".to_owned(),
+            },
+        }
+    }
+
+    async fn client_script(&mut self, request: &Request, mac: &str, vdisk: Option<&str>) -> Reply {
+        let Some(mac) = normalize_mac(mac) else {
+            return Reply::text(
+                400,
+                format!("{:?} is not a MAC address", script::inert(mac)),
+            );
+        };
+        let Some(boot) = self.shared.boot.clone() else {
+            return Reply::script(script::message_script(&[
+                "this server has no catalog to boot clients from".to_owned(),
+            ]));
+        };
+        let base = self.base_url(request);
+        match self.build_client_script(&*boot, &base, &mac, vdisk).await {
+            Ok(text) => Reply::script(text),
+            Err(err) => {
+                tracing::warn!(client = %mac, peer = %self.peer, vdisk = vdisk.unwrap_or(""), %err, "http: cannot boot the client");
+                Reply::script(script::message_script(&[format!(
+                    "cannot boot this machine ({mac}): {err}"
+                )]))
+            }
+        }
+    }
+
+    async fn build_client_script(
+        &self,
+        boot: &dyn BootDirectory,
+        base: &str,
+        mac: &str,
+        vdisk: Option<&str>,
+    ) -> Result<String> {
+        let peer = self.peer.ip().to_string();
+        let client = match boot.known_client(mac).await? {
+            Some(client) => client,
+            None => match boot.unknown_policy().await? {
+                UnknownPolicy::Ignore => {
+                    tracing::info!(client = %mac, %peer, "unknown client: the policy ignores it");
+                    return Ok(script::message_script(&[
+                        format!("this machine ({mac}) is not registered on this server."),
+                        format!("An administrator can add it: osstream client add {mac}"),
+                    ]));
+                }
+                policy => {
+                    let notes = format!("first seen over HTTP from {peer}");
+                    match boot.register_client(mac, &notes).await {
+                        Ok(client) => {
+                            tracing::info!(client = %mac, %peer, ?policy, "unknown client registered");
+                            client
+                        }
+                        // Registered a moment ago by another request or server.
+                        Err(err) if err.kind() == ErrorKind::Conflict => {
+                            boot.known_client(mac).await?.ok_or(err)?
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+            },
+        };
+        let identity = Identity::of(mac, Some(&client));
+        let menu = boot.boot_menu(mac).await?;
+        let chosen = match vdisk {
+            Some(name) => menu
+                .iter()
+                .find(|c| c.vdisk == name)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::PermissionDenied,
+                        format!("vdisk {:?} is not assigned to {mac}", script::inert(name)),
+                    )
+                })?,
+            None if menu.is_empty() => {
+                return Ok(script::message_script(&[
+                    format!(
+                        "this machine ({mac}, {}) has no vdisk assigned.",
+                        identity.hostname
+                    ),
+                    format!("An administrator can assign one: osstream client assign {mac} VDISK"),
+                ]));
+            }
+            None if menu.len() > 1 && !self.shared.menu_timeout.is_zero() => {
+                return Ok(script::menu_script(
+                    base,
+                    &identity,
+                    &menu,
+                    self.shared.menu_timeout,
+                ));
+            }
+            None => menu
+                .iter()
+                .find(|c| c.is_default)
+                .unwrap_or(&menu[0])
+                .clone(),
+        };
+        if !chosen.enabled {
+            return Ok(script::message_script(&[format!(
+                "vdisk {} is disabled; ask an administrator (osstream vdisk set {} --enabled true)",
+                chosen.vdisk, chosen.vdisk
+            )]));
+        }
+        let session = boot
+            .open_boot_session(mac, &chosen.vdisk, Some(&peer))
+            .await?;
+        tracing::info!(client = %mac, vdisk = %chosen.vdisk, session = %session.id, %peer, hostname = %identity.hostname, "boot session opened");
+        let target = SessionBoot {
+            token: &session.token,
+            export: &session.export,
+            nbd_address: self.shared.nbd_address.as_deref(),
+        };
+        Ok(script::boot_script(base, &identity, &chosen, &target)
+            .unwrap_or_else(|lines| script::message_script(&lines)))
+    }
+
+    async fn boot_file(&self, token: &str, file: &str) -> Result<Reply> {
+        let boot = self
+            .shared
+            .boot
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, "this server has no catalog"))?;
+        let (session, choice) = boot.session_boot(token).await?;
+        let key = match file {
+            "kernel" => choice.kernel.as_deref(),
+            _ => choice.initrd.as_deref(),
+        }
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("vdisk {:?} names no {file}", choice.vdisk),
+            )
+        })?;
+        let source = self
+            .shared
+            .exports
+            .open_boot_file(&choice.vdisk, &choice.backend, key)
+            .await?;
+        tracing::debug!(session = %session.id, vdisk = %choice.vdisk, file, key, "http: boot file");
+        Ok(Reply::Source {
+            source,
+            counters: None,
+        })
+    }
+
+    async fn san(&mut self, token: &str, method: Method) -> Result<Reply> {
+        if let Some((held, attachment)) = &self.san
+            && held == token
+            && !attachment.ended().is_cancelled()
+        {
+            return Ok(Reply::Source {
+                source: attachment.source.clone(),
+                counters: Some(attachment.counters().clone()),
+            });
+        }
+        if let Some((_, old)) = self.san.take() {
+            old.close().await;
+        }
+        let name = ExportName::of_session(token);
+        let peer = self.peer.to_string();
+        let intent = match method {
+            Method::Head => Intent::Probe,
+            Method::Get => Intent::Use,
+        };
+        let attachment = self
+            .shared
+            .exports
+            .attach(AttachRequest {
+                name: &name,
+                peer: &peer,
+                protocol: crate::KIND,
+                intent,
+            })
+            .await?;
+        let reply = Reply::Source {
+            source: attachment.source.clone(),
+            counters: Some(attachment.counters().clone()),
+        };
+        if intent == Intent::Use {
+            tracing::info!(peer = %self.peer, session = attachment.session().unwrap_or(""), "http: SAN attached");
+            self.san = Some((token.to_owned(), attachment));
+        } else {
+            attachment.close().await;
+        }
+        Ok(reply)
+    }
+}
+
+/// The status of a head, for the log line.
+fn status_of(head: &ResponseHead) -> Option<u16> {
+    Some(head.status())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_path;
+
+    #[test]
+    fn tokens_never_reach_logs() {
+        assert_eq!(loggable_path("/san/secret"), "/san/<token>");
+        assert_eq!(loggable_path("/boot/secret/kernel"), "/boot/<token>/kernel");
+        assert_eq!(loggable_path("/ipxe/aa-bb"), "/ipxe/aa-bb");
+    }
+}

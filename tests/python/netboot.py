@@ -1,0 +1,113 @@
+"""Shared parts of the tests that boot real machines: the guest artifacts, a server set up
+for network boot, and qemu (TCG) with its iPXE ROM as the client."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from conftest import ROOT, Server, free_port
+
+CACHE = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+ARTIFACTS = os.environ.get("TEST_NETBOOT_ARTIFACTS", os.path.join(CACHE, "osstream-test", "netboot"))
+MARKER = "osstream-netboot-marker-7d3f"
+SAN_MARKER = "sanboot: marker osstream-san-5c1e"
+
+
+def build_artifacts():
+    """Builds (once, then cached) the kernel, initramfs and disks the guests boot."""
+    subprocess.run(["bash", os.path.join(ROOT, "tests", "netboot", "build-artifacts.sh"), ARTIFACTS],
+                   check=True, timeout=900)
+    return ARTIFACTS
+
+
+def netboot_server(tmp_path, artifacts, http_extra="", extra=""):
+    """A server whose HTTP and NBD listeners are on loopback, published at the addresses a
+    guest on qemu's user network reaches loopback by (10.0.2.2). Its file backend holds
+    `netroot` (the ext4 root), `san` (the HTTP SAN disk) and the kernel and initrd under
+    `boot/`."""
+    http = free_port()
+    server = Server(tmp_path, config_extra=(
+        f'[http]\nenabled = true\nlisten = "127.0.0.1:{http}"\n'
+        f'public_url = "http://10.0.2.2:{http}"\nmenu_timeout = "1s"\n{http_extra}\n'
+        '[nbd]\nlisten = ["127.0.0.1:PORT"]\npublic_address = "10.0.2.2:PORT"\n'
+        f"{extra}\n"), demo=False)
+    server.http_port = http
+    server.http = f"http://127.0.0.1:{http}"
+    boot = server.images / "boot"
+    boot.mkdir()
+    for name in ("vmlinuz", "initrd.img"):
+        shutil.copy(os.path.join(artifacts, name), boot / name)
+    shutil.copy(os.path.join(artifacts, "root.img"), server.images / "netroot.img")
+    shutil.copy(os.path.join(artifacts, "san.img"), server.images / "san.img")
+    return server
+
+
+def add_linux_vdisk(server, name, key="netroot", description=""):
+    server.cli("vdisk", "add", name, "--backend", "images", "--key", key, "--boot", "linux-nbd",
+               "--kernel", "vmlinuz", "--initrd", "initrd.img", "--cmdline", "console=ttyS0",
+               "--description", description)
+
+
+class Machine:
+    """A diskless PC: qemu with a virtio NIC whose iPXE ROM boots from the network.
+
+    On qemu's user network the boot file URL comes from qemu's own DHCP; the serial
+    console (SeaBIOS, iPXE, the kernel, the initramfs) goes to a log file."""
+
+    def __init__(self, tmp_path, mac, bootfile, memory=256):
+        self.mac = mac
+        self.log = tmp_path / f"qemu-{mac.replace(':', '')}.log"
+        self.args = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory), "-nographic", "-no-reboot",
+                     "-netdev", f"user,id=n0,bootfile={bootfile}",
+                     "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-boot", "n"]
+        self.proc = None
+
+    def start(self):
+        self.log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.log_file,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    def output(self):
+        return self.log.read_bytes().decode("latin-1")
+
+    def unwrapped(self):
+        """The output with line breaks removed: iPXE wraps long lines at 80 columns."""
+        return self.output().replace("\r", "").replace("\n", "")
+
+    def wait_exit(self, timeout=150):
+        """Waits for the guest to power off; returns its console output."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.mac} did not power off within {timeout}s:\n{self.output()[-3000:]}")
+        self.log_file.close()
+        return self.output()
+
+    def wait_for(self, text, timeout=90):
+        """Waits until the console shows `text` (the guest keeps running); returns the output."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = self.output()
+            if text in out or text in self.unwrapped():
+                return out
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.3)
+        self.kill()
+        raise AssertionError(f"{self.mac}: no {text!r} on the console:\n{self.output()[-3000:]}")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        if not self.log_file.closed:
+            self.log_file.close()
+
+
+def console_lines(output, prefix="netboot: "):
+    """The lines the test initramfs printed, without the prefix."""
+    return [line.split(prefix, 1)[1].strip() for line in output.splitlines() if prefix in line]
