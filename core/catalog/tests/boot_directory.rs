@@ -208,7 +208,7 @@ async fn sessions_open_for_booting_clients(catalog: &SqlCatalog) {
         .filter(|s| s.mac.as_str() == PC1)
         .map(|s| s.id)
         .collect();
-    assert_eq!(live, [next.id.clone()]);
+    assert_eq!(live, std::slice::from_ref(&next.id));
 
     // A live session's token tells boot protocols its vdisk's boot files; a replaced
     // session's token, or a made-up one, tells nothing.
