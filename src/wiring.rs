@@ -17,6 +17,8 @@ pub fn registry() -> Registry {
     osstream_nbd::register(&mut registry);
     #[cfg(feature = "boot-http")]
     osstream_http::register(&mut registry);
+    #[cfg(feature = "boot-tftp")]
+    osstream_tftp::register(&mut registry);
     #[cfg(feature = "backend-file")]
     osstream_backend_file::register(&mut registry);
     #[cfg(feature = "backend-nfs")]

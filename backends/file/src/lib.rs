@@ -17,6 +17,7 @@
 mod config;
 mod error;
 mod source;
+mod tree;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use osstream_core::{
 pub use config::FileConfig;
 use error::io_error;
 use source::FileSource;
+pub use tree::FileTree;
 
 /// The registry kind.
 pub const KIND: &str = "file";

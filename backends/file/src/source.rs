@@ -46,6 +46,21 @@ impl FileSource {
         })
     }
 
+    /// A read-only source over a file opened already (by [`crate::FileTree`]).
+    pub(crate) fn from_file(file: File, path: PathBuf, identity: String, stat: ImageStat) -> Self {
+        FileSource {
+            file: Arc::new(file),
+            path: Arc::new(path),
+            info: SourceInfo {
+                name: stat.name,
+                identity,
+                size: stat.size,
+                generation: stat.generation,
+            },
+            writable: false,
+        }
+    }
+
     /// Runs `work` with the file on the blocking pool, where positional I/O belongs.
     async fn blocking<T: Send + 'static>(
         &self,

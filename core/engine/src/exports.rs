@@ -242,6 +242,11 @@ impl Exports {
             })
     }
 
+    /// The names of the configured backends (`[backends.NAME]`).
+    pub fn backend_names(&self) -> Vec<&str> {
+        self.backends.iter().map(|b| b.name()).collect()
+    }
+
     /// Opens a boot file of `vdisk` (its kernel or initrd: `key` on `backend`) read-only,
     /// under the shared layers, so a kernel many clients fetch is read from its backend
     /// once. Boot files are not exports: no session, no hooks.
