@@ -18,6 +18,20 @@ fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
     value.map(|v| if v.is_empty() { None } else { Some(v) })
 }
 
+/// A reservation from the command line: an IPv4 address, or empty to clear.
+fn reserved_ip(value: Option<String>) -> Result<Option<Option<std::net::Ipv4Addr>>> {
+    match empty_is_none(value) {
+        None => Ok(None),
+        Some(None) => Ok(Some(None)),
+        Some(Some(text)) => text.parse().map(|ip| Some(Some(ip))).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("--ip {text:?} is not an IPv4 address such as 10.0.0.21"),
+            )
+        }),
+    }
+}
+
 fn vdisk_rows(vdisks: &[Vdisk]) -> Vec<Vec<String>> {
     vdisks
         .iter()
@@ -240,6 +254,7 @@ fn client_rows(clients: &[Client]) -> Vec<Vec<String>> {
                 opt(&c.name),
                 opt(&c.hostname),
                 opt(&c.group),
+                c.ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                 when(c.first_seen),
                 when(c.last_seen),
                 c.notes.clone(),
@@ -253,6 +268,7 @@ const CLIENT_HEADERS: &[&str] = &[
     "NAME",
     "HOSTNAME",
     "GROUP",
+    "IP",
     "FIRST SEEN",
     "LAST SEEN",
     "NOTES",
@@ -267,6 +283,7 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
                 name: fields.name.filter(|v| !v.is_empty()),
                 hostname: fields.hostname.filter(|v| !v.is_empty()),
                 group: fields.group.filter(|v| !v.is_empty()),
+                ip: reserved_ip(fields.ip)?.flatten(),
                 notes: fields.notes.unwrap_or_default(),
                 first_seen: None,
                 last_seen: None,
@@ -335,6 +352,7 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
                 name: empty_is_none(fields.name),
                 hostname: empty_is_none(fields.hostname),
                 group: empty_is_none(fields.group),
+                ip: reserved_ip(fields.ip)?,
                 notes: fields.notes,
             };
             let client = catalog.update_client(&mac, &changes).await?;

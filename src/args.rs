@@ -174,6 +174,9 @@ pub struct ClientFields {
     pub hostname: Option<String>,
     #[arg(long)]
     pub group: Option<String>,
+    /// The IPv4 address full-mode DHCP always gives it (a reservation; empty clears).
+    #[arg(long)]
+    pub ip: Option<String>,
     #[arg(long)]
     pub notes: Option<String>,
 }

@@ -286,6 +286,7 @@ mod tests {
             name: Some("pc1".into()),
             hostname: Some("lab-pc-01".into()),
             group: None,
+            ip: None,
             first_seen: None,
             last_seen: None,
         };

@@ -2,9 +2,11 @@
 //! policy and sessions, as plain engine records. Built on the [`Catalog`] operations alone,
 //! so the boot path gets the same validation and messages as the admin commands.
 
+use std::net::Ipv4Addr;
+
 use osstream_core::{
-    BootChoice, BootClient, BootDirectory, BootKind, BootSession, Error, ErrorKind, OverlayKind,
-    Result, UnknownPolicy, async_trait,
+    BootChoice, BootClient, BootDirectory, BootKind, BootSession, Error, ErrorKind, Lease,
+    LeaseStore, OverlayKind, Result, UnknownPolicy, async_trait,
 };
 
 use crate::Catalog;
@@ -16,6 +18,7 @@ use crate::sql::SqlCatalog;
 fn boot_client(client: Client) -> BootClient {
     BootClient {
         mac: client.mac.into(),
+        ip: client.ip,
         name: client.name,
         hostname: client.hostname,
         group: client.group,
@@ -78,6 +81,7 @@ async fn add_with_assignments(
     catalog
         .add_client(&Client {
             mac: mac.clone(),
+            ip: None,
             name: None,
             hostname: None,
             group: None,
@@ -242,5 +246,83 @@ impl BootDirectory for SqlCatalog {
             },
             choice,
         ))
+    }
+}
+
+fn ip_number(ip: Ipv4Addr) -> i64 {
+    i64::from(u32::from(ip))
+}
+
+#[async_trait]
+impl LeaseStore for SqlCatalog {
+    async fn leases(&self, first: Ipv4Addr, last: Ipv4Addr) -> Result<Vec<Lease>> {
+        let rows = sqlx::query(
+            "SELECT ip, mac, expires_at FROM dhcp_leases WHERE ip >= $1 AND ip <= $2 ORDER BY ip",
+        )
+        .bind(ip_number(first))
+        .bind(ip_number(last))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| crate::sql::db_error(e, "list leases"))?;
+        rows.iter()
+            .map(|row| {
+                use sqlx::Row;
+                let map = |e| crate::sql::db_error(e, "read a lease");
+                Ok(Lease {
+                    ip: Ipv4Addr::from(row.try_get::<i64, _>("ip").map_err(map)? as u32),
+                    mac: row.try_get("mac").map_err(map)?,
+                    expires_at: row.try_get("expires_at").map_err(map)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn bind_lease(&self, ip: Ipv4Addr, mac: &str, expires_at: i64) -> Result<()> {
+        let mac: Mac = mac.parse()?;
+        let now = crate::sql::now_ms();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| crate::sql::db_error(e, "begin"))?;
+        let taken = sqlx::query(
+            "INSERT INTO dhcp_leases (ip, mac, expires_at, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, expires_at = excluded.expires_at, \
+             updated_at = excluded.updated_at \
+             WHERE dhcp_leases.mac = excluded.mac OR dhcp_leases.expires_at < $4",
+        )
+        .bind(ip_number(ip))
+        .bind(mac.as_str())
+        .bind(expires_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| crate::sql::db_error(e, "bind a lease"))?;
+        if taken.rows_affected() == 0 {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("address {ip} is leased to another client"),
+            ));
+        }
+        sqlx::query("DELETE FROM dhcp_leases WHERE mac = $1 AND ip <> $2")
+            .bind(mac.as_str())
+            .bind(ip_number(ip))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| crate::sql::db_error(e, "end older leases"))?;
+        tx.commit()
+            .await
+            .map_err(|e| crate::sql::db_error(e, "commit a lease"))
+    }
+
+    async fn release_lease(&self, ip: Ipv4Addr, mac: &str) -> Result<()> {
+        let mac: Mac = mac.parse()?;
+        sqlx::query("DELETE FROM dhcp_leases WHERE ip = $1 AND mac = $2")
+            .bind(ip_number(ip))
+            .bind(mac.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| crate::sql::db_error(e, "release a lease"))?;
+        Ok(())
     }
 }

@@ -37,6 +37,8 @@ pub struct ClientChanges {
     pub hostname: Option<Option<String>>,
     /// New group.
     pub group: Option<Option<String>>,
+    /// New reserved address (`Some(None)` clears).
+    pub ip: Option<Option<std::net::Ipv4Addr>>,
     /// New notes.
     pub notes: Option<String>,
 }

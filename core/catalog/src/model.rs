@@ -182,6 +182,9 @@ pub struct Client {
     pub hostname: Option<String>,
     /// A group, for bulk assignments and policies.
     pub group: Option<String>,
+    /// The IPv4 address DHCP always gives it (a reservation), if any.
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
     /// Free text.
     pub notes: String,
     /// When it first booted (Unix milliseconds).

@@ -15,6 +15,7 @@ use crate::{Catalog, ClientChanges, VdiskChanges};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_ownership.sql")),
+    (3, include_str!("../migrations/0003_dhcp.sql")),
 ];
 
 const POLICY_KEY: &str = "unknown_client_policy";
@@ -109,6 +110,10 @@ fn client_from_row(row: &AnyRow) -> Result<Client> {
         mac: row.try_get::<String, _>("mac").map_err(map)?.parse()?,
         name: row.try_get("name").map_err(map)?,
         hostname: row.try_get("hostname").map_err(map)?,
+        ip: row
+            .try_get::<Option<i64>, _>("ip")
+            .map_err(map)?
+            .map(|n| std::net::Ipv4Addr::from(n as u32)),
         group: row.try_get("client_group").map_err(map)?,
         notes: row.try_get("notes").map_err(map)?,
         first_seen: row.try_get("first_seen").map_err(map)?,
@@ -403,6 +408,31 @@ impl SqlCatalog {
         Ok(mac.filter(|m| except.is_none_or(|e| e.as_str() != m)))
     }
 
+    /// A reserved address belongs to one client.
+    async fn check_unique_ip(
+        &self,
+        ip: Option<std::net::Ipv4Addr>,
+        except: Option<&Mac>,
+    ) -> Result<()> {
+        let Some(ip) = ip else { return Ok(()) };
+        let row = sqlx::query("SELECT mac FROM clients WHERE ip = $1")
+            .bind(i64::from(u32::from(ip)))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "check client"))?;
+        let owner: Option<String> = row
+            .map(|r| r.try_get("mac"))
+            .transpose()
+            .map_err(|e| db_error(e, "check client"))?;
+        match owner.filter(|m| except.is_none_or(|e| e.as_str() != m)) {
+            Some(owner) => Err(Error::new(
+                ErrorKind::Conflict,
+                format!("address {ip} is already reserved for {owner}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     async fn check_unique_client_fields(
         &self,
         name: &Option<String>,
@@ -618,9 +648,10 @@ impl Catalog for SqlCatalog {
         }
         self.check_unique_client_fields(&client.name, &client.hostname, None)
             .await?;
+        self.check_unique_ip(client.ip, None).await?;
         sqlx::query(
-            "INSERT INTO clients (mac, name, hostname, client_group, notes, first_seen, last_seen, created_at) \
-             VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6)",
+            "INSERT INTO clients (mac, name, hostname, client_group, notes, first_seen, last_seen, created_at, ip) \
+             VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6, $7)",
         )
         .bind(client.mac.as_str())
         .bind(client.name.clone())
@@ -628,6 +659,7 @@ impl Catalog for SqlCatalog {
         .bind(client.group.clone())
         .bind(&client.notes)
         .bind(now_ms())
+        .bind(client.ip.map(|ip| i64::from(u32::from(ip))))
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, &format!("add client {}", client.mac)))?;
@@ -671,14 +703,19 @@ impl Catalog for SqlCatalog {
         if let Some(notes) = &changes.notes {
             client.notes = notes.clone();
         }
+        if let Some(ip) = changes.ip {
+            client.ip = ip;
+        }
         self.check_unique_client_fields(&client.name, &client.hostname, Some(mac))
             .await?;
-        sqlx::query("UPDATE clients SET name = $2, hostname = $3, client_group = $4, notes = $5 WHERE mac = $1")
+        self.check_unique_ip(client.ip, Some(mac)).await?;
+        sqlx::query("UPDATE clients SET name = $2, hostname = $3, client_group = $4, notes = $5, ip = $6 WHERE mac = $1")
             .bind(mac.as_str())
             .bind(client.name.clone())
             .bind(client.hostname.clone())
             .bind(client.group.clone())
             .bind(&client.notes)
+            .bind(client.ip.map(|ip| i64::from(u32::from(ip))))
             .execute(&self.pool)
             .await
             .map_err(|e| db_error(e, "update client"))?;

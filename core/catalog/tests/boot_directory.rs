@@ -8,7 +8,7 @@ use osstream_catalog::{
     BootMethod, Catalog, Client, SqlCatalog, UnknownClientPolicy, Vdisk, VdiskChanges, VdiskMode,
     WriteCache,
 };
-use osstream_core::{BootDirectory, BootKind, ErrorKind, OverlayKind, UnknownPolicy};
+use osstream_core::{BootDirectory, BootKind, ErrorKind, LeaseStore, OverlayKind, UnknownPolicy};
 
 use common::PgCluster;
 
@@ -42,6 +42,7 @@ fn vdisk(name: &str, mode: VdiskMode, boot: BootMethod) -> Vdisk {
 fn client(mac: &str, name: &str) -> Client {
     Client {
         mac: mac.parse().unwrap(),
+        ip: None,
         name: Some(name.into()),
         hostname: Some(format!("{name}-host")),
         group: Some("lab".into()),
@@ -334,12 +335,58 @@ async fn unknown_clients_follow_the_policy(catalog: &SqlCatalog) {
     assert_eq!(catalog.known_client(orphan).await.unwrap(), None);
 }
 
+async fn leases_are_handed_out_once(catalog: &SqlCatalog) {
+    use std::net::Ipv4Addr;
+    let a = Ipv4Addr::new(10, 9, 0, 10);
+    let b = Ipv4Addr::new(10, 9, 0, 11);
+    let later = i64::MAX / 2;
+    catalog.bind_lease(a, PC1, later).await.unwrap();
+    // Renewing is fine; another MAC is refused while the lease runs.
+    catalog
+        .bind_lease(a, "AA-BB-CC-00-00-01", later)
+        .await
+        .unwrap();
+    let err = catalog.bind_lease(a, PC2, later).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    // One lease per MAC: moving to another address ends the first.
+    catalog.bind_lease(b, PC1, later).await.unwrap();
+    let leases = catalog.leases(a, b).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!((leases[0].ip, leases[0].mac.as_str()), (b, PC1));
+    // An expired lease goes to whoever asks.
+    catalog.bind_lease(a, PC2, 1).await.unwrap();
+    catalog.bind_lease(a, STRANGER, later).await.unwrap();
+    // Releasing someone else's lease does nothing; one's own ends it.
+    catalog.release_lease(b, PC2).await.unwrap();
+    assert_eq!(catalog.leases(b, b).await.unwrap().len(), 1);
+    catalog.release_lease(b, PC1).await.unwrap();
+    assert!(catalog.leases(b, b).await.unwrap().is_empty());
+    assert!(catalog.bind_lease(a, "nonsense", later).await.is_err());
+
+    // A reserved address belongs to one client.
+    let pc1 = PC1.parse().unwrap();
+    let reserve = |ip: Ipv4Addr| osstream_catalog::ClientChanges {
+        ip: Some(Some(ip)),
+        ..Default::default()
+    };
+    catalog.update_client(&pc1, &reserve(a)).await.unwrap();
+    let known = catalog.known_client(PC1).await.unwrap().unwrap();
+    assert_eq!(known.ip, Some(a));
+    let err = catalog
+        .update_client(&PC2.parse().unwrap(), &reserve(a))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    assert!(err.to_string().contains("already reserved"), "{err}");
+}
+
 async fn boot_directory(catalog: &SqlCatalog) {
     populate(catalog).await;
     known_clients_and_menus(catalog).await;
     no_client_sees_another_clients_vdisks(catalog).await;
     sessions_open_for_booting_clients(catalog).await;
     unknown_clients_follow_the_policy(catalog).await;
+    leases_are_handed_out_once(catalog).await;
     // Protocols hold the directory as a trait object.
     let directory: &dyn BootDirectory = catalog;
     assert_eq!(

@@ -34,6 +34,7 @@ fn vdisk(name: &str, mode: VdiskMode) -> Vdisk {
 fn client(mac: &str, name: Option<&str>) -> Client {
     Client {
         mac: mac.parse().unwrap(),
+        ip: None,
         name: name.map(str::to_owned),
         hostname: name.map(|n| format!("{n}-host")),
         group: Some("lab".into()),

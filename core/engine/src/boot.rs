@@ -51,6 +51,8 @@ pub struct BootClient {
     pub hostname: Option<String>,
     /// Its group, if any.
     pub group: Option<String>,
+    /// The IPv4 address reserved for it (full-mode DHCP gives it no other), if any.
+    pub ip: Option<std::net::Ipv4Addr>,
     /// When it first booted (Unix milliseconds); `None` until it does.
     pub first_seen: Option<i64>,
     /// When it last booted (Unix milliseconds); `None` until it does.
@@ -102,6 +104,40 @@ pub enum UnknownPolicy {
         /// The template client's MAC, normalised.
         template: String,
     },
+}
+
+/// An address a full-mode DHCP server gave a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The address.
+    pub ip: std::net::Ipv4Addr,
+    /// The client's MAC, normalised.
+    pub mac: String,
+    /// When it ends (Unix milliseconds); an expired lease may be given to another MAC.
+    pub expires_at: i64,
+}
+
+/// Where full-mode DHCP keeps its leases, so a restarted server (or another server on the
+/// same catalog) never hands an address out twice.
+///
+/// # Contract
+/// - `bind_lease` is atomic: it gives `ip` to `mac` until `expires_at` unless another MAC
+///   holds it unexpired (`Conflict`, nothing changed); a MAC holds one lease at a time
+///   (its other leases end). It renews the MAC's own lease.
+/// - `leases` lists the leases (expired or not) of addresses in `first..=last`.
+/// - `release_lease` ends `mac`'s lease of `ip`; anything else is left alone.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + Debug {
+    /// The leases of addresses in `first..=last`.
+    async fn leases(
+        &self,
+        first: std::net::Ipv4Addr,
+        last: std::net::Ipv4Addr,
+    ) -> Result<Vec<Lease>>;
+    /// Gives `ip` to `mac` until `expires_at` (Unix milliseconds).
+    async fn bind_lease(&self, ip: std::net::Ipv4Addr, mac: &str, expires_at: i64) -> Result<()>;
+    /// Ends `mac`'s lease of `ip`.
+    async fn release_lease(&self, ip: std::net::Ipv4Addr, mac: &str) -> Result<()>;
 }
 
 /// A session opened for a booting client: what it connects to.

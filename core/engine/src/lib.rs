@@ -69,7 +69,8 @@ pub use backend::{
 };
 pub use blocking::run_blocking;
 pub use boot::{
-    BootChoice, BootClient, BootDirectory, BootKind, BootSession, UnknownPolicy, normalize_mac,
+    BootChoice, BootClient, BootDirectory, BootKind, BootSession, Lease, LeaseStore, UnknownPolicy,
+    normalize_mac,
 };
 pub use cache::{
     BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, RamTierConfig, TierStats,
