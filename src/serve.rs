@@ -147,10 +147,12 @@ async fn serve(config: Config) -> Result<()> {
         ));
     }
     let mut session_address = None;
+    let mut boot_url = None;
     for protocol in &mut protocols {
         let bound = protocol.bind().await?;
         tracing::info!(protocol = protocol.name(), listen = %bound.join(", "), "listening");
         session_address = session_address.or_else(|| protocol.session_address());
+        boot_url = boot_url.or_else(|| protocol.boot_url());
     }
     catalog
         .set_server_address(&me, session_address.as_deref())
@@ -182,6 +184,9 @@ async fn serve(config: Config) -> Result<()> {
         cpus,
         boot: Some(Arc::new(catalog.clone())),
         session_address,
+        boot_url,
+        seen: Arc::default(),
+        leases: Some(Arc::new(catalog.clone())),
     };
     let mut running = tokio::task::JoinSet::new();
     for protocol in protocols {

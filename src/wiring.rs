@@ -19,6 +19,8 @@ pub fn registry() -> Registry {
     osstream_http::register(&mut registry);
     #[cfg(feature = "boot-tftp")]
     osstream_tftp::register(&mut registry);
+    #[cfg(feature = "boot-pxe")]
+    osstream_pxe::register(&mut registry);
     #[cfg(feature = "backend-file")]
     osstream_backend_file::register(&mut registry);
     #[cfg(feature = "backend-nfs")]

@@ -66,6 +66,8 @@ class Server:
         )
         self.log = tmp_path / "server.log"
         self.proc = None
+        # A command `serve` runs under (`ip netns exec NS` for a server in a namespace).
+        self.wrap = []
 
     def uri(self, export=""):
         return f"nbd://127.0.0.1:{self.port}/{export}"
@@ -79,7 +81,7 @@ class Server:
         """`osstream serve` with this server's configuration (and `args`, such as
         `--listen`)."""
         self.log_file = open(self.log, "w")
-        self.proc = subprocess.Popen([BINARY, "--config", str(self.config), "serve", *args],
+        self.proc = subprocess.Popen([*self.wrap, BINARY, "--config", str(self.config), "serve", *args],
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()

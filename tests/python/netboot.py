@@ -56,12 +56,19 @@ class Machine:
     On qemu's user network the boot file URL comes from qemu's own DHCP; the serial
     console (SeaBIOS, iPXE, the kernel, the initramfs) goes to a log file."""
 
-    def __init__(self, tmp_path, mac, bootfile, memory=256):
+    def __init__(self, tmp_path, mac, bootfile=None, memory=256, tap=None, netns=None):
+        """On qemu's user network (`bootfile` from qemu's own DHCP), or on `tap` in the
+        network namespace `netns` (DHCP from the LAN: osstream's, or another server's)."""
         self.mac = mac
         self.log = tmp_path / f"qemu-{mac.replace(':', '')}.log"
+        if tap:
+            netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no"
+        else:
+            netdev = f"user,id=n0,bootfile={bootfile}"
         self.args = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory), "-nographic", "-no-reboot",
-                     "-netdev", f"user,id=n0,bootfile={bootfile}",
-                     "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-boot", "n"]
+                     "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-boot", "n"]
+        if netns:
+            self.args = ["ip", "netns", "exec", netns, *self.args]
         self.proc = None
 
     def start(self):

@@ -128,3 +128,89 @@ def test_an_unknown_machine_gets_the_policy_message_and_register_adds_it(tmp_pat
         assert mac in server.cli("client", "list")
     finally:
         server.stop()
+
+
+# --- On a private boot LAN: osstream's own DHCP, or ProxyDHCP beside another server ---
+
+LAN = "10.77.0"
+
+
+def lan_server(tmp_path, artifacts, lab, pxe):
+    """osstream in its own namespace on the boot LAN (10.77.0.1): DHCP as `pxe` says,
+    TFTP from Debian's ipxe package, HTTP and NBD on its LAN address."""
+    srv = lab.host("srv", 1)
+    lab.router_adverts(srv, tmp_path / "ra.log")
+    server = netboot_server(tmp_path, artifacts)
+    server.config.write_text(
+        f'data_dir = "{server.data_dir}"\n[demo]\ncreate = false\n'
+        f'[http]\nenabled = true\nlisten = "{LAN}.1:8080"\nmenu_timeout = "1s"\n'
+        f'[nbd]\nlisten = ["{LAN}.1:10809"]\n'
+        f'[tftp]\nenabled = true\nlisten = "{LAN}.1:69"\n'
+        f'[pxe]\nenabled = true\ninterface = "eth0"\nserver_ip = "{LAN}.1"\n{pxe}\n')
+    server.wrap = ["ip", "netns", "exec", srv]
+    return server
+
+
+@pytest.fixture
+def lab():
+    from netlab import Lab
+    lab = Lab(LAN)
+    yield lab
+    lab.close()
+
+
+def test_full_dhcp_mode_boots_a_machine_from_its_menu_at_its_reserved_address(tmp_path, artifacts, lab):
+    server = lan_server(tmp_path, artifacts, lab,
+                        f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n')
+    server.start()
+    try:
+        add_linux_vdisk(server, "netroot", description="Netboot root")
+        server.cli("vdisk", "add", "rescue", "--backend", "images", "--key", "san", "--boot", "sanboot",
+                   "--description", "Rescue disk")
+        mac = "52:54:00:00:50:01"
+        server.cli("client", "add", mac, "--hostname", "lab-pc-50", "--ip", f"{LAN}.42")
+        server.cli("client", "assign", mac, "netroot", "--default")
+        server.cli("client", "assign", mac, "rescue")
+        machine = Machine(tmp_path, mac, tap=lab.tap(), netns=lab.lan)
+        out = machine.start().wait_exit(timeout=180)
+        assert "Netboot root" in out and "Rescue disk" in out
+        lines = console_lines(out)
+        assert f"marker={MARKER}" in lines, out[-3000:]
+        assert f"address {LAN}.42/24" in lines
+        assert "sees written-by-lab-pc-50.txt" in lines
+        assert lines[-1] == "done"
+        sessions = server.cli("session", "list", "--all")
+        assert f"{LAN}.42" in sessions
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert f"pxe: ack client={mac} ip={LAN}.42" in log
+    assert "boot session opened client=52:54:00:00:50:01 vdisk=netroot" in log
+
+
+def test_proxy_mode_boots_a_machine_beside_another_dhcp_server(tmp_path, artifacts, lab):
+    dhcp = lab.host("dhcp", 2)
+    leases = tmp_path / "udhcpd.leases"
+    leases.write_text("")
+    conf = tmp_path / "udhcpd.conf"
+    conf.write_text(f"start {LAN}.50\nend {LAN}.60\ninterface eth0\nlease_file {leases}\n"
+                    f"option subnet 255.255.255.0\noption lease 600\n")
+    lab.spawn(dhcp, ["busybox", "udhcpd", "-f", str(conf)], tmp_path / "udhcpd.log")
+    server = lan_server(tmp_path, artifacts, lab, 'mode = "proxy"\n')
+    server.start()
+    try:
+        add_linux_vdisk(server, "netroot")
+        mac = "52:54:00:00:60:01"
+        server.cli("client", "add", mac, "--hostname", "proxied-pc")
+        server.cli("client", "assign", mac, "netroot")
+        out = Machine(tmp_path, mac, tap=lab.tap(), netns=lab.lan).start().wait_exit(timeout=180)
+        lines = console_lines(out)
+        assert f"marker={MARKER}" in lines, out[-3000:]
+        address = next(line for line in lines if line.startswith("address "))
+        assert address.startswith(f"address {LAN}.5") or address.startswith(f"address {LAN}.60"), address
+        assert lines[-1] == "done"
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert f"pxe: proxy offer client={mac}" in log
+    assert "pxe: ack" not in log  # never an address from osstream in proxy mode

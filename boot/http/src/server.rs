@@ -7,8 +7,8 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use osstream_core::{
     AttachRequest, Attachment, BootDirectory, BootProtocol, DynSource, Error, ErrorKind,
-    ExportName, Exports, Intent, IoCounters, ReadOpts, Result, ServeContext, UnknownPolicy,
-    async_trait, normalize_mac,
+    ExportName, Exports, Intent, IoCounters, ReadOpts, Result, SeenAddresses, ServeContext,
+    UnknownPolicy, async_trait, normalize_mac,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,6 +54,7 @@ struct Shared {
     exports: Arc<Exports>,
     boot: Option<Arc<dyn BootDirectory>>,
     nbd_address: Option<String>,
+    seen: Arc<SeenAddresses>,
     base_url: Option<String>,
     menu_timeout: Duration,
     idle_timeout: Duration,
@@ -83,6 +84,15 @@ impl BootProtocol for HttpServer {
         Ok(vec![bound.to_string()])
     }
 
+    fn boot_url(&self) -> Option<String> {
+        let bound = self.listener.as_ref()?.local_addr().ok()?;
+        let base = self
+            .base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"));
+        Some(format!("{base}/boot.ipxe"))
+    }
+
     async fn serve(self: Box<Self>, ctx: ServeContext, shutdown: CancellationToken) -> Result<()> {
         let listener = self.listener.ok_or_else(|| {
             Error::new(
@@ -97,6 +107,7 @@ impl BootProtocol for HttpServer {
             exports: ctx.exports,
             boot: ctx.boot,
             nbd_address: ctx.session_address,
+            seen: ctx.seen,
             base_url: self.base_url,
             menu_timeout: self.config.menu_timeout.0,
             idle_timeout: self.config.idle_timeout.0,
@@ -432,6 +443,17 @@ impl Connection {
                 format!("{:?} is not a MAC address", script::inert(mac)),
             );
         };
+        if let Some(seen) = self.shared.seen.lookup(&mac)
+            && seen != self.peer.ip()
+        {
+            tracing::warn!(client = %mac, peer = %self.peer, dhcp = %seen, "http: a boot script asked for from another address than the MAC's DHCP lease; refused");
+            return Reply::text(
+                403,
+                format!(
+                    "the boot script of {mac} is given only to the address its DHCP lease went to"
+                ),
+            );
+        }
         let Some(boot) = self.shared.boot.clone() else {
             return Reply::script(script::message_script(&[
                 "this server has no catalog to boot clients from".to_owned(),

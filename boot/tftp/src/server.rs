@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use osstream_backend_file::FileTree;
 use osstream_core::{
-    BootProtocol, DynSource, Error, ErrorKind, Exports, ReadOpts, Result, ServeContext, async_trait,
+    BootProtocol, DynSource, Error, ErrorKind, Exports, LogBudget, ReadOpts, Result, ServeContext,
+    async_trait,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
@@ -131,7 +132,7 @@ impl BootProtocol for TftpServer {
         });
         let slots = Arc::new(Semaphore::new(self.config.max_transfers));
         let tracker = TaskTracker::new();
-        let mut bad_packets = LogLimit::default();
+        let mut bad_packets = LogBudget::new("malformed TFTP packets", BAD_PACKET_LINES_PER_SECOND);
         let mut buf = vec![0u8; 65536];
         loop {
             let (len, peer) = tokio::select! {
@@ -194,41 +195,6 @@ impl BootProtocol for TftpServer {
             );
         }
         Ok(())
-    }
-}
-
-/// Allows a few log lines per second.
-#[derive(Debug, Default)]
-struct LogLimit {
-    second: Option<Instant>,
-    lines: u32,
-    suppressed: u64,
-}
-
-impl LogLimit {
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if self
-            .second
-            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1))
-        {
-            if self.suppressed > 0 {
-                tracing::info!(
-                    suppressed = self.suppressed,
-                    "tftp: more malformed packets were dropped without a line each"
-                );
-            }
-            self.second = Some(now);
-            self.lines = 0;
-            self.suppressed = 0;
-        }
-        self.lines += 1;
-        if self.lines > BAD_PACKET_LINES_PER_SECOND {
-            self.suppressed += 1;
-            false
-        } else {
-            true
-        }
     }
 }
 

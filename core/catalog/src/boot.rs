@@ -257,10 +257,13 @@ fn ip_number(ip: Ipv4Addr) -> i64 {
 impl LeaseStore for SqlCatalog {
     async fn leases(&self, first: Ipv4Addr, last: Ipv4Addr) -> Result<Vec<Lease>> {
         let rows = sqlx::query(
-            "SELECT ip, mac, expires_at FROM dhcp_leases WHERE ip >= $1 AND ip <= $2 ORDER BY ip",
+            "SELECT ip, mac, expires_at FROM dhcp_leases WHERE ip >= $1 AND ip <= $2 \
+             UNION ALL SELECT ip, mac, $3 AS expires_at FROM clients \
+             WHERE ip IS NOT NULL AND ip >= $1 AND ip <= $2 ORDER BY ip",
         )
         .bind(ip_number(first))
         .bind(ip_number(last))
+        .bind(i64::MAX)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| crate::sql::db_error(e, "list leases"))?;

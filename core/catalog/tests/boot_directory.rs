@@ -372,6 +372,13 @@ async fn leases_are_handed_out_once(catalog: &SqlCatalog) {
     catalog.update_client(&pc1, &reserve(a)).await.unwrap();
     let known = catalog.known_client(PC1).await.unwrap().unwrap();
     assert_eq!(known.ip, Some(a));
+    let reserved = catalog.leases(a, a).await.unwrap();
+    assert!(
+        reserved
+            .iter()
+            .any(|l| l.mac == PC1 && l.expires_at == i64::MAX),
+        "{reserved:?}"
+    );
     let err = catalog
         .update_client(&PC2.parse().unwrap(), &reserve(a))
         .await

@@ -124,7 +124,8 @@ pub struct Lease {
 /// - `bind_lease` is atomic: it gives `ip` to `mac` until `expires_at` unless another MAC
 ///   holds it unexpired (`Conflict`, nothing changed); a MAC holds one lease at a time
 ///   (its other leases end). It renews the MAC's own lease.
-/// - `leases` lists the leases (expired or not) of addresses in `first..=last`.
+/// - `leases` lists the leases (expired or not) of addresses in `first..=last`, and the
+///   clients' reservations there as leases that never expire.
 /// - `release_lease` ends `mac`'s lease of `ip`; anything else is left alone.
 #[async_trait]
 pub trait LeaseStore: Send + Sync + Debug {
@@ -233,4 +234,35 @@ pub trait BootDirectory: Send + Sync + Debug {
     /// The vdisk a live session boots, as its client's menu lists it: what the session's
     /// boot files (kernel, initrd) are. `NotFound` for a token no live session has.
     async fn session_boot(&self, token: &str) -> Result<(BootSession, BootChoice)>;
+}
+
+/// Where the network saw each booting MAC: the address its DHCP lease or its PXE
+/// boot-server request came from. The iPXE script of a MAC carries a session token, so
+/// the HTTP server hands it only to the address seen here for that MAC (where one was
+/// seen; a MAC no DHCP of this server answered is not restricted).
+#[derive(Debug, Default)]
+pub struct SeenAddresses {
+    seen:
+        std::sync::Mutex<std::collections::HashMap<String, (std::net::IpAddr, std::time::Instant)>>,
+}
+
+/// How long a sighting counts: a day, longer than any lease a boot LAN uses.
+const SIGHTING: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl SeenAddresses {
+    /// Records that `mac` (normalised) uses `ip` now.
+    pub fn record(&self, mac: &str, ip: std::net::IpAddr) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        seen.retain(|_, (_, when)| now.duration_since(*when) < SIGHTING);
+        seen.insert(mac.to_owned(), (ip, now));
+    }
+
+    /// The address `mac` (normalised) was last seen using, if within a day.
+    pub fn lookup(&self, mac: &str) -> Option<std::net::IpAddr> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(mac)
+            .filter(|(_, when)| when.elapsed() < SIGHTING)
+            .map(|(ip, _)| *ip)
+    }
 }

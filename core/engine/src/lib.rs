@@ -44,6 +44,7 @@ mod attach;
 mod backend;
 mod blocking;
 mod boot;
+mod budget;
 pub mod cache;
 mod chunks;
 pub mod cow;
@@ -69,9 +70,10 @@ pub use backend::{
 };
 pub use blocking::run_blocking;
 pub use boot::{
-    BootChoice, BootClient, BootDirectory, BootKind, BootSession, Lease, LeaseStore, UnknownPolicy,
-    normalize_mac,
+    BootChoice, BootClient, BootDirectory, BootKind, BootSession, Lease, LeaseStore, SeenAddresses,
+    UnknownPolicy, normalize_mac,
 };
+pub use budget::LogBudget;
 pub use cache::{
     BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, RamTierConfig, TierStats,
     stable_hash,

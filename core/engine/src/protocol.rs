@@ -23,6 +23,14 @@ pub struct ServeContext {
     /// Where clients reach session exports over NBD (`HOST:PORT`), as the protocol that
     /// serves them reported it after binding: what a boot script tells a kernel.
     pub session_address: Option<String>,
+    /// The URL of the iPXE script every client starts with (`http://HOST:PORT/boot.ipxe`),
+    /// as the HTTP protocol reported it after binding; the host may be a wildcard
+    /// (`0.0.0.0`) when HTTP listens on every address.
+    pub boot_url: Option<String>,
+    /// Where DHCP saw each booting MAC, shared between DHCP and HTTP.
+    pub seen: Arc<crate::SeenAddresses>,
+    /// Where full-mode DHCP keeps its leases; `None` where no catalog is at hand.
+    pub leases: Option<Arc<dyn crate::LeaseStore>>,
 }
 
 /// A protocol server.
@@ -44,6 +52,12 @@ pub trait BootProtocol: Send + Sync + Debug {
     /// `unix:PATH`), which the server records in the catalog for `session open`; `None`
     /// for protocols that serve no session exports, or when no such address is known.
     fn session_address(&self) -> Option<String> {
+        None
+    }
+
+    /// After `bind`: the URL of the iPXE script clients start with, for protocols that
+    /// serve it (HTTP); DHCP hands it to iPXE clients.
+    fn boot_url(&self) -> Option<String> {
         None
     }
 
