@@ -56,7 +56,7 @@ class Machine:
     On qemu's user network the boot file URL comes from qemu's own DHCP; the serial
     console (SeaBIOS, iPXE, the kernel, the initramfs) goes to a log file."""
 
-    def __init__(self, tmp_path, mac, bootfile=None, memory=256, tap=None, netns=None):
+    def __init__(self, tmp_path, mac, bootfile=None, memory=256, tap=None, netns=None, uefi=False):
         """On qemu's user network (`bootfile` from qemu's own DHCP), or on `tap` in the
         network namespace `netns` (DHCP from the LAN: osstream's, or another server's)."""
         self.mac = mac
@@ -65,8 +65,17 @@ class Machine:
             netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no"
         else:
             netdev = f"user,id=n0,bootfile={bootfile}"
+        nic = f"virtio-net-pci,netdev=n0,mac={mac}"
+        firmware = []
+        if uefi:
+            # OVMF's own PXE client: the NIC's iPXE option ROM is turned off.
+            nic += ",romfile="
+            variables = tmp_path / f"OVMF_VARS-{mac.replace(':', '')}.fd"
+            shutil.copy("/usr/share/OVMF/OVMF_VARS_4M.fd", variables)
+            firmware = ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                        "-drive", f"if=pflash,format=raw,file={variables}"]
         self.args = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory), "-nographic", "-no-reboot",
-                     "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-boot", "n"]
+                     *firmware, "-netdev", netdev, "-device", nic, "-boot", "n"]
         if netns:
             self.args = ["ip", "netns", "exec", netns, *self.args]
         self.proc = None

@@ -214,3 +214,25 @@ def test_proxy_mode_boots_a_machine_beside_another_dhcp_server(tmp_path, artifac
     log = server.log.read_text()
     assert f"pxe: proxy offer client={mac}" in log
     assert "pxe: ack" not in log  # never an address from osstream in proxy mode
+
+
+def test_uefi_firmware_gets_ipxe_over_tftp_then_boots_the_same_way(tmp_path, artifacts, lab):
+    server = lan_server(tmp_path, artifacts, lab,
+                        f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n')
+    server.start()
+    try:
+        add_linux_vdisk(server, "netroot")
+        mac = "52:54:00:00:70:01"
+        server.cli("client", "add", mac, "--hostname", "uefi-pc")
+        server.cli("client", "assign", mac, "netroot")
+        machine = Machine(tmp_path, mac, tap=lab.tap(), netns=lab.lan, uefi=True, memory=512)
+        out = machine.start().wait_exit(timeout=300)
+        lines = console_lines(out)
+        assert f"marker={MARKER}" in lines, out[-3000:]
+        assert lines[-1] == "done"
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    # OVMF's PXE client asked as UEFI x64 and got ipxe.efi over TFTP; iPXE then got the script.
+    assert "tftp: sent" in log and "file=snponly.efi" in log, log
+    assert "boot session opened client=52:54:00:00:70:01" in log

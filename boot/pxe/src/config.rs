@@ -116,7 +116,9 @@ pub struct PxeConfig {
     pub script_url: Option<String>,
     /// TFTP boot file for BIOS PXE ROMs. Default: `undionly.kpxe`.
     pub bootfile_bios: String,
-    /// TFTP boot file for x86-64 UEFI. Default: `ipxe.efi`.
+    /// TFTP boot file for x86-64 UEFI. Default: `snponly.efi` (iPXE on the firmware's own
+    /// network driver; Debian's `ipxe.efi` in `/usr/lib/ipxe` is a link to `/boot`, which
+    /// TFTP never follows out of its root).
     pub bootfile_efi: String,
     /// TFTP boot file for ARM64 UEFI. Default: `ipxe-arm64.efi`.
     pub bootfile_arm64: String,
@@ -135,7 +137,7 @@ impl Default for PxeConfig {
             server_ip: None,
             script_url: None,
             bootfile_bios: "undionly.kpxe".to_owned(),
-            bootfile_efi: "ipxe.efi".to_owned(),
+            bootfile_efi: "snponly.efi".to_owned(),
             bootfile_arm64: "ipxe-arm64.efi".to_owned(),
             dhcp: PoolConfig::default(),
             relay: Vec::new(),

@@ -2,7 +2,7 @@
 //! server of an isolated boot LAN.
 //!
 //! A PXE ROM gets a TFTP bootloader for its firmware (option 93, else the vendor class:
-//! `undionly.kpxe` for BIOS, `ipxe.efi` for x86-64 UEFI); iPXE (user class `iPXE`) gets
+//! `undionly.kpxe` for BIOS, `snponly.efi` for x86-64 UEFI); iPXE (user class `iPXE`) gets
 //! the HTTP script URL, with option 175.176 = 1 so it does not wait for ProxyDHCP;
 //! option 97 is echoed. In `proxy` mode only network-boot clients are answered, never
 //! with an address, and the PXE boot server answers on UDP 4011. In `dhcp` mode every
