@@ -232,3 +232,21 @@ def test_a_bad_http_table_stops_the_server_with_a_clear_error(tmp_path):
     server = Server(tmp_path, config_extra='[http]\nenabled = true\npublic_url = "https://x"\n', demo=False)
     with pytest.raises(RuntimeError, match="http.public_url"):
         server.start()
+
+
+def test_a_head_request_opens_no_session(lab):
+    resp, body = get(lab, "/ipxe/52-54-00-aa-00-01", method="HEAD")
+    assert resp.status == 200 and body == b""
+    resp, body = get(lab, "/ipxe/52-54-00-aa-00-01/linux", method="HEAD")
+    assert resp.status == 200
+    assert "52:54:00:aa:00:01" not in lab.cli("session", "list")
+
+
+def test_tokens_stay_out_of_the_log_however_the_path_is_spelled(lab):
+    token = token_in(script(lab, "/ipxe/52-54-00-aa-00-01/linux"), "/boot/")
+    for path in (f"//boot/{token}/kernel", f"///san/{token}", f"//boot/{token}/initrd"):
+        get(lab, path)
+    script(lab, "/ipxe/52-54-00-aa-00-01/linux")  # ends that session
+    for path in (f"//boot/{token}/kernel", f"//san/{token}"):
+        assert get(lab, path)[0].status == 404
+    assert token not in lab.log.read_text()

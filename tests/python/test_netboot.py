@@ -181,6 +181,13 @@ def test_full_dhcp_mode_boots_a_machine_from_its_menu_at_its_reserved_address(tm
         assert lines[-1] == "done"
         sessions = server.cli("session", "list", "--all")
         assert f"{LAN}.42" in sessions
+        # The script (and its session) goes only to where DHCP saw the MAC; a MAC this
+        # DHCP never saw gets none.
+        srv = server.wrap[-1]
+        for wanted_mac in (mac, "52:54:00:00:50:99"):
+            code = lab.exec(srv, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                            f"http://{LAN}.1:8080/ipxe/{wanted_mac}").stdout
+            assert code == "403", (wanted_mac, code)
     finally:
         server.stop()
     log = server.log.read_text()

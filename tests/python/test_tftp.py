@@ -238,3 +238,20 @@ def test_a_missing_root_stops_the_server_with_advice(tmp_path):
         demo=False)
     with pytest.raises(RuntimeError, match="tftp.root /nonexistent/tftp cannot be served"):
         server.start()
+
+
+def test_long_timeouts_are_not_granted_and_errors_name_no_server_paths(tftp):
+    client = Client(tftp.tftp_port)
+    client.send(rrq("pxelinux.cfg/default", timeout=200, blksize=1024))
+    oack = client.recv()
+    granted = options_of(oack)
+    assert granted == {"blksize": "1024"}  # timeout 200 left out (RFC 2349 allows it)
+    # A stray ACK during negotiation is not answered with another OACK.
+    client.ack(5)
+    client.ack(0)
+    data = client.recv()
+    assert data[:4] == b"\x00\x03\x00\x01"
+    client.ack(1)
+    code, message = error_of(Client(tftp.tftp_port), rrq("missing"))
+    assert code == 1 and message == "file not found"
+    assert str(tftp.tftp_root) not in message

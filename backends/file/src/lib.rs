@@ -185,18 +185,20 @@ impl ImageBackend for FileBackend {
 
     /// Boot files live in `ROOT/boot/`, under their own names (`vmlinuz`, not
     /// `vmlinuz.img`), so the image list shows disks only.
+    /// Names never lead out of `boot/` (a symbolic link out is refused, as in TFTP).
     async fn open_boot_file(&self, key: &str) -> Result<DynSource> {
         validate_image_name(key)?;
-        let path = self.root.join(BOOT_DIR).join(key);
-        let stat = self.stat_path(key, &path)?;
-        let identity = file_identity(&path);
-        let source =
-            tokio::task::spawn_blocking(move || FileSource::open(path, identity, stat, false))
-                .await
-                .map_err(|e| {
-                    Error::new(ErrorKind::Unexpected, format!("open task failed: {e}"))
-                })??;
-        Ok(Arc::new(source))
+        let home = self.root.join(BOOT_DIR);
+        FileTree::open_root(&home)
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("backend '{}' has no boot files ({e})", self.name),
+                )
+            })?
+            .open(key)
+            .await
+            .map_err(|e| e.with_context("backend", &self.name))
     }
 
     async fn import(

@@ -105,7 +105,9 @@ fn open_beneath(dir: &File, name: &str, path: &Path) -> Result<File> {
     let c_name = CString::new(Path::new(name).as_os_str().as_bytes())
         .map_err(|_| Error::new(ErrorKind::InvalidInput, "a NUL in a file name"))?;
     let how = OpenHow {
-        flags: (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64,
+        // O_NONBLOCK: a FIFO must not hold the thread until a writer comes (regular
+        // files read the same either way).
+        flags: (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64,
         mode: 0,
         resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
     };

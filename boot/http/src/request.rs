@@ -197,7 +197,12 @@ pub enum RangeAnswer {
 /// (the RFC lets a server ignore a range it does not serve). A syntactically bad range
 /// is ignored as well.
 pub fn parse_range(header: &str, size: u64) -> RangeAnswer {
-    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+    let header = header.trim();
+    let Some(spec) = header
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case("bytes="))
+        .map(|_| &header[6..])
+    else {
         return RangeAnswer::Whole;
     };
     if spec.contains(',') {

@@ -156,7 +156,7 @@ impl BootProtocol for HttpServer {
         {
             tracing::warn!(
                 connections = tracker.len(),
-                "http: responses still in flight after the drain timeout; closing them"
+                "http: responses still in flight after the drain timeout; they end with the server"
             );
         }
         Ok(())
@@ -206,10 +206,12 @@ impl Reply {
 
 /// A path with its session token (after `/san/` or `/boot/`) hidden, for logs.
 pub(crate) fn loggable_path(path: &str) -> String {
-    for prefix in ["/san/", "/boot/"] {
-        if let Some(rest) = path.strip_prefix(prefix) {
+    // The same normalisation as routing: any number of leading slashes.
+    let trimmed = path.trim_start_matches('/');
+    for prefix in ["san/", "boot/"] {
+        if let Some(rest) = trimmed.strip_prefix(prefix) {
             let tail = rest.find('/').map_or("", |i| &rest[i..]);
-            return format!("{prefix}<token>{tail}");
+            return format!("/{prefix}<token>{tail}");
         }
     }
     path.to_owned()
@@ -260,6 +262,8 @@ impl Connection {
     /// The next request head; `Ok(None)` when the connection ends (closed, idle,
     /// shutdown, or a head that does not arrive in time).
     async fn next_request(&mut self) -> std::result::Result<Option<Request>, Refusal> {
+        // One deadline for the whole head, however slowly its bytes trickle in.
+        let mut head_deadline = None;
         loop {
             if !self.buf.is_empty()
                 && let Some((request, used)) = parse_request(&self.buf)?
@@ -268,13 +272,13 @@ impl Connection {
                 return Ok(Some(request));
             }
             let idle = self.buf.is_empty();
-            let wait = if idle {
-                self.shared.idle_timeout
+            let deadline = if idle {
+                tokio::time::Instant::now() + self.shared.idle_timeout
             } else {
-                HEAD_TIMEOUT
+                *head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT)
             };
             let read = tokio::select! {
-                read = tokio::time::timeout(wait, self.stream.read_buf(&mut self.buf)) => read,
+                read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)) => read,
                 _ = self.shutdown.cancelled(), if idle => return Ok(None),
             };
             match read {
@@ -286,6 +290,17 @@ impl Connection {
                 }
                 Ok(Ok(_)) => {}
             }
+        }
+    }
+
+    /// Writes `bytes`; a client that takes none of them for an idle timeout is gone.
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match tokio::time::timeout(self.shared.idle_timeout, self.stream.write_all(bytes)).await {
+            Ok(written) => written,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )),
         }
     }
 
@@ -319,7 +334,7 @@ impl Connection {
         if !head_only {
             out.extend_from_slice(body.as_bytes());
         }
-        self.stream.write_all(&out).await
+        self.write(&out).await
     }
 
     /// Sends `source` (the part a `Range` asks for); closes the connection when a read
@@ -355,9 +370,7 @@ impl Connection {
         let head = head
             .header("Accept-Ranges", "bytes")
             .header("Content-Type", "application/octet-stream");
-        self.stream
-            .write_all(&head.encode(length, keep_alive))
-            .await?;
+        self.write(&head.encode(length, keep_alive)).await?;
         if head_only {
             return Ok(keep_alive);
         }
@@ -379,7 +392,7 @@ impl Connection {
                 }
             };
             for part in chunks.parts() {
-                self.stream.write_all(part).await?;
+                self.write(part).await?;
             }
             offset += piece;
         }
@@ -443,16 +456,14 @@ impl Connection {
                 format!("{:?} is not a MAC address", script::inert(mac)),
             );
         };
-        if let Some(seen) = self.shared.seen.lookup(&mac)
-            && seen != self.peer.ip()
-        {
-            tracing::warn!(client = %mac, peer = %self.peer, dhcp = %seen, "http: a boot script asked for from another address than the MAC's DHCP lease; refused");
-            return Reply::text(
-                403,
-                format!(
-                    "the boot script of {mac} is given only to the address its DHCP lease went to"
-                ),
-            );
+        if request.method == Method::Head {
+            // A script opens a session: a probe gets the headers of nothing.
+            return Reply::script(String::new());
+        }
+        let peer_ip = self.peer.ip().to_canonical();
+        if let Some(refusal) = self.shared.seen.refuse(&mac, peer_ip) {
+            tracing::warn!(client = %mac, peer = %self.peer, %refusal, "http: boot script refused");
+            return Reply::text(403, refusal);
         }
         let Some(boot) = self.shared.boot.clone() else {
             return Reply::script(script::message_script(&[
@@ -646,5 +657,10 @@ mod tests {
         assert_eq!(loggable_path("/san/secret"), "/san/<token>");
         assert_eq!(loggable_path("/boot/secret/kernel"), "/boot/<token>/kernel");
         assert_eq!(loggable_path("/ipxe/aa-bb"), "/ipxe/aa-bb");
+        assert_eq!(
+            loggable_path("//boot/secret/kernel"),
+            "/boot/<token>/kernel"
+        );
+        assert_eq!(loggable_path("///san/secret"), "/san/<token>");
     }
 }

@@ -79,10 +79,15 @@ impl PoolConfig {
                 self.netmask
             )));
         }
-        if self.lease_secs < 60 {
+        if !(60..=31_536_000).contains(&self.lease_secs) {
             return Err(config(format!(
-                "{section}.lease_secs = {} is too short; give at least 60",
+                "{section}.lease_secs = {} must be between 60 and 31536000 (a year)",
                 self.lease_secs
+            )));
+        }
+        if u32::from(end) - u32::from(start) >= 65_536 {
+            return Err(config(format!(
+                "{section}: {start}..{end} holds more than 65536 addresses; split it"
             )));
         }
         Ok(Pool {

@@ -122,11 +122,13 @@ impl Pool {
         if let Some(reserved) = reserved {
             return self.in_subnet(reserved).then_some(reserved);
         }
+        let taken: std::collections::HashMap<Ipv4Addr, &Lease> =
+            leases.iter().map(|l| (l.ip, l)).collect();
         let free = |ip: Ipv4Addr| {
             self.in_range(ip)
-                && leases
-                    .iter()
-                    .all(|l| l.ip != ip || l.mac == mac || l.expires_at < now_ms)
+                && taken
+                    .get(&ip)
+                    .is_none_or(|l| l.mac == mac || l.expires_at < now_ms)
         };
         if let Some(own) = leases.iter().find(|l| l.mac == mac && free(l.ip)) {
             return Some(own.ip);
@@ -182,6 +184,8 @@ pub fn add_boot(
 ) {
     reply.siaddr = server;
     reply.file = file.as_bytes().to_vec();
+    // Option 67 as well: the `file` field holds 127 bytes, a script URL may be longer.
+    reply.set_option(opt::BOOTFILE, file.as_bytes().to_vec());
     if client.pxe {
         reply.set_option(opt::VENDOR_CLASS, b"PXEClient".to_vec());
     }

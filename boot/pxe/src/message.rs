@@ -48,6 +48,8 @@ pub mod opt {
     pub const VENDOR: u8 = 43;
     /// Requested IP address.
     pub const REQUESTED_IP: u8 = 50;
+    /// Boot file name.
+    pub const BOOTFILE: u8 = 67;
     /// Lease time.
     pub const LEASE_TIME: u8 = 51;
     /// Message type.

@@ -140,6 +140,9 @@ impl BootProtocol for PxeServer {
             }
             (_, leases) => leases,
         };
+        if config.mode == PxeMode::Dhcp {
+            ctx.seen.set_authoritative();
+        }
         let mut state = State {
             mode: config.mode,
             server_ip,
@@ -291,7 +294,11 @@ impl State {
             return None;
         }
         let file = self.boot_file(client)?;
-        self.seen.record(&client.mac, from.ip());
+        // In full mode the lease says where the MAC is; a 4011 request (which anyone can
+        // send with any MAC) only counts beside another DHCP server.
+        if self.mode == PxeMode::Proxy {
+            self.seen.record(&client.mac, from.ip());
+        }
         let mut ack = decide::reply(request, kind::ACK, self.server_ip);
         decide::add_boot(&mut ack, request, client, self.server_ip, &file, true);
         tracing::info!(client = %client.mac, peer = %from.ip(), file = %file, "pxe: boot server answered");
@@ -347,31 +354,53 @@ impl State {
             }
             kind::REQUEST => {
                 if !decide::addressed_to(request, self.server_ip) {
-                    // It took another server's offer: let ours go.
-                    if let Some(ip) = request.ip_option(opt::REQUESTED_IP) {
-                        let _ = leases.release_lease(ip, mac).await;
-                    }
+                    // It took another server's offer. Ours expires in a minute; releasing
+                    // it here could end the lease the other server (on the same catalog)
+                    // just gave.
                     return None;
                 }
                 let (reserved, hostname) = self.known(mac).await;
                 let asked = decide::requested_address(request)?;
                 let now = now_ms();
-                let current = leases.leases(asked, asked).await.ok()?;
+                let current = match leases.leases(asked, asked).await {
+                    Ok(current) => current,
+                    Err(err) => {
+                        // The client retries; a NAK would take a running machine's address.
+                        tracing::warn!(client = %mac, %err, "pxe: cannot read leases; no answer");
+                        return None;
+                    }
+                };
                 let ours = pool.choose(mac, reserved, Some(asked), &current, now) == Some(asked);
-                let bound = ours
-                    && leases
+                let bound = if ours {
+                    match leases
                         .bind_lease(asked, mac, now + pool.lease.as_millis() as i64)
                         .await
-                        .is_ok();
+                    {
+                        Ok(()) => true,
+                        Err(err) if err.kind() == ErrorKind::Conflict => false,
+                        Err(err) => {
+                            tracing::warn!(client = %mac, %err, "pxe: cannot record the lease; no answer");
+                            return None;
+                        }
+                    }
+                } else {
+                    false
+                };
                 if !bound {
                     if !pool.in_subnet(asked) && request.ip_option(opt::SERVER_ID).is_none() {
                         // Not our subnet and not asked of us: another server's business.
                         return None;
                     }
                     tracing::info!(client = %mac, ip = %asked, "pxe: NAK (that address is not this client's)");
-                    return Some(decide::reply(request, kind::NAK, self.server_ip));
+                    let mut nak = decide::reply(request, kind::NAK, self.server_ip);
+                    if !request.giaddr.is_unspecified() {
+                        // Through a relay, a NAK is broadcast (RFC 2131 4.3.2).
+                        nak.flags |= 0x8000;
+                    }
+                    return Some(nak);
                 }
                 let mut ack = decide::reply(request, kind::ACK, self.server_ip);
+                ack.ciaddr = request.ciaddr;
                 decide::add_address(&mut ack, asked, &pool, hostname.as_deref());
                 self.add_boot_if_pxe(&mut ack, request, client);
                 self.seen.record(mac, asked.into());
@@ -391,22 +420,16 @@ impl State {
                 None
             }
             kind::DECLINE => {
-                // Someone else uses it: keep it from everyone for a lease time.
+                // Anyone can send a DECLINE with any MAC, so it blocks nothing; the
+                // admin hears of it (an address in use outside DHCP's knowledge).
                 if let Some(ip) = request.ip_option(opt::REQUESTED_IP) {
-                    let _ = leases.release_lease(ip, mac).await;
-                    let _ = leases
-                        .bind_lease(
-                            ip,
-                            "00:00:00:00:00:00",
-                            now_ms() + pool.lease.as_millis() as i64,
-                        )
-                        .await;
-                    tracing::warn!(client = %mac, ip = %ip, "pxe: the client declined an address (in use on the LAN?)");
+                    tracing::warn!(client = %mac, ip = %ip, "pxe: a client declined an address: is it used on the LAN outside DHCP?");
                 }
                 None
             }
             kind::INFORM => {
                 let mut ack = decide::reply(request, kind::ACK, self.server_ip);
+                ack.ciaddr = request.ciaddr;
                 self.add_boot_if_pxe(&mut ack, request, client);
                 Some(ack)
             }
@@ -449,6 +472,13 @@ impl State {
                 tracing::warn!(client = %mac, "pxe: the pool has no free address");
                 return None;
             };
+            // Its own lease runs longer than an offer's hold: keep it as it is.
+            if current
+                .iter()
+                .any(|l| l.ip == ip && l.mac == mac && l.expires_at > now + OFFER_HOLD_MS)
+            {
+                return Some(ip);
+            }
             match leases.bind_lease(ip, mac, now + OFFER_HOLD_MS).await {
                 Ok(()) => return Some(ip),
                 Err(err) if err.kind() == ErrorKind::Conflict && reserved.is_none() => continue,

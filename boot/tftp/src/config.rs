@@ -72,8 +72,11 @@ impl ProtocolKind for TftpConfig {
                 self.max_blksize
             )));
         }
-        if self.max_windowsize == 0 {
-            return Err(config("tftp.max_windowsize must be at least 1".to_owned()));
+        if !(1..=64).contains(&self.max_windowsize) {
+            return Err(config(format!(
+                "tftp.max_windowsize = {} must be between 1 and 64",
+                self.max_windowsize
+            )));
         }
         if self.timeout.0.is_zero() || self.timeout.0.as_secs() > 255 {
             return Err(config(format!(

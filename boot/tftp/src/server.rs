@@ -18,6 +18,10 @@ use crate::TftpConfig;
 use crate::codec::{self, Packet, Request, code};
 use crate::transfer::{AckOutcome, Transfer};
 
+/// The longest retransmission timeout a client may ask for: longer ones are not granted
+/// (RFC 2349 lets a server leave the option out), so a stalled transfer ends within
+/// a minute or so instead of holding a slot for (retries + 1) x 255 s.
+const MOST_CLIENT_TIMEOUT: u8 = 10;
 /// On shutdown, how long transfers in flight may take to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Malformed-packet log lines per second at most (a flood must not flood the log).
@@ -153,7 +157,7 @@ impl BootProtocol for TftpServer {
                 }
                 Ok(Packet::Read(request)) => {
                     let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, file = %request.filename, "tftp: too many transfers; refused");
+                        tracing::warn!(%peer, file = ?request.filename, "tftp: too many transfers; refused");
                         let _ = socket
                             .send_to(
                                 &codec::error_packet(code::UNDEFINED, "server busy, try again"),
@@ -170,7 +174,7 @@ impl BootProtocol for TftpServer {
                     });
                 }
                 Ok(Packet::Write(request)) => {
-                    tracing::info!(%peer, file = %request.filename, "tftp: write refused (read-only server)");
+                    tracing::info!(%peer, file = ?request.filename, "tftp: write refused (read-only server)");
                     let _ = socket
                         .send_to(
                             &codec::error_packet(code::ACCESS, "this server is read-only"),
@@ -208,6 +212,16 @@ async fn open(shared: &Shared, name: &str) -> Result<DynSource> {
     }
 }
 
+fn client_message(err: &Error) -> &'static str {
+    match err.kind() {
+        ErrorKind::NotFound => "file not found",
+        ErrorKind::PermissionDenied | ErrorKind::InvalidInput => {
+            "access denied: not a file inside the TFTP root"
+        }
+        _ => "cannot read that file",
+    }
+}
+
 fn error_code(err: &Error) -> u16 {
     match err.kind() {
         ErrorKind::NotFound => code::NOT_FOUND,
@@ -235,7 +249,7 @@ async fn send_file(
     let socket = match UdpSocket::bind((local_ip, 0)).await {
         Ok(socket) => socket,
         Err(err) => {
-            tracing::warn!(%peer, %file, %err, "tftp: cannot open a transfer socket");
+            tracing::warn!(%peer, ?file, %err, "tftp: cannot open a transfer socket");
             return;
         }
     };
@@ -244,7 +258,7 @@ async fn send_file(
         return;
     }
     if request.mode != "octet" {
-        tracing::info!(%peer, %file, mode = %request.mode, "tftp: refused a transfer mode other than octet");
+        tracing::info!(%peer, ?file, mode = %request.mode, "tftp: refused a transfer mode other than octet");
         let _ = socket
             .send(&codec::error_packet(
                 code::ILLEGAL,
@@ -256,19 +270,20 @@ async fn send_file(
     let source = match open(shared, &file).await {
         Ok(source) => source,
         Err(err) => {
-            tracing::info!(%peer, %file, %err, "tftp: file refused");
+            tracing::info!(%peer, ?file, %err, "tftp: file refused");
+            // The client hears what it can act on; paths on this server stay in the log.
             let _ = socket
-                .send(&codec::error_packet(error_code(&err), &err.to_string()))
+                .send(&codec::error_packet(error_code(&err), client_message(&err)))
                 .await;
             return;
         }
     };
     let mut tally = Tally::default();
     match transfer(shared, &socket, &request, &source, &mut tally, shutdown).await {
-        Ok(size) => tracing::info!(%peer, %file, bytes = size, retransmits = tally.retransmits,
+        Ok(size) => tracing::info!(%peer, ?file, bytes = size, retransmits = tally.retransmits,
             ms = started.elapsed().as_millis() as u64, "tftp: sent"),
         Err(why) => {
-            tracing::info!(%peer, %file, %why, retransmits = tally.retransmits, "tftp: transfer ended early")
+            tracing::info!(%peer, ?file, %why, retransmits = tally.retransmits, "tftp: transfer ended early")
         }
     }
 }
@@ -286,9 +301,8 @@ async fn transfer(
     let asked = request.options;
     let blksize = asked.blksize.map_or(512, |b| b.min(shared.max_blksize));
     let windowsize = asked.windowsize.map_or(1, |w| w.min(shared.max_windowsize));
-    let timeout = asked
-        .timeout
-        .map_or(shared.timeout, |t| Duration::from_secs(u64::from(t)));
+    let granted_timeout = asked.timeout.filter(|t| *t <= MOST_CLIENT_TIMEOUT);
+    let timeout = granted_timeout.map_or(shared.timeout, |t| Duration::from_secs(u64::from(t)));
     if asked.any() {
         let mut granted: Vec<(&str, String)> = Vec::new();
         if asked.blksize.is_some() {
@@ -297,7 +311,7 @@ async fn transfer(
         if asked.tsize {
             granted.push(("tsize", size.to_string()));
         }
-        if let Some(t) = asked.timeout {
+        if let Some(t) = granted_timeout {
             granted.push(("timeout", t.to_string()));
         }
         if asked.windowsize.is_some() {
@@ -305,20 +319,24 @@ async fn transfer(
         }
         let oack = codec::oack_packet(&granted);
         let mut tries = 0;
-        loop {
+        'oack: loop {
             send(socket, &oack).await?;
-            match wait_ack(socket, timeout, shutdown).await? {
-                Some(0) => break,
-                Some(_) => {}
-                None => {
-                    tries += 1;
-                    tally.retransmits += 1;
-                    if tries > shared.retries {
-                        return Err(format!(
-                            "no ACK of the option acknowledgement after {tries} tries"
-                        ));
-                    }
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match wait_ack(socket, left, shutdown).await? {
+                    Some(0) => break 'oack,
+                    // Not an answer to the OACK: keep waiting, never resend on it.
+                    Some(_) => {}
+                    None => break,
                 }
+            }
+            tries += 1;
+            tally.retransmits += 1;
+            if tries > shared.retries {
+                return Err(format!(
+                    "no ACK of the option acknowledgement after {tries} tries"
+                ));
             }
         }
     }

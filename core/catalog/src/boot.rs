@@ -219,6 +219,12 @@ impl BootDirectory for SqlCatalog {
             Err(err) => return Err(err),
         };
         let vdisk = self.vdisk(&session.vdisk).await?;
+        if !vdisk.enabled {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!("vdisk {:?} is disabled", vdisk.name),
+            ));
+        }
         let assignment = self
             .assignments(&session.mac)
             .await?
@@ -288,6 +294,19 @@ impl LeaseStore for SqlCatalog {
             .begin()
             .await
             .map_err(|e| crate::sql::db_error(e, "begin"))?;
+        let reserved: Option<String> =
+            sqlx::query_scalar("SELECT mac FROM clients WHERE ip = $1 AND mac <> $2")
+                .bind(ip_number(ip))
+                .bind(mac.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| crate::sql::db_error(e, "check reservations"))?;
+        if let Some(owner) = reserved {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("address {ip} is reserved for {owner}"),
+            ));
+        }
         let taken = sqlx::query(
             "INSERT INTO dhcp_leases (ip, mac, expires_at, updated_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (ip) DO UPDATE SET mac = excluded.mac, expires_at = excluded.expires_at, \

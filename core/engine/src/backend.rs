@@ -93,11 +93,21 @@ pub trait ImageBackend: Send + Sync + Debug {
     }
 
     /// Opens a boot file (a kernel, an initrd, a bootloader) read-only: what a vdisk's
-    /// `--kernel` and `--initrd` keys name. Backends whose image names follow a rule that
-    /// suits disks but not boot files (the `file` backend's `NAME.img`) keep boot files in
-    /// a home of their own and say so; the default opens the key as an image.
+    /// `--kernel` and `--initrd` keys and TFTP names reach. Boot files live in a home of
+    /// their own, apart from images (the `file` backend's `boot/` folder), because they
+    /// are served without a session: a key must never reach an image. Backends without
+    /// such a home refuse (`Unsupported`, the default).
     async fn open_boot_file(&self, key: &str) -> Result<DynSource> {
-        self.open(key, OpenMode::ReadOnly).await
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "backend '{}' (kind {}) keeps no boot files; put kernels, initrds and bootloaders on a file backend (its boot/ folder)",
+                self.name(),
+                self.kind()
+            ),
+        )
+        .with_context("key", key)
+        .with_op("open_boot_file"))
     }
 
     /// Stores the raw image file `from` as the image `image` (`osstream vdisk import`).

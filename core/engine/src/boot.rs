@@ -244,7 +244,13 @@ pub trait BootDirectory: Send + Sync + Debug {
 pub struct SeenAddresses {
     seen:
         std::sync::Mutex<std::collections::HashMap<String, (std::net::IpAddr, std::time::Instant)>>,
+    /// This server's DHCP hands out every address on the boot LAN (full mode): a MAC it
+    /// has not seen gets no script.
+    authoritative: std::sync::atomic::AtomicBool,
 }
+
+/// Most MACs remembered; the oldest sightings go first.
+const MOST_SIGHTINGS: usize = 65_536;
 
 /// How long a sighting counts: a day, longer than any lease a boot LAN uses.
 const SIGHTING: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -254,8 +260,44 @@ impl SeenAddresses {
     pub fn record(&self, mac: &str, ip: std::net::IpAddr) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
-        seen.retain(|_, (_, when)| now.duration_since(*when) < SIGHTING);
-        seen.insert(mac.to_owned(), (ip, now));
+        if seen.len() >= MOST_SIGHTINGS {
+            seen.retain(|_, (_, when)| now.duration_since(*when) < SIGHTING);
+            if seen.len() >= MOST_SIGHTINGS
+                && let Some(oldest) = seen
+                    .iter()
+                    .min_by_key(|(_, (_, when))| *when)
+                    .map(|(m, _)| m.clone())
+            {
+                seen.remove(&oldest);
+            }
+        }
+        seen.insert(mac.to_owned(), (ip.to_canonical(), now));
+    }
+
+    /// Says this server's DHCP gives every address on its LAN (full mode).
+    pub fn set_authoritative(&self) {
+        self.authoritative
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the script of `mac` must be refused to a client at `ip`, and why: it was
+    /// seen at another address, or (full DHCP mode) not seen at all.
+    pub fn refuse(&self, mac: &str, ip: std::net::IpAddr) -> Option<String> {
+        match self.lookup(mac) {
+            Some(seen) if seen == ip.to_canonical() => None,
+            Some(_) => Some(format!(
+                "the boot script of {mac} is given only to the address this server's DHCP saw it use"
+            )),
+            None if self
+                .authoritative
+                .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                Some(format!(
+                    "this server's DHCP has not seen {mac}: boot it from the network first"
+                ))
+            }
+            None => None,
+        }
     }
 
     /// The address `mac` (normalised) was last seen using, if within a day.

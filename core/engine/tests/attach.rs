@@ -280,3 +280,23 @@ async fn layers_hear_the_end_of_an_attach_that_fails_after_they_heard_of_it() {
     let events: Vec<&str> = recorder.events().iter().map(|(e, _)| *e).collect();
     assert_eq!(events, vec!["attached", "detached"]);
 }
+
+#[tokio::test]
+async fn boot_files_come_only_from_a_boot_file_home_never_from_images() {
+    let backend = MemBackend::new("mem").with_image("disk", pattern(1, 4096));
+    let exports = Exports::new(vec![Arc::new(backend)], Vec::new());
+    // A backend without a home for boot files refuses: a key never reaches an image,
+    // since boot files are served without a session.
+    let err = exports
+        .open_boot_file("v", "mem", "disk")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("boot/"), "{err}");
+    let err = exports
+        .open_boot_file("v", "nowhere", "k")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert_eq!(exports.backend_names(), ["mem"]);
+}
