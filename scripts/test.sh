@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(libnbd-bin python3-libnbd python3-pytest qemu-utils fio nbdkit util-linux postgresql gcc nfs-ganesha nfs-ganesha-vfs rpcbind qemu-system-x86 ipxe-qemu busybox-static nbd-client cpio nasm e2fsprogs tftp-hpa curl)
+apt_packages=(libnbd-bin python3-libnbd python3-pytest qemu-utils fio nbdkit util-linux postgresql gcc nfs-ganesha nfs-ganesha-vfs rpcbind qemu-system-x86 ipxe-qemu busybox-static nbd-client cpio nasm e2fsprogs tftp-hpa curl ovmf debootstrap)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -15,6 +15,23 @@ MARKER = "osstream-netboot-marker-7d3f"
 SAN_MARKER = "sanboot: marker osstream-san-5c1e"
 
 
+DEBIAN = os.environ.get("TEST_NETBOOT_DEBIAN", os.path.join(CACHE, "osstream-test", "netboot-debian"))
+DEBIAN_MARKER = "osstream-debian-marker-91c2"
+
+
+def build_debian():
+    """Builds (once, then cached) a Debian 12 vdisk with the initramfs Debian made for it."""
+    subprocess.run(["bash", os.path.join(ROOT, "tests", "netboot", "build-debian.sh"), DEBIAN],
+                   check=True, timeout=1800)
+    return DEBIAN
+
+
+def machine_id(mac):
+    """The machine-id osstream gives the client with this MAC."""
+    import hashlib
+    return hashlib.sha256(f"osstream machine-id\0{mac}".encode()).hexdigest()[:32]
+
+
 def build_artifacts():
     """Builds (once, then cached) the kernel, initramfs and disks the guests boot."""
     subprocess.run(["bash", os.path.join(ROOT, "tests", "netboot", "build-artifacts.sh"), ARTIFACTS],

@@ -7,6 +7,8 @@ wrote, prints what it sees with a `netboot:` prefix and powers off. Each boot ta
 10-30 s under TCG, so these run one machine at a time except where two must boot at once.
 """
 
+import shutil
+import subprocess
 import threading
 
 import pytest
@@ -243,3 +245,30 @@ def test_uefi_firmware_gets_ipxe_over_tftp_then_boots_the_same_way(tmp_path, art
     # OVMF's PXE client asked as UEFI x64 and got ipxe.efi over TFTP; iPXE then got the script.
     assert "tftp: sent" in log and "file=snponly.efi" in log, log
     assert "boot session opened client=52:54:00:00:70:01" in log
+
+
+def test_a_debian_system_boots_to_multi_user_with_the_initramfs_debian_made(tmp_path, artifacts, lab):
+    from netboot import DEBIAN_MARKER, build_debian, machine_id
+    debian = build_debian()
+    server = lan_server(tmp_path, artifacts, lab,
+                        f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n')
+    subprocess.run(["cp", "--sparse=always", f"{debian}/debian.img", str(server.images / "debian.img")], check=True)
+    for name in ("vmlinuz-debian", "initrd-debian.img"):
+        shutil.copy(f"{debian}/{name}", server.images / "boot" / name)
+    server.start()
+    try:
+        server.cli("vdisk", "add", "debian", "--backend", "images", "--boot", "linux-nbd",
+                   "--kernel", "vmlinuz-debian", "--initrd", "initrd-debian.img", "--cmdline", "console=ttyS0",
+                   "--description", "Debian 12")
+        mac = "52:54:00:00:80:01"
+        server.cli("client", "add", mac, "--hostname", "deb-pc-01")
+        server.cli("client", "assign", mac, "debian")
+        machine = Machine(tmp_path, mac, tap=lab.tap(), netns=lab.lan, memory=768)
+        out = machine.start().wait_exit(timeout=400)
+        wanted = (f"debian: marker={DEBIAN_MARKER} hostname=deb-pc-01 machine_id={machine_id(mac)} "
+                  "target=active")
+        assert wanted in out, out[-4000:]
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "boot session opened client=52:54:00:00:80:01 vdisk=debian" in log
