@@ -96,7 +96,7 @@ pub struct VdiskAdd {
     /// Where standard-mode writes go: ram, ram-overflow-disk, server-disk, server-disk-persistent.
     #[arg(long, default_value = "ram-overflow-disk")]
     pub write_cache: String,
-    /// How clients boot it: linux-nbd or sanboot.
+    /// How clients boot it: linux-nbd (initramfs-tools), linux-nbd-dracut, or sanboot.
     #[arg(long, default_value = "sanboot")]
     pub boot: String,
     /// Kernel image key on the same backend (linux-nbd).

@@ -195,7 +195,7 @@ pub fn boot_script(
         BootKind::Sanboot => {
             let _ = writeln!(script, "sanboot {base_url}/san/{token} || goto failed");
         }
-        BootKind::LinuxNbd => {
+        BootKind::LinuxNbd | BootKind::LinuxNbdDracut => {
             let (Some(_), Some(_)) = (&choice.kernel, &choice.initrd) else {
                 return Err(vec![format!(
                     "vdisk {} boots linux-nbd but has no kernel or initrd: osstream vdisk set {} --kernel KEY --initrd KEY",
@@ -208,7 +208,18 @@ pub fn boot_script(
                         .to_owned(),
                 ]);
             };
-            let cmdline = kernel_cmdline(choice.cmdline.as_deref(), nbd, session.export, identity);
+            let style = match choice.boot {
+                BootKind::LinuxNbdDracut => RootStyle::Dracut,
+                _ => RootStyle::InitramfsTools,
+            };
+            let cmdline = kernel_cmdline(
+                style,
+                choice.cmdline.as_deref(),
+                nbd,
+                session.export,
+                identity,
+            )
+            .map_err(|why| vec![format!("vdisk {}: {why}", choice.vdisk)])?;
             let _ = writeln!(
                 script,
                 "kernel --name kernel {base_url}/boot/{token}/kernel initrd=initrd {} || goto failed\n\
@@ -227,27 +238,64 @@ pub fn boot_script(
     Ok(script)
 }
 
-/// The kernel command line of a `linux-nbd` boot: the vdisk's own `cmdline`, then what
-/// Debian's initramfs-tools `nbd` hook reads (`root=/dev/nbd0`, `nbdroot=HOST:PORT/EXPORT`,
-/// `ip=` with the hostname unless the vdisk sets `ip=` itself), and the client's identity
-/// for systemd (`systemd.hostname=`, `systemd.machine_id=`).
-pub fn kernel_cmdline(vdisk: Option<&str>, nbd: &str, export: &str, identity: &Identity) -> String {
+/// Which initramfs generator reads the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootStyle {
+    /// Debian's initramfs-tools with the `nbd-client` hook (`scripts/local-top/nbd`).
+    InitramfsTools,
+    /// dracut's `nbd` module (`nbdroot.sh`).
+    Dracut,
+}
+
+/// The kernel command line of a `linux-nbd` boot: the vdisk's own `cmdline`, then the NBD
+/// root as `style` reads it, networking (unless the vdisk sets `ip=` itself), and the
+/// client's identity for systemd (`systemd.hostname=`, `systemd.machine_id=`).
+///
+/// - initramfs-tools: `root=/dev/nbd0 nbdroot=HOST:PORT/EXPORT ip=::::HOSTNAME::dhcp`
+///   (its hook reads `HOST:PORT/EXPORT`; the comma forms would mean server,port).
+/// - dracut: `root=nbd:HOST:EXPORT rd.neednet=1 ip=dhcp`. dracut's fields are
+///   `nbd:server:port[:fstype[:rootflags[:nbdopts]]]` and a port that is not a number is
+///   taken as an export name on the default port, so NBD must listen on 10809.
+pub fn kernel_cmdline(
+    style: RootStyle,
+    vdisk: Option<&str>,
+    nbd: &str,
+    export: &str,
+    identity: &Identity,
+) -> Result<String, String> {
     let vdisk = vdisk.unwrap_or("").trim();
     let has = |key: &str| vdisk.split_whitespace().any(|word| word.starts_with(key));
     let mut words: Vec<String> = Vec::new();
     if !vdisk.is_empty() {
         words.push(vdisk.to_owned());
     }
-    if !has("root=") {
-        words.push("root=/dev/nbd0".to_owned());
-    }
-    words.push(format!("nbdroot={nbd}/{export}"));
-    if !has("ip=") {
-        words.push(format!("ip=::::{}::dhcp", identity.hostname));
+    match style {
+        RootStyle::InitramfsTools => {
+            if !has("root=") {
+                words.push("root=/dev/nbd0".to_owned());
+            }
+            words.push(format!("nbdroot={nbd}/{export}"));
+            if !has("ip=") {
+                words.push(format!("ip=::::{}::dhcp", identity.hostname));
+            }
+        }
+        RootStyle::Dracut => {
+            let (host, port) = nbd.rsplit_once(':').unwrap_or((nbd, "10809"));
+            if port != "10809" || host.contains(':') {
+                return Err(format!(
+                    "dracut reaches NBD export names on port 10809 over IPv4 only, and this server's NBD address is {nbd}"
+                ));
+            }
+            words.push(format!("root=nbd:{host}:{export}"));
+            words.push("rd.neednet=1".to_owned());
+            if !has("ip=") {
+                words.push("ip=dhcp".to_owned());
+            }
+        }
     }
     words.push(format!("systemd.hostname={}", identity.hostname));
     words.push(format!("systemd.machine_id={}", identity.machine_id));
-    words.join(" ")
+    Ok(words.join(" "))
 }
 
 #[cfg(test)]
@@ -356,14 +404,37 @@ mod tests {
     #[test]
     fn the_vdisk_cmdline_wins_over_generated_root_and_ip() {
         let line = kernel_cmdline(
+            RootStyle::InitramfsTools,
             Some("root=/dev/nbd0p1 ip=dhcp quiet"),
             "h:1",
             "s/t",
             &identity(),
-        );
+        )
+        .unwrap();
         assert!(!line.contains("root=/dev/nbd0 "));
         assert!(!line.contains("ip=::::"));
         assert!(line.starts_with("root=/dev/nbd0p1 ip=dhcp quiet nbdroot=h:1/s/t "));
+    }
+
+    #[test]
+    fn dracut_gets_its_own_root_form_on_the_default_port_only() {
+        let line = kernel_cmdline(
+            RootStyle::Dracut,
+            None,
+            "10.0.0.1:10809",
+            "s/t",
+            &identity(),
+        )
+        .unwrap();
+        assert!(line.starts_with("root=nbd:10.0.0.1:s/t rd.neednet=1 ip=dhcp systemd.hostname="));
+        let err = kernel_cmdline(
+            RootStyle::Dracut,
+            None,
+            "10.0.0.1:10900",
+            "s/t",
+            &identity(),
+        );
+        assert!(err.unwrap_err().contains("10809"));
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn boot_client(client: Client) -> BootClient {
 fn boot_kind(method: BootMethod) -> BootKind {
     match method {
         BootMethod::LinuxNbd => BootKind::LinuxNbd,
+        BootMethod::LinuxNbdDracut => BootKind::LinuxNbdDracut,
         BootMethod::Sanboot => BootKind::Sanboot,
     }
 }

@@ -127,8 +127,12 @@ text_enum!(
 text_enum!(
     /// How a client boots the vdisk.
     BootMethod, "boot method" {
-        /// Kernel and initrd over the network, root streamed over NBD.
+        /// Kernel and initrd over the network, root streamed over NBD, the command line in
+        /// the form of Debian's initramfs-tools (`nbdroot=SERVER:PORT/EXPORT`).
         LinuxNbd = "linux-nbd",
+        /// As `linux-nbd`, the command line in the form of dracut's `nbd` module
+        /// (`root=nbd:SERVER:EXPORT`, NBD on port 10809).
+        LinuxNbdDracut = "linux-nbd-dracut",
         /// The firmware boots the disk itself (iPXE `sanboot`).
         Sanboot = "sanboot",
     }

@@ -62,8 +62,11 @@ pub struct BootClient {
 /// How a client boots a vdisk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BootKind {
-    /// Kernel and initrd over the network, the root file system streamed over NBD.
+    /// Kernel and initrd over the network, the root file system streamed over NBD; the
+    /// kernel command line as Debian's initramfs-tools reads it.
     LinuxNbd,
+    /// As [`BootKind::LinuxNbd`], the command line as dracut's `nbd` module reads it.
+    LinuxNbdDracut,
     /// The firmware boots the disk itself (iPXE `sanboot`).
     Sanboot,
 }
