@@ -18,6 +18,30 @@ fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
     value.map(|v| if v.is_empty() { None } else { Some(v) })
 }
 
+/// Says on stderr when a linux-nbd vdisk's kernel or initrd is not where clients will
+/// fetch it: the vdisk is registered, but cannot boot until it is there.
+async fn warn_missing_boot_files(backend: &osstream_core::DynBackend, vdisk: &Vdisk) {
+    if vdisk.boot == osstream_catalog::BootMethod::Sanboot {
+        return;
+    }
+    for (what, key) in [("kernel", &vdisk.kernel), ("initrd", &vdisk.initrd)] {
+        match key {
+            None => eprintln!(
+                "osstream: warning: vdisk {:?} boots {} but has no {what} (osstream vdisk set {} --{what} KEY)",
+                vdisk.name, vdisk.boot, vdisk.name
+            ),
+            Some(key) => {
+                if let Err(err) = backend.open_boot_file(key).await {
+                    eprintln!(
+                        "osstream: warning: vdisk {:?}: its {what} {key:?} cannot be served yet: {err}",
+                        vdisk.name
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// A reservation from the command line: an IPv4 address, or empty to clear.
 fn reserved_ip(value: Option<String>) -> Result<Option<Option<std::net::Ipv4Addr>>> {
     match empty_is_none(value) {
@@ -95,6 +119,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
             let image_id = backend.identity(&key)?;
             fill_image_ids(config, &catalog).await?;
             let vdisk = register_vdisk(&catalog, &add, key, &stat, image_id).await?;
+            warn_missing_boot_files(&backend, &vdisk).await;
             output(
                 json,
                 &vdisk,
@@ -173,6 +198,9 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                 fill_image_ids(config, &catalog).await?;
             }
             let vdisk = catalog.update_vdisk(&set.name, &changes).await?;
+            if let Ok(backend) = backend_named(config, &vdisk.backend, Some(&catalog)) {
+                warn_missing_boot_files(&backend, &vdisk).await;
+            }
             output(
                 json,
                 &vdisk,

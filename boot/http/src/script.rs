@@ -94,7 +94,8 @@ pub fn chain_script(base_url: &str) -> String {
 pub fn message_script(lines: &[String]) -> String {
     let mut script = String::from("#!ipxe\n");
     for line in lines {
-        let _ = writeln!(script, "echo osstream: {}", inert(line));
+        let line = osstream_core::shorten(line, 300);
+        let _ = writeln!(script, "echo osstream: {}", inert(&line));
     }
     script.push_str("prompt --timeout 15000 Press any key to continue ||\nexit 0\n");
     script
@@ -109,7 +110,12 @@ pub fn menu_script(
     timeout: Duration,
 ) -> String {
     let mac = identity.mac_segment();
-    let default = menu.iter().position(|c| c.is_default).unwrap_or(0);
+    // A disabled vdisk is listed (so the menu can say so) but never preselected.
+    let default = menu
+        .iter()
+        .position(|c| c.is_default && c.enabled)
+        .or_else(|| menu.iter().position(|c| c.enabled))
+        .unwrap_or(0);
     let mut script = String::from("#!ipxe\n:start\n");
     let _ = writeln!(
         script,
@@ -142,7 +148,7 @@ pub fn menu_script(
     for (i, choice) in menu.iter().enumerate() {
         let _ = writeln!(
             script,
-            ":vd{i}\nchain --autofree {base_url}/ipxe/{mac}/{} || goto failed",
+            ":vd{i}\nchain --autofree {base_url}/ipxe/{mac}/{} || goto failed\ngoto start",
             choice.vdisk
         );
     }
@@ -362,6 +368,20 @@ mod tests {
         // Descriptions cannot expand settings or run commands.
         assert!(!script.contains("${evil}"));
         assert!(!script.contains("|| shell\n"));
+    }
+
+    #[test]
+    fn a_disabled_default_is_listed_but_not_preselected_and_a_return_goes_back_to_the_menu() {
+        let mut off = choice("alpha", true, BootKind::LinuxNbd);
+        off.enabled = false;
+        let menu = [off, choice("beta", false, BootKind::Sanboot)];
+        let script = menu_script("http://s", &identity(), &menu, Duration::from_secs(5));
+        assert!(
+            script.contains("item vd0 alpha - alpha S{evil} // shell (disabled)"),
+            "{script}"
+        );
+        assert!(script.contains("choose --default vd1 "));
+        assert!(script.contains("/ipxe/52-54-00-12-34-56/alpha || goto failed\ngoto start\n"));
     }
 
     #[test]

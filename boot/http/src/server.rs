@@ -26,6 +26,10 @@ use crate::script::{self, Identity, SessionBoot};
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// On shutdown, how long responses in flight may take to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection reading a disk over HTTP SAN may wait this long between reads: a
+/// sanbooted machine sits at its boot loader's prompt as long as its user likes, and its
+/// session lives while the connection does.
+const SAN_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Bodies are read from their source in pieces of at most this size.
 const BODY_PIECE: u64 = 1 << 20;
 
@@ -56,6 +60,8 @@ struct Shared {
     nbd_address: Option<String>,
     seen: Arc<SeenAddresses>,
     base_url: Option<String>,
+    /// Lines about bad requests, a few per second.
+    bad: std::sync::Mutex<osstream_core::LogBudget>,
     menu_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -108,6 +114,7 @@ impl BootProtocol for HttpServer {
             boot: ctx.boot,
             nbd_address: ctx.session_address,
             seen: ctx.seen,
+            bad: std::sync::Mutex::new(osstream_core::LogBudget::new("bad HTTP requests", 10)),
             base_url: self.base_url,
             menu_timeout: self.config.menu_timeout.0,
             idle_timeout: self.config.idle_timeout.0,
@@ -206,6 +213,10 @@ impl Reply {
 
 /// A path with its session token (after `/san/` or `/boot/`) hidden, for logs.
 pub(crate) fn loggable_path(path: &str) -> String {
+    osstream_core::shorten(&token_hidden(path), 160).into_owned()
+}
+
+fn token_hidden(path: &str) -> String {
     // The same normalisation as routing: any number of leading slashes.
     let trimmed = path.trim_start_matches('/');
     for prefix in ["san/", "boot/"] {
@@ -234,7 +245,15 @@ impl Connection {
                 Ok(Some(request)) => request,
                 Ok(None) => break,
                 Err(refusal) => {
-                    tracing::info!(peer = %self.peer, status = refusal.status, reason = %refusal.reason, "http: bad request");
+                    if self
+                        .shared
+                        .bad
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .allow()
+                    {
+                        tracing::info!(peer = %self.peer, status = refusal.status, reason = %refusal.reason, "http: bad request");
+                    }
                     let mut head = ResponseHead::new(refusal.status);
                     if refusal.status == 405 {
                         head = head.header("Allow", "GET, HEAD");
@@ -273,7 +292,12 @@ impl Connection {
             }
             let idle = self.buf.is_empty();
             let deadline = if idle {
-                tokio::time::Instant::now() + self.shared.idle_timeout
+                let idle = if self.san.is_some() {
+                    SAN_IDLE_TIMEOUT
+                } else {
+                    self.shared.idle_timeout
+                };
+                tokio::time::Instant::now() + idle
             } else {
                 *head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT)
             };
@@ -463,7 +487,8 @@ impl Connection {
         let peer_ip = self.peer.ip().to_canonical();
         if let Some(refusal) = self.shared.seen.refuse(&mac, peer_ip) {
             tracing::warn!(client = %mac, peer = %self.peer, %refusal, "http: boot script refused");
-            return Reply::text(403, refusal);
+            // A script, so the machine's console says why (iPXE shows no error bodies).
+            return Reply::script(script::message_script(&[refusal]));
         }
         let Some(boot) = self.shared.boot.clone() else {
             return Reply::script(script::message_script(&[
@@ -548,13 +573,14 @@ impl Connection {
             }
             None => menu
                 .iter()
-                .find(|c| c.is_default)
+                .find(|c| c.is_default && c.enabled)
+                .or_else(|| menu.iter().find(|c| c.enabled))
                 .unwrap_or(&menu[0])
                 .clone(),
         };
         if !chosen.enabled {
             return Ok(script::message_script(&[format!(
-                "vdisk {} is disabled; ask an administrator (osstream vdisk set {} --enabled true)",
+                "vdisk {} is disabled; ask an administrator (osstream vdisk set {} --enable)",
                 chosen.vdisk, chosen.vdisk
             )]));
         }

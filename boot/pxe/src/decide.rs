@@ -102,6 +102,26 @@ impl Pool {
         u32::from(ip) & mask == u32::from(self.start) & mask
     }
 
+    /// Why `ip` cannot be a client's address in this pool (`server` is this server's
+    /// address), or `None` when it can.
+    pub fn unusable(&self, ip: Ipv4Addr, server: Ipv4Addr) -> Option<&'static str> {
+        let mask = u32::from(self.netmask);
+        let n = u32::from(ip);
+        if !self.in_subnet(ip) {
+            Some("it is outside the pool's subnet")
+        } else if n & !mask == 0 {
+            Some("it is the subnet's network address")
+        } else if n & !mask == !mask {
+            Some("it is the subnet's broadcast address")
+        } else if ip == server {
+            Some("it is this server's own address")
+        } else if Some(ip) == self.router {
+            Some("it is the router's address")
+        } else {
+            None
+        }
+    }
+
     /// Whether `ip` is in the range handed out.
     pub fn in_range(&self, ip: Ipv4Addr) -> bool {
         (u32::from(self.start)..=u32::from(self.end)).contains(&u32::from(ip))
@@ -336,6 +356,23 @@ mod tests {
         assert_eq!(
             p.choose("c", Some(Ipv4Addr::new(10, 1, 0, 7)), None, &[], 10),
             None
+        );
+    }
+
+    #[test]
+    fn reservations_that_cannot_be_an_address_are_named() {
+        let p = pool();
+        let server = Ipv4Addr::new(10, 0, 0, 2);
+        let ip = |n| Ipv4Addr::new(10, 0, 0, n);
+        assert_eq!(p.unusable(ip(42), server), None);
+        assert!(p.unusable(ip(0), server).unwrap().contains("network"));
+        assert!(p.unusable(ip(255), server).unwrap().contains("broadcast"));
+        assert!(p.unusable(ip(2), server).unwrap().contains("server"));
+        assert!(p.unusable(ip(1), server).unwrap().contains("router"));
+        assert!(
+            p.unusable(Ipv4Addr::new(10, 9, 0, 1), server)
+                .unwrap()
+                .contains("subnet")
         );
     }
 

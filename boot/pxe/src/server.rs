@@ -119,6 +119,9 @@ impl BootProtocol for PxeServer {
                 ));
             }
         };
+        if let Err(err) = std::net::UdpSocket::bind((server_ip, 0)) {
+            tracing::warn!(%server_ip, %err, "pxe.server_ip is not an address of this machine: clients will be sent to a TFTP and DHCP server that is not here");
+        }
         if config.interface.is_none() {
             tracing::warn!(
                 "pxe.interface is not set: DHCP answers on every interface of this machine"
@@ -294,11 +297,8 @@ impl State {
             return None;
         }
         let file = self.boot_file(client)?;
-        // In full mode the lease says where the MAC is; a 4011 request (which anyone can
-        // send with any MAC) only counts beside another DHCP server.
-        if self.mode == PxeMode::Proxy {
-            self.seen.record(&client.mac, from.ip());
-        }
+        // Not a sighting: anyone can send a 4011 request with any MAC, and a PXE client
+        // told to boot the file in the offer sends none (only leases count, in full mode).
         let mut ack = decide::reply(request, kind::ACK, self.server_ip);
         decide::add_boot(&mut ack, request, client, self.server_ip, &file, true);
         tracing::info!(client = %client.mac, peer = %from.ip(), file = %file, "pxe: boot server answered");
@@ -331,6 +331,39 @@ impl State {
         }
     }
 
+    /// The client's reservation when it can have it now: usable in this pool and not
+    /// leased to another MAC (then it gets a dynamic address, and the admin hears why).
+    async fn reservation(
+        &self,
+        leases: &dyn LeaseStore,
+        pool: &Pool,
+        mac: &str,
+        reserved: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let ip = reserved?;
+        if let Some(why) = pool.unusable(ip, self.server_ip) {
+            tracing::warn!(client = %mac, %ip, why, "pxe: the client's reserved address cannot be given; it gets a dynamic one (osstream client set MAC --ip)");
+            return None;
+        }
+        let now = now_ms();
+        match leases.leases(ip, ip).await {
+            Ok(current) => {
+                if let Some(other) = current
+                    .iter()
+                    .find(|l| l.mac != mac && l.expires_at != i64::MAX && l.expires_at > now)
+                {
+                    tracing::warn!(client = %mac, %ip, holder = %other.mac, "pxe: the client's reserved address is leased to another client; it gets a dynamic one until that lease ends");
+                    return None;
+                }
+                Some(ip)
+            }
+            Err(err) => {
+                tracing::warn!(client = %mac, %err, "pxe: cannot read leases");
+                None
+            }
+        }
+    }
+
     /// Full DHCP: addresses from the pools, leases in the catalog.
     async fn dhcp(&mut self, request: &Message, client: &Client, kind: u8) -> Option<Message> {
         let leases = self.leases.clone()?;
@@ -342,6 +375,7 @@ impl State {
         match kind {
             kind::DISCOVER => {
                 let (reserved, hostname) = self.known(mac).await;
+                let reserved = self.reservation(&*leases, &pool, mac, reserved).await;
                 let requested = request.ip_option(opt::REQUESTED_IP);
                 let ip = self
                     .allocate(&*leases, &pool, mac, reserved, requested)
@@ -360,6 +394,7 @@ impl State {
                     return None;
                 }
                 let (reserved, hostname) = self.known(mac).await;
+                let reserved = self.reservation(&*leases, &pool, mac, reserved).await;
                 let asked = decide::requested_address(request)?;
                 let now = now_ms();
                 let current = match leases.leases(asked, asked).await {

@@ -157,7 +157,9 @@ impl BootProtocol for TftpServer {
                 }
                 Ok(Packet::Read(request)) => {
                     let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, file = ?request.filename, "tftp: too many transfers; refused");
+                        if bad_packets.allow() {
+                            tracing::warn!(%peer, file = ?osstream_core::shorten(&request.filename, 128), "tftp: too many transfers; refused");
+                        }
                         let _ = socket
                             .send_to(
                                 &codec::error_packet(code::UNDEFINED, "server busy, try again"),
@@ -174,7 +176,9 @@ impl BootProtocol for TftpServer {
                     });
                 }
                 Ok(Packet::Write(request)) => {
-                    tracing::info!(%peer, file = ?request.filename, "tftp: write refused (read-only server)");
+                    if bad_packets.allow() {
+                        tracing::info!(%peer, file = ?osstream_core::shorten(&request.filename, 128), "tftp: write refused (read-only server)");
+                    }
                     let _ = socket
                         .send_to(
                             &codec::error_packet(code::ACCESS, "this server is read-only"),
@@ -245,7 +249,7 @@ async fn send_file(
     shutdown: &CancellationToken,
 ) {
     let started = Instant::now();
-    let file = request.filename.clone();
+    let file = osstream_core::shorten(&request.filename, 128).into_owned();
     let socket = match UdpSocket::bind((local_ip, 0)).await {
         Ok(socket) => socket,
         Err(err) => {
@@ -267,7 +271,7 @@ async fn send_file(
             .await;
         return;
     }
-    let source = match open(shared, &file).await {
+    let source = match open(shared, &request.filename).await {
         Ok(source) => source,
         Err(err) => {
             tracing::info!(%peer, ?file, %err, "tftp: file refused");

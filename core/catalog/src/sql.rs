@@ -51,6 +51,24 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Kernel and initrd keys are plain names in their backend's boot-file home (served
+/// without a session, they never name a path).
+fn validate_boot_keys(vdisk: &Vdisk) -> Result<()> {
+    for (what, key) in [("--kernel", &vdisk.kernel), ("--initrd", &vdisk.initrd)] {
+        if let Some(key) = key
+            && osstream_core::validate_image_name(key).is_err()
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{what} {key:?} is not a plain file name: boot files are named as they are in their backend's boot folder (images/boot/vmlinuz is --kernel vmlinuz)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `bytes` random bytes from the kernel, as lowercase hex.
 fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
@@ -465,6 +483,7 @@ impl SqlCatalog {
 impl Catalog for SqlCatalog {
     async fn add_vdisk(&self, vdisk: &Vdisk) -> Result<()> {
         validate_name("vdisk name", &vdisk.name)?;
+        validate_boot_keys(vdisk)?;
         if self.vdisk(&vdisk.name).await.is_ok() {
             return Err(Error::new(
                 ErrorKind::Conflict,
@@ -556,6 +575,7 @@ impl Catalog for SqlCatalog {
         if let Some(size) = changes.size {
             vdisk.size = size;
         }
+        validate_boot_keys(&vdisk)?;
         sqlx::query(
             "UPDATE vdisks SET mode = $2, write_cache = $3, boot = $4, kernel = $5, initrd = $6, cmdline = $7, \
              description = $8, enabled = $9, size = $10 WHERE name = $1",

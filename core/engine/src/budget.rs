@@ -54,9 +54,25 @@ impl LogBudget {
     }
 }
 
+/// `text` cut to `most` characters (with `...` when cut), for a log line about input
+/// from the network: a 60,000-byte file name must not make a 60,000-byte line.
+pub fn shorten(text: &str, most: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(most) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!("{}...", &text[..cut])),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_input_is_shortened_for_logs() {
+        assert_eq!(shorten("abc", 5), "abc");
+        assert_eq!(shorten("abcdef", 3), "abc...");
+        assert_eq!(shorten("ééé", 2), "éé...");
+    }
 
     #[test]
     fn a_burst_gets_its_budget_and_no_more() {

@@ -73,7 +73,7 @@ pub use boot::{
     BootChoice, BootClient, BootDirectory, BootKind, BootSession, Lease, LeaseStore, SeenAddresses,
     UnknownPolicy, normalize_mac,
 };
-pub use budget::LogBudget;
+pub use budget::{LogBudget, shorten};
 pub use cache::{
     BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, RamTierConfig, TierStats,
     stable_hash,
