@@ -7,6 +7,7 @@ wrote, prints what it sees with a `netboot:` prefix and powers off. Each boot ta
 10-30 s under TCG, so these run one machine at a time except where two must boot at once.
 """
 
+import os
 import shutil
 import subprocess
 import threading
@@ -181,6 +182,8 @@ def test_full_dhcp_mode_boots_a_machine_from_its_menu_at_its_reserved_address(tm
         assert f"address {LAN}.42/24" in lines
         assert "sees written-by-lab-pc-50.txt" in lines
         assert lines[-1] == "done"
+        # The write went to the session's overlay, not the image.
+        assert sha256(server.images / "netroot.img") == sha256(os.path.join(artifacts, "root.img"))
         sessions = server.cli("session", "list", "--all")
         assert f"{LAN}.42" in sessions
         # The script (and its session) goes only to where DHCP saw the MAC; a MAC this
@@ -271,3 +274,45 @@ def test_a_debian_system_boots_to_multi_user_with_the_initramfs_debian_made(tmp_
         server.stop()
     log = server.log.read_text()
     assert "boot session opened client=52:54:00:00:80:01 vdisk=debian" in log
+
+
+def test_relayed_requests_get_their_subnets_pool_and_garbage_is_dropped(tmp_path, artifacts, lab):
+    """No guest: a DHCP relay agent (a namespace at 10.77.0.5 that also owns 10.88.0.1,
+    the relayed subnet's gateway) forwards a DISCOVER with giaddr 10.88.0.1; osstream
+    answers the relay from the [[pxe.relay]] pool of that subnet."""
+    import socket as sk
+    import struct as st
+    server = lan_server(tmp_path, artifacts, lab,
+                        f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n'
+                        '[[pxe.relay]]\nrange_start = "10.88.0.100"\nrange_end = "10.88.0.110"\n'
+                        'router = "10.88.0.1"\n')
+    relay = lab.host("relay", 5)
+    lab.exec(relay, "ip", "addr", "add", "10.88.0.1/24", "dev", "eth0")
+    srv = server.wrap[-1]
+    lab.exec(srv, "ip", "route", "add", "10.88.0.0/24", "via", f"{LAN}.5")
+    server.start()
+    code = (
+        "import socket, struct, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.bind(('10.88.0.1', 67))\n"
+        "s.settimeout(10)\n"
+        "g = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for junk in (b'', b'x' * 300, b'\\x01' * 240 + b'\\x63\\x82\\x53\\x63\\x35\\xff'):\n"
+        f"    g.sendto(junk, ('{LAN}.1', 67))\n"
+        "mac = bytes.fromhex('020000880001') + bytes(10)\n"
+        "head = struct.pack('!BBBBIHH4s4s4s4s16s64s128s', 1, 1, 6, 1, 0x88, 0, 0, bytes(4), bytes(4), bytes(4),\n"
+        "                   socket.inet_aton('10.88.0.1'), mac, b'', b'')\n"
+        f"s.sendto(head + bytes([99, 130, 83, 99, 53, 1, 1, 255]), ('{LAN}.1', 67))\n"
+        "data, addr = s.recvfrom(2048)\n"
+        "print(socket.inet_ntoa(data[16:20]), socket.inet_ntoa(data[24:28]), addr[0])\n"
+    )
+    try:
+        out = lab.exec(relay, "/usr/bin/python3", "-c", code).stdout.split()
+    finally:
+        server.stop()
+    yiaddr, giaddr, sender = out
+    assert yiaddr.startswith("10.88.0.1") and 100 <= int(yiaddr.split(".")[-1]) <= 110, out
+    assert giaddr == "10.88.0.1" and sender == f"{LAN}.1"
+    log = server.log.read_text()
+    assert "pxe: malformed packet dropped" in log
+    assert f"pxe: offer client=02:00:00:88:00:01 ip={yiaddr}" in log

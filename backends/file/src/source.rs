@@ -34,15 +34,8 @@ impl FileSource {
             .open(&path)
             .map_err(|e| io_error(e, "open", &path))?;
         Ok(FileSource {
-            file: Arc::new(file),
-            path: Arc::new(path),
-            info: SourceInfo {
-                name: stat.name,
-                identity,
-                size: stat.size,
-                generation: stat.generation,
-            },
             writable,
+            ..FileSource::from_file(file, path, identity, stat)
         })
     }
 

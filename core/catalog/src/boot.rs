@@ -11,7 +11,7 @@ use osstream_core::{
 
 use crate::Catalog;
 use crate::model::{
-    Assignment, BootMethod, Client, Mac, UnknownClientPolicy, Vdisk, VdiskMode, WriteCache,
+    Assignment, BootMethod, Client, Mac, Session, UnknownClientPolicy, Vdisk, VdiskMode, WriteCache,
 };
 use crate::sql::SqlCatalog;
 
@@ -46,6 +46,17 @@ fn boot_choice(assignment: &Assignment, vdisk: Vdisk) -> BootChoice {
         cmdline: vdisk.cmdline,
         backend: vdisk.backend,
         enabled: vdisk.enabled,
+    }
+}
+
+fn boot_session(session: Session, overlay: Option<OverlayKind>) -> BootSession {
+    BootSession {
+        export: session.export_name(),
+        id: session.id,
+        token: session.token,
+        mac: session.mac.into(),
+        vdisk: session.vdisk,
+        overlay,
     }
 }
 
@@ -197,14 +208,7 @@ impl BootDirectory for SqlCatalog {
         // (`update_vdisk` refuses), so this is the session's mode.
         let overlay = overlay(&self.vdisk(vdisk).await?);
         let session = self.open_session(&mac, vdisk, peer).await?;
-        Ok(BootSession {
-            export: session.export_name(),
-            id: session.id,
-            token: session.token,
-            mac: session.mac.into(),
-            vdisk: session.vdisk,
-            overlay,
-        })
+        Ok(boot_session(session, overlay))
     }
 
     async fn client_seen(&self, mac: &str) -> Result<()> {
@@ -242,17 +246,7 @@ impl BootDirectory for SqlCatalog {
             })?;
         let overlay = overlay(&vdisk);
         let choice = boot_choice(&assignment, vdisk);
-        Ok((
-            BootSession {
-                export: session.export_name(),
-                id: session.id,
-                token: session.token,
-                mac: session.mac.into(),
-                vdisk: session.vdisk,
-                overlay,
-            },
-            choice,
-        ))
+        Ok((boot_session(session, overlay), choice))
     }
 }
 
