@@ -356,23 +356,29 @@ def main():
                     for name, mac, marker, memory, timeout in boots:
                         seconds = boot_seconds(lab, work, mac, marker, memory, timeout)
                         results.setdefault(name, {}).setdefault(system.name, []).append(seconds)
+                        print(f"{system.name}: {name}: {seconds:.1f} s", file=sys.stderr)
                     seconds = tftp_seconds(lab, cli)
                     results.setdefault("TFTP: 50 clients x 1 MiB at once", {}).setdefault(system.name, []).append(seconds)
+                    print(f"{system.name}: TFTP: {seconds:.2f} s", file=sys.stderr)
                 finally:
                     system.stop()
             print(f"boot/TFTP run {run + 1}/{args.runs} done", file=sys.stderr)
         # DHCP load on a bigger pool of its own, each system started fresh.
         pool = (f"{LAN[:-2]}.1.0", f"{LAN[:-2]}.8.255")
-        for sub in ("dhcp-a", "dhcp-b"):
-            os.makedirs(os.path.join(work, sub, "tftp"))
-        loaders = [Osstream(lab, srv, os.path.join(work, "dhcp-a"), art, None, pool, "255.255.0.0"),
-                   StandIns(lab, srv, os.path.join(work, "dhcp-b"), art, None, pool, "255.255.0.0")]
         for run in range(args.runs):
+            for sub in (f"dhcp-a{run}", f"dhcp-b{run}"):
+                os.makedirs(os.path.join(work, sub, "tftp"))
+        for run in range(args.runs):
+            # Fresh servers each run: leases of the last run's 1,000 clients would fill
+            # the pool (dnsmasq gets a new lease file each start too).
+            loaders = [Osstream(lab, srv, os.path.join(work, f"dhcp-a{run}"), art, None, pool, "255.255.0.0"),
+                       StandIns(lab, srv, os.path.join(work, f"dhcp-b{run}"), art, None, pool, "255.255.0.0")]
             order = loaders if run % 2 == 0 else list(reversed(loaders))
             for system in order:
                 system.start()
                 try:
                     rate = dhcp_rate(lab, cli, args.dhcp_clients)
+                    print(f"{system.name}: DHCP: {rate:.0f} clients/s", file=sys.stderr)
                     results.setdefault(f"DHCP: {args.dhcp_clients} clients, DORA, 32 in flight", {}) \
                         .setdefault(system.name, []).append(rate)
                 finally:
