@@ -136,6 +136,8 @@ def test_an_unknown_machine_gets_the_policy_message_and_register_adds_it(tmp_pat
 # --- On a private boot LAN: osstream's own DHCP, or ProxyDHCP beside another server ---
 
 LAN = "10.77.0"
+# [pxe] in full DHCP mode with a pool on the LAN.
+FULL_DHCP = f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n'
 
 
 def lan_server(tmp_path, artifacts, lab, pxe):
@@ -164,7 +166,7 @@ def lab():
 
 def test_full_dhcp_mode_boots_a_machine_from_its_menu_at_its_reserved_address(tmp_path, artifacts, lab):
     server = lan_server(tmp_path, artifacts, lab,
-                        f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n')
+                        FULL_DHCP)
     server.start()
     try:
         add_linux_vdisk(server, "netroot", description="Netboot root")
@@ -229,7 +231,7 @@ def test_proxy_mode_boots_a_machine_beside_another_dhcp_server(tmp_path, artifac
 
 def test_uefi_firmware_gets_ipxe_over_tftp_then_boots_the_same_way(tmp_path, artifacts, lab):
     server = lan_server(tmp_path, artifacts, lab,
-                        f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n')
+                        FULL_DHCP)
     server.start()
     try:
         add_linux_vdisk(server, "netroot")
@@ -253,7 +255,7 @@ def test_a_debian_system_boots_to_multi_user_with_the_initramfs_debian_made(tmp_
     from netboot import DEBIAN_MARKER, build_debian, machine_id
     debian = build_debian()
     server = lan_server(tmp_path, artifacts, lab,
-                        f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n')
+                        FULL_DHCP)
     subprocess.run(["cp", "--sparse=always", f"{debian}/debian.img", str(server.images / "debian.img")], check=True)
     for name in ("vmlinuz-debian", "initrd-debian.img"):
         shutil.copy(f"{debian}/{name}", server.images / "boot" / name)
@@ -280,10 +282,8 @@ def test_relayed_requests_get_their_subnets_pool_and_garbage_is_dropped(tmp_path
     """No guest: a DHCP relay agent (a namespace at 10.77.0.5 that also owns 10.88.0.1,
     the relayed subnet's gateway) forwards a DISCOVER with giaddr 10.88.0.1; osstream
     answers the relay from the [[pxe.relay]] pool of that subnet."""
-    import socket as sk
-    import struct as st
     server = lan_server(tmp_path, artifacts, lab,
-                        f'mode = "dhcp"\n[pxe.dhcp]\nrange_start = "{LAN}.100"\nrange_end = "{LAN}.120"\n'
+                        FULL_DHCP +
                         '[[pxe.relay]]\nrange_start = "10.88.0.100"\nrange_end = "10.88.0.110"\n'
                         'router = "10.88.0.1"\n')
     relay = lab.host("relay", 5)

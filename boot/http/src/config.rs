@@ -50,12 +50,7 @@ impl ProtocolKind for HttpConfig {
 
     fn check(&self) -> Result<()> {
         let config = |why: String| Error::new(ErrorKind::Config, why);
-        if self.listen.parse::<SocketAddr>().is_err() {
-            return Err(config(format!(
-                "http.listen: {:?} is not HOST:PORT with a numeric address (IPv6 as [ADDR]:PORT)",
-                self.listen
-            )));
-        }
+        osstream_core::check_listen("http.listen", &self.listen)?;
         if let Some(url) = &self.public_url {
             let rest = url.strip_prefix("http://").ok_or_else(|| {
                 config(format!(

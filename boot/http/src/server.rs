@@ -73,12 +73,7 @@ impl BootProtocol for HttpServer {
     }
 
     async fn bind(&mut self) -> Result<Vec<String>> {
-        let address: SocketAddr = self.config.listen.parse().map_err(|_| {
-            Error::new(
-                ErrorKind::Config,
-                format!("http.listen: {:?} is not HOST:PORT", self.config.listen),
-            )
-        })?;
+        let address = osstream_core::check_listen("http.listen", &self.config.listen)?;
         let listener = TcpListener::bind(address)
             .await
             .map_err(|e| Error::from_io(e, format!("cannot listen on {address} (http.listen)")))?;
@@ -334,9 +329,7 @@ impl Connection {
         let head_only = request.method == Method::Head;
         match reply {
             Reply::Text { head, body } => {
-                if let Some(status) = status_of(&head) {
-                    tracing::debug!(peer = %self.peer, path = %loggable_path(&request.path), status, "http");
-                }
+                tracing::debug!(peer = %self.peer, path = %loggable_path(&request.path), status = head.status(), "http");
                 self.write_text(head, &body, !keep_alive, head_only).await?;
                 Ok(keep_alive)
             }
@@ -667,11 +660,6 @@ impl Connection {
         }
         Ok(reply)
     }
-}
-
-/// The status of a head, for the log line.
-fn status_of(head: &ResponseHead) -> Option<u16> {
-    Some(head.status())
 }
 
 #[cfg(test)]

@@ -1,6 +1,5 @@
 //! `[tftp]`: the TFTP server's configuration.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use osstream_core::{
@@ -60,12 +59,7 @@ impl ProtocolKind for TftpConfig {
 
     fn check(&self) -> Result<()> {
         let config = |why: String| Error::new(ErrorKind::Config, why);
-        if self.listen.parse::<SocketAddr>().is_err() {
-            return Err(config(format!(
-                "tftp.listen: {:?} is not HOST:PORT with a numeric address",
-                self.listen
-            )));
-        }
+        osstream_core::check_listen("tftp.listen", &self.listen)?;
         if !(512..=65464).contains(&self.max_blksize) {
             return Err(config(format!(
                 "tftp.max_blksize = {} must be between 512 and 65464",

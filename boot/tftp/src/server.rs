@@ -87,12 +87,7 @@ impl BootProtocol for TftpServer {
                 },
             )?)),
         };
-        let address: SocketAddr = self.config.listen.parse().map_err(|_| {
-            Error::new(
-                ErrorKind::Config,
-                format!("tftp.listen: {:?} is not HOST:PORT", self.config.listen),
-            )
-        })?;
+        let address = osstream_core::check_listen("tftp.listen", &self.config.listen)?;
         let socket = UdpSocket::bind(address).await.map_err(|e| {
             Error::from_io(e, format!("cannot listen on udp {address} (tftp.listen)"))
         })?;
@@ -234,12 +229,6 @@ fn error_code(err: &Error) -> u16 {
     }
 }
 
-/// Counts of one transfer, for its log line.
-#[derive(Debug, Default)]
-struct Tally {
-    retransmits: u64,
-}
-
 /// Runs one read transfer on its own socket; logs how it ended.
 async fn send_file(
     shared: &Shared,
@@ -282,12 +271,21 @@ async fn send_file(
             return;
         }
     };
-    let mut tally = Tally::default();
-    match transfer(shared, &socket, &request, &source, &mut tally, shutdown).await {
-        Ok(size) => tracing::info!(%peer, ?file, bytes = size, retransmits = tally.retransmits,
+    let mut retransmits = 0u64;
+    match transfer(
+        shared,
+        &socket,
+        &request,
+        &source,
+        &mut retransmits,
+        shutdown,
+    )
+    .await
+    {
+        Ok(size) => tracing::info!(%peer, ?file, bytes = size, retransmits,
             ms = started.elapsed().as_millis() as u64, "tftp: sent"),
         Err(why) => {
-            tracing::info!(%peer, ?file, %why, retransmits = tally.retransmits, "tftp: transfer ended early")
+            tracing::info!(%peer, ?file, %why, retransmits, "tftp: transfer ended early")
         }
     }
 }
@@ -298,7 +296,7 @@ async fn transfer(
     socket: &UdpSocket,
     request: &Request,
     source: &DynSource,
-    tally: &mut Tally,
+    retransmits: &mut u64,
     shutdown: &CancellationToken,
 ) -> std::result::Result<u64, String> {
     let size = source.info().size;
@@ -336,7 +334,7 @@ async fn transfer(
                 }
             }
             tries += 1;
-            tally.retransmits += 1;
+            *retransmits += 1;
             if tries > shared.retries {
                 return Err(format!(
                     "no ACK of the option acknowledgement after {tries} tries"
@@ -382,7 +380,7 @@ async fn transfer(
                 },
                 None => {
                     tries += 1;
-                    tally.retransmits += 1;
+                    *retransmits += 1;
                     if tries > shared.retries {
                         return Err(format!(
                             "no ACK after {tries} tries at block {}",

@@ -87,8 +87,8 @@ pub use layer::Layer;
 pub use ledger::ImageLedger;
 pub use protocol::{BootProtocol, ServeContext};
 pub use registry::{
-    BackendContext, BackendFactory, BackendKind, ProtocolKind, Registry, TierKind, config_error,
-    parse_table,
+    BackendContext, BackendFactory, BackendKind, ProtocolKind, Registry, TierKind, check_listen,
+    config_error, parse_table,
 };
 pub use sessions::{
     Grant, ImageState, LockToken, OverlayKind, OverlaySettings, SessionDirectory, SessionTarget,

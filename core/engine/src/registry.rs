@@ -97,6 +97,19 @@ pub trait ProtocolKind: DeserializeOwned + Serialize + Default + 'static {
     fn build(self, ctx: &BackendContext) -> Result<Box<dyn BootProtocol>>;
 }
 
+/// Checks that `value` of the key `key` (`http.listen`) is a numeric `HOST:PORT` (IPv6 as
+/// `[ADDR]:PORT`), as protocols that bind one socket need it.
+pub fn check_listen(key: &str, value: &str) -> Result<std::net::SocketAddr> {
+    value.parse().map_err(|_| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "{key}: {value:?} is not HOST:PORT with a numeric address (IPv6 as [ADDR]:PORT)"
+            ),
+        )
+    })
+}
+
 /// Builds a backend named `name` from its configuration table (without the `kind` key).
 pub type BackendFactory = fn(ctx: &BackendContext, name: &str, table: Dict) -> Result<DynBackend>;
 
