@@ -5,17 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(libnbd-bin python3-libnbd python3-pytest qemu-utils fio nbdkit util-linux postgresql gcc nfs-ganesha nfs-ganesha-vfs rpcbind qemu-system-x86 ipxe-qemu busybox-static nbd-client cpio nasm e2fsprogs tftp-hpa curl ovmf debootstrap)
-missing=()
-for pkg in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+apt_packages=(libnbd-bin python3-libnbd python3-pytest qemu-utils fio nbdkit util-linux postgresql gcc nfs-ganesha nfs-ganesha-vfs rpcbind qemu-system-x86 ipxe-qemu ipxe busybox-static nbd-client cpio nasm e2fsprogs tftp-hpa curl ovmf debootstrap)
+# Twice: installing one package can remove another that was there (a backported
+# qemu-utils goes when Debian's qemu-system-x86 comes in); the second pass puts it back.
+for pass in 1 2; do
+  missing=()
+  for pkg in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    [ "$pass" = 2 ] || $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "== installing: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
 
 # s3rver (npm): the S3-compatible server the S3 backend's tests start on loopback.
 if [ -z "${TEST_S3RVER:-}" ]; then

@@ -1,4 +1,4 @@
-//! The admin commands: `vdisk`, `client`, `session`, `policy`. They use the same
+//! The admin commands: `vdisk`, `client`, `session`, `policy`, `profile`. They use the same
 //! configuration as the server, so they reach the same catalog and backends.
 
 use osstream_catalog::{
@@ -9,7 +9,9 @@ use osstream_core::{Error, ErrorKind, Result};
 use serde::Serialize;
 
 use crate::address::{registered_address, session_address};
-pub use crate::args::{ClientCommand, PolicyCommand, SessionCommand, VdiskCommand};
+pub use crate::args::{
+    CacheCommand, ClientCommand, PolicyCommand, ProfileCommand, SessionCommand, VdiskCommand,
+};
 use crate::config::Config;
 use crate::output::{human_bytes, opt, output, when};
 use crate::wiring::{backend_named, fill_image_ids, open_catalog, register_vdisk};
@@ -539,5 +541,279 @@ pub async fn policy(config: &Config, command: &PolicyCommand, json: bool) -> Res
         return output(true, &policy, &[], Vec::new());
     }
     println!("unknown clients: {policy}");
+    Ok(())
+}
+
+/// Whether `profile` describes the image `vdisk` has now: `Some(true)` current,
+/// `Some(false)` stale, `None` when the backend cannot say (not configured, unreachable).
+async fn profile_is_current(
+    config: &Config,
+    vdisk: &Vdisk,
+    profile: &osstream_core::BootProfile,
+) -> Option<bool> {
+    let backend = backend_named(config, &vdisk.backend, None).ok()?;
+    let identity = backend.identity(&vdisk.key).ok()?;
+    let stat = backend.stat(&vdisk.key).await.ok()?;
+    // A standard vdisk's sessions see `GENERATION+wEPOCH` once a private session wrote it.
+    let recorded = profile
+        .generation
+        .rsplit_once("+w")
+        .map_or(profile.generation.as_str(), |(generation, _)| generation);
+    Some(identity == profile.image && recorded == stat.generation)
+}
+
+fn describe_currency(current: Option<bool>) -> &'static str {
+    match current {
+        Some(true) => "current",
+        Some(false) => {
+            "stale: the image changed since it was recorded; the next boot records a new one"
+        }
+        None => "unknown: the vdisk's backend cannot be asked from here",
+    }
+}
+
+pub async fn profile(config: &Config, command: &ProfileCommand, json: bool) -> Result<()> {
+    use osstream_core::{BootProfile, ProfileStore};
+    let catalog = open_catalog(config).await?;
+    let stored = |vdisk: &str| {
+        let (catalog, vdisk) = (catalog.clone(), vdisk.to_owned());
+        async move {
+            catalog.vdisk(&vdisk).await?;
+            catalog.profile(&vdisk).await?.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("vdisk {vdisk:?} has no boot profile yet: one is recorded when a client boots it"),
+                )
+            })
+        }
+    };
+    match command.clone() {
+        ProfileCommand::Show { vdisk, blocks } => {
+            let profile = stored(&vdisk).await?;
+            let record = catalog.vdisk(&vdisk).await?;
+            let current = profile_is_current(config, &record, &profile).await;
+            let boot_set: Vec<u64> = profile.boot_set().collect();
+            if json {
+                #[derive(Serialize)]
+                struct Shown<'a> {
+                    vdisk: &'a str,
+                    image: &'a str,
+                    generation: &'a str,
+                    current: Option<bool>,
+                    boots: u32,
+                    block_size: u64,
+                    blocks: usize,
+                    boot_set_blocks: usize,
+                    boot_set_bytes: u64,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    boot_set: Option<&'a [u64]>,
+                }
+                return output(
+                    true,
+                    &Shown {
+                        vdisk: &vdisk,
+                        image: &profile.image,
+                        generation: &profile.generation,
+                        current,
+                        boots: profile.boots,
+                        block_size: profile.block_size,
+                        blocks: profile.blocks.len(),
+                        boot_set_blocks: boot_set.len(),
+                        boot_set_bytes: profile.boot_set_bytes(),
+                        boot_set: blocks.then_some(&boot_set[..]),
+                    },
+                    &[],
+                    Vec::new(),
+                );
+            }
+            println!("vdisk:       {vdisk}");
+            println!("image:       {}", profile.image);
+            println!(
+                "generation:  {} ({})",
+                profile.generation,
+                describe_currency(current)
+            );
+            println!("boots:       {}", profile.boots);
+            println!(
+                "boot set:    {} in {} blocks of {} (streamed ahead of each boot)",
+                human_bytes(profile.boot_set_bytes()),
+                boot_set.len(),
+                human_bytes(profile.block_size)
+            );
+            println!(
+                "also seen:   {} blocks read by fewer than half of the recent boots",
+                profile.blocks.len() - boot_set.len()
+            );
+            if blocks {
+                let list: Vec<String> = boot_set.iter().map(u64::to_string).collect();
+                println!("blocks:      {}", list.join(" "));
+            }
+            Ok(())
+        }
+        ProfileCommand::Clear { vdisk } => {
+            catalog.vdisk(&vdisk).await?;
+            let had = catalog.clear_profile(&vdisk).await?;
+            if json {
+                return output(
+                    true,
+                    &serde_json::json!({ "vdisk": vdisk, "cleared": had }),
+                    &[],
+                    Vec::new(),
+                );
+            }
+            if had {
+                println!("cleared the boot profile of vdisk {vdisk}");
+            } else {
+                println!("vdisk {vdisk} had no boot profile");
+            }
+            Ok(())
+        }
+        ProfileCommand::Export {
+            vdisk,
+            output: file,
+        } => {
+            let text = stored(&vdisk).await?.to_json();
+            match file {
+                Some(path) => std::fs::write(&path, text + "\n")
+                    .map_err(|e| Error::from_io(e, format!("cannot write {}", path.display()))),
+                None => {
+                    println!("{text}");
+                    Ok(())
+                }
+            }
+        }
+        ProfileCommand::Import { vdisk, file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .map_err(|e| Error::from_io(e, "cannot read the profile from stdin"))?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| Error::from_io(e, format!("cannot read {}", file.display())))?
+            };
+            let mut profile = BootProfile::from_json(&text)?;
+            let record = catalog.vdisk(&vdisk).await?;
+            profile.vdisk = vdisk.clone();
+            let current = profile_is_current(config, &record, &profile).await;
+            catalog.put_profile(&profile).await?;
+            if json {
+                return output(
+                    true,
+                    &serde_json::json!({ "vdisk": vdisk, "boots": profile.boots,
+                        "boot_set_bytes": profile.boot_set_bytes(), "current": current }),
+                    &[],
+                    Vec::new(),
+                );
+            }
+            println!(
+                "imported a boot profile of {} boot(s), boot set {}, into vdisk {vdisk}",
+                profile.boots,
+                human_bytes(profile.boot_set_bytes())
+            );
+            if current == Some(false) {
+                eprintln!(
+                    "osstream: warning: the profile was recorded from another image or generation than vdisk {vdisk} has now; it will not be used"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> {
+    let CacheCommand::Stats = command;
+    let stats = crate::stats::read(&config.data_dir)?;
+    if json {
+        return output(true, &stats, &[], Vec::new());
+    }
+    let age = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+        - stats.updated_at)
+        .max(0)
+        / 1000;
+    let state = if stats.running {
+        format!("running (pid {}), counted {age}s ago", stats.pid)
+    } else {
+        format!("stopped, counted when it stopped {age}s ago")
+    };
+    println!("server {}: {state}; counts since it started", stats.server);
+    let number = |report: &osstream_core::LayerReport, name: &str| report.get(name).unwrap_or(0);
+    let caches: Vec<&osstream_core::LayerReport> = stats
+        .layers
+        .iter()
+        .rev()
+        .filter(|r| r.layer.starts_with("cache:"))
+        .collect();
+    if caches.is_empty() {
+        println!("no cache tier is configured");
+    } else {
+        let rows = caches
+            .iter()
+            .map(|r| {
+                let (hits, misses) = (number(r, "hits"), number(r, "misses"));
+                let ratio = if hits + misses == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:.1}%", 100.0 * hits as f64 / (hits + misses) as f64)
+                };
+                vec![
+                    r.layer.trim_start_matches("cache:").to_owned(),
+                    hits.to_string(),
+                    misses.to_string(),
+                    ratio,
+                    number(r, "coalesced").to_string(),
+                    number(r, "evictions").to_string(),
+                    format!(
+                        "{} / {}",
+                        human_bytes(number(r, "bytes")),
+                        human_bytes(number(r, "capacity"))
+                    ),
+                    number(r, "backend_reads").to_string(),
+                    human_bytes(number(r, "backend_bytes")),
+                ]
+            })
+            .collect();
+        output(
+            false,
+            &(),
+            &[
+                "TIER",
+                "HITS",
+                "MISSES",
+                "HIT RATIO",
+                "COALESCED",
+                "EVICTIONS",
+                "HELD",
+                "READS BELOW",
+                "BYTES BELOW",
+            ],
+            rows,
+        )?;
+        println!(
+            "(blocks; READS/BYTES BELOW: what each tier asked of the tier or backend under it)"
+        );
+    }
+    if let Some(hedge) = stats.layers.iter().find(|r| r.layer == "hedge") {
+        println!(
+            "hedged reads: {} of {} backend reads sent twice ({} answered first by the second request, {} over budget)",
+            number(hedge, "hedged"),
+            number(hedge, "reads"),
+            number(hedge, "hedge_won"),
+            number(hedge, "over_budget"),
+        );
+    }
+    if let Some(profile) = stats.layers.iter().find(|r| r.layer == "profile") {
+        println!(
+            "boot profiles: {} boot(s) recorded, {} prefetch(es) ({} in {} reads, {} failed), {} stale profile(s) skipped",
+            number(profile, "boots_recorded"),
+            number(profile, "prefetches"),
+            human_bytes(number(profile, "prefetch_bytes")),
+            number(profile, "prefetch_reads"),
+            number(profile, "prefetch_errors"),
+            number(profile, "stale_profiles"),
+        );
+    }
     Ok(())
 }

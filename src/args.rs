@@ -201,3 +201,36 @@ pub enum PolicyCommand {
     /// Set it: ignore, register, or register-and-assign:TEMPLATE_MAC.
     Set { policy: String },
 }
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ProfileCommand {
+    /// Show a vdisk's boot profile: boots merged, boot set size, whether it is current.
+    Show {
+        vdisk: String,
+        /// Also list the boot set's blocks, in the order they are streamed.
+        #[arg(long)]
+        blocks: bool,
+    },
+    /// Forget a vdisk's boot profile (the next boot records a new one).
+    Clear { vdisk: String },
+    /// Write a vdisk's boot profile as JSON, to stdout or a file.
+    Export {
+        vdisk: String,
+        /// Write here instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Store a profile written by `profile export` as VDISK's (`-` reads stdin).
+    Import {
+        vdisk: String,
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CacheCommand {
+    /// Hits, misses, evictions and backend reads per cache tier, and what prefetching did,
+    /// since the server on this data_dir started (it writes them every 5 s and at stop).
+    Stats,
+}

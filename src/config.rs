@@ -35,6 +35,10 @@ pub struct Config {
     pub catalog: CatalogConfig,
     /// Client sessions and their write overlays.
     pub sessions: SessionsConfig,
+    /// Boot profiles: recorded per vdisk, streamed ahead of the next boot.
+    pub profile: osstream_profile::ProfileConfig,
+    /// Hedged backend reads: a read far slower than usual is sent again.
+    pub hedge: osstream_core::HedgeConfig,
     /// Boot protocols by section name (`[nbd]`), each a table of its kind.
     #[serde(flatten)]
     pub protocols: BTreeMap<String, Value>,
@@ -143,6 +147,8 @@ impl Default for Config {
             cache: CacheConfig::default(),
             catalog: CatalogConfig::default(),
             sessions: SessionsConfig::default(),
+            profile: osstream_profile::ProfileConfig::default(),
+            hedge: osstream_core::HedgeConfig::default(),
             protocols: BTreeMap::new(),
         }
     }
@@ -294,6 +300,8 @@ pub fn check_log_filter(filter: &str) -> Result<()> {
 
 fn check(config: &Config) -> Result<()> {
     check_log_filter(&config.log.filter)?;
+    config.profile.check()?;
+    config.hedge.check()?;
     let overlay = &config.sessions.block_size;
     if overlay.bytes() < 512 || !overlay.bytes().is_power_of_two() || overlay.bytes() > 1 << 20 {
         return Err(Error::new(
@@ -531,7 +539,7 @@ mod tests {
         let err = load_from("[cache]\ntiers = [\"ram\", \"tape\"]\n").unwrap_err();
         assert!(
             err.to_string()
-                .contains("unknown cache tier \"tape\"; known tiers: ram"),
+                .contains("unknown cache tier \"tape\"; known tiers: disk, ram"),
             "{err}"
         );
         let err = load_from("[cache.rma]\ncapacity = \"1GiB\"\n").unwrap_err();

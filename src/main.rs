@@ -9,6 +9,7 @@ mod output;
 mod progress;
 mod serve;
 mod sessions;
+mod stats;
 mod transfer;
 mod wiring;
 
@@ -59,6 +60,12 @@ enum Command {
     /// What happens when an unknown MAC boots.
     #[command(subcommand)]
     Policy(admin::PolicyCommand),
+    /// Boot profiles: what a vdisk's clients read first, streamed ahead of each boot.
+    #[command(subcommand)]
+    Profile(admin::ProfileCommand),
+    /// The server's cache tiers and prefetching, as it counted them.
+    #[command(subcommand)]
+    Cache(admin::CacheCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,6 +121,8 @@ fn admin_command(cli: &Cli) -> osstream_core::Result<()> {
             Command::Client(command) => admin::client(&config, command, cli.json).await,
             Command::Session(command) => admin::session(&config, command, cli.json).await,
             Command::Policy(command) => admin::policy(&config, command, cli.json).await,
+            Command::Profile(command) => admin::profile(&config, command, cli.json).await,
+            Command::Cache(command) => admin::cache(&config, command, cli.json),
             _ => unreachable!("only admin commands come here"),
         }
     })
@@ -142,9 +151,12 @@ fn main() -> ExitCode {
             overrides: overrides(args),
         })
         .and_then(serve::run),
-        Command::Vdisk(_) | Command::Client(_) | Command::Session(_) | Command::Policy(_) => {
-            admin_command(&cli)
-        }
+        Command::Vdisk(_)
+        | Command::Client(_)
+        | Command::Session(_)
+        | Command::Policy(_)
+        | Command::Profile(_)
+        | Command::Cache(_) => admin_command(&cli),
         Command::Config(ConfigCommand::Show) => config::load(config::Sources {
             file: cli.config.as_deref(),
             overrides: Dict::new(),

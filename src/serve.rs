@@ -103,9 +103,33 @@ async fn serve(config: Config) -> Result<()> {
         tracing::warn!(tier = %unlisted, tiers = ?config.cache.tiers,
             "[cache.{unlisted}] is configured but [cache] tiers does not list it: it is not used");
     }
-    let layers = registry.build_tiers(&ctx, &config.cache.tiers, &config.tier_tables()?)?;
-    if layers.is_empty() {
+    let mut layers = registry.build_tiers(&ctx, &config.cache.tiers, &config.tier_tables()?)?;
+    let cached = !layers.is_empty();
+    if !cached {
         tracing::info!("no cache tier: every read goes to its backend");
+    }
+    if config.hedge.enabled {
+        // Next to the backends, below the caches: it times backend reads only.
+        tracing::info!(min_delay = %config.hedge.min_delay, factor = config.hedge.factor,
+            budget = config.hedge.budget, "hedged backend reads on");
+        layers.insert(
+            0,
+            Arc::new(osstream_core::HedgeLayer::new(config.hedge.clone())),
+        );
+    }
+    if config.profile.enabled() {
+        if config.profile.prefetch && !cached {
+            tracing::warn!(
+                "[profile] prefetch needs a cache tier to fill: boot profiles are recorded, not prefetched"
+            );
+        }
+        tracing::info!(record = config.profile.record, prefetch = config.profile.prefetch && cached,
+            quiet = %config.profile.quiet, window = %config.profile.window, "boot profiles on");
+        layers.push(Arc::new(osstream_profile::ProfileLayer::new(
+            config.profile.clone(),
+            Arc::new(catalog.clone()),
+            cached,
+        )));
     }
     catalog
         .register_server(&me, &crate::sessions::host_name())
@@ -170,6 +194,13 @@ async fn serve(config: Config) -> Result<()> {
         overlays.dir.clone(),
         heartbeat_stop.clone(),
     ));
+    let stats_stop = CancellationToken::new();
+    tokio::spawn(crate::stats::keep_writing(
+        config.data_dir.clone(),
+        me.id.clone(),
+        layers.clone(),
+        stats_stop.clone(),
+    ));
     let cpus = match osstream_core::CpuRuntimes::start() {
         Ok(cpus) => cpus,
         Err(err) => {
@@ -218,8 +249,12 @@ async fn serve(config: Config) -> Result<()> {
         }
         Err(err) => tracing::warn!(%err, "cannot record the stop in the catalog"),
     }
+    stats_stop.cancel();
     for layer in &layers {
         layer.log_summary();
+    }
+    if let Err(err) = crate::stats::write(&config.data_dir, &me.id, &layers, false) {
+        tracing::warn!(%err, "cannot write the final cache statistics");
     }
     tracing::info!("stopped");
     Ok(())

@@ -13,6 +13,7 @@ use crate::config::Config;
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
     registry.register_tier::<osstream_core::RamTierConfig>();
+    registry.register_tier::<osstream_cache_disk::DiskTierConfig>();
     #[cfg(feature = "boot-nbd")]
     osstream_nbd::register(&mut registry);
     #[cfg(feature = "boot-http")]

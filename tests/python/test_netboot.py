@@ -7,10 +7,13 @@ wrote, prints what it sees with a `netboot:` prefix and powers off. Each boot ta
 10-30 s under TCG, so these run one machine at a time except where two must boot at once.
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -259,6 +262,10 @@ def test_a_debian_system_boots_to_multi_user_with_the_initramfs_debian_made(tmp_
     subprocess.run(["cp", "--sparse=always", f"{debian}/debian.img", str(server.images / "debian.img")], check=True)
     for name in ("vmlinuz-debian", "initrd-debian.img"):
         shutil.copy(f"{debian}/{name}", server.images / "boot" / name)
+    # A machine that powers off leaves its NBD connection behind (no FIN from a dead
+    # guest): its recording ends after a quiet period, short here to keep the test short.
+    server.config.write_text(server.config.read_text() + '[profile]\nquiet = "8s"\n')
+    (tmp_path / "again").mkdir()
     server.start()
     try:
         server.cli("vdisk", "add", "debian", "--backend", "images", "--boot", "linux-nbd",
@@ -267,15 +274,57 @@ def test_a_debian_system_boots_to_multi_user_with_the_initramfs_debian_made(tmp_
         mac = "52:54:00:00:80:01"
         server.cli("client", "add", mac, "--hostname", "deb-pc-01")
         server.cli("client", "assign", mac, "debian")
-        machine = Machine(tmp_path, mac, tap=lab.tap(), netns=lab.lan, memory=768)
-        out = machine.start().wait_exit(timeout=400)
         wanted = (f"debian: marker={DEBIAN_MARKER} hostname=deb-pc-01 machine_id={machine_id(mac)} "
                   "target=active")
+        out = Machine(tmp_path, mac, tap=lab.tap(), netns=lab.lan, memory=768).start().wait_exit(timeout=400)
         assert wanted in out, out[-4000:]
+        # The boot was recorded when the machine powered off (its NBD connection closed).
+        wait_logged(server, "boot profile recorded")
+        first_cache = stop_counters(server, "cache statistics")
+        log = server.log.read_text()
+        assert "boot session opened client=52:54:00:00:80:01 vdisk=debian" in log
+        profile = json.loads(server.cli("--json", "profile", "show", "debian"))
+        assert profile["boots"] == 1 and profile["current"] is True, profile
+        assert profile["boot_set_bytes"] > 8 << 20, profile
+
+        # Restarted, so its RAM cache is empty: the second boot's blocks are streamed in
+        # from the profile ahead of the machine, and its reads hit.
+        server.start()
+        out = Machine(tmp_path / "again", mac, tap=lab.tap(), netns=lab.lan, memory=768).start().wait_exit(timeout=400)
+        assert wanted in out, out[-4000:]
+        wait_logged(server, "boot profile recorded")
     finally:
         server.stop()
     log = server.log.read_text()
-    assert "boot session opened client=52:54:00:00:80:01 vdisk=debian" in log
+    assert "prefetching the boot set" in log and "boot set prefetch done" in log, log[-3000:]
+    second_cache = counters(log, "cache statistics")
+    # Without the profile, each block the boot read from its disk was a miss (so were the
+    # kernel's and initrd's, fetched over HTTP through the same cache); with it, the
+    # disk's blocks were prefetched, and the boot's first reads of them are hits.
+    gained = second_cache["hits"] - first_cache["hits"]
+    assert gained >= 0.9 * profile["boot_set_blocks"], (first_cache, second_cache, profile)
+    assert second_cache["backend_bytes"] <= first_cache["backend_bytes"], (first_cache, second_cache)
+    assert json.loads(server.cli("--json", "profile", "show", "debian"))["boots"] == 2
+
+
+def wait_logged(server, text, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in server.log.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not logged:\n{server.log.read_text()[-3000:]}")
+
+
+def counters(log, marker):
+    """The `key=number` fields of the last log line containing `marker`."""
+    line = [l for l in log.splitlines() if marker in l][-1]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+
+
+def stop_counters(server, marker):
+    server.stop()
+    return counters(server.log.read_text(), marker)
 
 
 def test_relayed_requests_get_their_subnets_pool_and_garbage_is_dropped(tmp_path, artifacts, lab):

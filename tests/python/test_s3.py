@@ -2,21 +2,16 @@
 loopback: import/export round trips, qcow2 conversion, a private vdisk on a chunked
 image, and reads that stay byte-exact while a proxy injects errors and stalls."""
 
-import http.client
-import http.server
 import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
-import threading
-import time
 
 import nbd
 import pytest
 
 from conftest import BINARY, BUCKET, backend_toml, free_port, random_image, sha256, wait_port
+from faultproxy import FaultyProxy, every_eleventh
 
 MIB = 1 << 20
 
@@ -138,88 +133,8 @@ def test_a_private_vdisk_on_a_chunked_image_keeps_flushed_writes(make_server, tm
     assert sha256(exported) == sha256(bytes(data))
 
 
-class FaultyProxy:
-    """An HTTP proxy in front of s3rver that breaks some reads: 503 SlowDown, 500, 429, a
-    stall longer than the client's timeout, a connection reset, and a body cut short.
-    Everything else is relayed."""
-
-    def __init__(self, upstream, stall):
-        self.upstream = upstream
-        self.stall = stall
-        self.count = 0
-        self.injected = {"503": 0, "500": 0, "429": 0, "stall": 0, "reset": 0, "short": 0}
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def relay(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with proxy.lock:
-                    proxy.count += 1
-                    n = proxy.count
-                fault = None
-                if self.command in ("GET", "HEAD") and n > 2:
-                    fault = {3: "503", 5: "stall", 7: "500", 9: "short", 10: "429", 1: "reset"}.get(n % 11)
-                if fault in ("503", "500", "429"):
-                    proxy.injected[fault] += 1
-                    code = {"503": b"SlowDown", "500": b"InternalError", "429": b"TooManyRequests"}[fault]
-                    payload = b"<?xml version=\"1.0\"?><Error><Code>" + code + b"</Code></Error>"
-                    self.send_response(int(fault))
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                if fault == "reset":
-                    proxy.injected["reset"] += 1
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    return
-                if fault == "stall":
-                    proxy.injected["stall"] += 1
-                    time.sleep(proxy.stall)
-                    self.close_connection = True
-                    return
-                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream, timeout=30)
-                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                for key, value in self.headers.items():
-                    conn.putheader(key, value)
-                conn.endheaders(body)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                self.send_response(resp.status)
-                for key, value in resp.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                # A HEAD answer has no body but the object's Content-Length.
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
-                self.send_header("Content-Length", str(length))
-                self.end_headers()
-                if fault == "short" and self.command == "GET" and len(data) > 1:
-                    proxy.injected["short"] += 1
-                    self.wfile.write(data[: len(data) // 2])
-                    self.close_connection = True
-                    return
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = relay
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
 def test_reads_stay_byte_exact_through_errors_and_stalls(make_server, tmp_path, s3):
-    proxy = FaultyProxy(s3, stall=3)
+    proxy = FaultyProxy(s3, stall=3, choose=every_eleventh)
     try:
         s = make_server(backend_toml("direct", s3) + backend_toml("faulty", proxy.port, 'timeout = "1s"\nretries = 6')
                         + '[cache.ram]\nenabled = false\n', start=False, demo=False)

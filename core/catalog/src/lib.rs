@@ -15,6 +15,7 @@ mod boot;
 mod holding;
 mod ledger;
 mod model;
+mod profiles;
 mod sql;
 
 use osstream_core::Result;

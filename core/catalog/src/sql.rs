@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_ownership.sql")),
     (3, include_str!("../migrations/0003_dhcp.sql")),
+    (4, include_str!("../migrations/0004_profiles.sql")),
 ];
 
 const POLICY_KEY: &str = "unknown_client_policy";

@@ -910,6 +910,16 @@ async fn upgrade(url: &str) {
     assert_eq!(reaped.len(), 2, "{reaped:?}");
     assert!(catalog.vdisk("dev").await.unwrap().locked_by.is_none());
     assert!(catalog.sessions(false).await.unwrap().is_empty());
+    // Tables added since (boot profiles) work on the upgraded catalog.
+    use osstream_core::ProfileStore;
+    let boot = osstream_core::RecordedBoot {
+        vdisk: "win11".into(),
+        image: "file:/srv/win11.img".into(),
+        generation: "g".into(),
+        block_size: 65536,
+        touched: vec![3, 4],
+    };
+    assert_eq!(catalog.record_boot(&boot).await.unwrap().boots, 1);
 }
 
 #[tokio::test]

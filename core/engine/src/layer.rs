@@ -36,4 +36,40 @@ pub trait Layer: Send + Sync + Debug {
 
     /// Logs what the layer did since start (the server calls it when it stops).
     fn log_summary(&self) {}
+
+    /// The layer's counters since start, for `osstream cache stats`; `None` for a layer
+    /// that keeps none.
+    fn report(&self) -> Option<LayerReport> {
+        None
+    }
+}
+
+/// What one layer counted: its name (`cache:ram`, `profile`) and named counters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerReport {
+    /// The layer, with its tier for a cache: `cache:ram`, `cache:disk`, `profile`.
+    pub layer: String,
+    /// Counter name to value, in the order the layer lists them.
+    pub counters: Vec<(String, u64)>,
+}
+
+impl LayerReport {
+    /// A report of `layer` with `counters`.
+    pub fn new(layer: impl Into<String>, counters: &[(&str, u64)]) -> Self {
+        LayerReport {
+            layer: layer.into(),
+            counters: counters
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), *value))
+                .collect(),
+        }
+    }
+
+    /// The value of counter `name`, if the layer keeps it.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+    }
 }

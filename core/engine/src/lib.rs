@@ -52,8 +52,10 @@ mod cpus;
 mod error;
 mod exports;
 mod fence;
+mod hedge;
 mod layer;
 mod ledger;
+mod profile;
 mod protocol;
 mod registry;
 mod sessions;
@@ -75,16 +77,20 @@ pub use boot::{
 };
 pub use budget::{LogBudget, shorten};
 pub use cache::{
-    BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, RamTier, RamTierConfig, TierStats,
-    stable_hash,
+    BlockKey, CacheLayer, CacheStats, CacheTier, DynTier, EvictionPolicy, RamTier, RamTierConfig,
+    TierStats, stable_hash,
 };
 pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, SpillOverlay};
 pub use cpus::CpuRuntimes;
 pub use error::{Error, ErrorKind, Result};
 pub use exports::{ExportEntry, Exports, loggable_export_name};
-pub use layer::Layer;
+pub use hedge::{HedgeConfig, HedgeLayer, HedgeStats};
+pub use layer::{Layer, LayerReport};
 pub use ledger::ImageLedger;
+pub use profile::{
+    BootProfile, PROFILE_FORMAT, ProfileBlock, ProfileStore, RecordedBoot, merged as merged_profile,
+};
 pub use protocol::{BootProtocol, ServeContext};
 pub use registry::{
     BackendContext, BackendFactory, BackendKind, ProtocolKind, Registry, TierKind, check_listen,

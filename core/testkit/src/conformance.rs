@@ -203,3 +203,69 @@ pub async fn single_flight_suite(layer: &dyn Layer) {
         .unwrap();
     assert_eq!(counter.reads(), 1, "a cached block must not be read again");
 }
+
+/// Checks the [`osstream_core::CacheTier`] contract on an empty `tier` of at least
+/// 64 KiB capacity: what is put is got back exactly; a second put replaces; `remove`
+/// and `invalidate` drop exactly their blocks; the tier never holds more than its
+/// capacity; many tasks putting and getting at once only ever see whole, right blocks.
+///
+/// # Panics
+/// On the first broken promise.
+pub async fn tier_suite(tier: osstream_core::DynTier) {
+    use osstream_core::BlockKey;
+    let key = |generation: u128, block: u64| BlockKey {
+        image: 0xfeed,
+        generation,
+        block,
+    };
+    let block = |seed: u64| Bytes::from(pattern(seed, 4096));
+    assert!(tier.get(&key(1, 0)).await.unwrap().is_none(), "empty tier");
+    tier.put(key(1, 0), block(1)).await.unwrap();
+    tier.put(key(1, 1), block(2)).await.unwrap();
+    tier.put(key(2, 0), block(3)).await.unwrap();
+    assert_eq!(
+        tier.get(&key(1, 0)).await.unwrap(),
+        Some(block(1)),
+        "get after put"
+    );
+    tier.put(key(1, 0), block(4)).await.unwrap();
+    assert_eq!(
+        tier.get(&key(1, 0)).await.unwrap(),
+        Some(block(4)),
+        "put replaces"
+    );
+    tier.remove(&key(1, 1)).await.unwrap();
+    assert!(tier.get(&key(1, 1)).await.unwrap().is_none(), "removed");
+    assert_eq!(
+        tier.invalidate(0xfeed, 1).await.unwrap(),
+        1,
+        "one block of generation 1"
+    );
+    assert!(tier.get(&key(1, 0)).await.unwrap().is_none(), "invalidated");
+    assert_eq!(
+        tier.get(&key(2, 0)).await.unwrap(),
+        Some(block(3)),
+        "other generation kept"
+    );
+
+    let capacity = tier.stats().capacity;
+    let blocks = (capacity / 4096) * 2;
+    let mut tasks = Vec::new();
+    for worker in 0..8u64 {
+        let tier = tier.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (worker..blocks).step_by(8) {
+                tier.put(key(3, n), block(n)).await.unwrap();
+                if let Some(got) = tier.get(&key(3, n / 2)).await.unwrap() {
+                    assert_eq!(got, block(n / 2), "a whole, right block");
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = tier.stats();
+    assert!(stats.bytes <= stats.capacity, "within capacity: {stats:?}");
+    assert!(stats.evictions > 0, "twice its capacity put: {stats:?}");
+}

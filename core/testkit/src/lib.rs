@@ -6,13 +6,16 @@
 //!   caching), delays them (a slow backend or link) and fails chosen ones (faults).
 //! - [`MemBackend`]: a backend of in-memory images that counts its calls.
 //! - [`MemLedger`]: the catalog's fenced commits, in memory.
+//! - [`MemProfiles`]: boot profiles, in memory.
 //! - [`conformance`]: the suites.
 
 mod backend;
 pub mod conformance;
 mod ledger;
+mod profiles;
 mod sources;
 
 pub use backend::MemBackend;
 pub use ledger::MemLedger;
+pub use profiles::MemProfiles;
 pub use sources::{InstrumentedBuilder, InstrumentedSource, MemSource, pattern};

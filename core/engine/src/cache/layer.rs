@@ -195,6 +195,27 @@ impl Layer for CacheLayer {
         );
     }
 
+    fn report(&self) -> Option<crate::layer::LayerReport> {
+        let stats = self.stats();
+        let tier = self.state.tier.stats();
+        Some(crate::layer::LayerReport::new(
+            format!("cache:{}", self.state.tier.name()),
+            &[
+                ("hits", stats.hits),
+                ("misses", stats.misses),
+                ("coalesced", stats.coalesced),
+                ("preempted", stats.preempted),
+                ("backend_reads", stats.backend_reads),
+                ("backend_bytes", stats.backend_bytes),
+                ("tier_errors", stats.tier_errors),
+                ("entries", tier.entries),
+                ("bytes", tier.bytes),
+                ("capacity", tier.capacity),
+                ("evictions", tier.evictions),
+            ],
+        ))
+    }
+
     fn layer(&self, inner: DynSource) -> DynSource {
         if inner.capability().write {
             return inner;

@@ -10,5 +10,5 @@ mod ram;
 mod tier;
 
 pub use layer::{CacheLayer, CacheStats};
-pub use ram::{RamTier, RamTierConfig};
+pub use ram::{EvictionPolicy, RamTier, RamTierConfig};
 pub use tier::{BlockKey, CacheTier, DynTier, TierStats, stable_hash};
