@@ -118,7 +118,8 @@ impl SessionDirectory for CatalogSessions {
             client: session.mac.to_string(),
             vdisk: vdisk.name.clone(),
             backend: vdisk.backend,
-            image: vdisk.key,
+            // The image it started on, even after the vdisk's image was replaced.
+            image: session.image_key.unwrap_or(vdisk.key),
             overlay: (vdisk.mode == VdiskMode::Standard).then(|| overlay_kind(vdisk.write_cache)),
             started_at: session.started_at,
             description: if vdisk.description.is_empty() {
@@ -345,6 +346,56 @@ async fn housekeeping(
         if last_sweep.elapsed() >= period * SWEEP_ROUNDS {
             last_sweep = Instant::now();
             sweep_overlays(&catalog, &exports, &overlays).await;
+        }
+        delete_retired_images(&catalog, |backend, key| {
+            let exports = exports.clone();
+            let (backend, key) = (backend.to_owned(), key.to_owned());
+            async move { exports.remove_image(&backend, &key).await }
+        })
+        .await;
+    }
+}
+
+/// Deletes every retired image (a vdisk's image replaced under running clients) that no
+/// live session reads any more, with `remove` (the server's backends, or the import's),
+/// which says `false` for a backend it does not have: such an image is left to a server
+/// that has it.
+pub async fn delete_retired_images<F, Fut>(catalog: &SqlCatalog, remove: F)
+where
+    F: Fn(&str, &str) -> Fut,
+    Fut: std::future::Future<Output = osstream_core::Result<bool>>,
+{
+    let retired = match catalog.retired_images().await {
+        Ok(retired) => retired,
+        Err(err) => {
+            tracing::warn!(%err, "cannot list retired images");
+            return;
+        }
+    };
+    for image in retired {
+        match catalog.readers_of_retired(&image).await {
+            Ok(0) => {}
+            Ok(_) => continue,
+            Err(err) => {
+                tracing::warn!(%err, "cannot count the readers of a retired image");
+                return;
+            }
+        }
+        let outcome = match remove(&image.backend, &image.key).await {
+            Ok(true) => "deleted: its last session ended".to_owned(),
+            // Not a backend of this server: one that has it deletes it.
+            Ok(false) => continue,
+            // Another server or an admin got there first.
+            Err(err) if err.kind() == ErrorKind::NotFound => "already gone".to_owned(),
+            Err(err) if err.kind() == ErrorKind::Unsupported => format!("left in place: {err}"),
+            Err(err) => {
+                tracing::warn!(backend = %image.backend, key = %image.key, %err, "cannot delete a retired image; trying again later");
+                continue;
+            }
+        };
+        tracing::info!(vdisk = %image.vdisk, backend = %image.backend, key = %image.key, "old image of a replaced vdisk {outcome}");
+        if let Err(err) = catalog.forget_retired(&image).await {
+            tracing::warn!(%err, "cannot forget a retired image");
         }
     }
 }

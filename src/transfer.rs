@@ -336,7 +336,20 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
         Err(e) if e.kind() == ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
-    let key = add.key.clone().unwrap_or_else(|| add.name.clone());
+    // Replacing keeps the vdisk's key unless --key says otherwise (after a replace under
+    // running clients, the key is no longer the vdisk's name).
+    let key = add.key.clone().unwrap_or_else(|| {
+        existing
+            .as_ref()
+            .filter(|_| import.replace)
+            .map_or_else(|| add.name.clone(), |v| v.key.clone())
+    });
+    // A standard vdisk's new image goes under a new key, so sessions running on the old
+    // one keep reading it until they end; a private vdisk is replaced in place (it has
+    // at most one session, and that one is refused below).
+    let swap = existing
+        .as_ref()
+        .is_some_and(|v| import.replace && v.mode == osstream_catalog::VdiskMode::Standard);
     if let Some(vdisk) = &existing {
         if !import.replace {
             return Err(Error::new(
@@ -363,7 +376,7 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
             .into_iter()
             .filter(|session| session.vdisk == add.name)
             .count();
-        if live > 0 {
+        if live > 0 && !swap {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
@@ -392,12 +405,18 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
             ),
         ));
     }
+    let old_key = key.clone();
+    let key = if swap {
+        next_image_key(&backend, catalog, &key).await?
+    } else {
+        key
+    };
     let image_id = backend.identity(&key)?;
     crate::wiring::fill_image_ids(config, catalog).await?;
     catalog
         .check_image_modes(&add.name, mode, Some(&image_id))
         .await?;
-    if !import.replace && backend.stat(&key).await.is_ok() {
+    if !import.replace && !swap && backend.stat(&key).await.is_ok() {
         return Err(Error::new(
             ErrorKind::Conflict,
             format!(
@@ -417,7 +436,7 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
     let upload = Arc::new(Progress::new("upload", size, import.quiet));
     let reporter = upload.clone();
     let options = ImportOptions {
-        replace: import.replace,
+        replace: import.replace && !swap,
         writable: mode == osstream_catalog::VdiskMode::Private,
         progress: Some(Arc::new(move |done| reporter.set(done))),
         cancel: cancel.clone(),
@@ -459,6 +478,34 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
         add.backend
     );
 
+    if swap {
+        catalog
+            .replace_image(&add.name, &key, stat.size, Some(&image_id))
+            .await?;
+        let readers = catalog
+            .sessions(false)
+            .await?
+            .into_iter()
+            .filter(|s| s.vdisk == add.name && s.image_key.as_deref() == Some(old_key.as_str()))
+            .count();
+        eprintln!(
+            "vdisk {:?} now boots image {key:?}; {readers} live session(s) keep reading {old_key:?} \
+             until they end, then it is deleted",
+            add.name
+        );
+        let owner = add.backend.clone();
+        crate::sessions::delete_retired_images(catalog, |name, image| {
+            let (backend, mine, image) = (backend.clone(), name == owner, image.to_owned());
+            async move {
+                if !mine {
+                    return Ok(false);
+                }
+                backend.remove(&image).await.map(|()| true)
+            }
+        })
+        .await;
+        return catalog.vdisk(&add.name).await;
+    }
     match existing {
         Some(_) => {
             let changes = VdiskChanges {
@@ -576,4 +623,36 @@ pub async fn export(
         format,
         sha256,
     })
+}
+
+/// The key a standard vdisk's replaced image is stored under: `BASE-vN` with the first
+/// `N` from 2 that is neither on the backend nor waiting for deletion (BASE is the key
+/// without an earlier `-vN`).
+async fn next_image_key(backend: &DynBackend, catalog: &SqlCatalog, key: &str) -> Result<String> {
+    let base = match key.rsplit_once("-v") {
+        Some((base, n))
+            if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            base
+        }
+        _ => key,
+    };
+    let retired = catalog.retired_images().await?;
+    for n in 2..10_000u32 {
+        let candidate = format!("{base}-v{n}");
+        let waiting = retired
+            .iter()
+            .any(|r| r.backend == backend.name() && r.key == candidate);
+        if candidate != key && !waiting && backend.stat(&candidate).await.is_err() {
+            validate_image_name(&candidate)?;
+            return Ok(candidate);
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "no free key for a new image of {key:?} on backend {:?}",
+            backend.name()
+        ),
+    ))
 }

@@ -93,15 +93,10 @@ impl FileBackend {
             .with_op("stat")
             .with_context("backend", &self.name));
         }
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
         Ok(ImageStat {
             name: image.to_owned(),
             size: meta.len(),
-            generation: format!("{mtime}-{}", meta.len()),
+            generation: source::generation_of(&meta),
             writable: self.config.writable && !meta.permissions().readonly(),
         })
     }
@@ -199,6 +194,13 @@ impl ImageBackend for FileBackend {
             .open(key)
             .await
             .map_err(|e| e.with_context("backend", &self.name))
+    }
+
+    async fn remove(&self, image: &str) -> Result<()> {
+        let path = self.path_of(image)?;
+        std::fs::remove_file(&path).map_err(|e| {
+            crate::error::io_error(e, "remove", &path).with_context("backend", &self.name)
+        })
     }
 
     async fn import(

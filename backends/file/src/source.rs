@@ -153,6 +153,37 @@ fn pread_fill(
 /// Reads up to this size are first tried from the page cache on the calling thread.
 const NOWAIT_MAX: usize = 2 << 20;
 
+/// A file's generation: its modification time (ns) and size. Any write moves it.
+pub(crate) fn generation_of(meta: &std::fs::Metadata) -> String {
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{mtime}-{}", meta.len())
+}
+
+/// Fails when the read-only file under `file` is no longer the generation `expected`
+/// (written in place behind osstream's back, `cp` over it): the bytes just read may be
+/// old, new or a mix, so they are not returned. Checked after each read, so a change
+/// that lands during the read is caught too.
+fn check_unchanged(file: &File, path: &std::path::Path, expected: &str) -> Result<()> {
+    let meta = file.metadata().map_err(|e| io_error(e, "fstat", path))?;
+    if generation_of(&meta) == expected {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Io,
+        format!(
+            "{} was changed in place while clients read it (its size or modification time moved): \
+             its reads fail rather than mix old and new bytes; replace images with \
+             `osstream vdisk import --replace`, and reconnect to read the new one",
+            path.display()
+        ),
+    )
+    .with_op("read_at"))
+}
+
 fn read_error(e: std::io::Error, path: &std::path::Path, offset: u64) -> Error {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         Error::new(
@@ -263,9 +294,16 @@ impl BlockSource for FileSource {
         // and skip the hand-off to the blocking pool and back (measured: the hand-offs
         // were the largest cost of cold-cache reads after the copies themselves).
         let mut buf = Vec::new();
+        // A writable image changes with its own writes; a read-only one must not change.
+        let expected = (!self.writable).then(|| self.info.generation.clone());
         if len <= NOWAIT_MAX {
             match pread_fill(&self.file, &mut buf, len, offset, true) {
-                Ok(true) => return Ok(Chunks::from(buf)),
+                Ok(true) => {
+                    if let Some(expected) = &expected {
+                        check_unchanged(&self.file, &self.path, expected)?;
+                    }
+                    return Ok(Chunks::from(buf));
+                }
                 Ok(false) => {}
                 Err(e) => return Err(read_error(e, &self.path, offset)),
             }
@@ -273,6 +311,9 @@ impl BlockSource for FileSource {
         self.blocking(move |file, path| {
             pread_fill(file, &mut buf, len, offset, false)
                 .map_err(|e| read_error(e, path, offset))?;
+            if let Some(expected) = &expected {
+                check_unchanged(file, path, expected)?;
+            }
             Ok(Chunks::from(buf))
         })
         .await

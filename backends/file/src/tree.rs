@@ -73,15 +73,10 @@ impl FileTree {
                     format!("{name:?} is not a regular file"),
                 ));
             }
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
             let stat = ImageStat {
                 name: name.clone(),
                 size: meta.len(),
-                generation: format!("{mtime}-{}", meta.len()),
+                generation: crate::source::generation_of(&meta),
                 writable: false,
             };
             let identity = osstream_core::file_identity(&path);

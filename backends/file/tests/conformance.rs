@@ -240,3 +240,42 @@ async fn boot_files_live_in_boot_under_their_own_names_and_stay_inside() {
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{name:?}");
     }
 }
+
+#[tokio::test]
+async fn an_image_changed_in_place_fails_its_readers_and_removed_images_are_gone() {
+    use std::os::unix::fs::FileExt;
+    let (dir, data) = setup(1 << 20);
+    let backend = backend(dir.path(), false);
+    let source = backend.open("disk", OpenMode::ReadOnly).await.unwrap();
+    let read = |source: osstream_core::DynSource| async move {
+        source
+            .read_at(4096, 4096, osstream_core::ReadOpts::default())
+            .await
+    };
+    assert_eq!(
+        read(source.clone()).await.unwrap().to_vec(),
+        data[4096..8192]
+    );
+    // Written in place behind osstream's back (as `cp` over it does).
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("images/disk.img"))
+        .unwrap();
+    file.write_all_at(&[0xAB; 4096], 4096).unwrap();
+    let err = read(source.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io);
+    assert!(err.to_string().contains("changed in place"), "{err}");
+    // A source opened now reads the new bytes.
+    let fresh = backend.open("disk", OpenMode::ReadOnly).await.unwrap();
+    assert_eq!(read(fresh).await.unwrap().to_vec(), vec![0xAB; 4096]);
+
+    backend.remove("disk").await.unwrap();
+    assert!(!dir.path().join("images/disk.img").exists());
+    let err = backend.remove("disk").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert_eq!(
+        backend.remove("../x").await.unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+}

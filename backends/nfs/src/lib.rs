@@ -469,6 +469,18 @@ impl NfsSource {
                         let args = READ3args { file: handle.clone(), offset: offset + out.len() as u64, count: count - out.len() as u32 };
                         match conn.client.read(&args).await.map_err(|e| rpc_error(e, "read"))? {
                             Nfs3Result::Ok(ok) => {
+                                // The reply carries the file's attributes after the read: a
+                                // file written in place since it was opened fails the read
+                                // rather than give a mix of old and new bytes.
+                                if let Nfs3Option::Some(attrs) = &ok.file_attributes
+                                    && generation(attrs) != expected
+                                {
+                                    return Err(Error::new(
+                                        ErrorKind::Io,
+                                        format!("{file} was changed in place on the server while clients read it; replace images with `osstream vdisk import --replace`, and reconnect to read the new one"),
+                                    )
+                                    .with_op("read"));
+                                }
                                 if ok.data.is_empty() {
                                     return Err(Error::new(ErrorKind::Io, format!("{file} ended early on the server")).with_op("read"));
                                 }

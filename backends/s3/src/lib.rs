@@ -436,6 +436,10 @@ impl ImageBackend for S3Backend {
         Ok(source)
     }
 
+    async fn remove(&self, image: &str) -> Result<()> {
+        self.delete_image(image).await
+    }
+
     async fn import(
         &self,
         image: &str,
@@ -502,6 +506,27 @@ impl ImageBackend for S3Backend {
 }
 
 impl S3Backend {
+    /// Deletes `image` in whichever layout it is stored: the object, or the manifest first
+    /// (so nobody finds a half-deleted image) and then its chunks.
+    async fn delete_image(&self, image: &str) -> Result<()> {
+        match self.find(image).await? {
+            None => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("backend '{}' has no image {image:?}", self.name),
+            )
+            .with_op("remove")),
+            Some(Found::Object(meta)) => self.store.delete(&meta.location).await,
+            Some(Found::Chunked(manifest, base)) => {
+                self.store.delete(&base.clone().join(MANIFEST)).await?;
+                let chunks = chunked::data_prefix(&base, &manifest.data);
+                for meta in self.store.list_all(&chunks).await? {
+                    self.store.delete(&meta.location).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Removes what belonged to the replaced image `old`, after the new one is complete:
     /// the old chunks (and, if the new image is a single object, the manifest that would
     /// otherwise hide it), or the old object if the new image is chunked.

@@ -16,6 +16,7 @@ mod holding;
 mod ledger;
 mod model;
 mod profiles;
+mod retired;
 mod sql;
 
 use osstream_core::Result;
@@ -25,6 +26,7 @@ pub use model::{
     Assignment, BootMethod, Client, Mac, Server, Session, UnknownClientPolicy, Vdisk, VdiskMode,
     WriteCache, validate_name,
 };
+pub use retired::RetiredImage;
 pub use sql::SqlCatalog;
 
 use osstream_core::async_trait;

@@ -251,6 +251,10 @@ pub struct Session {
     /// The lock epoch its writes are fenced with (private vdisks).
     #[serde(default)]
     pub epoch: u64,
+    /// The image it reads: its vdisk's image when it started, kept when the vdisk's image
+    /// is replaced (`None` for sessions older than catalog version 5: the vdisk's image).
+    #[serde(default)]
+    pub image_key: Option<String>,
 }
 
 /// A server sharing the catalog.

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_ownership.sql")),
     (3, include_str!("../migrations/0003_dhcp.sql")),
     (4, include_str!("../migrations/0004_profiles.sql")),
+    (5, include_str!("../migrations/0005_image_swap.sql")),
 ];
 
 const POLICY_KEY: &str = "unknown_client_policy";
@@ -159,6 +160,7 @@ pub(crate) fn session_from_row(row: &AnyRow) -> Result<Session> {
         attached: row.try_get::<i64, _>("attached").map_err(map)? != 0,
         detached_at: row.try_get("detached_at").map_err(map)?,
         epoch: row.try_get::<i64, _>("epoch").map_err(map)? as u64,
+        image_key: row.try_get("image_key").map_err(map)?,
     })
 }
 
@@ -890,6 +892,7 @@ impl Catalog for SqlCatalog {
             attached: false,
             detached_at: None,
             epoch: 0,
+            image_key: Some(vdisk.key.clone()),
         };
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
         // Touching the client row first takes its row lock on PostgreSQL, so two boots of
@@ -948,8 +951,8 @@ impl Catalog for SqlCatalog {
             }
         }
         sqlx::query(
-            "INSERT INTO sessions (id, token, mac, vdisk, peer, started_at, last_active, bytes_read, bytes_written, closed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6, 0, 0, NULL)",
+            "INSERT INTO sessions (id, token, mac, vdisk, peer, started_at, last_active, bytes_read, bytes_written, closed_at, image_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6, 0, 0, NULL, $7)",
         )
         .bind(&session.id)
         .bind(&session.token)
@@ -957,6 +960,7 @@ impl Catalog for SqlCatalog {
         .bind(vdisk_name)
         .bind(session.peer.clone())
         .bind(now)
+        .bind(&session.image_key)
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(e, "open session"))?;

@@ -110,6 +110,22 @@ pub trait ImageBackend: Send + Sync + Debug {
         .with_op("open_boot_file"))
     }
 
+    /// Deletes the image `image` from the storage: an image the catalog retired (a vdisk
+    /// whose image was replaced while clients ran on it) once its last session ended.
+    /// An image that is not there is `NotFound`; backends that cannot delete return
+    /// [`ErrorKind::Unsupported`] (the default), and the admin removes it by hand.
+    async fn remove(&self, image: &str) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "backend '{}' (kind {}) cannot delete images; remove {image:?} by hand",
+                self.name(),
+                self.kind()
+            ),
+        )
+        .with_op("remove"))
+    }
+
     /// Stores the raw image file `from` as the image `image` (`osstream vdisk import`).
     ///
     /// An existing image of that name is [`ErrorKind::Conflict`] unless

@@ -242,6 +242,25 @@ impl Exports {
             })
     }
 
+    /// Deletes the image `key` from `backend` (a retired image whose last session ended)
+    /// and tells every layer to drop what it keeps of it. `Ok(false)` if this server does
+    /// not configure `backend` (another server sharing the catalog may); an image already
+    /// gone is the backend's `NotFound`.
+    pub async fn remove_image(&self, backend: &str, key: &str) -> Result<bool> {
+        let Some(store) = self.backends.iter().find(|b| b.name() == backend) else {
+            return Ok(false);
+        };
+        let identity = store.identity(key)?;
+        let generation = store.stat(key).await.map(|stat| stat.generation);
+        store.remove(key).await?;
+        if let Ok(generation) = generation {
+            for layer in &self.layers {
+                layer.forget(&identity, &generation);
+            }
+        }
+        Ok(true)
+    }
+
     /// The names of the configured backends (`[backends.NAME]`).
     pub fn backend_names(&self) -> Vec<&str> {
         self.backends.iter().map(|b| b.name()).collect()

@@ -37,6 +37,12 @@ pub trait Layer: Send + Sync + Debug {
     /// Logs what the layer did since start (the server calls it when it stops).
     fn log_summary(&self) {}
 
+    /// The image at `identity` and `generation` is gone for good (a replaced image
+    /// deleted after its last session): drop anything kept of it. Must not block.
+    fn forget(&self, identity: &str, generation: &str) {
+        let _ = (identity, generation);
+    }
+
     /// The layer's counters since start, for `osstream cache stats`; `None` for a layer
     /// that keeps none.
     fn report(&self) -> Option<LayerReport> {

@@ -195,6 +195,29 @@ impl Layer for CacheLayer {
         );
     }
 
+    fn forget(&self, identity: &str, generation: &str) {
+        let (image, generation) = (stable_hash(&[identity]), stable_hash(&[generation]));
+        let state = self.state.clone();
+        let drop_blocks = async move {
+            match state.tier.invalidate(image, generation).await {
+                Ok(dropped) => tracing::debug!(
+                    tier = state.tier.name(),
+                    dropped,
+                    "dropped the blocks of a deleted image"
+                ),
+                Err(err) => {
+                    tracing::warn!(tier = state.tier.name(), %err, "cannot drop the blocks of a deleted image")
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(drop_blocks);
+            }
+            Err(_) => tracing::debug!("no runtime: the deleted image's blocks age out instead"),
+        }
+    }
+
     fn report(&self) -> Option<crate::layer::LayerReport> {
         let stats = self.stats();
         let tier = self.state.tier.stats();
