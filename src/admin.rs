@@ -22,7 +22,11 @@ fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
 
 /// Says on stderr when a linux-nbd vdisk's kernel or initrd is not where clients will
 /// fetch it: the vdisk is registered, but cannot boot until it is there.
-async fn warn_missing_boot_files(backend: &osstream_core::DynBackend, vdisk: &Vdisk) {
+async fn warn_missing_boot_files(
+    config: &Config,
+    backend: &osstream_core::DynBackend,
+    vdisk: &Vdisk,
+) {
     if vdisk.boot == osstream_catalog::BootMethod::Sanboot {
         return;
     }
@@ -33,7 +37,14 @@ async fn warn_missing_boot_files(backend: &osstream_core::DynBackend, vdisk: &Vd
                 vdisk.name, vdisk.boot, vdisk.name
             ),
             Some(key) => {
-                if let Err(err) = backend.open_boot_file(key).await {
+                let opened = match key.split_once('/') {
+                    Some((other, name)) => match backend_named(config, other, None) {
+                        Ok(other) => other.open_boot_file(name).await.map(|_| ()),
+                        Err(err) => Err(err),
+                    },
+                    None => backend.open_boot_file(key).await.map(|_| ()),
+                };
+                if let Err(err) = opened {
                     eprintln!(
                         "osstream: warning: vdisk {:?}: its {what} {key:?} cannot be served yet: {err}",
                         vdisk.name
@@ -121,7 +132,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
             let image_id = backend.identity(&key)?;
             fill_image_ids(config, &catalog).await?;
             let vdisk = register_vdisk(&catalog, &add, key, &stat, image_id).await?;
-            warn_missing_boot_files(&backend, &vdisk).await;
+            warn_missing_boot_files(config, &backend, &vdisk).await;
             output(
                 json,
                 &vdisk,
@@ -201,7 +212,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
             }
             let vdisk = catalog.update_vdisk(&set.name, &changes).await?;
             if let Ok(backend) = backend_named(config, &vdisk.backend, Some(&catalog)) {
-                warn_missing_boot_files(&backend, &vdisk).await;
+                warn_missing_boot_files(config, &backend, &vdisk).await;
             }
             output(
                 json,

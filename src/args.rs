@@ -234,3 +234,31 @@ pub enum CacheCommand {
     /// since the server on this data_dir started (it writes them every 5 s and at stop).
     Stats,
 }
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// Replay boot traces against the RAM tier's eviction policies: hit ratio, backend
+    /// reads and bytes per policy and capacity (traces: benches/traces/, or written by a
+    /// server with `[profile] trace_dir`).
+    Cache(BenchCache),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchCache {
+    /// A trace file; `FILE=N` replays N copies, each started `--stagger` after the last
+    /// (N clients booting one image). Repeat for several clients of one image.
+    #[arg(long, required = true, value_name = "FILE[=N]")]
+    pub trace: Vec<String>,
+    /// Policies to compare, comma-separated.
+    #[arg(long, default_value = "clock,lru,s3fifo")]
+    pub policy: String,
+    /// Cache capacities to try; repeat for several.
+    #[arg(long, default_values = ["64MiB", "256MiB", "1GiB"])]
+    pub capacity: Vec<osstream_core::ByteSize>,
+    /// Cache block size.
+    #[arg(long, default_value = "64KiB")]
+    pub block_size: osstream_core::ByteSize,
+    /// Time between the starts of the copies of a `FILE=N` trace.
+    #[arg(long, default_value = "2s")]
+    pub stagger: osstream_core::Seconds,
+}

@@ -341,7 +341,7 @@ fn check(config: &Config) -> Result<()> {
 
 /// The keys `Config` itself has, for the message about an unknown one.
 const TOP_LEVEL_KEYS: &[&str] = &[
-    "data_dir", "log", "demo", "backends", "cache", "catalog", "sessions",
+    "data_dir", "log", "demo", "backends", "cache", "catalog", "sessions", "profile", "hedge",
 ];
 
 /// `tables` as tables: every value under `what` must be one.

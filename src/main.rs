@@ -3,6 +3,7 @@
 mod address;
 mod admin;
 mod args;
+mod bench;
 mod config;
 mod demo;
 mod output;
@@ -66,6 +67,9 @@ enum Command {
     /// The server's cache tiers and prefetching, as it counted them.
     #[command(subcommand)]
     Cache(admin::CacheCommand),
+    /// Measure: replay boot traces against cache policies.
+    #[command(subcommand)]
+    Bench(args::BenchCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -157,6 +161,12 @@ fn main() -> ExitCode {
         | Command::Policy(_)
         | Command::Profile(_)
         | Command::Cache(_) => admin_command(&cli),
+        Command::Bench(args::BenchCommand::Cache(bench)) => {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| osstream_core::Error::from_io(e, "cannot start the async runtime"))
+                .and_then(|runtime| runtime.block_on(bench::cache(bench, cli.json)))
+        }
         Command::Config(ConfigCommand::Show) => config::load(config::Sources {
             file: cli.config.as_deref(),
             overrides: Dict::new(),

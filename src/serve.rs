@@ -125,8 +125,10 @@ async fn serve(config: Config) -> Result<()> {
         }
         tracing::info!(record = config.profile.record, prefetch = config.profile.prefetch && cached,
             quiet = %config.profile.quiet, window = %config.profile.window, "boot profiles on");
+        let mut profile = config.profile.clone();
+        profile.trace_dir = profile.trace_dir.map(|dir| ctx.resolve(&dir));
         layers.push(Arc::new(osstream_profile::ProfileLayer::new(
-            config.profile.clone(),
+            profile,
             Arc::new(catalog.clone()),
             cached,
         )));

@@ -1,6 +1,10 @@
-"""An HTTP proxy in front of s3rver that breaks some requests: 503 SlowDown, 500, 429, a
-stall, a connection reset, a body cut short. Used by the S3 tests and the fault benchmark
-(benches/scripts/s3_faults.py)."""
+"""An HTTP proxy in front of s3rver that breaks some requests (503 SlowDown, 500, 429, a
+stall, a connection reset, a body cut short) and can delay every one (a bucket in a far
+region). Used by the S3 tests and the benchmarks (benches/scripts/s3_faults.py,
+boot_streaming.py); run alone it only delays:
+
+    python3 faultproxy.py --upstream PORT --port PORT --delay-ms 50
+"""
 
 import http.client
 import http.server
@@ -23,10 +27,11 @@ class FaultyProxy:
     """Relays requests to s3rver on `upstream`, breaking those `choose(n, command)` names a
     fault for (`n` counts requests from 1); a stall sleeps `stall` seconds, then closes."""
 
-    def __init__(self, upstream, stall, choose):
+    def __init__(self, upstream, stall=0, choose=lambda n, command: None, delay=0.0, port=0):
         self.upstream = upstream
         self.stall = stall
         self.choose = choose
+        self.delay = delay
         self.count = 0
         self.injected = {"503": 0, "500": 0, "429": 0, "stall": 0, "reset": 0, "short": 0}
         self.lock = threading.Lock()
@@ -44,6 +49,8 @@ class FaultyProxy:
                     proxy.count += 1
                     n = proxy.count
                 fault = proxy.choose(n, self.command)
+                if proxy.delay:
+                    time.sleep(proxy.delay)
                 if fault in ("503", "500", "429"):
                     proxy.injected[fault] += 1
                     code = {"503": b"SlowDown", "500": b"InternalError", "429": b"TooManyRequests"}[fault]
@@ -89,9 +96,21 @@ class FaultyProxy:
 
             do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = relay
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="An HTTP proxy that delays every request.")
+    parser.add_argument("--upstream", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    proxy = FaultyProxy(args.upstream, delay=args.delay_ms / 1000, port=args.port)
+    print(f"delaying requests to {args.upstream} by {args.delay_ms} ms on {proxy.port}", flush=True)
+    threading.Event().wait()

@@ -133,7 +133,7 @@ def test_example_config_documents_every_key():
     out = run("--config", example_path, "config", "show", "--json")
     assert out.returncode == 0, out.stderr
     effective = flat_keys(json.loads(out.stdout))
-    commented = {"nbd.default_export", "catalog.url", "nbd.public_address", "nbd.base_exports", "http.public_url", "tftp.backend", "pxe.interface", "pxe.server_ip", "pxe.script_url", "pxe.dhcp.range_start", "pxe.dhcp.range_end", "pxe.dhcp.router"}  # optional keys shown commented out
+    commented = {"nbd.default_export", "catalog.url", "nbd.public_address", "nbd.base_exports", "http.public_url", "tftp.backend", "pxe.interface", "pxe.server_ip", "pxe.script_url", "pxe.dhcp.range_start", "pxe.dhcp.range_end", "pxe.dhcp.router", "profile.trace_dir"}  # optional keys shown commented out
     text = open(example_path).read()
     for key in commented:
         assert f"# {key.split('.')[-1]} =" in text

@@ -264,7 +264,7 @@ def test_a_debian_system_boots_to_multi_user_with_the_initramfs_debian_made(tmp_
         shutil.copy(f"{debian}/{name}", server.images / "boot" / name)
     # A machine that powers off leaves its NBD connection behind (no FIN from a dead
     # guest): its recording ends after a quiet period, short here to keep the test short.
-    server.config.write_text(server.config.read_text() + '[profile]\nquiet = "8s"\n')
+    server.config.write_text(server.config.read_text() + '[profile]\nquiet = "8s"\ntrace_dir = "traces"\n')
     (tmp_path / "again").mkdir()
     server.start()
     try:
@@ -305,6 +305,15 @@ def test_a_debian_system_boots_to_multi_user_with_the_initramfs_debian_made(tmp_
     assert gained >= 0.9 * profile["boot_set_blocks"], (first_cache, second_cache, profile)
     assert second_cache["backend_bytes"] <= first_cache["backend_bytes"], (first_cache, second_cache)
     assert json.loads(server.cli("--json", "profile", "show", "debian"))["boots"] == 2
+    # Each boot left a trace of its reads (the input of `osstream bench cache`).
+    traces = sorted((server.data_dir / "traces").glob("debian-*.trace"))
+    assert len(traces) == 2, traces
+    for trace in traces:
+        lines = trace.read_text().splitlines()
+        assert lines[0] == "# osstream boot trace 1" and len(lines) > 500, lines[:3]
+    if os.environ.get("KEEP_BOOT_TRACES"):
+        for n, trace in enumerate(traces):
+            shutil.copy(trace, os.path.join(os.environ["KEEP_BOOT_TRACES"], f"debian12-boot{n + 1}.trace"))
 
 
 def wait_logged(server, text, timeout=60):

@@ -57,15 +57,22 @@ pub(crate) fn now_ms() -> i64 {
 /// without a session, they never name a path).
 fn validate_boot_keys(vdisk: &Vdisk) -> Result<()> {
     for (what, key) in [("--kernel", &vdisk.kernel), ("--initrd", &vdisk.initrd)] {
-        if let Some(key) = key
-            && osstream_core::validate_image_name(key).is_err()
-        {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "{what} {key:?} is not a plain file name: boot files are named as they are in their backend's boot folder (images/boot/vmlinuz is --kernel vmlinuz)"
-                ),
-            ));
+        // `NAME`, in the vdisk's backend, or `BACKEND/NAME` (a disk on S3, its kernel on
+        // a file backend's boot folder).
+        let plain = |name: &str| osstream_core::validate_image_name(name).is_ok();
+        if let Some(key) = key {
+            let ok = match key.split_once('/') {
+                Some((backend, name)) => validate_name("backend", backend).is_ok() && plain(name),
+                None => plain(key),
+            };
+            if !ok {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{what} {key:?} is not a plain file name: boot files are named as they are in their backend's boot folder (images/boot/vmlinuz is --kernel vmlinuz), or BACKEND/NAME for another backend's"
+                    ),
+                ));
+            }
         }
     }
     Ok(())

@@ -266,10 +266,14 @@ impl Exports {
         self.backends.iter().map(|b| b.name()).collect()
     }
 
-    /// Opens a boot file of `vdisk` (its kernel or initrd: `key` on `backend`) read-only,
+    /// Opens a boot file of `vdisk` (its kernel or initrd: `key` on `backend`, or
+    /// `BACKEND/NAME` on another backend) read-only,
     /// under the shared layers, so a kernel many clients fetch is read from its backend
     /// once. Boot files are not exports: no session, no hooks.
     pub async fn open_boot_file(&self, vdisk: &str, backend: &str, key: &str) -> Result<DynSource> {
+        // `BACKEND/NAME` names a boot file of another backend (a disk on S3, its kernel
+        // in a file backend's boot folder).
+        let (backend, key) = key.split_once('/').unwrap_or((backend, key));
         let backend = self.backend_named(backend, vdisk)?;
         let base = backend.open_boot_file(key).await?;
         Ok(self.stack(base, None))

@@ -29,6 +29,9 @@ pub struct ProfileConfig {
     pub read_size: ByteSize,
     /// Prefetch reads one client's attachment keeps in flight. Default: 4.
     pub depth: usize,
+    /// Also write every read of each recorded boot to `DIR/VDISK-SESSION.trace` (the
+    /// input of `osstream bench cache`); relative to `data_dir`. Default: unset (off).
+    pub trace_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ProfileConfig {
@@ -43,6 +46,7 @@ impl Default for ProfileConfig {
             block_size: ByteSize::kib(64),
             read_size: ByteSize::mib(1),
             depth: 4,
+            trace_dir: None,
         }
     }
 }

@@ -196,12 +196,14 @@ impl Layer for ProfileLayer {
         let recording = tap.map(|tap| {
             let block_size = shared.config.block_size.bytes();
             let max_blocks = (shared.config.max_bytes.bytes() / block_size).max(1) as usize;
-            let recording = Arc::new(Recording::new(block_size, max_blocks));
+            let tracing = shared.config.trace_dir.is_some();
+            let recording = Arc::new(Recording::new(block_size, max_blocks, tracing));
             let _ = tap.recording.set(recording.clone());
             runtime.spawn(watch_recording(
                 shared.clone(),
                 recording.clone(),
                 boot_of(context, vdisk, block_size),
+                source.info().size,
                 stop.clone(),
                 label.clone(),
             ));
@@ -306,6 +308,7 @@ async fn watch_recording(
     shared: Arc<Shared>,
     recording: Arc<Recording>,
     mut boot: RecordedBoot,
+    size: u64,
     stop: CancellationToken,
     label: String,
 ) {
@@ -320,9 +323,10 @@ async fn watch_recording(
             break why;
         }
     };
-    let Some(touched) = recording.finish() else {
+    let Some(finished) = recording.finish() else {
         return;
     };
+    let touched = finished.touched;
     let bytes = touched.len() as u64 * boot.block_size;
     if bytes < shared.config.min_bytes.bytes() {
         shared.counters.not_boots.fetch_add(1, Ordering::Relaxed);
@@ -330,6 +334,18 @@ async fn watch_recording(
         return;
     }
     let seconds = recording.elapsed().as_secs_f64();
+    if let Some(dir) = &shared.config.trace_dir {
+        let session = label_session(&label);
+        let path = dir.join(format!("{}-{session}.trace", boot.vdisk));
+        match write_trace(&path, &boot, size, &finished.trace) {
+            Ok(()) => {
+                tracing::info!(%label, path = %path.display(), reads = finished.trace.len(), "boot trace written")
+            }
+            Err(err) => {
+                tracing::warn!(%label, path = %path.display(), %err, "cannot write the boot trace")
+            }
+        }
+    }
     boot.touched = touched;
     match shared.store.record_boot(&boot).await {
         Ok(profile) => {
@@ -355,6 +371,38 @@ async fn watch_recording(
             tracing::warn!(%label, %err, "cannot store the boot profile");
         }
     }
+}
+
+/// The session id out of a label `VDISK (session ID)`.
+fn label_session(label: &str) -> &str {
+    label
+        .rsplit_once("(session ")
+        .map_or("boot", |(_, rest)| rest.trim_end_matches(')'))
+}
+
+/// Writes a boot trace: a header, then one `MICROSECONDS OFFSET LENGTH` line per read.
+fn write_trace(
+    path: &std::path::Path,
+    boot: &RecordedBoot,
+    size: u64,
+    reads: &[crate::recording::TraceRead],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "# osstream boot trace 1")?;
+    writeln!(
+        out,
+        "# vdisk={} size={size} reads={}",
+        boot.vdisk,
+        reads.len()
+    )?;
+    for (at, offset, len) in reads {
+        writeln!(out, "{at} {offset} {len}")?;
+    }
+    out.flush()
 }
 
 /// Streams the vdisk's boot set through `source` when its profile is of this image.

@@ -29,11 +29,28 @@ impl Finish {
     }
 }
 
-/// The blocks one client read first, in order, until the recording is finished.
+/// Reads kept in a trace at most (a boot makes a few thousand).
+const MAX_TRACE: usize = 1 << 20;
+
+/// One demand read, for a boot trace: microseconds since attach, offset, length.
+pub(crate) type TraceRead = (u64, u64, u32);
+
+/// What a finished recording hands on.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Finished {
+    /// Blocks in first-touch order.
+    pub(crate) touched: Vec<u64>,
+    /// Every demand read, when tracing.
+    pub(crate) trace: Vec<TraceRead>,
+}
+
+/// The blocks one client read first, in order, until the recording is finished, and
+/// optionally every read (a boot trace for `osstream bench cache`).
 #[derive(Debug)]
 pub(crate) struct Recording {
     block_size: u64,
     max_blocks: usize,
+    tracing: bool,
     started: Instant,
     /// Set once finished: reads after it cost one atomic load.
     finished: AtomicBool,
@@ -45,20 +62,23 @@ struct State {
     seen: HashSet<u64>,
     order: Vec<u64>,
     last_new: Instant,
+    trace: Vec<TraceRead>,
 }
 
 impl Recording {
-    pub(crate) fn new(block_size: u64, max_blocks: usize) -> Self {
+    pub(crate) fn new(block_size: u64, max_blocks: usize, tracing: bool) -> Self {
         let now = Instant::now();
         Recording {
             block_size,
             max_blocks,
+            tracing,
             started: now,
             finished: AtomicBool::new(false),
             state: Mutex::new(State {
                 seen: HashSet::new(),
                 order: Vec::new(),
                 last_new: now,
+                trace: Vec::new(),
             }),
         }
     }
@@ -71,6 +91,10 @@ impl Recording {
         let first = offset / self.block_size;
         let last = (offset + len as u64 - 1) / self.block_size;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if self.tracing && state.trace.len() < MAX_TRACE {
+            let at = self.started.elapsed().as_micros() as u64;
+            state.trace.push((at, offset, len as u32));
+        }
         let mut added = false;
         for block in first..=last {
             if state.order.len() >= self.max_blocks {
@@ -100,15 +124,18 @@ impl Recording {
         }
     }
 
-    /// Stops recording; returns the blocks in first-touch order, or `None` if it had
-    /// already stopped (so a recording is handed on once).
-    pub(crate) fn finish(&self) -> Option<Vec<u64>> {
+    /// Stops recording; returns what it recorded, or `None` if it had already stopped
+    /// (so a recording is handed on once).
+    pub(crate) fn finish(&self) -> Option<Finished> {
         if self.finished.swap(true, Ordering::AcqRel) {
             return None;
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.seen = HashSet::new();
-        Some(std::mem::take(&mut state.order))
+        Some(Finished {
+            touched: std::mem::take(&mut state.order),
+            trace: std::mem::take(&mut state.trace),
+        })
     }
 
     /// How long it has been recording.
@@ -123,28 +150,35 @@ mod tests {
 
     #[test]
     fn first_touches_in_order_once_each() {
-        let recording = Recording::new(4096, 100);
+        let recording = Recording::new(4096, 100, true);
         recording.touch(8192, 10);
         recording.touch(0, 4097);
         recording.touch(8192, 4096);
         recording.touch(4096 * 7 - 1, 2);
-        assert_eq!(recording.finish().unwrap(), vec![2, 0, 1, 6, 7]);
+        let finished = recording.finish().unwrap();
+        assert_eq!(finished.touched, vec![2, 0, 1, 6, 7]);
+        let reads: Vec<(u64, u32)> = finished.trace.iter().map(|r| (r.1, r.2)).collect();
+        assert_eq!(
+            reads,
+            vec![(8192, 10), (0, 4097), (8192, 4096), (4096 * 7 - 1, 2)]
+        );
+        assert!(finished.trace.windows(2).all(|w| w[0].0 <= w[1].0));
         assert_eq!(recording.finish(), None);
         recording.touch(40960, 1);
     }
 
     #[test]
     fn stops_at_the_cap_quietly_or_at_the_window() {
-        let recording = Recording::new(512, 3);
+        let recording = Recording::new(512, 3, false);
         assert_eq!(recording.due(Duration::ZERO, Duration::from_secs(60)), None);
         recording.touch(0, 512 * 10);
         assert_eq!(
             recording.due(Duration::from_secs(60), Duration::from_secs(60)),
             Some(Finish::Full)
         );
-        assert_eq!(recording.finish().unwrap(), vec![0, 1, 2]);
+        assert_eq!(recording.finish().unwrap().touched, vec![0, 1, 2]);
 
-        let recording = Recording::new(512, 30);
+        let recording = Recording::new(512, 30, false);
         recording.touch(0, 1);
         assert_eq!(
             recording.due(Duration::ZERO, Duration::from_secs(60)),
