@@ -9,8 +9,9 @@
 //! - `policy/*`: the RAM tier's hit path and its churn (as `evicting`) for each eviction
 //!   policy (`clock`, `lru`, `s3fifo`).
 //! - `layers/*`: one 4 KiB read through 0, 1 and 4 pass-through layers (the price of a
-//!   layer: a boxed future and a dynamic call), and through the default server stack
-//!   (hedge, RAM cache hit, profile recorder).
+//!   layer: a boxed future and a dynamic call), through the hedge layer alone (a timer
+//!   armed per read), and through the default server stack (hedge, RAM cache hit,
+//!   profile recorder).
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ const IMAGE: usize = 64 << 20;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
         .worker_threads(2)
         .build()
         .unwrap()
@@ -226,6 +228,10 @@ fn layers(c: &mut Criterion) {
         }
         stacks.push((format!("pass-through-{count}"), source));
     }
+    stacks.push((
+        "hedge-1".to_owned(),
+        HedgeLayer::new(HedgeConfig::default()).layer(image()),
+    ));
     // The default server stack over a warm cache: hedge next to the backend, the RAM
     // cache, the profile recorder on top.
     let stack: Vec<Arc<dyn Layer>> = vec![
