@@ -50,6 +50,14 @@ fn parse_trace(path: &Path) -> Result<Trace> {
         let [at_us, offset, len] = fields[..] else {
             return Err(bad_line(path, number, line));
         };
+        // One read is at most 1 GiB and ends before 2^62: a trace cannot make the
+        // replay loop for ever or overflow.
+        if len > 1 << 30
+            || offset.checked_add(len).is_none_or(|end| end > 1 << 62)
+            || at_us > 1 << 62
+        {
+            return Err(bad_line(path, number, line));
+        }
         reads.push(Read { at_us, offset, len });
     }
     if reads.is_empty() {
@@ -173,9 +181,9 @@ pub async fn cache(args: &crate::args::BenchCache, json: bool) -> Result<()> {
         let (path, copies) = trace_arg(arg)?;
         let trace = parse_trace(&path)?;
         for copy in 0..u64::from(copies) {
-            let shift = copy * args.stagger.0.as_micros() as u64;
+            let shift = copy.saturating_mul(args.stagger.0.as_micros() as u64);
             reads.extend(trace.reads.iter().map(|r| Read {
-                at_us: r.at_us + shift,
+                at_us: r.at_us.saturating_add(shift),
                 ..*r
             }));
         }

@@ -197,7 +197,7 @@ async fn serve(config: Config) -> Result<()> {
         heartbeat_stop.clone(),
     ));
     let stats_stop = CancellationToken::new();
-    tokio::spawn(crate::stats::keep_writing(
+    let stats_writer = tokio::spawn(crate::stats::keep_writing(
         config.data_dir.clone(),
         me.id.clone(),
         layers.clone(),
@@ -252,6 +252,8 @@ async fn serve(config: Config) -> Result<()> {
         Err(err) => tracing::warn!(%err, "cannot record the stop in the catalog"),
     }
     stats_stop.cancel();
+    // Its last write must not land after the final one below.
+    let _ = stats_writer.await;
     for layer in &layers {
         layer.log_summary();
     }

@@ -347,7 +347,10 @@ async fn housekeeping(
             last_sweep = Instant::now();
             sweep_overlays(&catalog, &exports, &overlays).await;
         }
-        delete_retired_images(&catalog, |backend, key| {
+        // Retired a few rounds ago at least: a session whose opening read the old key
+        // just before the replace has committed by then.
+        let grace = (period * SWEEP_ROUNDS).as_millis() as i64;
+        delete_retired_images(&catalog, now_ms() - grace, |backend, key| {
             let exports = exports.clone();
             let (backend, key) = (backend.to_owned(), key.to_owned());
             async move { exports.remove_image(&backend, &key).await }
@@ -356,16 +359,16 @@ async fn housekeeping(
     }
 }
 
-/// Deletes every retired image (a vdisk's image replaced under running clients) that no
-/// live session reads any more, with `remove` (the server's backends, or the import's),
+/// Deletes every retired image (a vdisk's image replaced under running clients) retired
+/// before `before` (Unix milliseconds) that no live session reads any more, with `remove` (the server's backends, or the import's),
 /// which says `false` for a backend it does not have: such an image is left to a server
 /// that has it.
-pub async fn delete_retired_images<F, Fut>(catalog: &SqlCatalog, remove: F)
+pub async fn delete_retired_images<F, Fut>(catalog: &SqlCatalog, before: i64, remove: F)
 where
     F: Fn(&str, &str) -> Fut,
     Fut: std::future::Future<Output = osstream_core::Result<bool>>,
 {
-    let retired = match catalog.retired_images().await {
+    let retired = match catalog.retired_before(before).await {
         Ok(retired) => retired,
         Err(err) => {
             tracing::warn!(%err, "cannot list retired images");
@@ -529,4 +532,10 @@ pub fn host_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -490,20 +490,9 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
             .count();
         eprintln!(
             "vdisk {:?} now boots image {key:?}; {readers} live session(s) keep reading {old_key:?} \
-             until they end, then it is deleted",
+             until they end, then a running server deletes it",
             add.name
         );
-        let owner = add.backend.clone();
-        crate::sessions::delete_retired_images(catalog, |name, image| {
-            let (backend, mine, image) = (backend.clone(), name == owner, image.to_owned());
-            async move {
-                if !mine {
-                    return Ok(false);
-                }
-                backend.remove(&image).await.map(|()| true)
-            }
-        })
-        .await;
         return catalog.vdisk(&add.name).await;
     }
     match existing {

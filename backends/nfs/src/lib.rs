@@ -227,18 +227,27 @@ impl Pool {
                     }
                 }
             }
-            let outcome =
-                tokio::time::timeout(limit, work(guard.as_mut().expect("connected above")))
-                    .await
-                    .unwrap_or_else(|_| Err(timed_out("call")));
+            // The connection leaves the slot while it is used: if this future is dropped
+            // mid-call (a hedged read that lost, a cancelled prefetch), the connection goes
+            // with it, half-sent request and unread reply included, and the slot is empty
+            // for the next caller, who connects afresh.
+            let mut conn = guard.take().expect("connected above");
+            let outcome = tokio::time::timeout(limit, work(&mut conn))
+                .await
+                .unwrap_or_else(|_| Err(timed_out("call")));
             match outcome {
-                Ok(value) => return Ok(value),
+                Ok(value) => {
+                    *guard = Some(conn);
+                    return Ok(value);
+                }
                 Err(err) if err.is_temporary() => {
                     tracing::debug!(%err, attempt, op, "NFS operation failed; reconnecting and retrying");
-                    *guard = None;
                     last = Some(err);
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    *guard = Some(conn);
+                    return Err(err);
+                }
             }
         }
         Err(last

@@ -100,14 +100,26 @@ impl DiskTier {
         })?;
         let lock = File::create(dir.join("lock"))
             .map_err(|e| io(e, format!("cannot open {}", dir.join("lock").display())))?;
-        if lock.try_lock().is_err() {
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!(
-                    "another osstream process uses the disk cache in {}: give each server its own [cache.disk] dir",
-                    dir.display()
-                ),
-            ));
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "another osstream process uses the disk cache in {}: give each server its own [cache.disk] dir",
+                        dir.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(err)) => {
+                return Err(io(
+                    err,
+                    format!(
+                        "cannot lock {} (does its file system support locks?)",
+                        dir.join("lock").display()
+                    ),
+                ));
+            }
         }
         let meta = Meta {
             format: FORMAT,
@@ -340,22 +352,31 @@ impl CacheTier for DiskTier {
         })
         .await?;
         let intact = crc32fast::hash(&bytes) == crc;
-        let mut state = inner.lock();
-        let entry = state.slots[slot as usize];
-        if entry.version != version || entry.use_ != Use::Held {
-            // Reused while we read: whatever we read is not this block for sure.
-            return Ok(None);
+        {
+            let mut state = inner.lock();
+            let entry = state.slots[slot as usize];
+            if entry.version != version || entry.use_ != Use::Held {
+                // Reused while we read: whatever we read is not this block for sure.
+                return Ok(None);
+            }
+            if intact {
+                return Ok(Some(Bytes::from(bytes)));
+            }
+            state.release(slot);
         }
-        if !intact {
+        {
             inner.checksum_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(dir = %inner.dir.display(), slot, block = key.block,
                 "disk cache block failed its checksum (a torn write or damaged disk): dropped, read again from the backend");
-            state.release(slot);
-            drop(state);
-            let _ = inner.clear_record(slot);
-            return Ok(None);
+            let clearer = inner.clone();
+            let _ = run_blocking("disk cache clear", move || {
+                clearer
+                    .clear_record(slot)
+                    .map_err(|e| io(e, "cannot clear a disk cache record".into()))
+            })
+            .await;
+            Ok(None)
         }
-        Ok(Some(Bytes::from(bytes)))
     }
 
     async fn put(&self, key: BlockKey, block: Bytes) -> Result<()> {

@@ -166,7 +166,21 @@ async fn under_a_cache_layer_a_restarted_server_reads_from_disk_not_the_backend(
         assert_eq!(layer.tier().stats().bytes, 1 << 20);
     }
     let reads = backend.reads();
-    let layer = CacheLayer::new(Arc::new(open(dir.path(), 512)), BLOCK);
+    // The first layer's background puts may hold the tier (and its lock) a moment longer.
+    let mut reopened = None;
+    for _ in 0..100 {
+        match DiskTier::open(dir.path(), 512 * BLOCK, BLOCK, (90, 50)) {
+            Ok(tier) => {
+                reopened = Some(tier);
+                break;
+            }
+            Err(err) if err.kind() == ErrorKind::Conflict => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
+    let layer = CacheLayer::new(Arc::new(reopened.expect("the tier reopens")), BLOCK);
     let source = layer.layer(backend.clone());
     let bytes = source
         .read_at(4096, 100_000, ReadOpts::default())

@@ -36,8 +36,11 @@ impl SqlCatalog {
     ) -> Result<String> {
         let record = self.vdisk(vdisk).await?;
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
+        // An image another vdisk also boots is not retired: only its last user may go.
         sqlx::query(
-            "INSERT INTO retired_images (backend, image_key, vdisk, retired_at) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO retired_images (backend, image_key, vdisk, retired_at) \
+             SELECT $1, $2, $3, $4 WHERE NOT EXISTS \
+             (SELECT 1 FROM vdisks WHERE backend = $1 AND image_key = $2 AND name <> $3) \
              ON CONFLICT (backend, image_key) DO NOTHING",
         )
         .bind(&record.backend)
@@ -71,9 +74,18 @@ impl SqlCatalog {
 
     /// Every retired image not deleted yet, oldest first.
     pub async fn retired_images(&self) -> Result<Vec<RetiredImage>> {
+        self.retired_before(i64::MAX).await
+    }
+
+    /// The retired images retired before `before` (Unix milliseconds), oldest first:
+    /// the ones old enough to delete (a session whose opening read the vdisk's key just
+    /// before the replace may commit a moment after it).
+    pub async fn retired_before(&self, before: i64) -> Result<Vec<RetiredImage>> {
         let rows = sqlx::query(
-            "SELECT backend, image_key, vdisk, retired_at FROM retired_images ORDER BY retired_at, image_key",
+            "SELECT backend, image_key, vdisk, retired_at FROM retired_images WHERE retired_at < $1 \
+             ORDER BY retired_at, image_key",
         )
+        .bind(before)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| db_error(e, "list retired images"))?;
@@ -90,11 +102,13 @@ impl SqlCatalog {
             .collect()
     }
 
-    /// How many live sessions read the retired image `key` of `backend`.
+    /// How many live sessions read the retired image `key` of `backend`, and vdisks use
+    /// it (a vdisk added on that key since it was retired).
     pub async fn readers_of_retired(&self, image: &RetiredImage) -> Result<u64> {
         let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM sessions s JOIN vdisks v ON v.name = s.vdisk \
-             WHERE s.closed_at IS NULL AND s.image_key = $2 AND v.backend = $1",
+            "SELECT (SELECT COUNT(*) FROM sessions s JOIN vdisks v ON v.name = s.vdisk \
+             WHERE s.closed_at IS NULL AND s.image_key = $2 AND v.backend = $1) \
+             + (SELECT COUNT(*) FROM vdisks WHERE backend = $1 AND image_key = $2)",
         )
         .bind(&image.backend)
         .bind(&image.key)

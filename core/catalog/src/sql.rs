@@ -899,7 +899,7 @@ impl Catalog for SqlCatalog {
             attached: false,
             detached_at: None,
             epoch: 0,
-            image_key: Some(vdisk.key.clone()),
+            image_key: None,
         };
         let mut tx = self.pool.begin().await.map_err(|e| db_error(e, "begin"))?;
         // Touching the client row first takes its row lock on PostgreSQL, so two boots of
@@ -958,8 +958,10 @@ impl Catalog for SqlCatalog {
             }
         }
         sqlx::query(
+            // The image key is read in the insert itself, so a replace committed
+            // meanwhile is seen (the session then starts on the new image).
             "INSERT INTO sessions (id, token, mac, vdisk, peer, started_at, last_active, bytes_read, bytes_written, closed_at, image_key) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6, 0, 0, NULL, $7)",
+             SELECT $1, $2, $3, $4, $5, $6, $6, 0, 0, NULL, image_key FROM vdisks WHERE name = $4",
         )
         .bind(&session.id)
         .bind(&session.token)
@@ -967,12 +969,12 @@ impl Catalog for SqlCatalog {
         .bind(vdisk_name)
         .bind(session.peer.clone())
         .bind(now)
-        .bind(&session.image_key)
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error(e, "open session"))?;
         tx.commit().await.map_err(|e| db_error(e, "open session"))?;
-        Ok(session)
+        // As stored: the image key was read by the insert.
+        self.session(&session.id).await
     }
 
     async fn session_by_token(&self, token: &str) -> Result<Session> {

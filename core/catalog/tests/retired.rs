@@ -84,6 +84,17 @@ async fn swap(catalog: &SqlCatalog) {
     assert_eq!(catalog.readers_of_retired(&retired[0]).await.unwrap(), 0);
     catalog.forget_retired(&retired[0]).await.unwrap();
     assert!(catalog.retired_images().await.unwrap().is_empty());
+
+    // An image another vdisk also boots is never retired.
+    let mut other = catalog.vdisk("os").await.unwrap();
+    other.name = "other".into();
+    catalog.add_vdisk(&other).await.unwrap();
+    catalog
+        .replace_image("os", "os-v3", 1 << 20, None)
+        .await
+        .unwrap();
+    assert!(catalog.retired_images().await.unwrap().is_empty());
+    assert!(catalog.retired_before(0).await.unwrap().is_empty());
 }
 
 #[tokio::test]

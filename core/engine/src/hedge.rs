@@ -334,26 +334,42 @@ impl BlockSource for HedgedSource {
         state.hedged.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(kind = %self.kind, offset, len, waited_ms = delay.as_millis() as u64,
             "slow backend read: sending it again");
+        let resent = Instant::now();
         let second = self.inner.read_at(offset, len, opts);
         tokio::pin!(second);
-        // The first answer that is not an error wins; an error waits for the other.
+        // The first answer that is not an error wins; an error waits for the other. The
+        // winner's own latency is recorded, so the estimate follows a backend that got
+        // slower instead of hedging everything against an old, fast percentile.
+        let won_second = |state: &HedgeState| {
+            state.hedge_won.fetch_add(1, Ordering::Relaxed);
+            state.record(&self.kind, resent.elapsed());
+        };
         tokio::select! {
             done = &mut first => match done {
-                Ok(bytes) => Ok(bytes),
+                Ok(bytes) => {
+                    state.record(&self.kind, started.elapsed());
+                    Ok(bytes)
+                }
                 Err(_) => {
                     let done = second.await;
                     if done.is_ok() {
-                        state.hedge_won.fetch_add(1, Ordering::Relaxed);
+                        won_second(state);
                     }
                     done
                 }
             },
             done = &mut second => match done {
                 Ok(bytes) => {
-                    state.hedge_won.fetch_add(1, Ordering::Relaxed);
+                    won_second(state);
                     Ok(bytes)
                 }
-                Err(_) => first.await,
+                Err(_) => {
+                    let done = first.await;
+                    if done.is_ok() {
+                        state.record(&self.kind, started.elapsed());
+                    }
+                    done
+                }
             },
         }
     }

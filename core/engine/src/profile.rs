@@ -126,7 +126,7 @@ impl BootProfile {
 
     /// Bytes of the boot set.
     pub fn boot_set_bytes(&self) -> u64 {
-        self.boot_set().count() as u64 * self.block_size
+        (self.boot_set().count() as u64).saturating_mul(self.block_size)
     }
 
     /// The profile as JSON (what `osstream profile export` writes and the catalog keeps).
@@ -147,12 +147,22 @@ impl BootProfile {
                 ),
             ));
         }
-        if profile.block_size == 0 || !profile.block_size.is_power_of_two() {
+        if !(512..=16 << 20).contains(&profile.block_size) || !profile.block_size.is_power_of_two()
+        {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
-                    "boot profile block size {} is not a power of two",
+                    "boot profile block size {} is not a power of two from 512 bytes to 16 MiB",
                     profile.block_size
+                ),
+            ));
+        }
+        if profile.blocks.len() > 1 << 24 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "boot profile has {} blocks; at most 2^24",
+                    profile.blocks.len()
                 ),
             ));
         }

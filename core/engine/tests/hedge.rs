@@ -12,12 +12,13 @@ use osstream_core::{
 };
 use osstream_testkit::{MemSource, pattern};
 
-/// Reads whose number (1-based) is listed stall for `stall`, or fail if `fail` is set.
+/// Reads whose number (1-based) is listed in `slow` stall: the first for `stall`, later
+/// ones twice as long; those also in `fail` then fail.
 #[derive(Debug)]
 struct Flaky {
     inner: MemSource,
     slow: Vec<u64>,
-    fail: bool,
+    fail: Vec<u64>,
     stall: Duration,
     calls: AtomicU64,
 }
@@ -35,9 +36,9 @@ impl BlockSource for Flaky {
     }
     async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Chunks> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.slow.contains(&call) {
-            tokio::time::sleep(self.stall).await;
-            if self.fail {
+        if let Some(position) = self.slow.iter().position(|c| *c == call) {
+            tokio::time::sleep(self.stall * (position as u32 + 1)).await;
+            if self.fail.contains(&call) {
                 return Err(Error::new(ErrorKind::Io, "injected failure"));
             }
         }
@@ -60,11 +61,11 @@ impl BlockSource for Flaky {
     }
 }
 
-fn flaky(slow: &[u64], stall: Duration, fail: bool) -> Arc<Flaky> {
+fn flaky(slow: &[u64], stall: Duration, fail: &[u64]) -> Arc<Flaky> {
     Arc::new(Flaky {
         inner: MemSource::new("img", pattern(1, 1 << 20)),
         slow: slow.to_vec(),
-        fail,
+        fail: fail.to_vec(),
         stall,
         calls: AtomicU64::new(0),
     })
@@ -86,7 +87,7 @@ async fn read(source: &DynSource, opts: ReadOpts) -> (Vec<u8>, Duration) {
 
 #[tokio::test]
 async fn a_stalled_read_is_sent_again_and_the_twin_answers() {
-    let backend = flaky(&[20], Duration::from_secs(5), false);
+    let backend = flaky(&[20], Duration::from_secs(5), &[]);
     let hedge = layer(10);
     let source = hedge.layer(backend.clone());
     let want = pattern(1, 1 << 20)[4096..8192].to_vec();
@@ -103,7 +104,7 @@ async fn a_stalled_read_is_sent_again_and_the_twin_answers() {
 
 #[tokio::test]
 async fn without_budget_a_slow_read_is_waited_out() {
-    let backend = flaky(&[1], Duration::from_millis(300), false);
+    let backend = flaky(&[1], Duration::from_millis(300), &[]);
     let hedge = layer(0);
     let source = hedge.layer(backend.clone());
     let (_, took) = read(&source, ReadOpts::default()).await;
@@ -114,18 +115,20 @@ async fn without_budget_a_slow_read_is_waited_out() {
 
 #[tokio::test]
 async fn a_failed_first_read_waits_for_its_twin() {
-    // Read 1 stalls 100 ms then fails; its twin (read 2) answers.
-    let backend = flaky(&[1], Duration::from_millis(100), true);
+    // Read 1 stalls 100 ms then fails; its twin (read 2, sent at about 20 ms) stalls
+    // 200 ms and answers: the failure arrives first and the twin is awaited.
+    let backend = flaky(&[1, 2], Duration::from_millis(100), &[1]);
     let hedge = layer(10);
     let source = hedge.layer(backend.clone());
-    let (bytes, _) = read(&source, ReadOpts::default()).await;
+    let (bytes, took) = read(&source, ReadOpts::default()).await;
     assert_eq!(bytes, pattern(1, 1 << 20)[4096..8192].to_vec());
+    assert!(took >= Duration::from_millis(200), "{took:?}");
     assert_eq!(hedge.stats().hedge_won, 1);
 }
 
 #[tokio::test]
 async fn prefetch_reads_are_not_hedged_and_a_disabled_layer_adds_nothing() {
-    let backend = flaky(&[1], Duration::from_millis(100), false);
+    let backend = flaky(&[1], Duration::from_millis(100), &[]);
     let hedge = layer(10);
     let source = hedge.layer(backend.clone());
     read(&source, ReadOpts { prefetch: true }).await;

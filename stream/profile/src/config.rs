@@ -16,8 +16,8 @@ pub struct ProfileConfig {
     pub quiet: Seconds,
     /// ... or at the latest this long after the client attached. Default: `3m`.
     pub window: Seconds,
-    /// ... or when it has read this many distinct bytes (a client reading its whole disk is
-    /// not booting). Default: `1GiB`.
+    /// A client that has read this many distinct bytes is scanning its disk, not booting:
+    /// its recording stops and is not kept. Default: `1GiB`.
     pub max_bytes: ByteSize,
     /// A connection that read fewer distinct bytes than this was not a boot (a probe,
     /// a partition scan); it is not recorded. Default: `1MiB`.

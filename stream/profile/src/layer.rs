@@ -241,10 +241,34 @@ impl Layer for ProfileLayer {
             .unwrap_or_else(|p| p.into_inner());
         if let Some(known) = sessions.get_mut(session) {
             known.attachments = known.attachments.saturating_sub(1);
-            if known.attachments == 0 {
-                // Ends the prefetch, and the recording with `Detached` (see watch_recording).
-                known.stop.cancel();
-                known.recording = None;
+            if known.attachments == 0 && !known.stop.is_cancelled() {
+                // A booting client reconnects (a bootloader hands over to the OS, an NBD
+                // client retries): wait `quiet` before ending the prefetch and the
+                // recording (with `Detached`, see watch_recording); a connection of the
+                // session coming back meanwhile joins them again.
+                let (shared, session, serial) =
+                    (self.shared.clone(), session.clone(), known.serial);
+                let grace = self.shared.config.quiet.0;
+                let end = async move {
+                    tokio::time::sleep(grace).await;
+                    let mut sessions = shared.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(known) = sessions.get_mut(&session)
+                        && known.serial == serial
+                        && known.attachments == 0
+                    {
+                        known.stop.cancel();
+                        known.recording = None;
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        runtime.spawn(end);
+                    }
+                    Err(_) => {
+                        known.stop.cancel();
+                        known.recording = None;
+                    }
+                }
             }
         }
     }
@@ -328,6 +352,13 @@ async fn watch_recording(
     };
     let touched = finished.touched;
     let bytes = touched.len() as u64 * boot.block_size;
+    if why == Finish::Full {
+        // A client that read max_bytes distinct bytes is scanning its disk, not booting:
+        // a profile of that would prefetch the scan into everyone's cache.
+        shared.counters.not_boots.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%label, bytes, "read max_bytes distinct bytes: a scan, not a boot; not recorded");
+        return;
+    }
     if bytes < shared.config.min_bytes.bytes() {
         shared.counters.not_boots.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%label, bytes, "too little read to be a boot: not recorded");
@@ -362,6 +393,10 @@ async fn watch_recording(
                 "boot profile recorded ({})",
                 why.describe()
             );
+        }
+        Err(err) if err.kind() == osstream_core::ErrorKind::Conflict => {
+            shared.counters.not_boots.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%label, %err, "boot profile not merged");
         }
         Err(err) => {
             shared

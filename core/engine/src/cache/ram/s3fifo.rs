@@ -39,11 +39,13 @@ impl Lifecycle<BlockKey, Bytes> for CountEvictions {
 }
 
 impl S3FifoStore {
-    /// A store of at most `capacity` bytes, counting its evictions into `evictions` (the
+    /// A store of at most `capacity` bytes of `block_size` blocks, counting its evictions
+    /// into `evictions` (the
     /// tier adds what `put` returns, which is 0 here: evictions happen inside the crate).
-    pub(super) fn new(capacity: u64, evictions: Arc<AtomicU64>) -> Self {
-        // The crate sizes its tables from an estimate of the item count: 64 KiB blocks.
-        let estimated = (capacity / (64 << 10)).clamp(16, 1 << 24) as usize;
+    pub(super) fn new(capacity: u64, block_size: u64, evictions: Arc<AtomicU64>) -> Self {
+        // The crate sizes its tables, and keeps at least 32 items per shard, from this
+        // estimate: with the real block size, a shard always holds whole blocks.
+        let estimated = (capacity / block_size.max(512)).clamp(16, 1 << 24) as usize;
         S3FifoStore {
             cache: Cache::with(
                 estimated,
