@@ -296,7 +296,11 @@ impl LeaseStore for SqlCatalog {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(|e| crate::sql::db_error(e, "check reservations"))?;
+        // Conflicts roll back at once: a transaction dropped with its write lock held
+        // would be rolled back only when its connection returns to the pool, and the next
+        // lease (on another connection) could find SQLite busy meanwhile.
         if let Some(owner) = reserved {
+            let _ = tx.rollback().await;
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!("address {ip} is reserved for {owner}"),
@@ -316,6 +320,7 @@ impl LeaseStore for SqlCatalog {
         .await
         .map_err(|e| crate::sql::db_error(e, "bind a lease"))?;
         if taken.rows_affected() == 0 {
+            let _ = tx.rollback().await;
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!("address {ip} is leased to another client"),

@@ -4,29 +4,13 @@
 
 mod common;
 
-use osstream_catalog::{BootMethod, Catalog, SqlCatalog, Vdisk, VdiskMode, WriteCache};
+use osstream_catalog::{Catalog, SqlCatalog};
 use osstream_core::{BootProfile, ErrorKind, ProfileStore, RecordedBoot};
 
 use common::PgCluster;
 
-fn vdisk(name: &str) -> Vdisk {
-    Vdisk {
-        name: name.into(),
-        backend: "images".into(),
-        key: name.into(),
-        size: 64 << 20,
-        mode: VdiskMode::Standard,
-        write_cache: WriteCache::Ram,
-        boot: BootMethod::LinuxNbd,
-        kernel: None,
-        initrd: None,
-        cmdline: None,
-        description: String::new(),
-        enabled: true,
-        locked_by: None,
-        created_at: 0,
-        image_id: None,
-    }
+fn vdisk(name: &str) -> osstream_catalog::Vdisk {
+    common::standard_vdisk(name)
 }
 
 fn boot(vdisk: &str, generation: &str, touched: &[u64]) -> RecordedBoot {

@@ -3,29 +3,13 @@
 
 mod common;
 
-use osstream_catalog::{BootMethod, Catalog, Client, SqlCatalog, Vdisk, VdiskMode, WriteCache};
+use osstream_catalog::{Catalog, Client, SqlCatalog};
 
 use common::PgCluster;
 
 async fn swap(catalog: &SqlCatalog) {
     catalog
-        .add_vdisk(&Vdisk {
-            name: "os".into(),
-            backend: "images".into(),
-            key: "os".into(),
-            size: 1 << 20,
-            mode: VdiskMode::Standard,
-            write_cache: WriteCache::Ram,
-            boot: BootMethod::LinuxNbd,
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-            description: String::new(),
-            enabled: true,
-            locked_by: None,
-            created_at: 0,
-            image_id: None,
-        })
+        .add_vdisk(&common::standard_vdisk("os"))
         .await
         .unwrap();
     let mut sessions = Vec::new();

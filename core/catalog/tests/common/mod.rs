@@ -1,7 +1,30 @@
-//! Helpers shared by the catalog's test files: a throwaway PostgreSQL cluster.
+//! Helpers shared by the catalog's test files: a throwaway PostgreSQL cluster, and a
+//! standard vdisk record.
 
 use std::path::PathBuf;
 use std::process::Command;
+
+/// A standard vdisk `name` on backend `images`, key `name`, 1 MiB, RAM overlays.
+#[allow(dead_code)] // not every test file that shares this module uses it
+pub fn standard_vdisk(name: &str) -> osstream_catalog::Vdisk {
+    osstream_catalog::Vdisk {
+        name: name.into(),
+        backend: "images".into(),
+        key: name.into(),
+        size: 1 << 20,
+        mode: osstream_catalog::VdiskMode::Standard,
+        write_cache: osstream_catalog::WriteCache::Ram,
+        boot: osstream_catalog::BootMethod::LinuxNbd,
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        description: String::new(),
+        enabled: true,
+        locked_by: None,
+        created_at: 0,
+        image_id: None,
+    }
+}
 
 /// A PostgreSQL cluster in a temp dir on its own port, stopped when dropped.
 pub struct PgCluster {
