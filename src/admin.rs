@@ -577,7 +577,7 @@ fn describe_currency(current: Option<bool>) -> &'static str {
     match current {
         Some(true) => "current",
         Some(false) => {
-            "stale: the image changed since it was recorded; the next boot records a new one"
+            "not usable: recorded from another image or an older version of this one; the next boot records a new one"
         }
         None => "unknown: the vdisk's backend cannot be asked from here",
     }
@@ -744,8 +744,15 @@ pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> 
         - stats.updated_at)
         .max(0)
         / 1000;
-    let state = if stats.running {
+    // SAFETY: kill with signal 0 only asks whether the process exists; it sends nothing.
+    let alive = i32::try_from(stats.pid).is_ok_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+    let state = if stats.running && alive {
         format!("running (pid {}), counted {age}s ago", stats.pid)
+    } else if stats.running {
+        format!(
+            "not running: pid {} is gone without a clean stop (killed or crashed); these are its counts from {age}s before",
+            stats.pid
+        )
     } else {
         format!("stopped, counted when it stopped {age}s ago")
     };

@@ -175,11 +175,23 @@ pub async fn cache(args: &crate::args::BenchCache, json: bool) -> Result<()> {
             format!("--block-size {} must be a power of two", args.block_size),
         ));
     }
+    /// Reads replayed at most (a few hundred MiB of memory): a typo in a copy count must
+    /// not take the machine's memory.
+    const MAX_READS: u64 = 20_000_000;
     let mut reads = Vec::new();
     let mut described = Vec::new();
     for arg in &args.trace {
         let (path, copies) = trace_arg(arg)?;
         let trace = parse_trace(&path)?;
+        let total = reads.len() as u64 + trace.reads.len() as u64 * u64::from(copies);
+        if total > MAX_READS {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "--trace {arg}: {total} reads in all; at most {MAX_READS} are replayed (fewer copies)"
+                ),
+            ));
+        }
         for copy in 0..u64::from(copies) {
             let shift = copy.saturating_mul(args.stagger.0.as_micros() as u64);
             reads.extend(trace.reads.iter().map(|r| Read {

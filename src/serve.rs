@@ -196,6 +196,10 @@ async fn serve(config: Config) -> Result<()> {
         overlays.dir.clone(),
         heartbeat_stop.clone(),
     ));
+    // Written once now, so `osstream cache stats` knows this server from its start.
+    if let Err(err) = crate::stats::write(&config.data_dir, &me.id, &layers, true) {
+        tracing::warn!(%err, "cannot write the cache statistics file");
+    }
     let stats_stop = CancellationToken::new();
     let stats_writer = tokio::spawn(crate::stats::keep_writing(
         config.data_dir.clone(),

@@ -119,3 +119,22 @@ def test_an_image_changed_in_place_fails_its_readers_and_never_mixes_bytes(lab, 
     assert failures >= 12, failures  # the first 4 MiB may still come from the cache
     assert "was changed in place while clients read it" in lab.log.read_text()
     assert lab.alive()
+
+
+def test_a_session_whose_image_changed_in_place_is_not_served_over_the_new_image(lab, tmp_path):
+    uri = lab.cli("session", "open", "aa:bb:cc:00:00:01", "os").stdout.strip()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"Y" * 4096, 0)
+    h.flush()
+    h.shutdown()
+    shutil.copyfile(tmp_path / "os2.raw", lab.images / "os.img")
+    # The session's overlay was made over the old image: reconnecting is refused, not
+    # served with the client's writes on top of another disk.
+    again = nbd.NBD()
+    with pytest.raises(nbd.Error):
+        again.connect_uri(uri)
+    assert "changed in place while the session lived" in lab.log.read_text()
+    # A new boot (a new session) gets the new image.
+    fresh = attach(lab, "aa:bb:cc:00:00:01")
+    assert read_all(fresh) == (tmp_path / "os2.raw").read_bytes()

@@ -112,7 +112,7 @@ def test_a_changed_image_gets_a_new_profile_and_the_old_one_is_never_used(lab):
     # The image is replaced behind osstream's back: a new generation.
     shutil.copy(lab.images / "other.img", lab.images / "deb.img")
     assert show(lab)["current"] is False
-    assert "stale: the image changed" in lab.cli("profile", "show", "deb").stdout
+    assert "not usable: recorded from another image or an older version" in lab.cli("profile", "show", "deb").stdout
     h = boot(lab, blocks=[1, 2])
     wait_log(lab, "of another image generation: not used")
     wait_log(lab, "boot profile recorded", count=2)

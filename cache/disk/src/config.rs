@@ -63,9 +63,15 @@ impl TierKind for DiskTierConfig {
                 self.capacity, self.block_size
             ));
         }
-        if !(self.low_watermark < self.high_watermark && self.high_watermark <= 100) {
+        if !(1..=100).contains(&self.high_watermark) {
             return bad(format!(
-                "low_watermark = {} must be below high_watermark = {}, which is at most 100",
+                "high_watermark = {} must be a percentage from 1 to 100",
+                self.high_watermark
+            ));
+        }
+        if self.low_watermark >= self.high_watermark {
+            return bad(format!(
+                "low_watermark = {} must be below high_watermark = {}",
                 self.low_watermark, self.high_watermark
             ));
         }

@@ -158,7 +158,8 @@ impl Exports {
                 let mut hooks = Hooks::new(context_of(&base));
                 let source = self.stack(base, Some(&mut hooks));
                 let image_size = source.info().size;
-                let overlay = self.live.overlay(&target, || {
+                let base_generation = source.info().generation.clone();
+                let overlay = self.live.overlay(&target, &base_generation, || {
                     let store = make_overlay(overlays, &target, kind, image_size)?;
                     Ok(Arc::new(CowLayer::new(store, overlays.block_size)))
                 })?;

@@ -174,7 +174,9 @@ pub(crate) type Order = Arc<tokio::sync::Mutex<()>>;
 struct LiveSession {
     session: String,
     started_at: i64,
-    overlay: Option<Arc<CowLayer>>,
+    /// The client's overlay, and the generation of the base it was made over: its
+    /// blocks are only meaningful over that base.
+    overlay: Option<(Arc<CowLayer>, String)>,
     ended: CancellationToken,
     connections: usize,
     peers: HashSet<String>,
@@ -414,6 +416,7 @@ impl LiveSessions {
     pub(crate) fn overlay(
         &self,
         target: &SessionTarget,
+        base_generation: &str,
         make: impl FnOnce() -> Result<Arc<CowLayer>>,
     ) -> Result<Arc<CowLayer>> {
         let mut live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
@@ -426,11 +429,25 @@ impl LiveSessions {
                     format!("session {} ended while connecting", target.session),
                 )
             })?;
-        if let Some(overlay) = &entry.overlay {
+        if let Some((overlay, made_over)) = &entry.overlay {
+            if made_over != base_generation {
+                // The image changed in place since the overlay was made (a file copied
+                // over it): the client's writes would sit on another disk's blocks.
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "the image of session {} changed in place while the session lived \
+                         (generation {made_over} then, {base_generation} now): its overlay \
+                         belongs to the old image; the client must boot again (a new session)",
+                        target.session
+                    ),
+                )
+                .with_op("attach"));
+            }
             return Ok(overlay.clone());
         }
         let overlay = make()?;
-        entry.overlay = Some(overlay.clone());
+        entry.overlay = Some((overlay.clone(), base_generation.to_owned()));
         Ok(overlay)
     }
 
