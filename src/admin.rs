@@ -738,12 +738,7 @@ pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> 
     if json {
         return output(true, &stats, &[], Vec::new());
     }
-    let age = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-        - stats.updated_at)
-        .max(0)
-        / 1000;
+    let age = (crate::stats::now_ms() - stats.updated_at).max(0) / 1000;
     // SAFETY: kill with signal 0 only asks whether the process exists; it sends nothing.
     let alive = i32::try_from(stats.pid).is_ok_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
     let state = if stats.running && alive {

@@ -350,24 +350,15 @@ async fn housekeeping(
         // Retired a few rounds ago at least: a session whose opening read the old key
         // just before the replace has committed by then.
         let grace = (period * SWEEP_ROUNDS).as_millis() as i64;
-        delete_retired_images(&catalog, now_ms() - grace, |backend, key| {
-            let exports = exports.clone();
-            let (backend, key) = (backend.to_owned(), key.to_owned());
-            async move { exports.remove_image(&backend, &key).await }
-        })
-        .await;
+        delete_retired_images(&catalog, &exports, crate::stats::now_ms() - grace).await;
     }
 }
 
 /// Deletes every retired image (a vdisk's image replaced under running clients) retired
-/// before `before` (Unix milliseconds) that no live session reads any more, with `remove` (the server's backends, or the import's),
-/// which says `false` for a backend it does not have: such an image is left to a server
-/// that has it.
-pub async fn delete_retired_images<F, Fut>(catalog: &SqlCatalog, before: i64, remove: F)
-where
-    F: Fn(&str, &str) -> Fut,
-    Fut: std::future::Future<Output = osstream_core::Result<bool>>,
-{
+/// before `before` (Unix milliseconds) that no live session reads any more, through
+/// `exports` (which drops its cached blocks too); an image of a backend this server does
+/// not configure is left to a server that has it.
+async fn delete_retired_images(catalog: &SqlCatalog, exports: &Exports, before: i64) {
     let retired = match catalog.retired_before(before).await {
         Ok(retired) => retired,
         Err(err) => {
@@ -384,7 +375,7 @@ where
                 return;
             }
         }
-        let outcome = match remove(&image.backend, &image.key).await {
+        let outcome = match exports.remove_image(&image.backend, &image.key).await {
             Ok(true) => "deleted: its last session ended".to_owned(),
             // Not a backend of this server: one that has it deletes it.
             Ok(false) => continue,
@@ -532,10 +523,4 @@ pub fn host_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -30,7 +30,8 @@ fn path(data_dir: &Path) -> PathBuf {
     data_dir.join("stats.json")
 }
 
-fn now_ms() -> i64 {
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -203,7 +203,7 @@ impl Layer for ProfileLayer {
                 shared.clone(),
                 recording.clone(),
                 boot_of(context, vdisk, block_size),
-                source.info().size,
+                (session.clone(), source.info().size),
                 stop.clone(),
                 label.clone(),
             ));
@@ -332,7 +332,7 @@ async fn watch_recording(
     shared: Arc<Shared>,
     recording: Arc<Recording>,
     mut boot: RecordedBoot,
-    size: u64,
+    (session, size): (String, u64),
     stop: CancellationToken,
     label: String,
 ) {
@@ -366,7 +366,6 @@ async fn watch_recording(
     }
     let seconds = recording.elapsed().as_secs_f64();
     if let Some(dir) = &shared.config.trace_dir {
-        let session = label_session(&label);
         let path = dir.join(format!("{}-{session}.trace", boot.vdisk));
         match write_trace(&path, &boot, size, &finished.trace) {
             Ok(()) => {
@@ -406,13 +405,6 @@ async fn watch_recording(
             tracing::warn!(%label, %err, "cannot store the boot profile");
         }
     }
-}
-
-/// The session id out of a label `VDISK (session ID)`.
-fn label_session(label: &str) -> &str {
-    label
-        .rsplit_once("(session ")
-        .map_or("boot", |(_, rest)| rest.trim_end_matches(')'))
 }
 
 /// Writes a boot trace: a header, then one `MICROSECONDS OFFSET LENGTH` line per read.
