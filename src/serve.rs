@@ -224,6 +224,7 @@ async fn serve(config: Config) -> Result<()> {
         boot_url,
         seen: Arc::default(),
         leases: Some(Arc::new(catalog.clone())),
+        profiles: Some(Arc::new(catalog.clone())),
     };
     let mut running = tokio::task::JoinSet::new();
     for protocol in protocols {

@@ -10,6 +10,8 @@
 //! - `GET|HEAD /boot/{token}/kernel|initrd`: the session's boot files, with `Range`.
 //! - `GET|HEAD /san/{token}`: the session's disk over HTTP SAN (`HEAD` gives its size,
 //!   `Range` GETs read it; no writes).
+//! - `GET /agent/{token}`: the session's disk as the client agent needs to know it
+//!   (`AgentInfo` JSON: size, base image and generation, where writes go, the boot set).
 //!
 //! Requests are parsed sans IO ([`request`]); scripts are built by pure functions
 //! ([`script`]); [`HttpServer`] does the IO. Tokens in paths never reach logs.

@@ -226,6 +226,9 @@ pub fn boot_script(
                 identity,
             )
             .map_err(|why| vec![format!("vdisk {}: {why}", choice.vdisk)])?;
+            // Where the client agent (osstream-agent --cmdline) asks about its disk; a
+            // stock initramfs ignores it.
+            let cmdline = format!("{cmdline} osstream.agent={base_url}/agent/{token}");
             let _ = writeln!(
                 script,
                 "kernel --name kernel {base_url}/boot/{token}/kernel initrd=initrd {} || goto failed\n\

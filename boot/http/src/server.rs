@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use osstream_core::{
-    AttachRequest, Attachment, BootDirectory, BootProtocol, DynSource, Error, ErrorKind,
-    ExportName, Exports, Intent, IoCounters, ReadOpts, Result, SeenAddresses, ServeContext,
-    UnknownPolicy, async_trait, normalize_mac,
+    AGENT_INFO_FORMAT, AgentInfo, AgentWrites, AttachRequest, Attachment, BootDirectory,
+    BootProtocol, DynSource, Error, ErrorKind, ExportName, Exports, Intent, IoCounters,
+    OverlayKind, ProfileStore, ReadOpts, Result, SeenAddresses, ServeContext, UnknownPolicy,
+    async_trait, normalize_mac,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,6 +58,7 @@ impl HttpServer {
 struct Shared {
     exports: Arc<Exports>,
     boot: Option<Arc<dyn BootDirectory>>,
+    profiles: Option<Arc<dyn ProfileStore>>,
     nbd_address: Option<String>,
     seen: Arc<SeenAddresses>,
     base_url: Option<String>,
@@ -107,6 +109,7 @@ impl BootProtocol for HttpServer {
         let shared = Arc::new(Shared {
             exports: ctx.exports,
             boot: ctx.boot,
+            profiles: ctx.profiles,
             nbd_address: ctx.session_address,
             seen: ctx.seen,
             bad: std::sync::Mutex::new(osstream_core::LogBudget::new("bad HTTP requests", 10)),
@@ -214,7 +217,7 @@ pub(crate) fn loggable_path(path: &str) -> String {
 fn token_hidden(path: &str) -> String {
     // The same normalisation as routing: any number of leading slashes.
     let trimmed = path.trim_start_matches('/');
-    for prefix in ["san/", "boot/"] {
+    for prefix in ["san/", "boot/", "agent/"] {
         if let Some(rest) = trimmed.strip_prefix(prefix) {
             let tail = rest.find('/').map_or("", |i| &rest[i..]);
             return format!("/{prefix}<token>{tail}");
@@ -443,10 +446,17 @@ impl Connection {
                     Reply::error(&err)
                 }
             },
+            ["agent", token] => match self.agent_info(token).await {
+                Ok(reply) => reply,
+                Err(err) => {
+                    tracing::info!(peer = %self.peer, path = %loggable_path(&request.path), %err, "http: agent info refused");
+                    Reply::error(&err)
+                }
+            },
             _ => Reply::text(
                 404,
                 format!(
-                    "nothing at {}: this server answers /boot.ipxe, /ipxe/MAC, /boot/TOKEN/kernel|initrd and /san/TOKEN",
+                    "nothing at {}: this server answers /boot.ipxe, /ipxe/MAC, /boot/TOKEN/kernel|initrd, /san/TOKEN and /agent/TOKEN",
                     loggable_path(&request.path)
                 ),
             ),
@@ -619,6 +629,48 @@ impl Connection {
         })
     }
 
+    /// `GET /agent/TOKEN`: the session's disk as the client agent needs to know it (see
+    /// [`AgentInfo`]), including the vdisk's boot set when a profile matches the image.
+    async fn agent_info(&self, token: &str) -> Result<Reply> {
+        let peer = self.peer.to_string();
+        let view = self.shared.exports.session_view(token, &peer).await?;
+        let writes = match view.target.overlay {
+            Some(OverlayKind::Ram | OverlayKind::RamOverflowDisk | OverlayKind::ServerDisk) => {
+                AgentWrites::Local
+            }
+            Some(OverlayKind::ServerDiskPersistent) | None => AgentWrites::Server,
+        };
+        let profile = match &self.shared.profiles {
+            Some(store) => match store.profile(&view.target.vdisk).await {
+                Ok(profile) => profile.filter(|p| p.matches(&view.identity, &view.generation)),
+                Err(err) => {
+                    tracing::warn!(vdisk = %view.target.vdisk, %err, "http: cannot read the boot profile for an agent; it streams on demand");
+                    None
+                }
+            },
+            None => None,
+        };
+        let info = AgentInfo {
+            format: AGENT_INFO_FORMAT,
+            vdisk: view.target.vdisk.clone(),
+            client: view.target.client.clone(),
+            size: view.size,
+            image: view.identity,
+            generation: view.generation,
+            writes,
+            block_size: profile.as_ref().map_or(0, |p| p.block_size),
+            boot_set: profile
+                .as_ref()
+                .map_or_else(Vec::new, |p| p.boot_set().collect()),
+        };
+        tracing::info!(peer = %self.peer, session = %view.target.session, vdisk = %info.vdisk,
+            boot_set = info.boot_set.len(), writes = ?info.writes, "http: agent info");
+        Ok(Reply::Text {
+            head: ResponseHead::new(200).header("Content-Type", "application/json"),
+            body: info.to_json(),
+        })
+    }
+
     async fn san(&mut self, token: &str, method: Method) -> Result<Reply> {
         if let Some((held, attachment)) = &self.san
             && held == token
@@ -671,6 +723,7 @@ mod tests {
         assert_eq!(loggable_path("/san/secret"), "/san/<token>");
         assert_eq!(loggable_path("/boot/secret/kernel"), "/boot/<token>/kernel");
         assert_eq!(loggable_path("/ipxe/aa-bb"), "/ipxe/aa-bb");
+        assert_eq!(loggable_path("/agent/secret"), "/agent/<token>");
         assert_eq!(
             loggable_path("//boot/secret/kernel"),
             "/boot/<token>/kernel"

@@ -14,6 +14,7 @@
 //! cannot be resynchronised (bad magic, options over 64 KiB, a stalled handshake) close
 //! that one connection with a log line.
 
+pub mod client;
 mod config;
 mod negotiation;
 pub mod proto;

@@ -18,8 +18,9 @@
 //!
 //! # Space
 //! When a put finds more than `high_watermark` of the slots in use, it reclaims down to
-//! `low_watermark` at once (CLOCK: a block read since the hand last passed survives one
-//! more round), so reclaim runs in bursts, not on every put. Eviction only changes the
+//! `low_watermark` at once, least recently used first (a use is a put or a hit; the
+//! order starts afresh at a restart), so reclaim runs in bursts, not on every put.
+//! Pinned blocks (the client agent's boot set) are never reclaimed. Eviction only changes the
 //! in-memory map: an evicted block's record stays valid until its slot is reused, and is
 //! simply found again after a restart.
 //!

@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -45,7 +45,10 @@ struct State {
     map: HashMap<BlockKey, u32>,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    hand: u32,
+    /// Counts uses: a slot's `last_use` is the tick of its last put or hit.
+    tick: u64,
+    /// Blocks reclaim never evicts (the client agent's boot set).
+    pinned: HashSet<BlockKey>,
     /// Slots held or being written.
     used: u32,
     /// Bytes of held blocks.
@@ -61,7 +64,7 @@ struct Slot {
     crc: u32,
     version: u64,
     use_: Use,
-    referenced: bool,
+    last_use: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -199,6 +202,64 @@ impl DiskTier {
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
+
+    /// Whether `key` is held now (no I/O, no effect on eviction order).
+    pub fn holds(&self, key: &BlockKey) -> bool {
+        self.inner.lock().map.contains_key(key)
+    }
+
+    /// Keeps `keys` from eviction from now on (held now or put later), in addition to
+    /// those pinned before. Pins last for the tier's life in this process.
+    pub fn pin(&self, keys: impl IntoIterator<Item = BlockKey>) {
+        self.inner.lock().pinned.extend(keys);
+    }
+
+    /// How many pinned blocks are held now.
+    pub fn pinned_held(&self) -> u64 {
+        let state = self.inner.lock();
+        state
+            .pinned
+            .iter()
+            .filter(|k| state.map.contains_key(k))
+            .count() as u64
+    }
+
+    /// Empties the cache in `dir` (what `osstream-agent clear` does); refused while a
+    /// process has it open. Returns the bytes of block data it held.
+    pub fn clear(dir: &Path) -> Result<u64> {
+        let lock_path = dir.join("lock");
+        let lock = match File::open(&lock_path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(io(err, format!("cannot open {}", lock_path.display()))),
+        };
+        if lock.try_lock().is_err() {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "the cache in {} is in use: stop the process using it first",
+                    dir.display()
+                ),
+            ));
+        }
+        let held = std::fs::metadata(dir.join("blocks.dat")).map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        });
+        for name in ["index.dat", "blocks.dat", "meta.json"] {
+            match std::fs::remove_file(dir.join(name)) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(io(
+                        err,
+                        format!("cannot remove {}", dir.join(name).display()),
+                    ));
+                }
+            }
+        }
+        Ok(held)
+    }
 }
 
 /// Rebuilds the map from the index file.
@@ -209,7 +270,8 @@ fn load(index: &File, slots: u32, slot_size: u64) -> std::io::Result<State> {
         map: HashMap::new(),
         slots: vec![Slot::default(); slots as usize],
         free: Vec::new(),
-        hand: 0,
+        tick: 0,
+        pinned: HashSet::new(),
         used: 0,
         bytes: 0,
         next_version: 1,
@@ -227,7 +289,7 @@ fn load(index: &File, slots: u32, slot_size: u64) -> std::io::Result<State> {
                     crc: record.crc,
                     version: 0,
                     use_: Use::Held,
-                    referenced: false,
+                    last_use: 0,
                 };
                 state.used += 1;
                 state.bytes += u64::from(record.len);
@@ -281,38 +343,47 @@ impl State {
         self.free.push(slot);
     }
 
-    /// Evicts held, unreferenced blocks (CLOCK) until at most `target` slots are in use.
+    /// Evicts the least recently used held, unpinned blocks until at most `target`
+    /// slots are in use (fewer evictions if pinned blocks fill the rest).
     fn reclaim(&mut self, target: u32) -> u64 {
-        let total = self.slots.len() as u32;
-        let mut evicted = 0;
-        let mut steps = 0;
-        while self.used > target && steps < 2 * total + 1 {
-            let slot = self.hand;
-            self.hand = (self.hand + 1) % total;
-            steps += 1;
-            let entry = &mut self.slots[slot as usize];
-            if entry.use_ != Use::Held {
-                continue;
-            }
-            if entry.referenced {
-                entry.referenced = false;
-                continue;
-            }
-            self.release(slot);
-            evicted += 1;
+        let excess = self.used.saturating_sub(target) as usize;
+        if excess == 0 {
+            return 0;
         }
-        evicted
+        let mut candidates: Vec<(u64, u32)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.use_ == Use::Held && s.key.is_some_and(|k| !self.pinned.contains(&k))
+            })
+            .map(|(n, s)| (s.last_use, n as u32))
+            .collect();
+        let excess = excess.min(candidates.len());
+        if excess < candidates.len() {
+            candidates.select_nth_unstable(excess);
+        }
+        for &(_, slot) in &candidates[..excess] {
+            self.release(slot);
+        }
+        excess as u64
+    }
+
+    fn touch(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
     }
 
     fn assign(&mut self, slot: u32, key: BlockKey, len: u32, crc: u32) -> u64 {
         self.next_version += 1;
+        let last_use = self.touch();
         self.slots[slot as usize] = Slot {
             key: Some(key),
             len,
             crc,
             version: self.next_version,
             use_: Use::Writing,
-            referenced: false,
+            last_use,
         };
         self.used += 1;
         self.next_version
@@ -332,8 +403,9 @@ impl CacheTier for DiskTier {
             let Some(&slot) = state.map.get(key) else {
                 return Ok(None);
             };
+            let tick = state.touch();
             let entry = &mut state.slots[slot as usize];
-            entry.referenced = true;
+            entry.last_use = tick;
             (slot, entry.len, entry.crc, entry.version)
         };
         let reader = inner.clone();

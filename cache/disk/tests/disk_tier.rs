@@ -189,3 +189,48 @@ async fn under_a_cache_layer_a_restarted_server_reads_from_disk_not_the_backend(
     assert_eq!(bytes.to_vec(), image[4096..104_096].to_vec());
     assert_eq!(backend.reads(), reads, "served from the disk tier");
 }
+
+#[tokio::test]
+async fn reclaim_evicts_the_least_recently_used_and_never_a_pinned_block() {
+    let dir = tempfile::tempdir().unwrap();
+    // 20 slots, reclaim from 18 (90 %) down to 10 (50 %).
+    let tier = open(dir.path(), 20);
+    tier.pin([key(0), key(1)]);
+    for n in 0..17 {
+        tier.put(key(n), data(n)).await.unwrap();
+    }
+    // Used recently: 2..=5 were read after everything else was put.
+    for n in 2..6 {
+        assert!(tier.get(&key(n)).await.unwrap().is_some());
+    }
+    assert!(tier.holds(&key(16)));
+    tier.put(key(17), data(17)).await.unwrap();
+    tier.put(key(18), data(18)).await.unwrap();
+    let held: Vec<u64> = (0..19).filter(|n| tier.holds(&key(*n))).collect();
+    assert!(
+        held.contains(&0) && held.contains(&1),
+        "pinned blocks stay: {held:?}"
+    );
+    for n in 2..6 {
+        assert!(held.contains(&n), "recently read block {n} stays: {held:?}");
+    }
+    assert!(
+        !held.contains(&6),
+        "the oldest unpinned, unread block goes first: {held:?}"
+    );
+    assert!(tier.stats().evictions > 0);
+    assert_eq!(tier.pinned_held(), 2);
+}
+
+#[tokio::test]
+async fn clear_empties_a_cache_but_not_one_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = open(dir.path(), 8);
+    tier.put(key(1), data(1)).await.unwrap();
+    let err = DiskTier::clear(dir.path()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    drop(tier);
+    assert!(DiskTier::clear(dir.path()).unwrap() >= BLOCK);
+    assert_eq!(open(dir.path(), 8).stats().entries, 0);
+    assert_eq!(DiskTier::clear(&dir.path().join("never-made")).unwrap(), 0);
+}

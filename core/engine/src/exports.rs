@@ -34,6 +34,19 @@ pub struct ExportEntry {
     pub writable: bool,
 }
 
+/// A session's disk as [`Exports::session_view`] describes it, without attaching.
+#[derive(Debug, Clone)]
+pub struct SessionView {
+    /// What the token resolved to.
+    pub target: SessionTarget,
+    /// The base image's identity.
+    pub identity: String,
+    /// The base image's generation as the layers key it.
+    pub generation: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
 /// Resolves export names to images on the configured backends and wraps each opened
 /// image in the configured layers, in order (the first layer sits next to the backend).
 ///
@@ -46,6 +59,8 @@ pub struct Exports {
     layers: Vec<Arc<dyn Layer>>,
     sessions: Option<(Arc<dyn SessionDirectory>, OverlaySettings)>,
     live: Arc<LiveSessions>,
+    /// Set by [`Exports::single`]: the one export and its prebuilt source.
+    single: Option<(ExportEntry, DynSource)>,
 }
 
 impl Exports {
@@ -56,6 +71,23 @@ impl Exports {
             layers,
             sessions: None,
             live: Arc::default(),
+            single: None,
+        }
+    }
+
+    /// Exports of one prebuilt `source` under `name`, served as the source allows
+    /// (read-write when it is writable): the client agent's disk, which the agent
+    /// assembles from its own layers. Any other name is `NotFound`; no layer hook runs.
+    pub fn single(name: &str, description: &str, source: DynSource) -> Self {
+        let entry = ExportEntry {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            size: source.info().size,
+            writable: source.capability().write,
+        };
+        Exports {
+            single: Some((entry, source)),
+            ..Exports::new(Vec::new(), Vec::new())
         }
     }
 
@@ -80,6 +112,24 @@ impl Exports {
     /// starts writing it later. With [`Intent::Probe`] nothing of a live session is
     /// taken and no layer hook runs.
     pub async fn attach(&self, request: AttachRequest<'_>) -> Result<Attachment> {
+        if let Some((entry, source)) = &self.single {
+            if request.name != entry.name {
+                return Err(not_found(request.name));
+            }
+            let context = AttachContext {
+                protocol: request.protocol,
+                peer: request.peer.to_owned(),
+                export: entry.name.clone(),
+                client: None,
+                session: None,
+                vdisk: None,
+                image: source.info().identity.clone(),
+                generation: source.info().generation.clone(),
+            };
+            let attachment =
+                Attachment::new(source.clone(), entry.clone(), context, Hold::Nothing, None);
+            return Ok(attachment);
+        }
         match ExportName::parse(request.name) {
             ExportName::Session(token) => self.attach_session(token, &request).await,
             ExportName::Image(name) => self.attach_image(name, &request).await,
@@ -184,6 +234,33 @@ impl Exports {
             Hold::Session(guard),
             Some(hooks),
         ))
+    }
+
+    /// Describes session `token`'s disk (vdisk, base image, generation, size) for a
+    /// client at `peer`, checking the token as an attach would; takes nothing of the
+    /// session.
+    pub async fn session_view(&self, token: &str, peer: &str) -> Result<SessionView> {
+        let Some((directory, _)) = &self.sessions else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "this server has no sessions configured",
+            )
+            .with_op("open_session"));
+        };
+        let target = directory.resolve(token, peer).await?;
+        let backend = self.backend(&target)?;
+        let identity = backend.identity(&target.image)?;
+        let state = directory
+            .image_state(&identity, backend.name(), &target.image)
+            .await?;
+        let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
+        let base = Regenerated::wrap(base, state.epoch);
+        Ok(SessionView {
+            identity,
+            generation: base.info().generation.clone(),
+            size: base.info().size,
+            target,
+        })
     }
 
     /// Wraps `base` in every shared layer, the first next to the backend; with `hooks`,
@@ -330,6 +407,9 @@ impl Exports {
     /// Every export, sorted by name: images a private session writes are left out (they
     /// are refused by their plain names).
     pub async fn list(&self) -> Result<Vec<ExportEntry>> {
+        if let Some((entry, _)) = &self.single {
+            return Ok(vec![entry.clone()]);
+        }
         let mut images = self.all_images().await?;
         if let Some((directory, _)) = &self.sessions {
             let mut kept = Vec::with_capacity(images.len());

@@ -40,6 +40,7 @@
 //! # });
 //! ```
 
+mod agent_info;
 mod attach;
 mod backend;
 mod blocking;
@@ -63,6 +64,7 @@ mod source;
 pub mod sparse;
 pub mod units;
 
+pub use agent_info::{AGENT_INFO_FORMAT, AgentInfo, AgentWrites};
 pub use attach::{
     AttachContext, AttachRequest, Attachment, ExportName, Intent, IoCounters, IoCounts,
 };
@@ -84,7 +86,7 @@ pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, SpillOverlay};
 pub use cpus::CpuRuntimes;
 pub use error::{Error, ErrorKind, Result};
-pub use exports::{ExportEntry, Exports, loggable_export_name};
+pub use exports::{ExportEntry, Exports, SessionView, loggable_export_name};
 pub use hedge::{HedgeConfig, HedgeLayer, HedgeStats};
 pub use layer::{Layer, LayerReport};
 pub use ledger::ImageLedger;

@@ -31,6 +31,9 @@ pub struct ServeContext {
     pub seen: Arc<crate::SeenAddresses>,
     /// Where full-mode DHCP keeps its leases; `None` where no catalog is at hand.
     pub leases: Option<Arc<dyn crate::LeaseStore>>,
+    /// Boot profiles (what the agent is told to fetch first); `None` where no catalog is
+    /// at hand.
+    pub profiles: Option<Arc<dyn crate::ProfileStore>>,
 }
 
 /// A protocol server.

@@ -1,0 +1,813 @@
+//! The agent itself: the session's disk assembled from the server's export, a cache on
+//! the client's disk and a local write overlay, served to the local kernel over NBD on a
+//! Unix socket.
+//!
+//! ```text
+//! nbd-client -unix SOCKET /dev/nbd0
+//!   -> NbdServer (unix:SOCKET, export "disk")
+//!   -> DemandWatch (tells the background fill when the kernel is reading)
+//!   -> CowLayer (the client's writes: RAM, overflowing to the cache disk, or the disk)
+//!   -> CacheLayer over DiskTier (blocks of the base image, keyed by image + generation,
+//!      the boot set pinned)
+//!   -> RemoteSource (the session export s/TOKEN on the server, reconnecting)
+//! ```
+//!
+//! The cache and the local overlay are used only when the server says the session's
+//! writes may stay on the client (`AgentWrites::Local`: a standard vdisk whose overlay is
+//! discarded at the session's end). For a private vdisk, or one whose overlay the server
+//! keeps, every read and write goes to the server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use osstream_cache_disk::DiskTier;
+use osstream_core::{
+    AgentInfo, AgentWrites, BlockKey, BlockSource, BootProtocol, CacheLayer, CacheTier, Capability,
+    Chunks, CowLayer, CpuRuntimes, DiskOverlay, DynSource, Error, ErrorKind, Exports, Extent,
+    Geometry, Layer, OverlayStore, RamOverlay, ReadOpts, Result, ServeContext, SourceInfo,
+    SpillOverlay, WriteOpts, ZeroOpts, async_trait, stable_hash,
+};
+use osstream_nbd::{NbdConfig, NbdServer};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::remote::{RemoteConfig, RemoteCounters, RemoteSource, Renewal};
+use crate::stats::{AgentStats, BootSetStats, CacheStats, FillStats, OverlayStats, ServerStats};
+
+/// Largest read the boot-set prefetch and the fill make at once.
+const READ_SIZE: u64 = 1 << 20;
+/// The fill pauses while the kernel read something this recently.
+const FILL_QUIET: Duration = Duration::from_millis(250);
+/// How often the stats file is rewritten.
+const STATS_EVERY: Duration = Duration::from_secs(2);
+
+/// The client-disk cache.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// The folder on the client's disk (created if missing): `blocks/` holds the cached
+    /// blocks, `overlay/` the overlay when it lives on disk.
+    pub dir: PathBuf,
+    /// Bytes of blocks at most.
+    pub capacity: u64,
+    /// Cache block size.
+    pub block_size: u64,
+    /// Reclaim starts above the first and stops at the second percentage.
+    pub watermarks: (u8, u8),
+}
+
+/// Where the client's writes stay (for a session whose writes stay on the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverlayPlace {
+    /// RAM, the least recently written blocks overflowing to the cache folder when
+    /// there is one (else writes beyond the RAM limit fail with ENOSPC).
+    Ram,
+    /// A file in the cache folder.
+    Disk,
+}
+
+/// Everything the agent is told.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The server's export.
+    pub remote: RemoteConfig,
+    /// `http://HOST:PORT/agent/TOKEN`: the session's description (boot set, where writes
+    /// go). Without it nothing is cached and writes go to the server.
+    pub info_url: Option<String>,
+    /// The Unix socket to serve the disk on.
+    pub socket: PathBuf,
+    /// The export name on that socket (also the default export).
+    pub export_name: String,
+    /// The client-disk cache, if any.
+    pub cache: Option<CacheSettings>,
+    /// Where the client's writes stay.
+    pub overlay: OverlayPlace,
+    /// RAM for the overlay.
+    pub overlay_ram: u64,
+    /// After the boot set, read the rest of the image into the cache below demand.
+    pub fill: bool,
+    /// Boot-set reads in flight at once.
+    pub prefetch_depth: usize,
+    /// Where to write stats (`None`: the cache folder's `agent-stats.json`, or nowhere).
+    pub stats_file: Option<PathBuf>,
+}
+
+/// A started agent: its socket is bound, its server connected.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    info: Option<AgentInfo>,
+    nbd: NbdServer,
+    top: DynSource,
+    /// The cached base (below the overlay), for the prefetch and the fill.
+    cached: Option<(DynSource, Arc<CacheLayer>, DiskTier)>,
+    overlay: Option<Arc<CowLayer>>,
+    remote: Arc<RemoteCounters>,
+    demand: Arc<DemandClock>,
+    boot_set: Arc<BootSetProgress>,
+    fill: Arc<FillProgress>,
+    bound: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct BootSetProgress {
+    blocks: AtomicU64,
+    local_at_start: AtomicU64,
+    fetched: AtomicU64,
+    done: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct FillProgress {
+    walked: AtomicU64,
+    done: AtomicBool,
+}
+
+impl Agent {
+    /// Asks the server about the session, connects to its export, assembles the disk and
+    /// binds the socket.
+    pub async fn start(config: AgentConfig) -> Result<Agent> {
+        let info = match &config.info_url {
+            Some(url) => Some(fetch_info(url).await?),
+            None => None,
+        };
+        let local = info
+            .as_ref()
+            .is_some_and(|i| i.writes == AgentWrites::Local);
+        let (identity, generation) = match &info {
+            Some(i) => (i.image.clone(), i.generation.clone()),
+            None => (
+                format!("nbd:{}/{}", config.remote.address, config.remote.export),
+                "unknown".to_owned(),
+            ),
+        };
+        let remote_config = RemoteConfig {
+            read_only: local,
+            ..config.remote.clone()
+        };
+        let renewal = match (&info, &config.info_url) {
+            (Some(info), Some(url)) if local => {
+                Some(Arc::new(SessionRenewal::new(url, info)?) as Arc<dyn Renewal>)
+            }
+            _ => None,
+        };
+        let remote = RemoteSource::connect(remote_config, &identity, &generation, renewal).await?;
+        if let Some(info) = &info
+            && info.size != remote.info().size
+        {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "the server describes vdisk {} as {} bytes but its export has {}",
+                    info.vdisk,
+                    info.size,
+                    remote.info().size
+                ),
+            ));
+        }
+        let counters = remote.counters();
+        let remote: DynSource = Arc::new(remote);
+        let size = remote.info().size;
+        let mut cached = None;
+        let mut overlay = None;
+        let mut top = remote.clone();
+        if local {
+            let mut base = remote.clone();
+            if let Some(cache) = &config.cache {
+                let tier = DiskTier::open(
+                    &cache.dir.join("blocks"),
+                    cache.capacity,
+                    cache.block_size,
+                    cache.watermarks,
+                )?;
+                let layer = Arc::new(
+                    CacheLayer::new(Arc::new(tier.clone()), cache.block_size)
+                        .with_prefetch_concurrency(config.prefetch_depth.max(1)),
+                );
+                base = layer.layer(remote.clone());
+                cached = Some((base.clone(), layer, tier));
+            }
+            let store = overlay_store(&config, size)?;
+            let cow = Arc::new(CowLayer::new(store, OVERLAY_BLOCK));
+            top = cow.layer(base);
+            overlay = Some(cow);
+        } else if info.is_some() {
+            tracing::info!(
+                "agent: the server keeps this session's writes (a private vdisk, or an overlay kept across sessions): reads and writes go to the server, nothing is cached on this client"
+            );
+        } else {
+            tracing::warn!(
+                "agent: no --info URL: reads and writes go to the server, nothing is cached on this client"
+            );
+        }
+        let demand = Arc::new(DemandClock::new());
+        let top: DynSource = Arc::new(DemandWatch {
+            inner: top,
+            clock: demand.clone(),
+        });
+        if let Some(parent) = config.socket.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let mut nbd = NbdServer::new(NbdConfig {
+            listen: vec![format!("unix:{}", config.socket.display())],
+            base_exports: Some(true),
+            default_export: Some(config.export_name.clone()),
+            cpu_local: false,
+            ..NbdConfig::default()
+        });
+        let bound = nbd.bind().await?;
+        Ok(Agent {
+            config,
+            info,
+            nbd,
+            top,
+            cached,
+            overlay,
+            remote: counters,
+            demand,
+            boot_set: Arc::default(),
+            fill: Arc::default(),
+            bound,
+        })
+    }
+
+    /// What the socket is bound to, for logs.
+    pub fn bound(&self) -> &[String] {
+        &self.bound
+    }
+
+    /// The agent's counters now.
+    pub fn stats(&self) -> AgentStats {
+        snapshot(self.parts())
+    }
+
+    fn parts(&self) -> StatsParts {
+        StatsParts {
+            info: self.info.clone(),
+            size: self.top.info().size,
+            cached: self
+                .cached
+                .as_ref()
+                .map(|(_, layer, tier)| (layer.clone(), tier.clone())),
+            overlay: self.overlay.clone(),
+            overlay_capacity: if self.overlay.is_some() {
+                self.config.overlay_ram
+            } else {
+                0
+            },
+            remote: self.remote.clone(),
+            boot_set: self.boot_set.clone(),
+            fill: self.fill.clone(),
+            fill_enabled: self.config.fill && self.cached.is_some(),
+        }
+    }
+
+    /// Serves the disk until `shutdown`, prefetching the boot set and (if asked) filling
+    /// the cache meanwhile; writes the stats file every few seconds and at the end.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let stats_file = self.config.stats_file.clone().or_else(|| {
+            self.config
+                .cache
+                .as_ref()
+                .map(|c| c.dir.join("agent-stats.json"))
+        });
+        let parts = self.parts();
+        let mut background = JoinSet::new();
+        if let (Some((source, _, tier)), Some(info)) = (&self.cached, &self.info) {
+            let (source, tier, info) = (source.clone(), tier.clone(), info.clone());
+            let progress = self.boot_set.clone();
+            let depth = self.config.prefetch_depth.max(1);
+            let fill = self
+                .config
+                .fill
+                .then(|| (self.fill.clone(), self.demand.clone()));
+            let block_size = self.config.cache.as_ref().map_or(65536, |c| c.block_size);
+            let stop = shutdown.clone();
+            background.spawn(async move {
+                prefetch_boot_set(&source, &tier, &info, block_size, depth, &progress).await;
+                if let Some((fill, demand)) = fill {
+                    fill_image(&source, &tier, block_size, &fill, &demand, &stop).await;
+                }
+            });
+        } else {
+            self.boot_set.done.store(true, Ordering::Relaxed);
+        }
+        if let Some(path) = stats_file.clone() {
+            let (parts, stop) = (parts.clone(), shutdown.clone());
+            background.spawn(async move {
+                loop {
+                    write_stats(&path, &snapshot(parts.clone()));
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(STATS_EVERY) => {}
+                    }
+                }
+            });
+        }
+        let ctx = ServeContext {
+            exports: Arc::new(Exports::single(
+                &self.config.export_name,
+                &describe(self.info.as_ref()),
+                self.top.clone(),
+            )),
+            cpus: Arc::new(CpuRuntimes::none()),
+            boot: None,
+            session_address: None,
+            boot_url: None,
+            seen: Arc::default(),
+            leases: None,
+            profiles: None,
+        };
+        let served = Box::new(self.nbd).serve(ctx, shutdown.clone()).await;
+        shutdown.cancel();
+        background.shutdown().await;
+        let last = snapshot(parts);
+        if let Some(path) = &stats_file {
+            write_stats(path, &last);
+        }
+        tracing::info!(
+            boot_set_blocks = last.boot_set.blocks,
+            boot_set_local_at_start = last.boot_set.local_at_start,
+            cache_hits = last.cache.hits,
+            cache_misses = last.cache.misses,
+            server_read_bytes = last.server.read_bytes,
+            reconnects = last.server.reconnects,
+            "agent: stopped"
+        );
+        served
+    }
+}
+
+/// The overlay's block size: the kernel's page, so a write never reads the base first.
+const OVERLAY_BLOCK: u64 = 4096;
+
+fn overlay_store(config: &AgentConfig, size: u64) -> Result<Box<dyn OverlayStore>> {
+    let dir = config.cache.as_ref().map(|c| c.dir.join("overlay"));
+    Ok(match (config.overlay, dir) {
+        (OverlayPlace::Ram, None) => Box::new(RamOverlay::new(config.overlay_ram)),
+        (OverlayPlace::Ram, Some(dir)) => Box::new(SpillOverlay::new(
+            config.overlay_ram,
+            DiskOverlay::open(&dir, OVERLAY_BLOCK, size, false)?,
+        )),
+        (OverlayPlace::Disk, Some(dir)) => {
+            Box::new(DiskOverlay::open(&dir, OVERLAY_BLOCK, size, false)?)
+        }
+        (OverlayPlace::Disk, None) => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "--overlay disk keeps writes in the cache folder: give --cache-dir",
+            ));
+        }
+    })
+}
+
+fn describe(info: Option<&AgentInfo>) -> String {
+    match info {
+        Some(info) => format!("vdisk {} through osstream-agent", info.vdisk),
+        None => "a session's disk through osstream-agent".to_owned(),
+    }
+}
+
+/// Fetches the session's description, retrying a few times (the network of a machine
+/// that just booted may need a moment).
+async fn fetch_info(url: &str) -> Result<AgentInfo> {
+    let mut wait = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match crate::fetch::get(url, Duration::from_secs(10)).await {
+            Ok(body) => return AgentInfo::from_json(&body),
+            Err(err)
+                if attempt < 8
+                    && !matches!(
+                        err.kind(),
+                        ErrorKind::NotFound | ErrorKind::PermissionDenied
+                    ) =>
+            {
+                tracing::warn!(%err, attempt, "agent: cannot fetch the session's description yet; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(3));
+                attempt += 1;
+            }
+            Err(err) => {
+                return Err(Error::new(
+                    err.kind(),
+                    format!("cannot fetch the session's description: {err}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Opens a new session of this client on the same vdisk the way its boot did
+/// (`GET /ipxe/MAC/VDISK`), and accepts it only if it reads the same image.
+#[derive(Debug)]
+struct SessionRenewal {
+    base: String,
+    old: AgentInfo,
+}
+
+impl SessionRenewal {
+    fn new(info_url: &str, info: &AgentInfo) -> Result<Self> {
+        let base = info_url
+            .rsplit_once("/agent/")
+            .map(|(base, _)| base.to_owned())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("{info_url:?} is not an http://HOST:PORT/agent/TOKEN address"),
+                )
+            })?;
+        Ok(SessionRenewal {
+            base,
+            old: info.clone(),
+        })
+    }
+}
+
+/// `nbdroot=` and `osstream.agent=` in a boot script (or a kernel command line).
+pub fn root_and_info(text: &str) -> (Option<(String, String)>, Option<String>) {
+    let mut root = None;
+    let mut info = None;
+    for word in text.split_whitespace() {
+        if let Some(value) = word.strip_prefix("nbdroot=") {
+            if let Some((address, export)) = value.split_once('/') {
+                root = Some((address.to_owned(), export.to_owned()));
+            }
+        } else if let Some(value) = word.strip_prefix("osstream.agent=") {
+            info = Some(value.to_owned());
+        }
+    }
+    (root, info)
+}
+
+#[async_trait]
+impl Renewal for SessionRenewal {
+    async fn renew(&self) -> Result<String> {
+        let url = format!(
+            "{}/ipxe/{}/{}",
+            self.base,
+            self.old.client.replace(':', "-"),
+            self.old.vdisk
+        );
+        let script = crate::fetch::get(&url, Duration::from_secs(10)).await?;
+        let (Some((_, export)), Some(info_url)) = root_and_info(&script) else {
+            let said: Vec<&str> = script
+                .lines()
+                .filter_map(|l| l.strip_prefix("echo "))
+                .collect();
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!("the server opened no new session: {}", said.join(" / ")),
+            ));
+        };
+        let info = fetch_info(&info_url).await?;
+        if (&info.image, &info.generation, info.size)
+            != (&self.old.image, &self.old.generation, self.old.size)
+        {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "vdisk {} now reads image {} generation {} ({} bytes), not the one this client booted: the client must boot again",
+                    info.vdisk, info.image, info.generation, info.size
+                ),
+            ));
+        }
+        Ok(export)
+    }
+}
+
+/// The cache blocks the boot set covers, in boot order, each once.
+fn boot_set_blocks(info: &AgentInfo, block_size: u64) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut blocks = Vec::new();
+    let last = info.size.div_ceil(block_size);
+    for &profile_block in &info.boot_set {
+        let start = profile_block * info.block_size;
+        let end = (start + info.block_size).min(info.size);
+        for block in start / block_size..end.div_ceil(block_size).min(last) {
+            if seen.insert(block) {
+                blocks.push(block);
+            }
+        }
+    }
+    blocks
+}
+
+/// Pins the boot set in the client cache and reads what of it is missing, neighbours
+/// joined into reads of up to 1 MiB, `depth` at a time, in boot order, marked as
+/// prefetch (the cache layer lets the kernel's reads take a block over).
+async fn prefetch_boot_set(
+    source: &DynSource,
+    tier: &DiskTier,
+    info: &AgentInfo,
+    block_size: u64,
+    depth: usize,
+    progress: &BootSetProgress,
+) {
+    let blocks = boot_set_blocks(info, block_size);
+    let key = |block| BlockKey {
+        image: stable_hash(&[&info.image]),
+        generation: stable_hash(&[&info.generation]),
+        block,
+    };
+    tier.pin(blocks.iter().map(|&b| key(b)));
+    let missing: Vec<u64> = blocks
+        .iter()
+        .copied()
+        .filter(|&b| !tier.holds(&key(b)))
+        .collect();
+    progress
+        .blocks
+        .store(blocks.len() as u64, Ordering::Relaxed);
+    progress
+        .local_at_start
+        .store((blocks.len() - missing.len()) as u64, Ordering::Relaxed);
+    tracing::info!(vdisk = %info.vdisk, blocks = blocks.len(), held = blocks.len() - missing.len(),
+        "agent: boot set pinned; fetching what this client does not hold");
+    let started = Instant::now();
+    let mut sorted = missing.clone();
+    sorted.sort_unstable();
+    let per_read = (READ_SIZE / block_size).max(1);
+    let mut reads: Vec<(u64, u64)> = Vec::new();
+    for block in sorted {
+        match reads.last_mut() {
+            Some((first, count)) if *first + *count == block && *count < per_read => *count += 1,
+            _ => reads.push((block, 1)),
+        }
+    }
+    // Boot order: each read goes where its first block falls in the boot set.
+    let rank: std::collections::HashMap<u64, usize> =
+        missing.iter().enumerate().map(|(i, &b)| (b, i)).collect();
+    reads.sort_by_key(|(first, _)| rank.get(first).copied().unwrap_or(usize::MAX));
+    let mut in_flight = JoinSet::new();
+    let size = info.size;
+    for (first, count) in reads {
+        while in_flight.len() >= depth {
+            if let Some(done) = in_flight.join_next().await {
+                progress
+                    .fetched
+                    .fetch_add(done.unwrap_or(0), Ordering::Relaxed);
+            }
+        }
+        let source = source.clone();
+        in_flight.spawn(async move {
+            let offset = first * block_size;
+            let len = (count * block_size).min(size - offset) as usize;
+            match source.read_at(offset, len, ReadOpts { prefetch: true }).await {
+                Ok(_) => count,
+                Err(err) => {
+                    tracing::debug!(%err, offset, "agent: a boot-set prefetch read failed (the kernel's read will try again)");
+                    0
+                }
+            }
+        });
+    }
+    while let Some(done) = in_flight.join_next().await {
+        progress
+            .fetched
+            .fetch_add(done.unwrap_or(0), Ordering::Relaxed);
+    }
+    progress.done.store(true, Ordering::Relaxed);
+    tracing::info!(fetched = progress.fetched.load(Ordering::Relaxed), took = ?started.elapsed(),
+        "agent: boot set held on this client");
+}
+
+/// Reads the whole image into the cache, 1 MiB at a time, one read at once, waiting
+/// while the kernel reads (demand always goes first) and stopping when the cache is
+/// too small to hold the image (filling it would only evict what the client uses).
+async fn fill_image(
+    source: &DynSource,
+    tier: &DiskTier,
+    block_size: u64,
+    progress: &FillProgress,
+    demand: &DemandClock,
+    stop: &CancellationToken,
+) {
+    let size = source.info().size;
+    let capacity = tier.stats().capacity;
+    if size > capacity / 100 * 80 {
+        tracing::warn!(
+            size,
+            capacity,
+            "agent: the image is larger than 80% of the client cache: no background fill"
+        );
+        progress.done.store(true, Ordering::Relaxed);
+        return;
+    }
+    let step = READ_SIZE.max(block_size);
+    let mut offset = 0;
+    while offset < size && !stop.is_cancelled() {
+        if let Some(since) = demand.since_last()
+            && since < FILL_QUIET
+        {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(FILL_QUIET - since) => continue,
+            }
+        }
+        let len = step.min(size - offset) as usize;
+        if let Err(err) = source
+            .read_at(offset, len, ReadOpts { prefetch: true })
+            .await
+        {
+            tracing::debug!(%err, offset, "agent: a fill read failed; moving on");
+        }
+        offset += len as u64;
+        progress.walked.store(offset, Ordering::Relaxed);
+    }
+    if offset >= size {
+        progress.done.store(true, Ordering::Relaxed);
+        tracing::info!(size, "agent: the whole image is held on this client");
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StatsParts {
+    info: Option<AgentInfo>,
+    size: u64,
+    cached: Option<(Arc<CacheLayer>, DiskTier)>,
+    overlay: Option<Arc<CowLayer>>,
+    overlay_capacity: u64,
+    remote: Arc<RemoteCounters>,
+    boot_set: Arc<BootSetProgress>,
+    fill: Arc<FillProgress>,
+    fill_enabled: bool,
+}
+
+fn snapshot(parts: StatsParts) -> AgentStats {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let cache = match &parts.cached {
+        Some((layer, tier)) => {
+            let (layer_stats, tier_stats) = (layer.stats(), tier.stats());
+            CacheStats {
+                hits: layer_stats.hits,
+                misses: layer_stats.misses,
+                bytes: tier_stats.bytes,
+                capacity: tier_stats.capacity,
+                evictions: tier_stats.evictions,
+                pinned: tier.pinned_held(),
+                checksum_failures: tier.checksum_failures(),
+            }
+        }
+        None => CacheStats::default(),
+    };
+    let r = &parts.remote;
+    AgentStats {
+        vdisk: parts
+            .info
+            .as_ref()
+            .map(|i| i.vdisk.clone())
+            .unwrap_or_default(),
+        writes: if parts.overlay.is_some() {
+            "local"
+        } else {
+            "server"
+        }
+        .to_owned(),
+        size: parts.size,
+        at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        boot_set: BootSetStats {
+            blocks: load(&parts.boot_set.blocks),
+            local_at_start: load(&parts.boot_set.local_at_start),
+            fetched: load(&parts.boot_set.fetched),
+            done: parts.boot_set.done.load(Ordering::Relaxed),
+        },
+        cache,
+        server: ServerStats {
+            requests: load(&r.requests),
+            read_bytes: load(&r.read_bytes),
+            written_bytes: load(&r.written_bytes),
+            reconnects: load(&r.reconnects),
+            resent: load(&r.resent),
+        },
+        overlay: OverlayStats {
+            used: parts.overlay.as_ref().map_or(0, |o| {
+                let (ram, disk) = o.usage();
+                ram + disk
+            }),
+            capacity: parts.overlay_capacity,
+        },
+        fill: FillStats {
+            enabled: parts.fill_enabled,
+            walked: load(&parts.fill.walked),
+            done: parts.fill.done.load(Ordering::Relaxed),
+        },
+    }
+}
+
+/// Writes the stats file whole (a temporary file renamed over it).
+fn write_stats(path: &std::path::Path, stats: &AgentStats) {
+    let text = serde_json::to_string_pretty(stats).expect("stats serialise");
+    let partial = path.with_extension("json.partial");
+    if let Err(err) = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, path))
+    {
+        tracing::debug!(path = %path.display(), %err, "agent: cannot write the stats file");
+    }
+}
+
+/// When the kernel last asked for something.
+#[derive(Debug)]
+struct DemandClock {
+    started: Instant,
+    /// Milliseconds after `started` of the last request plus one (0: none yet).
+    last: AtomicU64,
+}
+
+impl DemandClock {
+    fn new() -> Self {
+        DemandClock {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn tick(&self) {
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    fn since_last(&self) -> Option<Duration> {
+        let last = self.last.load(Ordering::Relaxed);
+        (last > 0).then(|| {
+            self.started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last - 1))
+        })
+    }
+}
+
+/// The top of the agent's stack: notes each request of the kernel for the fill.
+#[derive(Debug)]
+struct DemandWatch {
+    inner: DynSource,
+    clock: Arc<DemandClock>,
+}
+
+#[async_trait]
+impl BlockSource for DemandWatch {
+    fn info(&self) -> &SourceInfo {
+        self.inner.info()
+    }
+
+    fn capability(&self) -> Capability {
+        self.inner.capability()
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    async fn read_at(&self, offset: u64, len: usize, opts: ReadOpts) -> Result<Chunks> {
+        self.clock.tick();
+        self.inner.read_at(offset, len, opts).await
+    }
+
+    async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
+        self.clock.tick();
+        self.inner.write_at(offset, data, opts).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.trim(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, opts: ZeroOpts) -> Result<()> {
+        self.clock.tick();
+        self.inner.write_zeroes(offset, len, opts).await
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.extents(offset, len).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_set_maps_onto_cache_blocks_once_each_in_boot_order() {
+        let info = AgentInfo {
+            format: osstream_core::AGENT_INFO_FORMAT,
+            vdisk: "d".into(),
+            client: "52:54:00:00:00:01".into(),
+            size: 10 * 65536 + 100,
+            image: "i".into(),
+            generation: "g".into(),
+            writes: AgentWrites::Local,
+            block_size: 65536,
+            boot_set: vec![3, 0, 10, 3],
+        };
+        assert_eq!(boot_set_blocks(&info, 65536), vec![3, 0, 10]);
+        assert_eq!(boot_set_blocks(&info, 32768), vec![6, 7, 0, 1, 20]);
+        assert_eq!(boot_set_blocks(&info, 131072), vec![1, 0, 5]);
+    }
+}

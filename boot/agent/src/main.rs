@@ -1,0 +1,297 @@
+//! `osstream-agent`: the client side of osstream (see the library documentation).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use osstream_agent::agent::root_and_info;
+use osstream_agent::{Agent, AgentConfig, AgentStats, CacheSettings, OverlayPlace, RemoteConfig};
+use osstream_cache_disk::DiskTier;
+use osstream_core::{ByteSize, Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
+
+/// The osstream client agent: serves a session's disk to this machine's kernel over NBD
+/// on a Unix socket, caching the base image on a local disk and keeping the machine's
+/// writes local.
+///
+/// In an initramfs: `osstream-agent run --cmdline --cache-dir /cache &` then
+/// `nbd-client -unix /run/osstream-agent.sock /dev/nbd0`. `--cmdline` reads
+/// `nbdroot=HOST:PORT/EXPORT` and `osstream.agent=URL` from the kernel command line the
+/// osstream server's boot script set.
+#[derive(Debug, Parser)]
+#[command(name = "osstream-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the disk until SIGTERM or SIGINT.
+    Run(RunArgs),
+    /// Print the counters of a running (or the last) agent.
+    Stats {
+        /// The cache folder the agent was given (reads its agent-stats.json).
+        #[arg(long, conflicts_with = "stats")]
+        cache_dir: Option<PathBuf>,
+        /// The stats file the agent was given.
+        #[arg(long)]
+        stats: Option<PathBuf>,
+        /// Print the JSON as written.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Empty the client cache (the agent must not be running on it).
+    Clear {
+        /// The cache folder.
+        #[arg(long)]
+        cache_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Read the server, export and info URL from the kernel command line
+    /// (`/proc/cmdline`, or FILE): `nbdroot=HOST:PORT/EXPORT osstream.agent=URL`.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "/proc/cmdline")]
+    cmdline: Option<PathBuf>,
+    /// The server's NBD address (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "cmdline")]
+    nbd: Option<String>,
+    /// The export to open: the session's `s/TOKEN`.
+    #[arg(long, required_unless_present = "cmdline")]
+    export: Option<String>,
+    /// The session's description on the server's HTTP listener
+    /// (`http://HOST:PORT/agent/TOKEN`). Without it nothing is cached locally and writes
+    /// go to the server.
+    #[arg(long, value_name = "URL")]
+    info: Option<String>,
+    /// The Unix socket to serve the disk on.
+    #[arg(long, default_value = "/run/osstream-agent.sock")]
+    socket: PathBuf,
+    /// The export name on that socket (also served for the empty name).
+    #[arg(long, default_value = "disk")]
+    export_name: String,
+    /// A folder on a local disk for the block cache (and the write overlay's overflow).
+    /// Without it nothing is cached on the client.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// The cache's size.
+    #[arg(long, default_value = "4GiB")]
+    cache_size: ByteSize,
+    /// The cache's block size.
+    #[arg(long, default_value = "64KiB")]
+    cache_block_size: ByteSize,
+    /// Reclaim starts when this percentage of the cache is in use...
+    #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(2..=100))]
+    high_watermark: u8,
+    /// ...and evicts the least recently used blocks down to this percentage.
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(1..=99))]
+    low_watermark: u8,
+    /// Where this machine's writes stay.
+    #[arg(long, value_enum, default_value = "ram")]
+    overlay: OverlayPlace,
+    /// RAM for the write overlay (with --overlay ram: beyond it, writes overflow to the
+    /// cache folder, or fail with ENOSPC without one).
+    #[arg(long, default_value = "256MiB")]
+    overlay_ram: ByteSize,
+    /// After the boot set, read the rest of the image into the cache in the background,
+    /// below the kernel's reads (so a later outage of the server does not hurt).
+    #[arg(long)]
+    fill: bool,
+    /// Boot-set reads in flight at once.
+    #[arg(long, default_value_t = 4)]
+    prefetch_depth: usize,
+    /// A request without an answer for this many seconds is taken as a broken
+    /// connection and sent again on a new one.
+    #[arg(long, default_value_t = 30)]
+    request_timeout: u64,
+    /// Fail the kernel's requests after this many seconds without the server (0: wait
+    /// for ever, what a machine whose root is on the server needs).
+    #[arg(long, default_value_t = 0)]
+    give_up_after: u64,
+    /// Where to write the counters (default: the cache folder's agent-stats.json).
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Log debug lines too.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Stats {
+            cache_dir,
+            stats,
+            json,
+        } => show_stats(cache_dir, stats, json),
+        Command::Clear { cache_dir } => DiskTier::clear(&cache_dir.join("blocks")).map(|freed| {
+            println!(
+                "cleared the client cache in {} ({} freed)",
+                cache_dir.display(),
+                ByteSize(freed)
+            );
+        }),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("osstream-agent: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
+    let (mut nbd, mut export, mut info) = (args.nbd, args.export, args.info);
+    if let Some(path) = &args.cmdline {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::from_io(e, format!("cannot read {}", path.display())))?;
+        let (root, url) = root_and_info(&text);
+        let Some((address, name)) = root else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("{} has no nbdroot=HOST:PORT/EXPORT", path.display()),
+            ));
+        };
+        nbd.get_or_insert(address);
+        export.get_or_insert(name);
+        if info.is_none() {
+            info = url;
+        }
+    }
+    let (Some(nbd), Some(export)) = (nbd, export) else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "give --nbd and --export, or --cmdline",
+        ));
+    };
+    if args.low_watermark >= args.high_watermark {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "--low-watermark must be below --high-watermark",
+        ));
+    }
+    let block = args.cache_block_size.bytes();
+    if !block.is_power_of_two() || !(4096..=(16 << 20)).contains(&block) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "--cache-block-size must be a power of two from 4KiB to 16MiB",
+        ));
+    }
+    let cache = args.cache_dir.map(|dir| CacheSettings {
+        dir,
+        capacity: args.cache_size.bytes(),
+        block_size: block,
+        watermarks: (args.high_watermark, args.low_watermark),
+    });
+    let config = AgentConfig {
+        remote: RemoteConfig {
+            address: nbd,
+            export,
+            request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+            give_up_after: (args.give_up_after > 0)
+                .then(|| Duration::from_secs(args.give_up_after)),
+            read_only: false,
+        },
+        info_url: info,
+        socket: args.socket,
+        export_name: args.export_name,
+        cache,
+        overlay: args.overlay,
+        overlay_ram: args.overlay_ram.bytes(),
+        fill: args.fill,
+        prefetch_depth: args.prefetch_depth,
+        stats_file: args.stats,
+    };
+    Ok((config, args.verbose))
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let (config, verbose) = config_of(args)?;
+    tracing_subscriber::fmt()
+        .with_max_level(if verbose {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::INFO
+        })
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::from_io(e, "cannot start the runtime"))?;
+    runtime.block_on(async move {
+        let agent = Agent::start(config).await?;
+        tracing::info!(listen = ?agent.bound(), "agent: serving the disk");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("agent: stopping");
+            stop.cancel();
+        });
+        agent.run(shutdown).await
+    })
+}
+
+fn show_stats(cache_dir: Option<PathBuf>, stats: Option<PathBuf>, json: bool) -> Result<()> {
+    let path = match (stats, cache_dir) {
+        (Some(path), _) => path,
+        (None, Some(dir)) => dir.join("agent-stats.json"),
+        (None, None) => {
+            return Err(Error::new(ErrorKind::Config, "give --cache-dir or --stats"));
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::from_io(
+            e,
+            format!(
+                "cannot read {} (has an agent run with this folder?)",
+                path.display()
+            ),
+        )
+    })?;
+    if json {
+        print!("{text}");
+        return Ok(());
+    }
+    let stats: AgentStats = serde_json::from_str(&text).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{} is not an agent stats file: {e}", path.display()),
+        )
+    })?;
+    print!("{}", stats.render());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_command_line_gives_the_root_and_the_info_url() {
+        let (root, info) = root_and_info(
+            "console=ttyS0 root=/dev/nbd0 nbdroot=10.0.0.1:10809/s/tok ip=dhcp osstream.agent=http://10.0.0.1:8080/agent/tok",
+        );
+        assert_eq!(root, Some(("10.0.0.1:10809".into(), "s/tok".into())));
+        assert_eq!(info.as_deref(), Some("http://10.0.0.1:8080/agent/tok"));
+        assert_eq!(root_and_info("quiet"), (None, None));
+    }
+}

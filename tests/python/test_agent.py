@@ -1,0 +1,243 @@
+"""The client agent (osstream-agent) end to end, with real clients on its Unix socket
+(nbdcopy, libnbd): it serves the session's disk byte-exact, keeps the client's writes on
+the client, caches the base on a local folder that a later session reads instead of the
+server, pins and fetches the boot set the server's profile names, rides out a server
+restart in the middle of a copy, writes a private vdisk through to the server, and
+refuses bad input with clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from conftest import BINARY, free_port, random_image, sha256
+
+AGENT = os.path.join(os.path.dirname(BINARY), "osstream-agent")
+MIB = 1 << 20
+BLOCK = 64 * 1024
+SIZE = 32 * MIB
+BOOT = [100, 3, 4, 5, 200, 7, 50, 8, 9, 300]
+
+
+def wait_for(what, predicate, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def lab(make_server):
+    http = free_port()
+    s = make_server('[backends.images]\nkind = "file"\nroot = "images"\nwritable = true\n'
+                    '[profile]\nquiet = "500ms"\nmin_bytes = "64KiB"\n'
+                    f'[http]\nenabled = true\nlisten = "127.0.0.1:{http}"\n'
+                    '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
+    s.http_port = http
+    random_image(s.images / "deb.img", SIZE, seed=5)
+    random_image(s.images / "dev.img", 4 * MIB, seed=6)
+    (s.images / "boot").mkdir()
+    (s.images / "boot" / "vmlinuz").write_bytes(b"kernel")
+    (s.images / "boot" / "initrd").write_bytes(b"initrd")
+    s.start()
+    # Booted as linux-nbd, as agent clients are: a new session of it is what the agent
+    # opens when a restarted server ended the old one.
+    s.cli("vdisk", "add", "deb", "--backend", "images", "--boot", "linux-nbd", "--kernel", "vmlinuz",
+          "--initrd", "initrd")
+    s.cli("vdisk", "add", "dev", "--backend", "images", "--mode", "private")
+    s.cli("client", "add", "aa:bb:cc:00:00:01")
+    s.cli("client", "assign", "aa:bb:cc:00:00:01", "deb")
+    s.cli("client", "assign", "aa:bb:cc:00:00:01", "dev")
+    return s
+
+
+class Agent:
+    """One `osstream-agent run` for a fresh session of `vdisk`."""
+
+    def __init__(self, lab, tmp_path, vdisk="deb", cache=True, extra=(), name="agent"):
+        uri = lab.cli("session", "open", "aa:bb:cc:00:00:01", vdisk)
+        self.token = uri.rsplit("/s/", 1)[1]
+        self.socket = tmp_path / f"{name}.sock"
+        self.cache = tmp_path / "cache"
+        self.log = tmp_path / f"{name}.log"
+        self.stats_file = tmp_path / f"{name}-stats.json"
+        args = [AGENT, "run", "--nbd", f"127.0.0.1:{lab.port}", "--export", f"s/{self.token}",
+                "--info", f"http://127.0.0.1:{lab.http_port}/agent/{self.token}",
+                "--socket", str(self.socket), "--stats", str(self.stats_file), *extra]
+        if cache:
+            args += ["--cache-dir", str(self.cache), "--cache-size", "64MiB"]
+        self.log_file = open(self.log, "w")
+        self.proc = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT)
+        wait_for("the agent to serve", lambda: "agent: serving the disk" in self.log.read_text()
+                 or self.proc.poll() is not None)
+        assert self.proc.poll() is None, self.log.read_text()
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///disk?socket={self.socket}"
+
+    def handle(self):
+        h = nbd.NBD()
+        h.connect_uri(self.uri)
+        return h
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.log_file.close()
+        return self.stats()
+
+    def stats(self):
+        return json.loads(self.stats_file.read_text())
+
+
+def copy(uri, out):
+    subprocess.run(["nbdcopy", uri, str(out)], check=True, timeout=120)
+    return sha256(out)
+
+
+def test_the_agent_serves_the_disk_keeps_writes_local_and_a_later_session_reads_its_cache(lab, tmp_path):
+    image = sha256(lab.images / "deb.img")
+    first = Agent(lab, tmp_path)
+    assert copy(first.uri, tmp_path / "copy1.img") == image
+    h = first.handle()
+    assert h.get_size() == SIZE and not h.is_read_only()
+    h.pwrite(b"written on the client" * 100, 5 * MIB + 3)
+    h.flush()
+    assert h.pread(2100, 5 * MIB + 3) == b"written on the client" * 100
+    h.shutdown()
+    stats = first.stop()
+    assert sha256(lab.images / "deb.img") == image, "the base image was never written"
+    assert stats["writes"] == "local" and stats["server"]["written_bytes"] == 0, stats
+    assert stats["overlay"]["used"] > 0, stats
+    assert stats["server"]["read_bytes"] >= SIZE, stats
+    assert stats["cache"]["bytes"] >= SIZE, stats
+
+    # A new session (the next boot): its writes are gone, the base comes from the cache.
+    second = Agent(lab, tmp_path, name="agent2")
+    h = second.handle()
+    assert h.pread(2100, 5 * MIB + 3) != b"written on the client" * 100
+    h.shutdown()
+    assert copy(second.uri, tmp_path / "copy2.img") == image
+    stats = second.stop()
+    assert stats["server"]["read_bytes"] == 0, stats
+    assert stats["cache"]["hits"] >= SIZE // BLOCK and stats["cache"]["misses"] == 0, stats
+    rendered = subprocess.run([AGENT, "stats", "--stats", str(second.stats_file)], capture_output=True,
+                              text=True, check=True).stdout
+    assert "client cache:" in rendered and "writes kept on this client" in rendered, rendered
+
+    # clear empties it; the next session reads the server again.
+    out = subprocess.run([AGENT, "clear", "--cache-dir", str(second.cache)], capture_output=True, text=True)
+    assert out.returncode == 0 and "cleared the client cache" in out.stdout, out
+    third = Agent(lab, tmp_path, name="agent3")
+    assert copy(third.uri, tmp_path / "copy3.img") == image
+    assert third.stop()["server"]["read_bytes"] >= SIZE
+
+
+def test_the_boot_set_of_the_servers_profile_is_pinned_and_fetched_before_the_kernel_asks(lab, tmp_path):
+    image = (lab.images / "deb.img").read_bytes()
+    first = Agent(lab, tmp_path, cache=False)
+    h = first.handle()
+    for block in BOOT:
+        offset = block * BLOCK + 1024
+        assert h.pread(4096, offset) == image[offset:offset + 4096]
+    h.shutdown()
+    first.stop()
+    wait_for("the boot to be recorded", lambda: "boot profile recorded" in lab.log.read_text())
+    info = json.loads(subprocess.run(["curl", "-sf", f"http://127.0.0.1:{lab.http_port}/agent/{first.token}"],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert sorted(info["boot_set"]) == sorted(BOOT) and info["writes"] == "local", info
+
+    # An empty cache: the boot set is fetched at start, before any read of the kernel.
+    second = Agent(lab, tmp_path, name="agent2")
+    wait_for("the boot set", lambda: second.stats_file.exists() and second.stats()["boot_set"]["done"])
+    stats = second.stats()
+    assert stats["boot_set"]["blocks"] == len(BOOT) and stats["boot_set"]["fetched"] == len(BOOT), stats
+    assert stats["boot_set"]["local_at_start"] == 0, stats
+    h = second.handle()
+    for block in BOOT:
+        offset = block * BLOCK + 1024
+        assert h.pread(4096, offset) == image[offset:offset + 4096]
+    h.shutdown()
+    stats = second.stop()
+    assert stats["server"]["read_bytes"] == len(BOOT) * BLOCK, stats
+    assert stats["cache"]["pinned"] == len(BOOT), stats
+
+    # The next boot finds its boot set on the client and reads nothing of it from the server.
+    third = Agent(lab, tmp_path, name="agent3")
+    wait_for("the boot set", lambda: third.stats_file.exists() and third.stats()["boot_set"]["done"])
+    h = third.handle()
+    for block in BOOT:
+        offset = block * BLOCK + 1024
+        assert h.pread(4096, offset) == image[offset:offset + 4096]
+    h.shutdown()
+    stats = third.stop()
+    assert stats["boot_set"]["local_at_start"] == len(BOOT) and stats["boot_set"]["fetched"] == 0, stats
+    assert stats["server"]["read_bytes"] == 0, stats
+
+
+def test_a_copy_through_the_agent_survives_a_server_restart(lab, tmp_path):
+    image = sha256(lab.images / "deb.img")
+    agent = Agent(lab, tmp_path)
+    out = tmp_path / "copy.img"
+    # One request at a time, so the copy is still running when the server goes away.
+    copier = subprocess.Popen(["nbdcopy", "--requests=1", "--connections=1", "--request-size=65536",
+                               agent.uri, str(out)])
+    wait_for("the copy to start", lambda: out.exists() and out.stat().st_size > 0 or copier.poll() is not None)
+    time.sleep(0.3)
+    lab.stop()
+    time.sleep(1.5)
+    lab.start()
+    assert copier.wait(timeout=120) == 0
+    assert sha256(out) == image
+    stats = agent.stop()
+    assert stats["server"]["reconnects"] >= 1, stats
+    log = agent.log.read_text()
+    # The server ended the session (its RAM overlay went with the restart); the agent's
+    # writes are on the client, so it opened a new session of the same image instead.
+    assert "the server ended this session; opening a new one" in log and "connected again" in log, log
+
+
+def test_a_private_vdisk_is_written_through_to_the_server_and_not_cached(lab, tmp_path):
+    agent = Agent(lab, tmp_path, vdisk="dev")
+    h = agent.handle()
+    h.pwrite(b"x" * 4096, 8192)
+    h.flush()
+    h.shutdown()
+    stats = agent.stop()
+    assert stats["writes"] == "server" and stats["server"]["written_bytes"] == 4096, stats
+    assert stats["cache"]["capacity"] == 0, stats
+    assert (lab.images / "dev.img").read_bytes()[8192:8192 + 4096] == b"x" * 4096
+    assert "nothing is cached on this client" in agent.log.read_text()
+
+
+def test_bad_input_gets_a_clear_error(lab, tmp_path):
+    def run(*args):
+        return subprocess.run([AGENT, *args], capture_output=True, text=True, timeout=60)
+
+    out = run("run", "--nbd", f"127.0.0.1:{lab.port}", "--export", "s/not-a-token",
+              "--info", f"http://127.0.0.1:{lab.http_port}/agent/not-a-token", "--socket", str(tmp_path / "x.sock"))
+    assert out.returncode != 0 and "cannot fetch the session's description" in out.stderr, out.stderr
+    out = run("run", "--nbd", f"127.0.0.1:{lab.port}", "--export", "s/not-a-token", "--socket", str(tmp_path / "x.sock"))
+    assert out.returncode != 0 and "refused the export" in out.stderr, out.stderr
+    out = run("run", "--cmdline", str(tmp_path / "missing"))
+    assert out.returncode != 0 and "cannot read" in out.stderr, out.stderr
+    (tmp_path / "cmdline").write_text("console=ttyS0 quiet\n")
+    out = run("run", "--cmdline", str(tmp_path / "cmdline"))
+    assert out.returncode != 0 and "no nbdroot=" in out.stderr, out.stderr
+    out = run("run", "--nbd", "x:1", "--export", "e", "--cache-block-size", "3000")
+    assert out.returncode != 0 and "power of two" in out.stderr, out.stderr
+    out = run("stats", "--cache-dir", str(tmp_path / "nowhere"))
+    assert out.returncode != 0 and "has an agent run" in out.stderr, out.stderr
+    # The server answers agent info only for a valid session.
+    status = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                             f"http://127.0.0.1:{lab.http_port}/agent/nope"], capture_output=True, text=True).stdout
+    assert status == "404", status
+    assert "nope" not in lab.log.read_text()
