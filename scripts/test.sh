@@ -44,6 +44,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== Rust tests"
 cargo build --workspace --locked
+# The client agent as it ships (static, stripped, size-checked): the netboot tests put it
+# into the machines' initramfs.
+bash scripts/build-agent.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

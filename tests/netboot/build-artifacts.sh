@@ -2,7 +2,8 @@
 # Builds what the netboot tests boot, from Debian packages, and caches it:
 #   vmlinuz     Debian's kernel (the linux-image package unpacked with dpkg, not installed)
 #   initrd.img  busybox-static, Debian's nbd-client with its libraries, the kernel modules
-#               a virtio NIC, NBD and ext4 need, and init.sh as /init
+#               a virtio NIC, a virtio disk (the agent's cache), NBD and ext4 need, and
+#               init.sh as /init (the agent test appends osstream-agent in a second cpio)
 #   root.img    a 32 MiB ext4 file system (mkfs.ext4 -d) holding the marker the test reads
 #   san.img     a 16 MiB disk whose boot sector (sanboot.asm) reads and prints a marker
 # Usage: build-artifacts.sh [OUT]   (default: ~/.cache/osstream-test/netboot)
@@ -55,7 +56,7 @@ add_module() {
   cp "$file" "$root/lib/modules/"
   order+=("$(basename "$file")")
 }
-for m in virtio_pci virtio_net e1000 nbd crc32c_generic ext4; do add_module "$m"; done
+for m in virtio_pci virtio_net virtio_blk e1000 nbd crc32c_generic ext4; do add_module "$m"; done
 printf '%s\n' "${order[@]}" > "$root/lib/modules/load-order"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$out/initrd.img"
 

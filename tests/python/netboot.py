@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from conftest import ROOT, Server, free_port
+from conftest import ROOT, TARGET, Server, free_port
 
 CACHE = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
 ARTIFACTS = os.environ.get("TEST_NETBOOT_ARTIFACTS", os.path.join(CACHE, "osstream-test", "netboot"))
@@ -30,6 +30,68 @@ def machine_id(mac):
     """The machine-id osstream gives the client with this MAC."""
     import hashlib
     return hashlib.sha256(f"osstream machine-id\0{mac}".encode()).hexdigest()[:32]
+
+
+def static_agent():
+    """The statically linked osstream-agent (what goes into an initramfs), as
+    scripts/build-agent.sh builds it (scripts/test.sh runs it first)."""
+    path = os.environ.get("TEST_AGENT_STATIC",
+                          os.path.join(TARGET, "x86_64-unknown-linux-gnu", "agent", "osstream-agent"))
+    assert os.path.exists(path), f"{path} is missing: build it with scripts/build-agent.sh"
+    return path
+
+
+def agent_initrd(artifacts, out):
+    """The test initramfs with osstream-agent appended as a second cpio archive (the
+    kernel unpacks both; init.sh uses the agent when it finds it)."""
+    work = out.parent / "agent-cpio"
+    (work / "bin").mkdir(parents=True)
+    shutil.copy(static_agent(), work / "bin" / "osstream-agent")
+    archive = subprocess.run("find . | cpio -o -H newc --quiet | gzip -1", shell=True, cwd=work,
+                             capture_output=True, check=True).stdout
+    with open(os.path.join(artifacts, "initrd.img"), "rb") as f:
+        out.write_bytes(f.read() + archive)
+    shutil.rmtree(work)
+
+
+def debian_agent_initrd(debian, out):
+    """Debian's own initramfs with osstream-agent and a two-line hook appended as a second
+    cpio archive: initramfs-tools' nbd script runs $NBDCLIENT, which the hook points at a
+    wrapper that starts the agent and attaches /dev/nbd0 to its socket
+    (tests/netboot/agent-hook)."""
+    hook = os.path.join(ROOT, "tests", "netboot", "agent-hook")
+    work = out.parent / "debian-agent-cpio"
+    # usr/sbin: Debian's initramfs has /sbin -> usr/sbin, which a folder named sbin in
+    # the second archive would replace.
+    sbin = work / "usr" / "sbin"
+    sbin.mkdir(parents=True)
+    (work / "conf" / "conf.d").mkdir(parents=True)
+    shutil.copy(static_agent(), sbin / "osstream-agent")
+    shutil.copy(os.path.join(hook, "osstream-nbd-client"), sbin / "osstream-nbd-client")
+    os.chmod(sbin / "osstream-nbd-client", 0o755)
+    shutil.copy(os.path.join(hook, "osstream-agent.conf"), work / "conf" / "conf.d" / "osstream-agent")
+    archive = subprocess.run("find . | cpio -o -H newc --quiet | gzip -1", shell=True, cwd=work,
+                             capture_output=True, check=True).stdout
+    with open(os.path.join(debian, "initrd-debian.img"), "rb") as f:
+        out.write_bytes(f.read() + archive)
+    shutil.rmtree(work)
+
+
+def cache_disk(path, size="1200M"):
+    """An empty ext4 file system as a machine's local disk (the agent's cache)."""
+    subprocess.run(["truncate", "-s", size, str(path)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(path)], check=True)
+    return path
+
+
+def agent_stats_on(disk):
+    """The agent's last stats file on a powered-off machine's cache disk (the journal
+    replayed first, as a mount would)."""
+    subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(disk)], capture_output=True)
+    out = subprocess.run(["debugfs", "-R", "cat /osstream/agent-stats.json", str(disk)], capture_output=True,
+                         text=True, check=True).stdout
+    import json
+    return json.loads(out)
 
 
 def build_artifacts():
@@ -73,7 +135,7 @@ class Machine:
     On qemu's user network the boot file URL comes from qemu's own DHCP; the serial
     console (SeaBIOS, iPXE, the kernel, the initramfs) goes to a log file."""
 
-    def __init__(self, tmp_path, mac, bootfile=None, memory=256, tap=None, netns=None, uefi=False):
+    def __init__(self, tmp_path, mac, bootfile=None, memory=256, tap=None, netns=None, uefi=False, disk=None):
         """On qemu's user network (`bootfile` from qemu's own DHCP), or on `tap` in the
         network namespace `netns` (DHCP from the LAN: osstream's, or another server's)."""
         self.mac = mac
@@ -93,6 +155,9 @@ class Machine:
                         "-drive", f"if=pflash,format=raw,file={variables}"]
         self.args = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory), "-nographic", "-no-reboot",
                      *firmware, "-netdev", netdev, "-device", nic, "-boot", "n"]
+        if disk:
+            # A local disk (the agent's cache): a virtio disk the firmware does not boot.
+            self.args += ["-drive", f"file={disk},if=virtio,format=raw"]
         if netns:
             self.args = ["ip", "netns", "exec", netns, *self.args]
         self.proc = None

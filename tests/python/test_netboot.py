@@ -18,8 +18,8 @@ import time
 import pytest
 
 from conftest import sha256
-from netboot import (MARKER, SAN_MARKER, Machine, add_linux_vdisk, build_artifacts, console_lines,
-                     netboot_server)
+from netboot import (MARKER, SAN_MARKER, Machine, add_linux_vdisk, agent_initrd, agent_stats_on,
+                     build_artifacts, cache_disk, console_lines, debian_agent_initrd, netboot_server)
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +323,100 @@ def wait_logged(server, text, timeout=60):
             return
         time.sleep(0.2)
     raise AssertionError(f"{text!r} not logged:\n{server.log.read_text()[-3000:]}")
+
+
+def test_a_machine_boots_through_the_agent_and_its_second_boot_reads_its_boot_set_locally(tmp_path, artifacts):
+    """The initramfs runs osstream-agent with its cache on the machine's own (virtio)
+    disk: the first boot, with an empty cache, streams from the server and is recorded as
+    the vdisk's profile; the second finds the whole boot set on the local disk."""
+    server = netboot_server(tmp_path, artifacts, extra='[profile]\nquiet = "2s"\nmin_bytes = "16KiB"\n')
+    agent_initrd(artifacts, server.images / "boot" / "initrd-agent.img")
+    server.start()
+    mac = "52:54:00:00:10:21"
+    try:
+        base = sha256(server.images / "netroot.img")
+        server.cli("vdisk", "add", "netroot", "--backend", "images", "--key", "netroot", "--boot", "linux-nbd",
+                   "--kernel", "vmlinuz", "--initrd", "initrd-agent.img", "--cmdline", "console=ttyS0")
+        server.cli("client", "add", mac, "--hostname", "agent-pc")
+        server.cli("client", "assign", mac, "netroot")
+        cache = cache_disk(tmp_path / "cache.img", "128M")
+
+        def boot():
+            out = Machine(tmp_path, mac, bootfile(server), disk=cache).start().wait_exit()
+            lines = console_lines(out)
+            assert "agent serves /dev/nbd0" in lines, out[-3000:]
+            assert f"marker={MARKER}" in lines and "sees written-by-agent-pc.txt" in lines, out[-3000:]
+            assert lines[-1] == "done", out[-3000:]
+            assert not [l for l in lines if l.startswith("agent-log")], lines
+            stats = next(l for l in lines if l.startswith("agent-stats "))
+            return json.loads(stats[len("agent-stats "):])
+
+        first = boot()
+        assert first["writes"] == "local" and first["boot_set"]["blocks"] == 0, first
+        assert first["server"]["read_bytes"] > 0 and first["cache"]["misses"] > 0, first
+        assert first["overlay"]["used"] > 0 and first["server"]["written_bytes"] == 0, first
+        wait_logged(server, "boot profile recorded")
+
+        second = boot()
+        boot_set = second["boot_set"]
+        assert boot_set["blocks"] > 0 and boot_set["local_at_start"] == boot_set["blocks"], second
+        assert boot_set["fetched"] == 0 and second["cache"]["pinned"] == boot_set["blocks"], second
+        assert second["cache"]["hits"] > 0, second
+        assert second["server"]["read_bytes"] <= first["server"]["read_bytes"] // 10, (first, second)
+    finally:
+        server.stop()
+    # The machine's writes stayed on the machine: the image and the server's overlays saw none.
+    assert sha256(server.images / "netroot.img") == base
+    log = server.log.read_text()
+    written = [int(w.split("=")[1]) for w in log.split() if w.startswith("written_bytes=")]
+    assert written and max(written) == 0, log
+
+
+def test_a_debian_system_boots_through_the_agent_and_reboots_from_its_local_cache(tmp_path, artifacts):
+    """Debian's own initramfs, with the agent hooked into its nbd script: the first boot
+    streams from the server into the machine's local disk and is recorded as the vdisk's
+    profile; the reboot reads its whole boot set from the local disk."""
+    from netboot import DEBIAN_MARKER, build_debian, machine_id
+    debian = build_debian()
+    server = netboot_server(tmp_path, artifacts, extra='[profile]\nquiet = "8s"\n')
+    subprocess.run(["cp", "--sparse=always", f"{debian}/debian.img", str(server.images / "debian.img")], check=True)
+    shutil.copy(f"{debian}/vmlinuz-debian", server.images / "boot" / "vmlinuz-debian")
+    debian_agent_initrd(debian, server.images / "boot" / "initrd-debian-agent.img")
+    server.start()
+    mac = "52:54:00:00:80:21"
+    cache = cache_disk(tmp_path / "cache.img")
+    try:
+        base = sha256(server.images / "debian.img")
+        server.cli("vdisk", "add", "debian", "--backend", "images", "--boot", "linux-nbd",
+                   "--kernel", "vmlinuz-debian", "--initrd", "initrd-debian-agent.img", "--cmdline", "console=ttyS0")
+        server.cli("client", "add", mac, "--hostname", "deb-agent")
+        server.cli("client", "assign", mac, "debian")
+        wanted = (f"debian: marker={DEBIAN_MARKER} hostname=deb-agent machine_id={machine_id(mac)} "
+                  "target=active")
+
+        def boot(n):
+            where = tmp_path / f"boot{n}"
+            where.mkdir()
+            out = Machine(where, mac, bootfile(server), memory=768, disk=cache).start().wait_exit(timeout=400)
+            assert wanted in out, out[-4000:]
+            return agent_stats_on(cache)
+
+        first = boot(1)
+        assert first["writes"] == "local" and first["boot_set"]["blocks"] == 0, first
+        assert first["server"]["read_bytes"] > 8 << 20 and first["server"]["written_bytes"] == 0, first
+        wait_logged(server, "boot profile recorded")
+        profile = json.loads(server.cli("--json", "profile", "show", "debian"))
+
+        second = boot(2)
+        boot_set = second["boot_set"]
+        assert boot_set["blocks"] >= profile["boot_set_blocks"], (second, profile)
+        assert boot_set["local_at_start"] == boot_set["blocks"] and boot_set["fetched"] == 0, second
+        assert second["server"]["read_bytes"] <= first["server"]["read_bytes"] // 20, (first, second)
+    finally:
+        server.stop()
+    assert sha256(server.images / "debian.img") == base
+    written = [int(w.split("=")[1]) for w in server.log.read_text().split() if w.startswith("written_bytes=")]
+    assert written and max(written) == 0
 
 
 def counters(log, marker):

@@ -294,11 +294,12 @@ impl Agent {
         } else {
             self.boot_set.done.store(true, Ordering::Relaxed);
         }
-        if let Some(path) = stats_file.clone() {
+        let stats_file = stats_file.map(|path| Arc::new(StatsFile::open(&path)));
+        if let Some(file) = stats_file.clone() {
             let (parts, stop) = (parts.clone(), shutdown.clone());
             background.spawn(async move {
                 loop {
-                    write_stats(&path, &snapshot(parts.clone()));
+                    file.write(&snapshot(parts.clone()));
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(STATS_EVERY) => {}
@@ -324,8 +325,8 @@ impl Agent {
         shutdown.cancel();
         background.shutdown().await;
         let last = snapshot(parts);
-        if let Some(path) = &stats_file {
-            write_stats(path, &last);
+        if let Some(file) = &stats_file {
+            file.write(&last);
         }
         tracing::info!(
             boot_set_blocks = last.boot_set.blocks,
@@ -699,13 +700,46 @@ fn snapshot(parts: StatsParts) -> AgentStats {
     }
 }
 
-/// Writes the stats file whole (a temporary file renamed over it).
-fn write_stats(path: &std::path::Path, stats: &AgentStats) {
-    let text = serde_json::to_string_pretty(stats).expect("stats serialise");
-    let partial = path.with_extension("json.partial");
-    if let Err(err) = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, path))
-    {
-        tracing::debug!(path = %path.display(), %err, "agent: cannot write the stats file");
+/// The stats file, opened once and rewritten in place: in an initramfs, the agent's
+/// view of the file system changes under it (the root switches, `/run` moves), and an
+/// open file stays reachable where a path may not.
+#[derive(Debug)]
+struct StatsFile {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl StatsFile {
+    fn open(path: &std::path::Path) -> Self {
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path);
+        if let Err(err) = &file {
+            tracing::warn!(path = %path.display(), %err, "agent: cannot write the stats file");
+        }
+        StatsFile {
+            path: path.to_owned(),
+            file: file.ok(),
+        }
+    }
+
+    /// Writes `stats` over the file's content (a reader may catch it half written and
+    /// read again: `osstream-agent stats` does).
+    fn write(&self, stats: &AgentStats) {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = &self.file else { return };
+        let text = serde_json::to_string_pretty(stats).expect("stats serialise") + "\n";
+        let written = file
+            .write_all_at(text.as_bytes(), 0)
+            .and_then(|()| file.set_len(text.len() as u64));
+        if let Err(err) = written {
+            tracing::debug!(path = %self.path.display(), %err, "agent: cannot write the stats file");
+        }
     }
 }
 

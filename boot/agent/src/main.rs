@@ -38,7 +38,7 @@ enum Command {
         /// The stats file the agent was given.
         #[arg(long)]
         stats: Option<PathBuf>,
-        /// Print the JSON as written.
+        /// Print the counters as one line of JSON.
         #[arg(long)]
         json: bool,
     },
@@ -114,6 +114,11 @@ struct RunArgs {
     /// Where to write the counters (default: the cache folder's agent-stats.json).
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Run as `@osstream-agent` (argv[0] starting with `@`), which systemd spares when it
+    /// kills processes at shutdown: the root file system is served by this process until
+    /// the very end (nbd-client's `-systemd-mark`).
+    #[arg(long)]
+    systemd_mark: bool,
     /// Log debug lines too.
     #[arg(long)]
     verbose: bool,
@@ -210,7 +215,27 @@ fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
     Ok((config, args.verbose))
 }
 
+/// Runs this program again as `@osstream-agent` with the same arguments (see
+/// `--systemd-mark`); returns only if that fails.
+fn exec_marked() -> Error {
+    use std::os::unix::process::CommandExt;
+    let err = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .arg0("@osstream-agent")
+            .args(std::env::args_os().skip(1))
+            .exec(),
+        Err(err) => err,
+    };
+    Error::from_io(err, "cannot run again as @osstream-agent (--systemd-mark)")
+}
+
 fn run(args: RunArgs) -> Result<()> {
+    let marked = std::env::args_os()
+        .next()
+        .is_some_and(|a| a.to_string_lossy().starts_with('@'));
+    if args.systemd_mark && !marked {
+        return Err(exec_marked());
+    }
     let (config, verbose) = config_of(args)?;
     tracing_subscriber::fmt()
         .with_max_level(if verbose {
@@ -258,26 +283,40 @@ fn show_stats(cache_dir: Option<PathBuf>, stats: Option<PathBuf>, json: bool) ->
             return Err(Error::new(ErrorKind::Config, "give --cache-dir or --stats"));
         }
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        Error::from_io(
-            e,
-            format!(
-                "cannot read {} (has an agent run with this folder?)",
-                path.display()
-            ),
-        )
-    })?;
+    // The agent rewrites the file in place: a read that catches it half written tries again.
+    let mut attempt = 0;
+    let stats: AgentStats = loop {
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::from_io(
+                e,
+                format!(
+                    "cannot read {} (has an agent run with this folder?)",
+                    path.display()
+                ),
+            )
+        })?;
+        match serde_json::from_str(&text) {
+            Ok(stats) => break stats,
+            Err(_) if attempt < 5 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("{} is not an agent stats file: {e}", path.display()),
+                ));
+            }
+        }
+    };
     if json {
-        print!("{text}");
-        return Ok(());
+        println!(
+            "{}",
+            serde_json::to_string(&stats).expect("stats serialise")
+        );
+    } else {
+        print!("{}", stats.render());
     }
-    let stats: AgentStats = serde_json::from_str(&text).map_err(|e| {
-        Error::new(
-            ErrorKind::InvalidInput,
-            format!("{} is not an agent stats file: {e}", path.display()),
-        )
-    })?;
-    print!("{}", stats.render());
     Ok(())
 }
 
