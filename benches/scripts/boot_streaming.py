@@ -12,13 +12,17 @@ and one backend per delay; kernel and initrd come from a file backend
 
 - cold: osstream restarted (RAM cache empty) and the vdisk's profile cleared;
 - profiled: osstream restarted again, the profile the cold boot recorded in place;
-- warm: the same boot again without a restart: every block already in RAM.
+- warm: the same boot again without a restart: every block already in RAM;
+- agent: a machine booting through osstream-agent (Debian's initramfs with the agent
+  hooked in, its cache on the machine's own virtio disk, filled by one untimed boot
+  before the rounds), osstream restarted first: the reboot from the local cache;
 
 and, once per round, the cold boot with no added delay. Each boot is timed from qemu's
 start, and from the NBD attach (the server's log) to the guest's multi-user marker;
 the bytes read from S3 are osstream's backend bytes minus the kernel's and initrd's.
 
-Run as root on a quiet machine, after `cargo build --release -p osstream`:
+Run as root on a quiet machine, after `cargo build --release -p osstream` and
+`scripts/build-agent.sh`:
     /usr/bin/python3 benches/scripts/boot_streaming.py [--rounds 3] [--delays 10,50]
 """
 
@@ -38,7 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
 
-from netboot import DEBIAN_MARKER, Machine, build_debian  # noqa: E402
+from netboot import (DEBIAN_MARKER, Machine, agent_stats_on, build_debian, cache_disk,  # noqa: E402
+                     debian_agent_initrd)
 from netlab import Lab  # noqa: E402
 
 BINARY = os.environ.get("OSSTREAM_BIN", os.path.join(ROOT, "target", "release", "osstream"))
@@ -71,6 +76,7 @@ class Server:
         os.makedirs(os.path.join(images, "boot"), exist_ok=True)
         for name in ("vmlinuz-debian", "initrd-debian.img"):
             shutil.copy(os.path.join(deb, name), os.path.join(images, "boot", name))
+        debian_agent_initrd(deb, pathlib.Path(images) / "boot" / "initrd-debian-agent.img")
         self.boot_bytes = sum(os.path.getsize(os.path.join(deb, n)) for n in ("vmlinuz-debian", "initrd-debian.img"))
         self.config = os.path.join(self.dir, "osstream.toml")
         with open(self.config, "w") as f:
@@ -105,20 +111,25 @@ class Server:
 
 
 def attach_time(log, mac_ip_seen_after):
-    """Wall-clock time of the last NBD attach logged after `mac_ip_seen_after`."""
-    last = None
+    """Wall-clock time of the last NBD attach logged after `mac_ip_seen_after` (for an
+    agent, its request for the session's description, which it makes just before it
+    connects: the server logs an NBD attach at the connection's first request, and an
+    agent with its boot set on its own disk may send none for a long while)."""
+    last = agent = None
     for line in open(log, errors="replace"):
-        if "NBD client attached" in line:
+        if "NBD client attached" in line or "http: agent info" in line:
             stamp = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
             if stamp >= mac_ip_seen_after:
+                if "agent info" in line:
+                    agent = agent or stamp
                 last = stamp
-    return last
+    return agent or last
 
 
-def boot(lab, work, server, mac):
+def boot(lab, work, server, mac, disk=None):
     """Boots `mac`; returns (qemu start to marker, NBD attach to marker) in seconds."""
     tmp = pathlib.Path(tempfile.mkdtemp(dir=work))
-    machine = Machine(tmp, mac, tap=lab.tap(), netns=lab.lan, memory=768)
+    machine = Machine(tmp, mac, tap=lab.tap(), netns=lab.lan, memory=768, disk=disk)
     started = time.time()
     machine.start()
     try:
@@ -126,6 +137,9 @@ def boot(lab, work, server, mac):
             if DEBIAN_MARKER in machine.output():
                 done = time.time()
                 attached = attach_time(server.log, started)
+                if disk:
+                    # Its own disk: let it sync and power off, as a machine that reboots does.
+                    machine.proc.wait(timeout=180)
                 return done - started, done - attached if attached else float("nan")
             if machine.proc.poll() is not None:
                 break
@@ -161,6 +175,7 @@ def main():
         server = Server(lab, srv, work, deb, delays)
         server.cli("vdisk", "import", os.path.join(deb, "debian.img"), "debian", "--backend", "s3d0", "--quiet")
         macs = {}
+        agents = {}
         for i, delay in enumerate(delays):
             name, mac = f"deb{delay}", f"52:54:00:00:c0:{i + 1:02x}"
             macs[delay] = (name, mac)
@@ -171,6 +186,22 @@ def main():
                        "--cmdline", "console=ttyS0")
             server.cli("client", "add", mac, "--hostname", f"stream-{i}")
             server.cli("client", "assign", mac, name if delay else "debian")
+            if delay:
+                agent_name, agent_mac = f"deb{delay}a", f"52:54:00:00:c1:{i + 1:02x}"
+                server.cli("vdisk", "add", agent_name, "--backend", f"s3d{delay}", "--key", "debian",
+                           "--boot", "linux-nbd", "--kernel", "images/vmlinuz-debian",
+                           "--initrd", "images/initrd-debian-agent.img", "--cmdline", "console=ttyS0")
+                server.cli("client", "add", agent_mac, "--hostname", f"agent-{i}")
+                server.cli("client", "assign", agent_mac, agent_name)
+                disk = cache_disk(pathlib.Path(work) / f"cache-{delay}.img")
+                agents[delay] = (agent_name, agent_mac, disk)
+        server.start()
+        for delay, (agent_name, agent_mac, disk) in agents.items():
+            # Fills the machine's local cache (and records the vdisk's profile).
+            recorded = open(server.log).read().count("boot profile recorded")
+            total, _ = boot(lab, work, server, agent_mac, disk)
+            wait_for(server.log, "boot profile recorded", timeout=60, count=recorded + 1)
+            print(f"agent warm-up boot at {delay} ms: {total:.1f} s from qemu start", flush=True)
         boot_set = 0
         for round_ in range(args.rounds):
             for delay in delays:
@@ -192,11 +223,23 @@ def main():
                     results.setdefault((delay, kind), []).append((total, from_attach, s3))
                     print(f"round {round_ + 1} delay {delay:>2} ms {kind:<8}: {total:5.1f} s from qemu start, "
                           f"{from_attach:5.1f} s from NBD attach; S3 bytes so far {s3 / 2**20:6.1f} MiB", flush=True)
+                if delay in agents:
+                    agent_name, agent_mac, disk = agents[delay]
+                    server.stop()
+                    server.start()
+                    total, from_attach = boot(lab, work, server, agent_mac, disk)
+                    local = agent_stats_on(disk)
+                    results.setdefault((delay, "agent"), []).append((total, from_attach, local["server"]["read_bytes"]))
+                    print(f"round {round_ + 1} delay {delay:>2} ms agent   : {total:5.1f} s from qemu start, "
+                          f"{from_attach:5.1f} s from NBD attach; boot set {local['boot_set']['local_at_start']}"
+                          f"/{local['boot_set']['blocks']} blocks local, {local['server']['read_bytes'] / 2**20:.1f} MiB "
+                          "read from the server", flush=True)
         server.stop()
         print(f"\nDebian 12 to multi-user over NBD, disk on s3rver behind a delay proxy, {args.rounds} rounds, "
               f"medians (min-max), seconds from NBD attach to the marker:\n")
-        print("| added delay per S3 request | cold | profiled | warm (all in RAM) | profiled/warm | S3 bytes, profiled boot |")
-        print("|---|---|---|---|---|---|")
+        print("| added delay per S3 request | cold | profiled | warm (all in RAM) | profiled/warm | S3 bytes, profiled boot "
+              "| agent, local cache, server restarted | agent/warm |")
+        print("|---|---|---|---|---|---|---|---|")
 
         def cell(key, field=1):
             values = [r[field] for r in results.get(key, [])]
@@ -206,13 +249,15 @@ def main():
 
         for delay in delays:
             if delay == 0:
-                print(f"| none | {cell((0, 'cold'))} | | | | |")
+                print(f"| none | {cell((0, 'cold'))} | | | | | | |")
                 continue
             prof = statistics.median(r[1] for r in results[(delay, "profiled")])
             warm = statistics.median(r[1] for r in results[(delay, "warm")])
             s3 = statistics.median(r[2] for r in results[(delay, "profiled")])
+            agent = statistics.median(r[1] for r in results[(delay, "agent")]) if (delay, "agent") in results else None
             print(f"| {delay} ms | {cell((delay, 'cold'))} | {cell((delay, 'profiled'))} | {cell((delay, 'warm'))} "
-                  f"| {prof / warm:.2f}x | {s3 / 2**20:.1f} MiB ({s3 / boot_set:.2f}x the boot set) |")
+                  f"| {prof / warm:.2f}x | {s3 / 2**20:.1f} MiB ({s3 / boot_set:.2f}x the boot set) "
+                  f"| {cell((delay, 'agent'))} | {f'{agent / warm:.2f}x' if agent else '-'} |")
         print(f"\nboot set: {boot_set / 2**20:.1f} MiB; times from qemu start are in the log above")
     finally:
         lab.close()

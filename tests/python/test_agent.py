@@ -98,6 +98,15 @@ class Agent:
         return json.loads(self.stats_file.read_text())
 
 
+def read_boot(agent, image):
+    """Reads the blocks of BOOT through `agent`, as a booting kernel would, and checks them."""
+    h = agent.handle()
+    for block in BOOT:
+        offset = block * BLOCK + 1024
+        assert h.pread(4096, offset) == image[offset:offset + 4096]
+    h.shutdown()
+
+
 def copy(uri, out):
     subprocess.run(["nbdcopy", uri, str(out)], check=True, timeout=120)
     return sha256(out)
@@ -144,11 +153,7 @@ def test_the_agent_serves_the_disk_keeps_writes_local_and_a_later_session_reads_
 def test_the_boot_set_of_the_servers_profile_is_pinned_and_fetched_before_the_kernel_asks(lab, tmp_path):
     image = (lab.images / "deb.img").read_bytes()
     first = Agent(lab, tmp_path, cache=False)
-    h = first.handle()
-    for block in BOOT:
-        offset = block * BLOCK + 1024
-        assert h.pread(4096, offset) == image[offset:offset + 4096]
-    h.shutdown()
+    read_boot(first, image)
     first.stop()
     wait_for("the boot to be recorded", lambda: "boot profile recorded" in lab.log.read_text())
     info = json.loads(subprocess.run(["curl", "-sf", f"http://127.0.0.1:{lab.http_port}/agent/{first.token}"],
@@ -161,11 +166,7 @@ def test_the_boot_set_of_the_servers_profile_is_pinned_and_fetched_before_the_ke
     stats = second.stats()
     assert stats["boot_set"]["blocks"] == len(BOOT) and stats["boot_set"]["fetched"] == len(BOOT), stats
     assert stats["boot_set"]["local_at_start"] == 0, stats
-    h = second.handle()
-    for block in BOOT:
-        offset = block * BLOCK + 1024
-        assert h.pread(4096, offset) == image[offset:offset + 4096]
-    h.shutdown()
+    read_boot(second, image)
     stats = second.stop()
     assert stats["server"]["read_bytes"] == len(BOOT) * BLOCK, stats
     assert stats["cache"]["pinned"] == len(BOOT), stats
@@ -173,11 +174,7 @@ def test_the_boot_set_of_the_servers_profile_is_pinned_and_fetched_before_the_ke
     # The next boot finds its boot set on the client and reads nothing of it from the server.
     third = Agent(lab, tmp_path, name="agent3")
     wait_for("the boot set", lambda: third.stats_file.exists() and third.stats()["boot_set"]["done"])
-    h = third.handle()
-    for block in BOOT:
-        offset = block * BLOCK + 1024
-        assert h.pread(4096, offset) == image[offset:offset + 4096]
-    h.shutdown()
+    read_boot(third, image)
     stats = third.stop()
     assert stats["boot_set"]["local_at_start"] == len(BOOT) and stats["boot_set"]["fetched"] == 0, stats
     assert stats["server"]["read_bytes"] == 0, stats

@@ -41,8 +41,12 @@ use crate::stats::{AgentStats, BootSetStats, CacheStats, FillStats, OverlayStats
 const READ_SIZE: u64 = 1 << 20;
 /// The fill pauses while the kernel read something this recently.
 const FILL_QUIET: Duration = Duration::from_millis(250);
+/// The fill starts once the kernel has read nothing for this long (the boot is over).
+const FILL_AFTER_QUIET: Duration = Duration::from_secs(30);
 /// How often the stats file is rewritten.
 const STATS_EVERY: Duration = Duration::from_secs(2);
+/// How often the client cache is made durable (when it took in blocks).
+const SYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// The client-disk cache.
 #[derive(Debug, Clone)]
@@ -274,6 +278,7 @@ impl Agent {
                 .map(|c| c.dir.join("agent-stats.json"))
         });
         let parts = self.parts();
+        let cached_tier = self.cached.clone();
         let mut background = JoinSet::new();
         if let (Some((source, _, tier)), Some(info)) = (&self.cached, &self.info) {
             let (source, tier, info) = (source.clone(), tier.clone(), info.clone());
@@ -295,6 +300,27 @@ impl Agent {
             self.boot_set.done.store(true, Ordering::Relaxed);
         }
         let stats_file = stats_file.map(|path| Arc::new(StatsFile::open(&path)));
+        if let Some((_, layer, tier)) = &self.cached {
+            // Machines are switched off without warning: what the cache took in is made
+            // durable every few seconds rather than whenever the kernel writes it back.
+            let (layer, tier, stop) = (layer.clone(), tier.clone(), shutdown.clone());
+            background.spawn(async move {
+                let mut synced = 0;
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(SYNC_EVERY) => {}
+                    }
+                    let filled = layer.stats().misses;
+                    if filled != synced {
+                        if let Err(err) = tier.sync().await {
+                            tracing::warn!(%err, "agent: cannot sync the client cache");
+                        }
+                        synced = filled;
+                    }
+                }
+            });
+        }
         if let Some(file) = stats_file.clone() {
             let (parts, stop) = (parts.clone(), shutdown.clone());
             background.spawn(async move {
@@ -324,6 +350,11 @@ impl Agent {
         let served = Box::new(self.nbd).serve(ctx, shutdown.clone()).await;
         shutdown.cancel();
         background.shutdown().await;
+        if let Some((_, _, tier)) = &cached_tier
+            && let Err(err) = tier.sync().await
+        {
+            tracing::warn!(%err, "agent: cannot sync the client cache");
+        }
         let last = snapshot(parts);
         if let Some(file) = &stats_file {
             file.write(&last);
@@ -417,7 +448,10 @@ impl SessionRenewal {
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::Config,
-                    format!("{info_url:?} is not an http://HOST:PORT/agent/TOKEN address"),
+                    format!(
+                        "{:?} is not an http://HOST:PORT/agent/TOKEN address",
+                        osstream_core::shorten(info_url, 30)
+                    ),
                 )
             })?;
         Ok(SessionRenewal {
@@ -597,6 +631,21 @@ async fn fill_image(
         progress.done.store(true, Ordering::Relaxed);
         return;
     }
+    // After the boot: a fill during it would compete with the boot's reads, and the
+    // server would take the whole image for the boot's profile (a scan, not recorded).
+    loop {
+        if demand
+            .since_last()
+            .is_some_and(|quiet| quiet >= FILL_AFTER_QUIET)
+        {
+            break;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    tracing::info!("agent: the boot is over; filling the client cache with the rest of the image");
     let step = READ_SIZE.max(block_size);
     let mut offset = 0;
     while offset < size && !stop.is_cancelled() {

@@ -15,7 +15,10 @@ pub fn split_url(url: &str) -> Result<(String, String)> {
     let bad = || {
         Error::new(
             ErrorKind::InvalidInput,
-            format!("{url:?} is not an http://HOST[:PORT]/PATH address (https is not supported)"),
+            format!(
+                "{:?} is not an http://HOST[:PORT]/PATH address (https is not supported)",
+                osstream_core::shorten(url, 30)
+            ),
         )
     };
     let rest = url.strip_prefix("http://").ok_or_else(bad)?;
@@ -41,7 +44,8 @@ pub fn split_url(url: &str) -> Result<(String, String)> {
 /// carrying the server's message.
 pub async fn get(url: &str, timeout: Duration) -> Result<String> {
     let (address, path) = split_url(url)?;
-    let shown = osstream_core::shorten(&path, 14);
+    // Paths carry session tokens: only their start reaches messages.
+    let shown = osstream_core::shorten(&path, 14).into_owned();
     let work = async {
         let io = |e: std::io::Error| Error::from_io(e, format!("GET http://{address}{shown}"));
         let mut stream = TcpStream::connect(&address).await.map_err(io)?;

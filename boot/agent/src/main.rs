@@ -96,8 +96,9 @@ struct RunArgs {
     /// cache folder, or fail with ENOSPC without one).
     #[arg(long, default_value = "256MiB")]
     overlay_ram: ByteSize,
-    /// After the boot set, read the rest of the image into the cache in the background,
-    /// below the kernel's reads (so a later outage of the server does not hurt).
+    /// Once the boot is over (30 s without a read), read the rest of the image into the
+    /// cache in the background, below the kernel's reads (so a later outage of the
+    /// server does not hurt).
     #[arg(long)]
     fill: bool,
     /// Boot-set reads in flight at once.

@@ -88,11 +88,24 @@ pub struct RemoteSource {
     /// The export in use (a renewal replaces it).
     export: SyncMutex<String>,
     renewal: Option<Arc<dyn Renewal>>,
+    /// Why a renewal was refused (the disk changed): the client must boot again.
+    refused: SyncMutex<Option<Error>>,
     info: SourceInfo,
     flags: u16,
     conn: Mutex<Option<Arc<Conn>>>,
     journal: SyncMutex<Journal>,
     counters: Arc<RemoteCounters>,
+}
+
+impl Journal {
+    /// Drops the journaled writes overlapping `offset..offset + len` (it was trimmed,
+    /// zeroed or written durably since: replaying them would undo that).
+    fn forget(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        self.writes
+            .retain(|(_, at, data)| *at + data.len() as u64 <= offset || *at >= end);
+        self.bytes = self.writes.iter().map(|(_, _, d)| d.len() as u64).sum();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -262,6 +275,11 @@ impl Conn {
         let header = Request { cookie, ..request }.encode();
         let sent = async {
             let mut writer = self.writer.lock().await;
+            // A request timed out (or the reader failed) while this one waited: the
+            // connection may end in half a frame; nothing more goes on it.
+            if self.lost.is_cancelled() {
+                return Err(std::io::Error::other("connection lost"));
+            }
             writer.write_all(&header).await?;
             if let Some(payload) = payload {
                 writer.write_all(payload).await?;
@@ -270,12 +288,15 @@ impl Conn {
         };
         let answered = async {
             sent.await.map_err(|_| ())?;
-            rx.await.map_err(|_| ())
+            tokio::select! {
+                answer = rx => answer.map_err(|_| ()),
+                () = self.lost.cancelled() => Err(()),
+            }
         };
         match tokio::time::timeout(timeout, answered).await {
             Ok(Ok(answer)) => Attempt::Answered(answer),
             Ok(Err(())) => {
-                self.lost.cancel();
+                self.fail();
                 Attempt::Lost
             }
             Err(_) => {
@@ -283,11 +304,20 @@ impl Conn {
                     ?timeout,
                     "agent: the server did not answer a request in time; reconnecting"
                 );
-                self.lost.cancel();
-                self.reader.abort();
+                self.fail();
                 Attempt::Lost
             }
         }
+    }
+
+    /// Gives the connection up at once: no request is written on it any more (one may
+    /// have stopped half-way through a frame) and every waiter is told to send again.
+    fn fail(&self) {
+        self.lost.cancel();
+        self.reader.abort();
+        let mut pending = lock(&self.pending);
+        pending.closed = true;
+        pending.waiters.clear();
     }
 }
 
@@ -357,6 +387,11 @@ fn answer_error(op: &'static str, code: u32) -> Error {
     Error::new(kind, format!("the server answered {what} (errno {code})")).with_op(op)
 }
 
+/// Whether the server said the session ended (as opposed to failing to open it).
+fn ended(err: &Error) -> bool {
+    err.message().contains("has ended")
+}
+
 /// A session export name fit for logs (the token shortened).
 pub fn loggable(export: &str) -> String {
     osstream_core::loggable_export_name(export).into_owned()
@@ -376,6 +411,7 @@ impl RemoteSource {
         let source = RemoteSource {
             export: SyncMutex::new(config.export.clone()),
             renewal,
+            refused: SyncMutex::new(None),
             info: SourceInfo {
                 name: loggable(&config.export),
                 identity: identity.to_owned(),
@@ -438,21 +474,56 @@ impl RemoteSource {
                 }
                 Err(err)
                     if err.kind() == ErrorKind::NotFound
+                        && ended(&err)
                         && expect_size.is_some()
                         && !renewed
                         && self.renewal.is_some() =>
                 {
+                    if let Some(refused) = lock(&self.refused).clone() {
+                        return Err(refused);
+                    }
                     tracing::warn!(%err, "agent: the server ended this session; opening a new one of the same disk (this client's writes are on this client)");
                     let renewal = self.renewal.as_ref().expect("checked above");
-                    let fresh = renewal.renew().await.map_err(|e| {
-                        Error::new(
-                            e.kind(),
-                            format!("the server ended this session and a new one cannot take its place: {e}"),
-                        )
-                    })?;
-                    tracing::info!(export = %loggable(&fresh), "agent: new session");
-                    *lock(&self.export) = fresh;
-                    renewed = true;
+                    match renewal.renew().await {
+                        Ok(fresh) => {
+                            tracing::info!(export = %loggable(&fresh), "agent: new session");
+                            *lock(&self.export) = fresh;
+                            renewed = true;
+                        }
+                        Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::Shutdown) => {
+                            // The server is still starting: wait and try again.
+                            tracing::warn!(err = %e, "agent: cannot open a new session yet; trying again");
+                            attempts += 1;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                        }
+                        Err(e) => {
+                            let refused = Error::new(
+                                e.kind(),
+                                format!(
+                                    "the server ended this session and a new one cannot take its place: {e}"
+                                ),
+                            );
+                            // Remembered: every later request fails at once instead of
+                            // opening (and dropping) another session.
+                            *lock(&self.refused) = Some(refused.clone());
+                            return Err(refused);
+                        }
+                    }
+                }
+                Err(err)
+                    if err.kind() == ErrorKind::NotFound
+                        && expect_size.is_some()
+                        && !ended(&err) =>
+                {
+                    // The server answers any failure to open the export (a backend or
+                    // catalog hiccup) as unknown: a session that served us is waited for.
+                    if attempts == 0 || attempts.is_power_of_two() {
+                        tracing::warn!(%err, "agent: the server cannot open the export now; trying again (requests wait)");
+                    }
+                    attempts += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(err)
                     if matches!(
@@ -561,7 +632,7 @@ impl RemoteSource {
                 Attempt::Answered(Ok(data)) => return Ok(data),
                 Attempt::Answered(Err(errno::ESHUTDOWN)) => {
                     // The server is stopping (a restart): ask its successor.
-                    conn.lost.cancel();
+                    conn.fail();
                     continue;
                 }
                 Attempt::Answered(Err(code)) => return Err(answer_error(op, code)),
@@ -653,16 +724,20 @@ impl BlockSource for RemoteSource {
         self.counters
             .written_bytes
             .fetch_add(u64::from(length), Ordering::Relaxed);
-        if flags & cflag::FUA == 0 {
-            let mut journal = lock(&self.journal);
-            if journal.bytes + u64::from(length) <= JOURNAL_LIMIT {
-                let number = journal.next;
-                journal.next += 1;
-                journal.bytes += u64::from(length);
-                journal.writes.push((number, offset, data));
-            } else {
-                journal.overflowed = true;
-            }
+        let mut journal = lock(&self.journal);
+        if flags & cflag::FUA != 0 {
+            // Durable already; an older journaled write of the range must not come back.
+            journal.forget(offset, u64::from(length));
+        } else if journal.bytes + u64::from(length) <= JOURNAL_LIMIT {
+            let number = journal.next;
+            journal.next += 1;
+            journal.bytes += u64::from(length);
+            journal.writes.push((number, offset, data));
+        } else {
+            // Replaying part of the writes could put old bytes over newer ones: keep none.
+            journal.writes.clear();
+            journal.bytes = 0;
+            journal.overflowed = true;
         }
         Ok(())
     }
@@ -693,6 +768,7 @@ impl BlockSource for RemoteSource {
         })?;
         self.call("trim", request(cmd::TRIM, 0, offset, len), None)
             .await?;
+        lock(&self.journal).forget(offset, u64::from(len));
         Ok(())
     }
 
@@ -718,10 +794,45 @@ impl BlockSource for RemoteSource {
             None,
         )
         .await?;
+        lock(&self.journal).forget(offset, u64::from(len));
         Ok(())
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         all_data(&self.info, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_durable_trim_or_zeroing_drops_the_journaled_writes_it_overlaps() {
+        let mut journal = Journal::default();
+        for (n, at) in [(0, 0), (1, 4096), (2, 16384)] {
+            journal.writes.push((n, at, Bytes::from(vec![1u8; 4096])));
+        }
+        journal.bytes = 3 * 4096;
+        journal.forget(4000, 200);
+        let left: Vec<u64> = journal.writes.iter().map(|(_, at, _)| *at).collect();
+        assert_eq!(left, vec![16384]);
+        assert_eq!(journal.bytes, 4096);
+        journal.forget(20480, 4096);
+        assert_eq!(
+            journal.writes.len(),
+            1,
+            "a range just past a write leaves it"
+        );
+    }
+
+    #[test]
+    fn only_a_session_the_server_says_ended_is_renewed() {
+        let ended_err = Error::new(
+            ErrorKind::NotFound,
+            "session 1 has ended: the server stopped",
+        );
+        let hiccup = Error::new(ErrorKind::NotFound, "cannot open the image: timed out");
+        assert!(ended(&ended_err) && !ended(&hiccup));
     }
 }

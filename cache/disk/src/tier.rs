@@ -203,6 +203,26 @@ impl DiskTier {
         &self.inner.dir
     }
 
+    /// Makes every block put so far durable (data, then index records): without it a
+    /// power cut loses the blocks the kernel had not written back yet (they are misses
+    /// after it, never wrong bytes). The client agent calls it now and then.
+    pub async fn sync(&self) -> Result<()> {
+        let inner = self.inner.clone();
+        run_blocking("disk cache sync", move || {
+            inner
+                .data
+                .sync_data()
+                .and_then(|()| inner.index.sync_data())
+                .map_err(|e| {
+                    io(
+                        e,
+                        format!("cannot sync the disk cache in {}", inner.dir.display()),
+                    )
+                })
+        })
+        .await
+    }
+
     /// Whether `key` is held now (no I/O, no effect on eviction order).
     pub fn holds(&self, key: &BlockKey) -> bool {
         self.inner.lock().map.contains_key(key)
