@@ -73,6 +73,9 @@ else
 fi
 mount -t ext4 /dev/nbd0 /mnt || fail "cannot mount the NBD root"
 say "marker=$(cat /mnt/marker.txt)"
+if [ -n "${agent:-}" ]; then
+  say "booted: $(osstream-agent booted --cmdline 2>&1)"
+fi
 echo "written by ${host:-unnamed}" > "/mnt/written-by-${host:-unnamed}.txt" || fail "cannot write"
 ls /mnt | grep written-by | while read -r f; do say "sees $f"; done
 umount /mnt || fail "cannot unmount"

@@ -34,9 +34,13 @@ def wait_for(what, predicate, timeout=30):
 
 @pytest.fixture
 def lab(make_server):
+    return build_lab(make_server)
+
+
+def build_lab(make_server, quiet="500ms"):
     http = free_port()
     s = make_server('[backends.images]\nkind = "file"\nroot = "images"\nwritable = true\n'
-                    '[profile]\nquiet = "500ms"\nmin_bytes = "64KiB"\n'
+                    f'[profile]\nquiet = "{quiet}"\nmin_bytes = "64KiB"\n'
                     f'[http]\nenabled = true\nlisten = "127.0.0.1:{http}"\n'
                     '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
     s.http_port = http
@@ -178,6 +182,27 @@ def test_the_boot_set_of_the_servers_profile_is_pinned_and_fetched_before_the_ke
     stats = third.stop()
     assert stats["boot_set"]["local_at_start"] == len(BOOT) and stats["boot_set"]["fetched"] == 0, stats
     assert stats["server"]["read_bytes"] == 0, stats
+
+
+def test_booted_ends_the_recording_of_the_boot_at_once(make_server, tmp_path):
+    lab = build_lab(make_server, quiet="120s")
+    image = (lab.images / "deb.img").read_bytes()
+    agent = Agent(lab, tmp_path)
+    read_boot(agent, image)
+    info = f"http://127.0.0.1:{lab.http_port}/agent/{agent.token}"
+    out = subprocess.run([AGENT, "booted", "--info", info], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "boot recorded" in out.stdout, out
+    wait_for("the boot to be recorded", lambda: "boot profile recorded (the client said its boot is complete)"
+             in lab.log.read_text(), timeout=10)
+    profile = json.loads(lab.cli("--json", "profile", "show", "deb"))
+    assert profile["boots"] == 1 and profile["boot_set_blocks"] == len(BOOT), profile
+    # Again: nothing is being recorded any more; a bad token is refused.
+    out = subprocess.run([AGENT, "booted", "--info", info], capture_output=True, text=True, timeout=30)
+    assert "nothing was being recorded" in out.stdout, out
+    out = subprocess.run([AGENT, "booted", "--info", f"http://127.0.0.1:{lab.http_port}/agent/nope"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "unknown session token" in out.stderr, out
+    agent.stop()
 
 
 def test_a_copy_through_the_agent_survives_a_server_restart(lab, tmp_path):

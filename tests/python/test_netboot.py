@@ -353,6 +353,8 @@ def test_a_machine_boots_through_the_agent_and_its_second_boot_reads_its_boot_se
 
         first = boot()
         assert first["writes"] == "local" and first["boot_set"]["blocks"] == 0, first
+        # The initramfs said when its boot was complete: the recording ended then.
+        wait_logged(server, "boot profile recorded (the client said its boot is complete)")
         assert first["server"]["read_bytes"] > 0 and first["cache"]["misses"] > 0, first
         assert first["overlay"]["used"] > 0 and first["server"]["written_bytes"] == 0, first
         wait_logged(server, "boot profile recorded")

@@ -42,6 +42,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tell the server this machine's boot is complete: the recording of its boot (the
+    /// vdisk's boot profile) ends now rather than after a quiet period. Run it when the
+    /// system is up (a systemd unit after multi-user.target).
+    Booted {
+        /// Read the info URL from the kernel command line (`osstream.agent=`).
+        #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "/proc/cmdline",
+              required_unless_present = "info")]
+        cmdline: Option<PathBuf>,
+        /// The session's info URL (`http://HOST:PORT/agent/TOKEN`).
+        #[arg(long, value_name = "URL")]
+        info: Option<String>,
+    },
     /// Empty the client cache (the agent must not be running on it).
     Clear {
         /// The cache folder.
@@ -134,6 +146,7 @@ fn main() -> ExitCode {
             stats,
             json,
         } => show_stats(cache_dir, stats, json),
+        Command::Booted { cmdline, info } => booted(cmdline, info),
         Command::Clear { cache_dir } => DiskTier::clear(&cache_dir.join("blocks")).map(|freed| {
             println!(
                 "cleared the client cache in {} ({} freed)",
@@ -274,6 +287,33 @@ fn run(args: RunArgs) -> Result<()> {
         });
         agent.run(shutdown).await
     })
+}
+
+fn booted(cmdline: Option<PathBuf>, info: Option<String>) -> Result<()> {
+    let url = match (info, cmdline) {
+        (Some(url), _) => url,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::from_io(e, format!("cannot read {}", path.display())))?;
+            root_and_info(&text).1.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("{} has no osstream.agent=URL", path.display()),
+                )
+            })?
+        }
+        (None, None) => return Err(Error::new(ErrorKind::Config, "give --cmdline or --info")),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::from_io(e, "cannot start the runtime"))?;
+    let answer = runtime.block_on(osstream_agent::fetch::get(
+        &format!("{}/booted", url.trim_end_matches('/')),
+        Duration::from_secs(10),
+    ))?;
+    println!("the server: {}", answer.trim());
+    Ok(())
 }
 
 fn show_stats(cache_dir: Option<PathBuf>, stats: Option<PathBuf>, json: bool) -> Result<()> {

@@ -12,6 +12,8 @@
 //!   `Range` GETs read it; no writes).
 //! - `GET /agent/{token}`: the session's disk as the client agent needs to know it
 //!   (`AgentInfo` JSON: size, base image and generation, where writes go, the boot set).
+//! - `GET /agent/{token}/booted`: the client says its boot is complete; the boot
+//!   profile's recording of the session ends now (`osstream-agent booted`).
 //!
 //! Requests are parsed sans IO ([`request`]); scripts are built by pure functions
 //! ([`script`]); [`HttpServer`] does the IO. Tokens in paths never reach logs.

@@ -446,6 +446,27 @@ impl Connection {
                     Reply::error(&err)
                 }
             },
+            ["agent", token, "booted"] => {
+                let peer = self.peer.to_string();
+                match self.shared.exports.boot_complete(token, &peer).await {
+                    Ok((session, ended)) => {
+                        tracing::info!(peer = %self.peer, %session, recording_ended = ended,
+                            "http: the client says its boot is complete");
+                        Reply::text(
+                            200,
+                            if ended {
+                                "boot recorded"
+                            } else {
+                                "nothing was being recorded"
+                            },
+                        )
+                    }
+                    Err(err) => {
+                        tracing::info!(peer = %self.peer, path = %loggable_path(&request.path), %err, "http: boot-complete refused");
+                        Reply::error(&err)
+                    }
+                }
+            }
             ["agent", token] => match self.agent_info(token).await {
                 Ok(reply) => reply,
                 Err(err) => {

@@ -263,6 +263,25 @@ impl Exports {
         })
     }
 
+    /// The client of session `token` says its boot is complete: the layers recording
+    /// its boot end the recording now. Returns the session id and whether a recording
+    /// ended (none: not recorded, or already over).
+    pub async fn boot_complete(&self, token: &str, peer: &str) -> Result<(String, bool)> {
+        let Some((directory, _)) = &self.sessions else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "this server has no sessions configured",
+            )
+            .with_op("open_session"));
+        };
+        let target = directory.resolve(token, peer).await?;
+        let mut ended = false;
+        for layer in &self.layers {
+            ended |= layer.boot_complete(&target.session);
+        }
+        Ok((target.session, ended))
+    }
+
     /// Wraps `base` in every shared layer, the first next to the backend; with `hooks`,
     /// tells each layer of the attachment (the hooks tell them of its end when dropped).
     fn stack(&self, base: DynSource, mut hooks: Option<&mut Hooks>) -> DynSource {

@@ -43,6 +43,14 @@ pub trait Layer: Send + Sync + Debug {
         let _ = (identity, generation);
     }
 
+    /// The client of `session` says its boot is complete (the agent's `booted`): a
+    /// layer recording the boot ends the recording now. Returns whether it did. Must
+    /// not block.
+    fn boot_complete(&self, session: &str) -> bool {
+        let _ = session;
+        false
+    }
+
     /// The layer's counters since start, for `osstream cache stats`; `None` for a layer
     /// that keeps none.
     fn report(&self) -> Option<LayerReport> {

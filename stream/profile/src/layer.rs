@@ -273,6 +273,18 @@ impl Layer for ProfileLayer {
         }
     }
 
+    fn boot_complete(&self, session: &str) -> bool {
+        let sessions = self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match sessions.get(session).and_then(|s| s.recording.as_ref()) {
+            Some(recording) => recording.mark_booted(),
+            None => false,
+        }
+    }
+
     fn report(&self) -> Option<osstream_core::LayerReport> {
         let s = self.stats();
         Some(osstream_core::LayerReport::new(

@@ -16,6 +16,8 @@ pub(crate) enum Finish {
     Full,
     /// The attachment ended.
     Detached,
+    /// The client said its boot is complete (`osstream-agent booted`).
+    Booted,
 }
 
 impl Finish {
@@ -25,6 +27,7 @@ impl Finish {
             Finish::Window => "the recording window is over",
             Finish::Full => "the size cap was reached",
             Finish::Detached => "the client disconnected",
+            Finish::Booted => "the client said its boot is complete",
         }
     }
 }
@@ -54,6 +57,8 @@ pub(crate) struct Recording {
     started: Instant,
     /// Set once finished: reads after it cost one atomic load.
     finished: AtomicBool,
+    /// The client said its boot is complete.
+    booted: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -74,6 +79,7 @@ impl Recording {
             tracing,
             started: now,
             finished: AtomicBool::new(false),
+            booted: AtomicBool::new(false),
             state: Mutex::new(State {
                 seen: HashSet::new(),
                 order: Vec::new(),
@@ -115,6 +121,8 @@ impl Recording {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.order.len() >= self.max_blocks {
             Some(Finish::Full)
+        } else if self.booted.load(Ordering::Acquire) {
+            Some(Finish::Booted)
         } else if self.started.elapsed() >= window {
             Some(Finish::Window)
         } else if !state.order.is_empty() && state.last_new.elapsed() >= quiet {
@@ -122,6 +130,12 @@ impl Recording {
         } else {
             None
         }
+    }
+
+    /// The client said its boot is complete: the recording ends at the next check.
+    /// Returns false if it had already ended.
+    pub(crate) fn mark_booted(&self) -> bool {
+        !self.finished.load(Ordering::Acquire) && !self.booted.swap(true, Ordering::AcqRel)
     }
 
     /// Stops recording; returns what it recorded, or `None` if it had already stopped
