@@ -227,6 +227,26 @@ def test_a_copy_through_the_agent_survives_a_server_restart(lab, tmp_path):
     assert "the server ended this session; opening a new one" in log and "connected again" in log, log
 
 
+def test_an_image_changed_while_the_server_was_away_fails_reads_instead_of_mixing(lab, tmp_path):
+    agent = Agent(lab, tmp_path)
+    h = agent.handle()
+    before = h.pread(65536, 0)
+    lab.stop()
+    random_image(lab.images / "deb.img", SIZE, seed=99)
+    lab.start()
+    with pytest.raises(nbd.Error):
+        h.pread(65536, 8 * MIB)
+    # Every later read of the server fails too (the client must boot again); blocks on
+    # the client are still the image it booted, never the new one.
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 16 * MIB)
+    assert h.pread(65536, 0) == before != (lab.images / "deb.img").read_bytes()[:65536]
+    h.shutdown()
+    agent.stop()
+    log = agent.log.read_text()
+    assert "not the one this client booted" in log, log
+
+
 def test_a_private_vdisk_is_written_through_to_the_server_and_not_cached(lab, tmp_path):
     agent = Agent(lab, tmp_path, vdisk="dev")
     h = agent.handle()
@@ -249,6 +269,9 @@ def test_bad_input_gets_a_clear_error(lab, tmp_path):
     assert out.returncode != 0 and "cannot fetch the session's description" in out.stderr, out.stderr
     out = run("run", "--nbd", f"127.0.0.1:{lab.port}", "--export", "s/not-a-token", "--socket", str(tmp_path / "x.sock"))
     assert out.returncode != 0 and "refused the export" in out.stderr, out.stderr
+    out = run("run", "--nbd", f"127.0.0.1:{lab.port}", "--export", "s/one-token",
+              "--info", f"http://127.0.0.1:{lab.http_port}/agent/another-token", "--socket", str(tmp_path / "x.sock"))
+    assert out.returncode != 0 and "another session" in out.stderr, out.stderr
     out = run("run", "--cmdline", str(tmp_path / "missing"))
     assert out.returncode != 0 and "cannot read" in out.stderr, out.stderr
     (tmp_path / "cmdline").write_text("console=ttyS0 quiet\n")

@@ -461,6 +461,24 @@ impl SessionRenewal {
     }
 }
 
+impl SessionRenewal {
+    /// `Conflict` unless `info` describes the image and generation the agent started on.
+    fn same_disk(&self, info: &AgentInfo) -> Result<()> {
+        if (&info.image, &info.generation, info.size)
+            != (&self.old.image, &self.old.generation, self.old.size)
+        {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "vdisk {} now reads image {} generation {} ({} bytes), not the one this client booted: the client must boot again",
+                    info.vdisk, info.image, info.generation, info.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `nbdroot=` and `osstream.agent=` in a boot script (or a kernel command line).
 pub fn root_and_info(text: &str) -> (Option<(String, String)>, Option<String>) {
     let mut root = None;
@@ -497,19 +515,21 @@ impl Renewal for SessionRenewal {
                 format!("the server opened no new session: {}", said.join(" / ")),
             ));
         };
-        let info = fetch_info(&info_url).await?;
-        if (&info.image, &info.generation, info.size)
-            != (&self.old.image, &self.old.generation, self.old.size)
-        {
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!(
-                    "vdisk {} now reads image {} generation {} ({} bytes), not the one this client booted: the client must boot again",
-                    info.vdisk, info.image, info.generation, info.size
-                ),
-            ));
-        }
+        self.same_disk(&fetch_info(&info_url).await?)?;
         Ok(export)
+    }
+
+    async fn verify(&self, export: &str) -> Result<()> {
+        let Some(token) = export.strip_prefix("s/") else {
+            return Ok(());
+        };
+        let info = crate::fetch::get(
+            &format!("{}/agent/{token}", self.base),
+            Duration::from_secs(10),
+        )
+        .await
+        .and_then(|body| AgentInfo::from_json(&body))?;
+        self.same_disk(&info)
     }
 }
 

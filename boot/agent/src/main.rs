@@ -188,6 +188,17 @@ fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
             "give --nbd and --export, or --cmdline",
         ));
     };
+    // The description must be the export's: its image and generation key the cache.
+    if let (Some(token), Some(url)) = (export.strip_prefix("s/"), &info)
+        && url
+            .rsplit_once("/agent/")
+            .is_some_and(|(_, t)| t.trim_end_matches('/') != token)
+    {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "--info names another session than --export (their tokens differ)",
+        ));
+    }
     if args.low_watermark >= args.high_watermark {
         return Err(Error::new(
             ErrorKind::Config,

@@ -79,6 +79,11 @@ pub struct RemoteCounters {
 pub trait Renewal: Send + Sync + std::fmt::Debug {
     /// A new session's export name.
     async fn renew(&self) -> Result<String>;
+
+    /// Checks that `export` still reads the image and generation the agent started on
+    /// (after a reconnect: the image may have been replaced in place while the server
+    /// was away); `Conflict` if not.
+    async fn verify(&self, export: &str) -> Result<()>;
 }
 
 /// The session's disk on the server.
@@ -90,6 +95,9 @@ pub struct RemoteSource {
     renewal: Option<Arc<dyn Renewal>>,
     /// Why a renewal was refused (the disk changed): the client must boot again.
     refused: SyncMutex<Option<Error>>,
+    /// Since when the server has been out of reach (`give_up_after` counts from it, once
+    /// for all the requests waiting, not once per request).
+    down_since: SyncMutex<Option<tokio::time::Instant>>,
     info: SourceInfo,
     flags: u16,
     conn: Mutex<Option<Arc<Conn>>>,
@@ -412,6 +420,7 @@ impl RemoteSource {
             export: SyncMutex::new(config.export.clone()),
             renewal,
             refused: SyncMutex::new(None),
+            down_since: SyncMutex::new(None),
             info: SourceInfo {
                 name: loggable(&config.export),
                 identity: identity.to_owned(),
@@ -448,7 +457,7 @@ impl RemoteSource {
         &self,
         expect_size: Option<u64>,
     ) -> Result<(Arc<Conn>, u64, u16)> {
-        let started = tokio::time::Instant::now();
+        let started = *lock(&self.down_since).get_or_insert_with(tokio::time::Instant::now);
         let mut backoff = Duration::from_millis(100);
         let mut attempts = 0u32;
         let mut renewed = false;
@@ -467,6 +476,7 @@ impl RemoteSource {
                             ),
                         ));
                     }
+                    *lock(&self.down_since) = None;
                     if attempts > 0 || renewed {
                         tracing::info!(server = %self.config.address, attempts, waited = ?started.elapsed(), "agent: connected again");
                     }
@@ -563,9 +573,26 @@ impl RemoteSource {
             return Ok(conn.clone());
         }
         *slot = None;
+        if let Some(refused) = lock(&self.refused).clone() {
+            return Err(refused);
+        }
         loop {
             let (conn, _, _) = self.connect_with_retries(Some(self.info.size)).await?;
             self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            if let Some(renewal) = &self.renewal {
+                let export = lock(&self.export).clone();
+                match renewal.verify(&export).await {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == ErrorKind::Conflict => {
+                        tracing::error!(%err, "agent: the disk changed while the server was away; failing every request (the client must boot again)");
+                        *lock(&self.refused) = Some(err.clone());
+                        return Err(err);
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "agent: cannot check the disk's generation after the reconnect; carrying on");
+                    }
+                }
+            }
             if self.replay(&conn).await? {
                 *slot = Some(conn.clone());
                 return Ok(conn);
