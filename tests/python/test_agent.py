@@ -209,16 +209,20 @@ def test_a_copy_through_the_agent_survives_a_server_restart(lab, tmp_path):
     image = sha256(lab.images / "deb.img")
     agent = Agent(lab, tmp_path)
     out = tmp_path / "copy.img"
-    # One request at a time, so the copy is still running when the server goes away.
+    # The agent is connected (one block read) when the server goes away; the copy starts
+    # while it is away, so its reads wait for the reconnect instead of racing it: a copy
+    # of 32 MiB on loopback can finish before a restart could begin.
+    h = agent.handle()
+    assert h.pread(BLOCK, 0) == (lab.images / "deb.img").read_bytes()[:BLOCK]
+    lab.stop()
     copier = subprocess.Popen(["nbdcopy", "--requests=1", "--connections=1", "--request-size=65536",
                                agent.uri, str(out)])
-    wait_for("the copy to start", lambda: out.exists() and out.stat().st_size > 0 or copier.poll() is not None)
-    time.sleep(0.3)
-    lab.stop()
     time.sleep(1.5)
+    assert copier.poll() is None, "the copy finished while the server was away"
     lab.start()
     assert copier.wait(timeout=120) == 0
     assert sha256(out) == image
+    h.shutdown()
     stats = agent.stop()
     assert stats["server"]["reconnects"] >= 1, stats
     log = agent.log.read_text()
