@@ -645,6 +645,7 @@ impl RemoteSource {
         payload: Option<&Bytes>,
     ) -> Result<Option<Bytes>> {
         let mut first = true;
+        let mut shutdown_wait = Duration::from_millis(100);
         loop {
             let conn = self.connection().await?;
             if !first {
@@ -658,8 +659,12 @@ impl RemoteSource {
             {
                 Attempt::Answered(Ok(data)) => return Ok(data),
                 Attempt::Answered(Err(errno::ESHUTDOWN)) => {
-                    // The server is stopping (a restart): ask its successor.
+                    // The server is stopping (a restart): ask its successor, after a
+                    // pause that doubles each time the server answers so, so that a
+                    // draining server that still accepts connections is not hammered.
                     conn.fail();
+                    tokio::time::sleep(shutdown_wait).await;
+                    shutdown_wait = (shutdown_wait * 2).min(MAX_BACKOFF);
                     continue;
                 }
                 Attempt::Answered(Err(code)) => return Err(answer_error(op, code)),

@@ -1,5 +1,6 @@
 //! The one file that owns sockets: listeners, the handshake loop, the request loop.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::IoSlice;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use osstream_core::{
-    BootProtocol, Error, ErrorKind, Exports, IoCounters, Result, ServeContext, async_trait,
+    Attachment, BootProtocol, Error, ErrorKind, Exports, Result, ServeContext, async_trait,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -152,6 +153,7 @@ impl BootProtocol for NbdServer {
             max_request,
             base_exports: self.base_exports,
             config: self.config,
+            connections_by_export: std::sync::Mutex::default(),
         });
         let tracker = TaskTracker::new();
         let mut sockets = Vec::new();
@@ -204,6 +206,70 @@ struct Shared {
     budget: Arc<Semaphore>,
     max_request: u32,
     base_exports: bool,
+    /// The requests of each attached connection, by export: a connection that replaces
+    /// one that broke waits until the broken one's requests end (see
+    /// [`wait_for_broken_connections`]).
+    connections_by_export: std::sync::Mutex<HashMap<String, Vec<TaskTracker>>>,
+}
+
+impl Shared {
+    fn by_export(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<TaskTracker>>> {
+        self.connections_by_export
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection's requests under `export`; forgets connections whose
+    /// requests have all ended.
+    fn track(&self, export: &str, requests: &TaskTracker) {
+        let mut map = self.by_export();
+        map.retain(|_, list| {
+            list.retain(|t| !(t.is_closed() && t.is_empty()));
+            !list.is_empty()
+        });
+        map.entry(export.to_owned())
+            .or_default()
+            .push(requests.clone());
+    }
+
+    /// The trackers of `export`'s connections that have ended with requests still running.
+    fn broken_with_requests(&self, export: &str) -> Vec<TaskTracker> {
+        self.by_export().get(export).map_or_else(Vec::new, |list| {
+            list.iter()
+                .filter(|t| t.is_closed() && !t.is_empty())
+                .cloned()
+                .collect()
+        })
+    }
+}
+
+/// Keeps a writer's requests in order across a reconnect: a client whose connection broke
+/// (or that gave up on a stuck request) connects again and sends its writes anew, while
+/// the old connection's requests may still be running here. A write of the old
+/// connection that landed after the new one's newer write to the same blocks would undo
+/// it, so a writable connection starts only when the requests of the export's earlier,
+/// ended connections have ended too. Live connections (multi-conn) are not waited for.
+async fn wait_for_broken_connections(
+    shared: &Shared,
+    export: &str,
+    peer: &str,
+    shutdown: &CancellationToken,
+) -> bool {
+    let earlier = shared.broken_with_requests(export);
+    if earlier.is_empty() {
+        return true;
+    }
+    let running: usize = earlier.iter().map(TaskTracker::len).sum();
+    tracing::info!(%peer, %export, requests = running, "waiting for the requests of an earlier connection to this export to end, so writes stay in order");
+    let all = async {
+        for requests in &earlier {
+            requests.wait().await;
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        () = all => true,
+    }
 }
 
 /// Counts a connection for `max_connections` until dropped, however the task ends.
@@ -438,16 +504,16 @@ async fn attached_connection(
         base_allocation,
         max_request: shared.max_request,
     };
-    let (outcome, still_running) = transmit(
-        reader,
-        write,
-        conn,
-        shared,
-        shutdown,
-        attachment.ended().clone(),
-        attachment.counters().clone(),
-    )
-    .await;
+    let requests = TaskTracker::new();
+    shared.track(&export, &requests);
+    let (outcome, still_running) = if flags & proto::tflag::READ_ONLY == 0
+        && !wait_for_broken_connections(shared, &export, peer, &shutdown).await
+    {
+        requests.close();
+        ("server shutting down".to_owned(), None)
+    } else {
+        transmit(reader, write, conn, requests, shared, shutdown, &attachment).await
+    };
     let counts = attachment.counters().snapshot();
     match still_running {
         None => attachment.close().await,
@@ -648,19 +714,19 @@ async fn transmit<R>(
     mut reader: BufReader<R>,
     write: BoxWrite,
     conn: Transmission,
+    in_flight: TaskTracker,
     shared: &Arc<Shared>,
     shutdown: CancellationToken,
-    session_ended: CancellationToken,
-    stats: Arc<IoCounters>,
+    attachment: &Attachment,
 ) -> (String, Option<TaskTracker>)
 where
     R: AsyncRead + Unpin,
 {
+    let (session_ended, stats) = (attachment.ended(), attachment.counters());
     let writer = Arc::new(Mutex::new(write));
     let conn = Arc::new(conn);
     let per_request_max = request_units(shared.max_request);
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_UNITS.max(per_request_max) as usize));
-    let in_flight = TaskTracker::new();
     let broken = CancellationToken::new();
     let reason = loop {
         let mut header = [0u8; proto::REQUEST_HEADER_LEN];

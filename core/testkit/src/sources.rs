@@ -174,6 +174,9 @@ pub struct InstrumentedSource {
     delay: Duration,
     prefetch_delay: Duration,
     fail_every: u64,
+    stalled_writes: u64,
+    write_stall: Duration,
+    writes: AtomicU64,
     reads: AtomicU64,
     prefetch_reads: AtomicU64,
     reading: AtomicU64,
@@ -188,6 +191,8 @@ pub struct InstrumentedBuilder {
     delay: Duration,
     prefetch_delay: Option<Duration>,
     fail_every: u64,
+    stalled_writes: u64,
+    write_stall: Duration,
 }
 
 impl InstrumentedBuilder {
@@ -210,6 +215,14 @@ impl InstrumentedBuilder {
         self
     }
 
+    /// The first `count` writes wait `stall` before they reach the inner source (writes
+    /// stuck in a backend while newer ones arrive).
+    pub fn stall_writes(mut self, count: u64, stall: Duration) -> Self {
+        self.stalled_writes = count;
+        self.write_stall = stall;
+        self
+    }
+
     /// The source.
     pub fn build(self) -> Arc<InstrumentedSource> {
         Arc::new(InstrumentedSource {
@@ -217,6 +230,9 @@ impl InstrumentedBuilder {
             delay: self.delay,
             prefetch_delay: self.prefetch_delay.unwrap_or(self.delay),
             fail_every: self.fail_every,
+            stalled_writes: self.stalled_writes,
+            write_stall: self.write_stall,
+            writes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             prefetch_reads: AtomicU64::new(0),
             reading: AtomicU64::new(0),
@@ -234,6 +250,8 @@ impl InstrumentedSource {
             delay: Duration::ZERO,
             prefetch_delay: None,
             fail_every: 0,
+            stalled_writes: 0,
+            write_stall: Duration::ZERO,
         }
     }
 
@@ -321,6 +339,9 @@ impl BlockSource for InstrumentedSource {
     }
 
     async fn write_at(&self, offset: u64, data: Bytes, opts: WriteOpts) -> Result<()> {
+        if self.writes.fetch_add(1, Ordering::SeqCst) < self.stalled_writes {
+            tokio::time::sleep(self.write_stall).await;
+        }
         self.inner.write_at(offset, data, opts).await
     }
 
