@@ -14,7 +14,7 @@ pub use crate::args::{
 };
 use crate::config::Config;
 use crate::output::{human_bytes, opt, output, when};
-use crate::wiring::{backend_named, fill_image_ids, open_catalog, register_vdisk};
+use crate::wiring::{backend_named, fill_image_ids, open_existing_catalog, register_vdisk};
 
 fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
     value.map(|v| if v.is_empty() { None } else { Some(v) })
@@ -106,7 +106,7 @@ const VDISK_HEADERS: &[&str] = &[
 ];
 
 pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Result<()> {
-    let catalog = open_catalog(config).await?;
+    let catalog = open_existing_catalog(config).await?;
     match command.clone() {
         VdiskCommand::Add(add) => {
             let key = add.key.clone().unwrap_or_else(|| add.name.clone());
@@ -316,7 +316,7 @@ const CLIENT_HEADERS: &[&str] = &[
 ];
 
 pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Result<()> {
-    let catalog = open_catalog(config).await?;
+    let catalog = open_existing_catalog(config).await?;
     match command.clone() {
         ClientCommand::Add(fields) => {
             let client = Client {
@@ -444,7 +444,7 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
 }
 
 pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> Result<()> {
-    let catalog = open_catalog(config).await?;
+    let catalog = open_existing_catalog(config).await?;
     match command.clone() {
         SessionCommand::List { all } => {
             let sessions = catalog.sessions(all).await?;
@@ -539,7 +539,7 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
 }
 
 pub async fn policy(config: &Config, command: &PolicyCommand, json: bool) -> Result<()> {
-    let catalog = open_catalog(config).await?;
+    let catalog = open_existing_catalog(config).await?;
     let policy = match command.clone() {
         PolicyCommand::Show => catalog.unknown_client_policy().await?,
         PolicyCommand::Set { policy } => {
@@ -585,7 +585,7 @@ fn describe_currency(current: Option<bool>) -> &'static str {
 
 pub async fn profile(config: &Config, command: &ProfileCommand, json: bool) -> Result<()> {
     use osstream_core::{BootProfile, ProfileStore};
-    let catalog = open_catalog(config).await?;
+    let catalog = open_existing_catalog(config).await?;
     let stored = |vdisk: &str| {
         let (catalog, vdisk) = (catalog.clone(), vdisk.to_owned());
         async move {
@@ -828,5 +828,52 @@ pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> 
             number(profile, "stale_profiles"),
         );
     }
+    Ok(())
+}
+
+/// `osstream init`: the data folder and the catalog, created if missing.
+pub async fn init(config: &Config, json: bool) -> Result<()> {
+    #[derive(Serialize)]
+    struct Initialised {
+        catalog: &'static str,
+        created: bool,
+        data_dir: String,
+        config_file: Option<String>,
+    }
+    let (catalog, created) = match open_existing_catalog(config).await {
+        Ok(catalog) => (catalog, false),
+        Err(err) if err.kind() == ErrorKind::NotFound => {
+            (crate::wiring::open_catalog(config).await?, true)
+        }
+        Err(err) => return Err(err),
+    };
+    let done = Initialised {
+        catalog: catalog.flavour(),
+        created,
+        data_dir: config.data_dir.display().to_string(),
+        config_file: config.file.path().map(|p| p.display().to_string()),
+    };
+    if json {
+        return output(true, &done, &[], Vec::new());
+    }
+    let where_ = if catalog.flavour() == "sqlite" {
+        config
+            .catalog_url()
+            .trim_start_matches("sqlite://")
+            .to_owned()
+    } else {
+        "the PostgreSQL database of [catalog] url".to_owned()
+    };
+    let flavour = catalog.flavour();
+    if created {
+        println!("created the {flavour} catalog at {where_}");
+    } else {
+        println!("the {flavour} catalog at {where_} is already there; left as it is");
+    }
+    println!(
+        "data_dir {}; configuration: {}",
+        done.data_dir,
+        config.file.describe()
+    );
     Ok(())
 }

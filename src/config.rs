@@ -10,8 +10,92 @@ use figment::value::{Dict, Value};
 use osstream_core::{ByteSize, Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
 
-/// The configuration file read when `--config` is not given, if it exists.
+/// The configuration file read from the working folder when neither `--config` nor
+/// `OSSTREAM_CONFIG` names one, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "osstream.toml";
+
+/// The system-wide configuration file, read when no other is named or found.
+pub const SYSTEM_CONFIG_FILE: &str = "/etc/osstream/osstream.toml";
+
+/// The environment variable that names a configuration file.
+pub const CONFIG_ENV: &str = "OSSTREAM_CONFIG";
+
+/// Which configuration file was read, and how it was found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConfigFile {
+    /// None: built-in defaults, the environment and flags only.
+    #[default]
+    None,
+    /// `--config FILE`.
+    Flag(PathBuf),
+    /// `OSSTREAM_CONFIG=FILE`.
+    Env(PathBuf),
+    /// `./osstream.toml`.
+    WorkingDir(PathBuf),
+    /// `/etc/osstream/osstream.toml`.
+    System(PathBuf),
+}
+
+impl ConfigFile {
+    /// The file, if one was read.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ConfigFile::None => None,
+            ConfigFile::Flag(p)
+            | ConfigFile::Env(p)
+            | ConfigFile::WorkingDir(p)
+            | ConfigFile::System(p) => Some(p),
+        }
+    }
+
+    /// One line for logs and `config show`: the file and why it was read.
+    pub fn describe(&self) -> String {
+        match self {
+            ConfigFile::None => format!(
+                "no configuration file (none named by --config or {CONFIG_ENV}, no ./{DEFAULT_CONFIG_FILE}, no {SYSTEM_CONFIG_FILE}): built-in defaults"
+            ),
+            ConfigFile::Flag(p) => format!("{} (--config)", p.display()),
+            ConfigFile::Env(p) => format!("{} ({CONFIG_ENV})", p.display()),
+            ConfigFile::WorkingDir(p) => format!("{} (found in the working folder)", p.display()),
+            ConfigFile::System(p) => format!("{} (the system configuration)", p.display()),
+        }
+    }
+}
+
+/// Finds the configuration file: `--config FILE`, else `OSSTREAM_CONFIG`, else
+/// `./osstream.toml`, else `/etc/osstream/osstream.toml`, else none. A file named by the
+/// flag or the variable must exist.
+pub fn locate(flag: Option<&Path>) -> Result<ConfigFile> {
+    let must_exist = |path: &Path, how: &str| {
+        if path.is_file() {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "configuration file {} ({how}) does not exist",
+                    path.display()
+                ),
+            ))
+        }
+    };
+    if let Some(path) = flag {
+        must_exist(path, "--config")?;
+        return Ok(ConfigFile::Flag(path.to_owned()));
+    }
+    if let Some(value) = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(value);
+        must_exist(&path, CONFIG_ENV)?;
+        return Ok(ConfigFile::Env(path));
+    }
+    if Path::new(DEFAULT_CONFIG_FILE).is_file() {
+        return Ok(ConfigFile::WorkingDir(PathBuf::from(DEFAULT_CONFIG_FILE)));
+    }
+    if Path::new(SYSTEM_CONFIG_FILE).is_file() {
+        return Ok(ConfigFile::System(PathBuf::from(SYSTEM_CONFIG_FILE)));
+    }
+    Ok(ConfigFile::None)
+}
 
 /// Everything `osstream` can be configured with. `examples/osstream.toml` documents each key.
 ///
@@ -21,6 +105,9 @@ pub const DEFAULT_CONFIG_FILE: &str = "osstream.toml";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
+    /// The file this configuration was read from (set by [`load`]).
+    #[serde(skip)]
+    pub file: ConfigFile,
     /// Where osstream keeps its state: images of the default backend, caches, the catalog.
     pub data_dir: PathBuf,
     /// Logging.
@@ -140,6 +227,7 @@ impl Default for CacheConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            file: ConfigFile::None,
             data_dir: PathBuf::from("./osstream-data"),
             log: LogConfig::default(),
             demo: DemoConfig::default(),
@@ -204,23 +292,13 @@ pub struct Sources<'a> {
 /// Builds the effective configuration and checks it (unknown keys, bad values).
 pub fn load(sources: Sources<'_>) -> Result<Config> {
     let mut figment = Figment::from(Serialized::defaults(Config::default()));
-    match sources.file {
-        Some(path) => {
-            if !path.is_file() {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!("configuration file {} does not exist", path.display()),
-                ));
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
-            figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE));
-        }
-        None => {}
+    let file = locate(sources.file)?;
+    if let Some(path) = file.path() {
+        figment = figment.merge(Toml::file_exact(path));
     }
     figment = figment
-        .merge(Env::prefixed("OSSTREAM_").split("__"))
+        // OSSTREAM_CONFIG names the file; it is no key of it.
+        .merge(Env::prefixed("OSSTREAM_").ignore(&["config"]).split("__"))
         .merge(Serialized::defaults(sources.overrides));
     let mut config: Config = figment.extract().map_err(|err| {
         let lines: Vec<String> = err.into_iter().map(|e| describe(&e)).collect();
@@ -234,6 +312,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config> {
     }
     check(&config)?;
     fill_components(&mut config, &figment)?;
+    config.file = file;
     Ok(config)
 }
 

@@ -22,15 +22,19 @@ use figment::value::{Dict, Value};
 
 /// osstream streams operating-system disks to network-booted, diskless machines.
 ///
-/// Configuration comes from built-in defaults, then a TOML file (--config FILE, else
-/// ./osstream.toml if present), then OSSTREAM_* environment variables (nested keys with
-/// `__`, e.g. OSSTREAM_NBD__LISTEN='["0.0.0.0:10809"]'), then command-line flags.
-/// With none of them, `osstream serve` runs the embedded default: images in
-/// ./osstream-data/images, a RAM cache, NBD on 127.0.0.1:10809.
+/// Configuration comes from built-in defaults, then a TOML file (--config FILE, else the
+/// file OSSTREAM_CONFIG names, else ./osstream.toml, else /etc/osstream/osstream.toml,
+/// the first that applies; `osstream config show` says which), then OSSTREAM_*
+/// environment variables (nested keys with `__`, e.g.
+/// OSSTREAM_NBD__LISTEN='["0.0.0.0:10809"]'), then command-line flags. With none of
+/// them, `osstream serve` runs the embedded default: images in ./osstream-data/images, a
+/// RAM cache, NBD on 127.0.0.1:10809. Admin commands use the catalog the configuration
+/// names and never create one: `serve` does on its first start, or `osstream init`.
 #[derive(Debug, Parser)]
 #[command(name = "osstream", version, about, long_about)]
 struct Cli {
-    /// Read configuration from FILE (default: ./osstream.toml if it exists).
+    /// Read configuration from FILE (default: $OSSTREAM_CONFIG, else ./osstream.toml,
+    /// else /etc/osstream/osstream.toml, if it exists).
     #[arg(long, short, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -46,6 +50,9 @@ struct Cli {
 enum Command {
     /// Serve vdisks until SIGINT or SIGTERM (in-flight requests are finished first).
     Serve(ServeArgs),
+    /// Create the data folder and the catalog the configuration names (serve does it on
+    /// its first start); an existing catalog is left as it is.
+    Init,
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -87,7 +94,8 @@ struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Print the effective configuration (defaults, file, environment merged) as TOML.
+    /// Print the effective configuration (defaults, file, environment merged) as TOML,
+    /// after a comment naming the file it was read from (JSON: `config_file`).
     Show,
 }
 
@@ -127,6 +135,7 @@ fn admin_command(cli: &Cli) -> osstream_core::Result<()> {
             Command::Policy(command) => admin::policy(&config, command, cli.json).await,
             Command::Profile(command) => admin::profile(&config, command, cli.json).await,
             Command::Cache(command) => admin::cache(&config, command, cli.json),
+            Command::Init => admin::init(&config, cli.json).await,
             _ => unreachable!("only admin commands come here"),
         }
     })
@@ -155,6 +164,7 @@ fn main() -> ExitCode {
             overrides: overrides(args),
         })
         .and_then(serve::run),
+        Command::Init => admin_command(&cli),
         Command::Vdisk(_)
         | Command::Client(_)
         | Command::Session(_)
@@ -183,11 +193,22 @@ fn main() -> ExitCode {
             }
             config::redact_secrets(&mut config);
             let text = if cli.json {
-                serde_json::to_string_pretty(&config).map_err(|e| {
+                let mut value = serde_json::to_value(&config).map_err(|e| {
+                    osstream_core::Error::new(osstream_core::ErrorKind::Unexpected, e.to_string())
+                })?;
+                value["config_file"] = config
+                    .file
+                    .path()
+                    .map_or(serde_json::Value::Null, |p| p.display().to_string().into());
+                serde_json::to_string_pretty(&value).map_err(|e| {
                     osstream_core::Error::new(osstream_core::ErrorKind::Unexpected, e.to_string())
                 })?
             } else {
-                config::to_toml(&config)?
+                format!(
+                    "# read from {}\n{}",
+                    config.file.describe(),
+                    config::to_toml(&config)?
+                )
             };
             println!("{text}");
             Ok(())

@@ -57,6 +57,7 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<()> {
+    tracing::info!(config = %config.file.describe(), data_dir = %config.data_dir.display(), "configuration read");
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         Error::from_io(
             e,

@@ -135,7 +135,30 @@ pub async fn register_vdisk(
     catalog.vdisk(&vdisk.name).await
 }
 
-/// The catalog the configuration names.
+/// The catalog the configuration names, if it exists: admin commands run with the wrong
+/// configuration (another folder, a missing `--config`) say so instead of creating an
+/// empty catalog where none should be.
+pub async fn open_existing_catalog(config: &Config) -> Result<SqlCatalog> {
+    SqlCatalog::open_existing(&config.catalog_url())
+        .await
+        .map_err(|err| {
+            if err.kind() != ErrorKind::NotFound {
+                return err;
+            }
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{}; configuration: {}. `osstream serve` creates the catalog when it first starts, \
+                     `osstream init` creates it now; or point --config or OSSTREAM_CONFIG at the \
+                     server's configuration",
+                    err.message(),
+                    config.file.describe()
+                ),
+            )
+        })
+}
+
+/// The catalog the configuration names, created (with `data_dir`) if missing.
 pub async fn open_catalog(config: &Config) -> Result<SqlCatalog> {
     let url = config.catalog_url();
     if url.starts_with("sqlite:") {

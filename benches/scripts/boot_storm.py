@@ -111,6 +111,7 @@ def main():
             return subprocess.run([args.binary, "--config", config, *more], check=True, capture_output=True,
                                   text=True).stdout
 
+        cli("init")
         cli("vdisk", "import", image, "os", "--backend", "direct", "--quiet")
         cli("vdisk", "add", "storm", "--backend", "far", "--key", "os")
         macs = [f"52:54:00:10:{n // 256:02x}:{n % 256:02x}" for n in range(args.clients)]

@@ -173,6 +173,7 @@ def main():
                       os.path.join(work, f"proxy-{delay}.log"))
         time.sleep(2)
         server = Server(lab, srv, work, deb, delays)
+        server.cli("init")
         server.cli("vdisk", "import", os.path.join(deb, "debian.img"), "debian", "--backend", "s3d0", "--quiet")
         macs = {}
         agents = {}

@@ -136,6 +136,7 @@ def main():
     try:
         random_image(image, size)
         # The image's key on the `images` backend leaves out the extension.
+        cli("init")
         cli("client", "add", MAC)
         cli("vdisk", "add", VDISK, "--backend", "images", "--key", "bench", "--write-cache", "ram")
         cli("client", "assign", MAC, VDISK)

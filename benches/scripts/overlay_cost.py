@@ -61,6 +61,7 @@ def main():
     def cli(*words):
         return subprocess.run([args.binary, "--config", config, *words], check=True, capture_output=True, text=True).stdout.strip()
 
+    cli("init")
     cli("vdisk", "add", "base", "--backend", "images")
     print(f"Writing {args.write} of random data through one session per kind; RAM capacity "
           f"{size >> 20} MiB for ram, {size >> 22} MiB for ram-overflow-disk (so 3/4 spill):\n")

@@ -68,6 +68,10 @@ class Server:
         self.proc = None
         # A command `serve` runs under (`ip netns exec NS` for a server in a namespace).
         self.wrap = []
+        # Admin commands never create a catalog; tests set up vdisks before the first
+        # start as an admin would, after `osstream init`.
+        # A configuration that is wrong on purpose fails here and again, checked, at start.
+        subprocess.run([BINARY, "--config", str(self.config), "init"], capture_output=True, timeout=60)
 
     def uri(self, export=""):
         return f"nbd://127.0.0.1:{self.port}/{export}"

@@ -31,6 +31,7 @@ def admin(tmp_path):
             assert out.returncode == 2, f"{args} should fail: {out.stdout}"
         return out
 
+    run("init")
     run.data = data
     return run
 
@@ -168,6 +169,7 @@ def test_import_onto_a_backend_that_cannot_store_images_is_refused(tmp_path):
                       '[backends.nas]\nkind = "nfs"\nserver = "127.0.0.1"\nexport = "/export"\n')
     raw = tmp_path / "disk.raw"
     random_image(raw, MIB, seed=6)
+    subprocess.run([BINARY, "--config", str(config), "init"], check=True, capture_output=True, timeout=60)
     out = subprocess.run([BINARY, "--config", str(config), "vdisk", "import", str(raw), "disk", "--backend", "nas"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2

@@ -36,6 +36,7 @@ def lab(tmp_path):
             assert (out.returncode == 0) == ok, f"{args}: {out.stdout}{out.stderr}"
         return out
 
+    cli("init")
     cli.config, cli.data, cli.write = config, data, write
     return cli
 

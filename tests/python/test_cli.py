@@ -46,6 +46,67 @@ def test_osstream_toml_in_the_working_directory_is_read(tmp_path):
     assert json.loads(out.stdout)["data_dir"] == "/srv/elsewhere"
 
 
+def test_the_config_file_is_looked_up_flag_then_environment_then_working_folder(tmp_path):
+    flag = tmp_path / "flag.toml"
+    flag.write_text('data_dir = "/srv/from-flag"\n')
+    env_file = tmp_path / "env.toml"
+    env_file.write_text('data_dir = "/srv/from-env"\n')
+    (tmp_path / "osstream.toml").write_text('data_dir = "/srv/from-cwd"\n')
+    env = {"OSSTREAM_CONFIG": str(env_file)}
+
+    def shown(*args, **kw):
+        out = run(*args, "config", "show", "--json", cwd=tmp_path, **kw)
+        assert out.returncode == 0, out.stderr
+        config = json.loads(out.stdout)
+        return config["data_dir"], config["config_file"]
+
+    assert shown("--config", str(flag), env=env) == ("/srv/from-flag", str(flag))
+    assert shown(env=env) == ("/srv/from-env", str(env_file))
+    assert shown() == ("/srv/from-cwd", "osstream.toml")
+    text = run("config", "show", cwd=tmp_path, env=env).stdout
+    assert text.startswith(f"# read from {env_file} (OSSTREAM_CONFIG)\n"), text
+    # A file the environment names must exist, and the error says who named it.
+    out = run("config", "show", cwd=tmp_path, env={"OSSTREAM_CONFIG": str(tmp_path / "nope.toml")})
+    assert out.returncode == 2 and "nope.toml (OSSTREAM_CONFIG) does not exist" in out.stderr, out.stderr
+    # No file at all: the defaults, said so.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = run("config", "show", cwd=empty, env={"OSSTREAM_CONFIG": ""})
+    assert out.returncode == 0 and out.stdout.startswith("# read from no configuration file"), out
+
+
+def test_the_system_config_file_is_read_last(tmp_path):
+    """/etc/osstream/osstream.toml, in a private mount namespace whose /etc is a tmpfs (the
+    host's /etc is never written)."""
+    config = tmp_path / "system.toml"
+    config.write_text('data_dir = "/var/lib/osstream"\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    script = (f"mount -t tmpfs none /etc && mkdir /etc/osstream && cp {config} /etc/osstream/osstream.toml && "
+              f"cd {empty} && {BINARY} config show --json")
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "OSSTREAM_CONFIG"})
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["data_dir"] == "/var/lib/osstream" and shown["config_file"] == "/etc/osstream/osstream.toml"
+
+
+def test_admin_commands_never_create_a_catalog_but_init_does(tmp_path):
+    out = run("client", "list", cwd=tmp_path, env={"OSSTREAM_CONFIG": ""})
+    assert out.returncode == 2
+    assert "there is no catalog at ./osstream-data/catalog.db" in out.stderr and "osstream init" in out.stderr, out.stderr
+    assert "no configuration file" in out.stderr
+    assert not (tmp_path / "osstream-data").exists()
+    out = run("init", cwd=tmp_path, env={"OSSTREAM_CONFIG": ""})
+    assert out.returncode == 0 and out.stdout.startswith("created the sqlite catalog"), out
+    assert (tmp_path / "osstream-data" / "catalog.db").is_file()
+    out = run("--json", "init", cwd=tmp_path, env={"OSSTREAM_CONFIG": ""})
+    assert json.loads(out.stdout)["created"] is False
+    out = run("client", "list", cwd=tmp_path, env={"OSSTREAM_CONFIG": ""})
+    assert out.returncode == 0, out.stderr
+
+
 def test_unknown_key_is_named_with_its_origin(tmp_path):
     out = run("--config", write(tmp_path, '[nbd]\nlisten = ["127.0.0.1:1"]\nlissen = 1\n'), "config", "show")
     assert out.returncode == 2
@@ -132,9 +193,20 @@ def test_example_config_documents_every_key():
         example = flat_keys(tomllib.load(f))
     out = run("--config", example_path, "config", "show", "--json")
     assert out.returncode == 0, out.stderr
-    effective = flat_keys(json.loads(out.stdout))
+    shown = json.loads(out.stdout)
+    assert shown.pop("config_file") == example_path
+    effective = flat_keys(shown)
     commented = {"nbd.default_export", "catalog.url", "nbd.public_address", "nbd.base_exports", "http.public_url", "tftp.backend", "pxe.interface", "pxe.server_ip", "pxe.script_url", "pxe.dhcp.range_start", "pxe.dhcp.range_end", "pxe.dhcp.router", "profile.trace_dir"}  # optional keys shown commented out
     text = open(example_path).read()
     for key in commented:
         assert f"# {key.split('.')[-1]} =" in text
     assert effective - commented == example - commented, (effective ^ example)
+
+
+def test_an_empty_postgresql_database_is_no_catalog_until_init(tmp_path, postgres):
+    path = write(tmp_path, f'data_dir = "{tmp_path}/d"\n[catalog]\nurl = "{postgres}"\n')
+    out = run("--config", path, "client", "list")
+    assert out.returncode == 2 and "the PostgreSQL database holds no osstream catalog" in out.stderr, out.stderr
+    out = run("--config", path, "init")
+    assert out.returncode == 0 and "created the postgres catalog" in out.stdout, out
+    assert run("--config", path, "client", "list").returncode == 0

@@ -164,6 +164,7 @@ def test_s3_configuration_mistakes_are_explained(tmp_path, s3):
     def run(backend, *args):
         config = tmp_path / "c.toml"
         config.write_text(f'data_dir = "{data}"\n[demo]\ncreate = false\n{backend}')
+        subprocess.run([BINARY, "--config", str(config), "init"], capture_output=True, timeout=60)
         return subprocess.run([BINARY, "--config", str(config), *args], capture_output=True, text=True, timeout=120)
 
     # Plain http without allow_http: the key to set is named.

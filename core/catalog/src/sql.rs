@@ -22,6 +22,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
 
 const POLICY_KEY: &str = "unknown_client_policy";
 
+/// `url` with SQLite's `mode=rwc` (create the file if missing) unless it sets a mode.
+fn with_mode(url: &str, flavour: &str) -> String {
+    if flavour == "sqlite" && !url.contains("mode=") {
+        format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+    } else {
+        url.to_owned()
+    }
+}
+
 /// The catalog over a SQL database.
 #[derive(Debug, Clone)]
 pub struct SqlCatalog {
@@ -186,9 +195,60 @@ fn validate_optional_name(what: &str, name: &Option<String>) -> Result<()> {
 }
 
 impl SqlCatalog {
+    /// Connects to the catalog at `url` only if it was created before (by [`open`]):
+    /// admin commands pointed at the wrong place must not leave an empty catalog there.
+    /// A missing one is [`ErrorKind::NotFound`], naming where it was looked for.
+    ///
+    /// [`open`]: SqlCatalog::open
+    pub async fn open_existing(url: &str) -> Result<Self> {
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.trim_start_matches("//");
+            let path = path.split('?').next().unwrap_or(path);
+            if path != ":memory:" && !std::path::Path::new(path).is_file() {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("there is no catalog at {path}"),
+                ));
+            }
+            return Self::open(url).await;
+        }
+        let catalog = Self::open_pool(url).await?;
+        let created: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'osstream_migrations'",
+        )
+        .fetch_one(&catalog.pool)
+        .await
+        .map_err(|e| db_error(e, "look for the catalog's tables"))?;
+        if created == 0 {
+            catalog.pool.close().await;
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "the PostgreSQL database holds no osstream catalog",
+            ));
+        }
+        Self::open(url).await
+    }
+
     /// Connects to `url` (`sqlite://PATH` or `postgres://...`) and applies migrations.
     /// A SQLite file is created if missing and runs in WAL mode.
     pub async fn open(url: &str) -> Result<Self> {
+        let catalog = Self::open_pool(url).await?;
+        let flavour = catalog.flavour;
+        if catalog.migrate().await? {
+            // Connections opened before a migration may keep the old schema's column
+            // lists for their statements (sqlx's SQLite driver then fails on a `SELECT *`
+            // of a widened table): start afresh.
+            catalog.pool.close().await;
+            return Ok(SqlCatalog {
+                pool: Self::connect(&with_mode(url, flavour), flavour).await?,
+                flavour,
+            });
+        }
+        Ok(catalog)
+    }
+
+    /// Connects, without migrating.
+    async fn open_pool(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let flavour = if url.starts_with("sqlite:") {
             "sqlite"
@@ -200,11 +260,17 @@ impl SqlCatalog {
                 format!("catalog url {url:?} must start with sqlite:// or postgres://"),
             ));
         };
-        let url = if flavour == "sqlite" && !url.contains("mode=") {
-            format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
-        } else {
-            url.to_owned()
-        };
+        let pool = Self::connect(&with_mode(url, flavour), flavour).await?;
+        if flavour == "sqlite" {
+            sqlx::raw_sql("PRAGMA journal_mode = WAL;")
+                .execute(&pool)
+                .await
+                .map_err(|e| db_error(e, "enable WAL"))?;
+        }
+        Ok(SqlCatalog { pool, flavour })
+    }
+
+    async fn connect(url: &str, flavour: &'static str) -> Result<AnyPool> {
         let mut options =
             AnyPoolOptions::new().max_connections(if flavour == "sqlite" { 4 } else { 8 });
         if flavour == "sqlite" {
@@ -218,34 +284,13 @@ impl SqlCatalog {
                 })
             });
         }
-        let connect = || async {
-            options.clone().connect(&url).await.map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("cannot open the catalog ({flavour}): {e}"),
-                )
-                .with_op("catalog")
-            })
-        };
-        let pool = connect().await?;
-        if flavour == "sqlite" {
-            sqlx::raw_sql("PRAGMA journal_mode = WAL;")
-                .execute(&pool)
-                .await
-                .map_err(|e| db_error(e, "enable WAL"))?;
-        }
-        let catalog = SqlCatalog { pool, flavour };
-        if catalog.migrate().await? {
-            // Connections opened before a migration may keep the old schema's column
-            // lists for their statements (sqlx's SQLite driver then fails on a `SELECT *`
-            // of a widened table): start afresh.
-            catalog.pool.close().await;
-            return Ok(SqlCatalog {
-                pool: connect().await?,
-                flavour,
-            });
-        }
-        Ok(catalog)
+        options.connect(url).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("cannot open the catalog ({flavour}): {e}"),
+            )
+            .with_op("catalog")
+        })
     }
 
     /// `sqlite` or `postgres`.
