@@ -17,7 +17,7 @@ mod wiring;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use figment::value::{Dict, Value};
 
 /// osstream streams operating-system disks to network-booted, diskless machines.
@@ -77,6 +77,19 @@ enum Command {
     /// Measure: replay boot traces against cache policies.
     #[command(subcommand)]
     Bench(args::BenchCommand),
+    /// Print a shell completion script: `osstream completions bash >
+    /// /etc/bash_completion.d/osstream` (zsh: a `_osstream` file on $fpath; fish:
+    /// ~/.config/fish/completions/osstream.fish).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (osstream.1 and one per command, osstream-vdisk-add.1...)
+    /// into DIR: `osstream man /usr/local/share/man/man1`, then `man osstream`.
+    Man {
+        /// The folder to write them to (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -153,6 +166,31 @@ fn quiet_on_closed_pipe() {
     }
 }
 
+/// Writes a manual page per command into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> osstream_core::Result<()> {
+    let failed = |e: std::io::Error| {
+        osstream_core::Error::from_io(
+            e,
+            format!("cannot write manual pages into {}", dir.display()),
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(failed)?;
+    clap_mangen::generate_to(Cli::command(), dir).map_err(failed)?;
+    fn pages(command: &clap::Command) -> usize {
+        1 + command
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set() && c.get_name() != "help")
+            .map(pages)
+            .sum::<usize>()
+    }
+    println!(
+        "wrote {} manual pages into {} (osstream.1 and one per command)",
+        pages(&Cli::command()),
+        dir.display()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve(_)) {
@@ -177,6 +215,12 @@ fn main() -> ExitCode {
                 .map_err(|e| osstream_core::Error::from_io(e, "cannot start the async runtime"))
                 .and_then(|runtime| runtime.block_on(bench::cache(bench, cli.json)))
         }
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(*shell, &mut command, "osstream", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => write_man_pages(dir),
         Command::Config(ConfigCommand::Show) => config::load(config::Sources {
             file: cli.config.as_deref(),
             overrides: Dict::new(),

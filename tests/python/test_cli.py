@@ -210,3 +210,23 @@ def test_an_empty_postgresql_database_is_no_catalog_until_init(tmp_path, postgre
     out = run("--config", path, "init")
     assert out.returncode == 0 and "created the postgres catalog" in out.stdout, out
     assert run("--config", path, "client", "list").returncode == 0
+
+
+def test_shell_completions_and_manual_pages(tmp_path):
+    for shell in ("bash", "zsh", "fish"):
+        out = run("completions", shell)
+        assert out.returncode == 0 and "vdisk" in out.stdout and "profile" in out.stdout, (shell, out.stderr)
+    bash = tmp_path / "osstream.bash"
+    bash.write_text(run("completions", "bash").stdout)
+    # The script parses, and completes the commands of `osstream vd<TAB>`.
+    probe = (f"source {bash}; COMP_WORDS=(osstream vd); COMP_CWORD=1; COMP_LINE='osstream vd'; "
+             "COMP_POINT=${#COMP_LINE}; _osstream osstream vd osstream; echo ${COMPREPLY[@]}")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.split() == ["vdisk"], out
+    out = run("completions", "tcsh")
+    assert out.returncode == 2 and "bash" in out.stderr
+    out = run("man", str(tmp_path / "man"))
+    assert out.returncode == 0 and "manual pages" in out.stdout, out.stderr
+    page = (tmp_path / "man" / "osstream-vdisk-add.1").read_text()
+    assert ".TH osstream-vdisk-add 1" in page and r"\-\-backend" in page
+    assert (tmp_path / "man" / "osstream.1").is_file() and (tmp_path / "man" / "osstream-init.1").is_file()
