@@ -37,10 +37,11 @@ def lab(make_server):
     return build_lab(make_server)
 
 
-def build_lab(make_server, quiet="500ms"):
+def build_lab(make_server, quiet="500ms", grace=None):
     http = free_port()
     s = make_server('[backends.images]\nkind = "file"\nroot = "images"\nwritable = true\n'
-                    f'[profile]\nquiet = "{quiet}"\nmin_bytes = "64KiB"\n'
+                    + (f'[sessions]\ngrace = "{grace}"\n' if grace else "")
+                    + f'[profile]\nquiet = "{quiet}"\nmin_bytes = "64KiB"\n'
                     f'[http]\nenabled = true\nlisten = "127.0.0.1:{http}"\n'
                     '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
     s.http_port = http
@@ -290,3 +291,116 @@ def test_bad_input_gets_a_clear_error(lab, tmp_path):
                              f"http://127.0.0.1:{lab.http_port}/agent/nope"], capture_output=True, text=True).stdout
     assert status == "404", status
     assert "nope" not in lab.log.read_text()
+
+
+def test_an_idle_agent_reconnects_at_once_so_its_private_session_outlives_a_restart(make_server, tmp_path):
+    """The server's grace (4 s) ends a session nobody is connected to; the agent connects
+    again as soon as the server is back, not at the kernel's next request."""
+    lab = build_lab(make_server, grace="4s")
+    agent = Agent(lab, tmp_path, vdisk="dev")
+    h = agent.handle()
+    h.pwrite(b"before" * 100, 0)
+    h.flush()
+    lab.stop()
+    time.sleep(1)
+    lab.start()
+    time.sleep(7)  # idle, past the grace
+    h.pwrite(b"after!" * 100, 4096)
+    h.flush()
+    assert h.pread(600, 4096) == b"after!" * 100
+    h.shutdown()
+    agent.stop()
+    assert (lab.images / "dev.img").read_bytes()[4096:4696] == b"after!" * 100
+    sessions = json.loads(lab.cli("--json", "session", "list"))
+    assert [x["vdisk"] for x in sessions] == ["dev"], sessions
+
+
+def test_a_restarted_agent_refuses_a_session_whose_local_writes_it_lost(lab, tmp_path):
+    first = Agent(lab, tmp_path)
+    h = first.handle()
+    h.pwrite(b"kept on the client" * 10, 0)
+    h.flush()
+    h.shutdown()
+    first.stop()
+    args = first.proc.args
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "must boot again" in out.stderr, out.stderr
+
+
+def test_a_second_agent_never_takes_a_live_agents_socket(lab, tmp_path):
+    first = Agent(lab, tmp_path)
+    # The same session (no --info: nothing cached, so no cache folder in the way).
+    second = subprocess.run([AGENT, "run", "--nbd", f"127.0.0.1:{lab.port}", "--export", f"s/{first.token}",
+                             "--socket", str(first.socket)], capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0 and "another process is listening on unix socket" in second.stderr, second.stderr
+    h = first.handle()  # the first still serves on its socket
+    assert h.get_size() == SIZE
+    h.shutdown()
+    first.stop()
+
+
+def test_a_session_an_admin_closed_is_not_renewed(lab, tmp_path):
+    agent = Agent(lab, tmp_path, extra=["--request-timeout", "5"])
+    h = agent.handle()
+    h.pread(4096, 0)
+    sessions = json.loads(lab.cli("--json", "session", "list"))
+    lab.cli("session", "close", sessions[0]["id"])
+    # The server drops the session's connection; the agent, connecting again at once,
+    # is told why and gives the session up instead of opening another.
+    wait_for("the agent to learn of the close", lambda: "closed by an administrator" in agent.log.read_text())
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 16 * MIB)  # not on the client: the server is asked, and refuses
+    h.shutdown()
+    agent.stop()
+    log = agent.log.read_text()
+    assert "closed by an administrator" in log and "new session" not in log, log
+    assert json.loads(lab.cli("--json", "session", "list")) == []
+
+
+def test_addresses_that_cannot_work_stop_the_agent_at_once(lab, tmp_path):
+    def run(*args):
+        return subprocess.run([AGENT, "run", "--socket", str(tmp_path / "x.sock"), *args],
+                              capture_output=True, text=True, timeout=20)
+
+    for nbd_address in ("nonsense", "127.0.0.1", ":10809", "127.0.0.1:0"):
+        out = run("--nbd", nbd_address, "--export", "s/x")
+        assert out.returncode != 0 and "is not HOST:PORT" in out.stderr, out.stderr
+    for url in ("notaurl", "https://127.0.0.1/agent/x"):
+        out = run("--nbd", "127.0.0.1:1", "--export", "s/x", "--info", url)
+        assert out.returncode != 0 and "--info" in out.stderr, out.stderr
+    out = run("--nbd", "127.0.0.1:1", "--export", "s/x", "--cache-dir", str(tmp_path / "c"), "--cache-size", "0")
+    assert out.returncode != 0 and "--cache-size must hold" in out.stderr, out.stderr
+
+
+def test_a_bare_token_never_reaches_the_logs(lab, tmp_path):
+    uri = lab.cli("session", "open", "aa:bb:cc:00:00:01", "deb")
+    token = uri.rsplit("/s/", 1)[1]
+    out = subprocess.run([AGENT, "run", "--nbd", f"127.0.0.1:{lab.port}", "--export", token,
+                          "--socket", str(tmp_path / "x.sock")], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and token[:6] in out.stderr, out.stderr
+    assert token not in out.stderr and token not in lab.log.read_text()
+
+
+def test_the_agent_outlives_a_closed_stderr(lab, tmp_path):
+    """A log pipe whose reader went away (an initramfs logger that exited) costs log lines,
+    never the agent serving the root disk."""
+    uri = lab.cli("session", "open", "aa:bb:cc:00:00:01", "deb")
+    token = uri.rsplit("/s/", 1)[1]
+    socket_path = tmp_path / "p.sock"
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([AGENT, "run", "--nbd", f"127.0.0.1:{lab.port}", "--export", f"s/{token}",
+                             "--info", f"http://127.0.0.1:{lab.http_port}/agent/{token}",
+                             "--socket", str(socket_path), "--verbose"],
+                            stdout=subprocess.DEVNULL, stderr=write_end)
+    os.close(write_end)
+    wait_for("the socket", socket_path.exists)
+    os.close(read_end)
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///disk?socket={socket_path}")
+    image = (lab.images / "deb.img").read_bytes()
+    for offset in range(0, 4 * MIB, 256 * 1024):
+        assert h.pread(4096, offset) == image[offset:offset + 4096]
+    h.shutdown()
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0

@@ -17,7 +17,7 @@
 //! discarded at the session's end). For a private vdisk, or one whose overlay the server
 //! keeps, every read and write goes to the server.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -98,6 +98,50 @@ pub struct AgentConfig {
     pub stats_file: Option<PathBuf>,
 }
 
+/// Remembers, next to the socket, which session an agent served with the client's writes
+/// kept on the client (`SOCKET.session`: a hash of the export name, not the token).
+/// Those writes live in the agent's overlay and end with it; a later agent for the same
+/// session would serve the kernel its disk without them, under a mounted file system
+/// that has them: it refuses instead (the machine must boot again, with a new session).
+#[derive(Debug)]
+struct ServedMarker {
+    path: PathBuf,
+    session: String,
+}
+
+impl ServedMarker {
+    fn new(socket: &Path, export: &str) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        export.hash(&mut hasher);
+        ServedMarker {
+            path: PathBuf::from(format!("{}.session", socket.display())),
+            session: format!("{:016x}\n", hasher.finish()),
+        }
+    }
+
+    fn refuse_if_served_before(&self) -> Result<()> {
+        if std::fs::read_to_string(&self.path).is_ok_and(|seen| seen == self.session) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "an earlier osstream-agent already served this session with the client's writes kept in its overlay, \
+                     and they ended with it ({} says so): serving the disk again would show the kernel its disk without \
+                     them. The machine must boot again (a new session)",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn record(&self) {
+        if let Err(err) = std::fs::write(&self.path, &self.session) {
+            tracing::warn!(path = %self.path.display(), %err, "agent: cannot note the session served (a restarted agent could not tell)");
+        }
+    }
+}
+
 /// A started agent: its socket is bound, its server connected.
 #[derive(Debug)]
 pub struct Agent {
@@ -109,6 +153,8 @@ pub struct Agent {
     cached: Option<(DynSource, Arc<CacheLayer>, DiskTier)>,
     overlay: Option<Arc<CowLayer>>,
     remote: Arc<RemoteCounters>,
+    /// The server connection itself, kept open in the background.
+    connection: Arc<RemoteSource>,
     demand: Arc<DemandClock>,
     boot_set: Arc<BootSetProgress>,
     fill: Arc<FillProgress>,
@@ -147,6 +193,10 @@ impl Agent {
                 "unknown".to_owned(),
             ),
         };
+        let served_marker = local.then(|| ServedMarker::new(&config.socket, &config.remote.export));
+        if let Some(marker) = &served_marker {
+            marker.refuse_if_served_before()?;
+        }
         let remote_config = RemoteConfig {
             read_only: local,
             ..config.remote.clone()
@@ -172,7 +222,8 @@ impl Agent {
             ));
         }
         let counters = remote.counters();
-        let remote: DynSource = Arc::new(remote);
+        let connection = Arc::new(remote);
+        let remote: DynSource = connection.clone();
         let size = remote.info().size;
         let mut cached = None;
         let mut overlay = None;
@@ -222,6 +273,9 @@ impl Agent {
             ..NbdConfig::default()
         });
         let bound = nbd.bind().await?;
+        if let Some(marker) = &served_marker {
+            marker.record();
+        }
         Ok(Agent {
             config,
             info,
@@ -230,6 +284,7 @@ impl Agent {
             cached,
             overlay,
             remote: counters,
+            connection,
             demand,
             boot_set: Arc::default(),
             fill: Arc::default(),
@@ -280,6 +335,10 @@ impl Agent {
         let parts = self.parts();
         let cached_tier = self.cached.clone();
         let mut background = JoinSet::new();
+        {
+            let (connection, stop) = (self.connection.clone(), shutdown.clone());
+            background.spawn(async move { connection.keep_connected(stop).await });
+        }
         if let (Some((source, _, tier)), Some(info)) = (&self.cached, &self.info) {
             let (source, tier, info) = (source.clone(), tier.clone(), info.clone());
             let progress = self.boot_set.clone();
@@ -288,10 +347,17 @@ impl Agent {
                 .config
                 .fill
                 .then(|| (self.fill.clone(), self.demand.clone()));
-            let block_size = self.config.cache.as_ref().map_or(65536, |c| c.block_size);
+            let (block_size, capacity) = self
+                .config
+                .cache
+                .as_ref()
+                .map_or((65536, 0), |c| (c.block_size, c.capacity));
             let stop = shutdown.clone();
             background.spawn(async move {
-                prefetch_boot_set(&source, &tier, &info, block_size, depth, &progress).await;
+                prefetch_boot_set(
+                    &source, &tier, &info, block_size, depth, capacity, &progress,
+                )
+                .await;
                 if let Some((fill, demand)) = fill {
                     fill_image(&source, &tier, block_size, &fill, &demand, &stop).await;
                 }
@@ -559,9 +625,19 @@ async fn prefetch_boot_set(
     info: &AgentInfo,
     block_size: u64,
     depth: usize,
+    capacity: u64,
     progress: &BootSetProgress,
 ) {
-    let blocks = boot_set_blocks(info, block_size);
+    let mut blocks = boot_set_blocks(info, block_size);
+    // Pinned blocks are never evicted: a boot set beyond half the cache would leave the
+    // rest of the disk too little room. Its first blocks (in boot order) are kept.
+    let fits = (capacity / 2 / block_size) as usize;
+    if blocks.len() > fits {
+        tracing::warn!(boot_set = %osstream_core::ByteSize(blocks.len() as u64 * block_size), cache = %osstream_core::ByteSize(capacity),
+            kept = %osstream_core::ByteSize(fits as u64 * block_size),
+            "agent: the boot set is larger than half the client cache; only its first part is kept on this client (give a larger --cache-size)");
+        blocks.truncate(fits);
+    }
     let key = |block| BlockKey {
         image: stable_hash(&[&info.image]),
         generation: stable_hash(&[&info.generation]),
@@ -625,8 +701,8 @@ async fn prefetch_boot_set(
             .fetch_add(done.unwrap_or(0), Ordering::Relaxed);
     }
     progress.done.store(true, Ordering::Relaxed);
-    tracing::info!(fetched = progress.fetched.load(Ordering::Relaxed), took = ?started.elapsed(),
-        "agent: boot set held on this client");
+    tracing::info!(fetched = progress.fetched.load(Ordering::Relaxed), held = tier.pinned_held(),
+        took = ?started.elapsed(), "agent: boot set fetched; held on this client");
 }
 
 /// Reads the whole image into the cache, 1 MiB at a time, one read at once, waiting

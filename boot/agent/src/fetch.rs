@@ -72,10 +72,17 @@ pub async fn get(url: &str, timeout: Duration) -> Result<String> {
     })??;
     match status {
         200 => Ok(body),
-        404 => Err(Error::new(ErrorKind::NotFound, body.trim().to_owned())),
+        // The server's message already starts with its kind ("not found: ..."), as the
+        // error's own display will.
+        404 => Err(Error::new(
+            ErrorKind::NotFound,
+            body.trim().trim_start_matches("not found: ").to_owned(),
+        )),
         403 => Err(Error::new(
             ErrorKind::PermissionDenied,
-            body.trim().to_owned(),
+            body.trim()
+                .trim_start_matches("permission denied: ")
+                .to_owned(),
         )),
         _ => Err(Error::new(
             ErrorKind::Io,

@@ -45,13 +45,14 @@ enum Command {
     /// Tell the server this machine's boot is complete: the recording of its boot (the
     /// vdisk's boot profile) ends now rather than after a quiet period. Run it when the
     /// system is up (a systemd unit after multi-user.target).
+    #[command(group(clap::ArgGroup::new("session").required(true)))]
     Booted {
         /// Read the info URL from the kernel command line (`osstream.agent=`).
         #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "/proc/cmdline",
-              required_unless_present = "info")]
+              group = "session")]
         cmdline: Option<PathBuf>,
         /// The session's info URL (`http://HOST:PORT/agent/TOKEN`).
-        #[arg(long, value_name = "URL")]
+        #[arg(long, value_name = "URL", group = "session")]
         info: Option<String>,
     },
     /// Empty the client cache (the agent must not be running on it).
@@ -147,6 +148,10 @@ fn main() -> ExitCode {
             json,
         } => show_stats(cache_dir, stats, json),
         Command::Booted { cmdline, info } => booted(cmdline, info),
+        Command::Clear { cache_dir } if !cache_dir.is_dir() => Err(Error::new(
+            ErrorKind::NotFound,
+            format!("there is no cache folder {}", cache_dir.display()),
+        )),
         Command::Clear { cache_dir } => DiskTier::clear(&cache_dir.join("blocks")).map(|freed| {
             println!(
                 "cleared the client cache in {} ({} freed)",
@@ -162,6 +167,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `HOST:PORT` with a port number (a host name is looked up when connecting).
+fn check_server_address(address: &str) -> Result<()> {
+    let port = address
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .filter(|port| *port != 0);
+    if port.is_none() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "the server's NBD address {:?} is not HOST:PORT (--nbd, or nbdroot=HOST:PORT/s/TOKEN)",
+                osstream_core::redact_tokens(address)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
@@ -199,13 +223,29 @@ fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
             "--info names another session than --export (their tokens differ)",
         ));
     }
+    // What cannot parse now never will: refuse it here instead of retrying for ever.
+    check_server_address(&nbd)?;
+    if let Some(url) = &info {
+        osstream_agent::fetch::split_url(url)
+            .map_err(|e| Error::new(ErrorKind::Config, format!("--info: {}", e.message())))?;
+    }
+    let block = args.cache_block_size.bytes();
+    if args.cache_dir.is_some() && args.cache_size.bytes() < 16 * block {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "--cache-size must hold at least 16 blocks of --cache-block-size ({}); give at least {} (default 4GiB)",
+                args.cache_block_size,
+                osstream_core::ByteSize(16 * block)
+            ),
+        ));
+    }
     if args.low_watermark >= args.high_watermark {
         return Err(Error::new(
             ErrorKind::Config,
             "--low-watermark must be below --high-watermark",
         ));
     }
-    let block = args.cache_block_size.bytes();
     if !block.is_power_of_two() || !(4096..=(16 << 20)).contains(&block) {
         return Err(Error::new(
             ErrorKind::Config,
@@ -268,7 +308,7 @@ fn run(args: RunArgs) -> Result<()> {
         } else {
             tracing::Level::INFO
         })
-        .with_writer(std::io::stderr)
+        .with_writer(|| osstream_core::LossyStderr)
         .with_ansi(false)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -313,16 +353,32 @@ fn booted(cmdline: Option<PathBuf>, info: Option<String>) -> Result<()> {
                 )
             })?
         }
-        (None, None) => return Err(Error::new(ErrorKind::Config, "give --cmdline or --info")),
+        (None, None) => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "give --cmdline [FILE] (the kernel command line) or --info URL",
+            ));
+        }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::from_io(e, "cannot start the runtime"))?;
-    let answer = runtime.block_on(osstream_agent::fetch::get(
+    let answer = match runtime.block_on(osstream_agent::fetch::get(
         &format!("{}/booted", url.trim_end_matches('/')),
         Duration::from_secs(10),
-    ))?;
+    )) {
+        Err(err) if err.kind() == ErrorKind::NotFound && err.message().contains("has ended") => {
+            // The session the boot began with is gone (a server restart; the agent may
+            // serve on under a new one): its recording went with it.
+            println!(
+                "the boot's session has ended, so nothing of it is being recorded ({})",
+                err.message()
+            );
+            return Ok(());
+        }
+        answer => answer?,
+    };
     println!("the server: {}", answer.trim());
     Ok(())
 }

@@ -400,6 +400,16 @@ fn ended(err: &Error) -> bool {
     err.message().contains("has ended")
 }
 
+/// Whether a session that ended may be replaced by a new one: it ended because the
+/// server lost it (a restart, or no connection for the server's grace period), not
+/// because an admin closed it or the client booted again elsewhere.
+fn renewable(err: &Error) -> bool {
+    let message = err.message();
+    ended(err)
+        && !message.contains("closed by an administrator")
+        && !message.contains("replaced by")
+}
+
 /// A session export name fit for logs (the token shortened).
 pub fn loggable(export: &str) -> String {
     osstream_core::loggable_export_name(export).into_owned()
@@ -450,6 +460,33 @@ impl RemoteSource {
         self.counters.clone()
     }
 
+    /// Keeps a connection to the server open until `stop`, connecting again as soon as
+    /// one is lost rather than at the kernel's next request. A session lives on the
+    /// server only while a connection holds it (plus the server's grace period): a
+    /// client serving from its own cache, or idle, across a server restart would
+    /// otherwise lose its session, and with a private vdisk its lock, without a request
+    /// failing until much later. Ends when the server refuses the session for good.
+    pub async fn keep_connected(&self, stop: CancellationToken) {
+        loop {
+            let conn = tokio::select! {
+                () = stop.cancelled() => return,
+                conn = self.connection() => conn,
+            };
+            match conn {
+                Ok(conn) => tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = conn.lost.cancelled() => {
+                        tracing::info!(server = %self.config.address, "agent: the connection to the server closed; connecting again");
+                    }
+                },
+                Err(err) => {
+                    tracing::warn!(%err, "agent: no connection to the server any more");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Connects, waiting between attempts (doubling up to 5 s) until the server answers
     /// or `give_up_after` has passed. Refusals that waiting cannot cure (unknown export,
     /// access denied) fail at once.
@@ -481,6 +518,17 @@ impl RemoteSource {
                         tracing::info!(server = %self.config.address, attempts, waited = ?started.elapsed(), "agent: connected again");
                     }
                     return Ok((conn, size, flags));
+                }
+                Err(err)
+                    if err.kind() == ErrorKind::NotFound && ended(&err) && !renewable(&err) =>
+                {
+                    let refused = Error::new(
+                        err.kind(),
+                        format!("{}; this client stops using it", err.message()),
+                    );
+                    tracing::error!(err = %refused, "agent: the server ended this session for good; failing every request");
+                    *lock(&self.refused) = Some(refused.clone());
+                    return Err(refused);
                 }
                 Err(err)
                     if err.kind() == ErrorKind::NotFound
@@ -866,5 +914,12 @@ mod tests {
         );
         let hiccup = Error::new(ErrorKind::NotFound, "cannot open the image: timed out");
         assert!(ended(&ended_err) && !ended(&hiccup));
+        assert!(renewable(&ended_err) && !renewable(&hiccup));
+        for final_end in [
+            "session 1 has ended: closed by an administrator (osstream session close)",
+            "session 1 has ended: replaced by the client's new session 2 (one client, one session)",
+        ] {
+            assert!(!renewable(&Error::new(ErrorKind::NotFound, final_end)));
+        }
     }
 }

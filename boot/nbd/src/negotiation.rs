@@ -309,9 +309,10 @@ impl<'a> Negotiation<'a> {
             return Err((
                 rep::ERR_POLICY,
                 format!(
-                    "export {resolved:?} refused: plain image names are off on this server \
+                    "export {:?} refused: plain image names are off on this server \
                      (they are on by default only when it listens on loopback; see [nbd] \
-                     base_exports); clients reach their vdisks through session exports, s/<token>"
+                     base_exports); clients reach their vdisks through session exports, s/<token>",
+                    loggable_export_name(resolved)
                 ),
             ));
         }

@@ -180,13 +180,27 @@ impl BootProtocol for NbdServer {
     }
 }
 
-/// Removes a socket file left by an earlier run; refuses to remove anything else.
+/// Removes a socket file left by an earlier run; refuses to remove anything else, and a
+/// socket some process still accepts connections on (another server or agent: taking
+/// its path over would cut its clients off, and removing it at exit would too).
 fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
-            Error::from_io(e, format!("cannot remove stale socket {}", path.display()))
-        }),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "another process is listening on unix socket {}; stop it first or choose another path",
+                        path.display()
+                    ),
+                )
+                .with_op("bind"));
+            }
+            std::fs::remove_file(path).map_err(|e| {
+                Error::from_io(e, format!("cannot remove stale socket {}", path.display()))
+            })
+        }
         Ok(_) => Err(Error::new(
             ErrorKind::Config,
             format!(

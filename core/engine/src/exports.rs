@@ -625,17 +625,70 @@ fn describe(backend: &DynBackend, stat: &ImageStat) -> String {
 }
 
 /// An export name fit for logs: a session token (`s/<token>`, a bearer secret) shortened to
-/// its first six characters, any other name as it is.
+/// its first six characters, and so is anything else in the name that looks like a token
+/// (a client that sent the bare token, or the token inside a mangled name).
 pub fn loggable_export_name(name: &str) -> std::borrow::Cow<'_, str> {
     match ExportName::parse(name) {
         ExportName::Session(token) if token.chars().count() > 6 => {
             let prefix: String = token.chars().take(6).collect();
             std::borrow::Cow::Owned(ExportName::of_session(&format!("{prefix}…")))
         }
-        _ => std::borrow::Cow::Borrowed(name),
+        _ => redact_tokens(name),
     }
 }
 
+/// `text` with every run of [`TOKEN_LIKE`] or more hexadecimal digits (what session
+/// tokens are made of) cut to its first six: for logs and messages that may quote a
+/// token a client or an admin mistyped.
+pub fn redact_tokens(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    let (mut copied, mut i) = (0, 0);
+    while i < bytes.len() {
+        let run = bytes[i..]
+            .iter()
+            .take_while(|b| b.is_ascii_hexdigit())
+            .count();
+        if run >= TOKEN_LIKE {
+            out.push_str(&text[copied..i + 6]);
+            out.push('…');
+            copied = i + run;
+        }
+        i += run.max(1);
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// The shortest run of hexadecimal digits [`redact_tokens`] treats as a token (tokens
+/// are 48).
+const TOKEN_LIKE: usize = 24;
+
 fn not_found(name: &str) -> Error {
-    Error::new(ErrorKind::NotFound, format!("no export named {name:?}")).with_op("open_export")
+    Error::new(
+        ErrorKind::NotFound,
+        format!("no export named {:?}", loggable_export_name(name)),
+    )
+    .with_op("open_export")
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::{loggable_export_name, redact_tokens};
+
+    #[test]
+    fn anything_that_looks_like_a_token_is_cut_to_six_characters() {
+        let token = "53b7c6e7c24e38fd772bea9959cc66f6641e36c94fce7f56";
+        assert_eq!(loggable_export_name(&format!("s/{token}")), "s/53b7c6…");
+        assert_eq!(loggable_export_name(token), "53b7c6…");
+        assert_eq!(
+            redact_tokens(&format!("127.0.0.1:21510,s/{token}: invalid port é")),
+            "127.0.0.1:21510,s/53b7c6…: invalid port é"
+        );
+        assert_eq!(loggable_export_name("win11"), "win11");
+        assert_eq!(redact_tokens("deadbeef cafe"), "deadbeef cafe");
+    }
 }

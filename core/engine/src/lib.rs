@@ -56,6 +56,7 @@ mod fence;
 mod hedge;
 mod layer;
 mod ledger;
+mod lossy_stderr;
 mod profile;
 mod protocol;
 mod registry;
@@ -86,10 +87,11 @@ pub use chunks::Chunks;
 pub use cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, Slot, SlotKind, SpillOverlay};
 pub use cpus::CpuRuntimes;
 pub use error::{Error, ErrorKind, Result};
-pub use exports::{ExportEntry, Exports, SessionView, loggable_export_name};
+pub use exports::{ExportEntry, Exports, SessionView, loggable_export_name, redact_tokens};
 pub use hedge::{HedgeConfig, HedgeLayer, HedgeStats};
 pub use layer::{Layer, LayerReport};
 pub use ledger::ImageLedger;
+pub use lossy_stderr::LossyStderr;
 pub use profile::{
     BootProfile, PROFILE_FORMAT, ProfileBlock, ProfileStore, RecordedBoot, merged as merged_profile,
 };
