@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod config;
 mod demo;
+mod notify;
 mod output;
 mod progress;
 mod serve;
@@ -197,11 +198,16 @@ fn main() -> ExitCode {
         quiet_on_closed_pipe();
     }
     let result = match &cli.command {
-        Command::Serve(args) => config::load(config::Sources {
-            file: cli.config.as_deref(),
-            overrides: overrides(args),
-        })
-        .and_then(serve::run),
+        Command::Serve(args) => {
+            let (file, flags) = (cli.config.clone(), overrides(args));
+            let load = move || {
+                config::load(config::Sources {
+                    file: file.as_deref(),
+                    overrides: flags.clone(),
+                })
+            };
+            load().and_then(|config| serve::run(config, Box::new(load)))
+        }
         Command::Init => admin_command(&cli),
         Command::Vdisk(_)
         | Command::Client(_)

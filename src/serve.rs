@@ -12,23 +12,31 @@ use tracing_subscriber::prelude::*;
 
 use crate::config::{Config, DEFAULT_BACKEND};
 
-fn init_logging(filter: &str) -> Result<()> {
-    let targets: Targets = filter.parse().map_err(|e| {
+/// Changes the log filter of the running server (on SIGHUP).
+type LogFilterHandle = tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>;
+
+fn parse_filter(filter: &str) -> Result<Targets> {
+    filter.parse().map_err(|e| {
         Error::new(
             ErrorKind::Config,
             format!("log.filter = {filter:?} is not a valid filter: {e}"),
         )
-    })?;
+    })
+}
+
+fn init_logging(filter: &str) -> Result<LogFilterHandle> {
+    let (targets, handle) = tracing_subscriber::reload::Layer::new(parse_filter(filter)?);
     tracing_subscriber::registry()
+        .with(targets)
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(|| osstream_core::LossyStderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false),
         )
-        .with(targets)
         .try_init()
-        .map_err(|e| Error::new(ErrorKind::Unexpected, format!("cannot set up logging: {e}")))
+        .map_err(|e| Error::new(ErrorKind::Unexpected, format!("cannot set up logging: {e}")))?;
+    Ok(handle)
 }
 
 /// Keeps request-sized buffers (up to 64 MiB) on the heap instead of a fresh `mmap`
@@ -44,19 +52,99 @@ fn tune_allocator() {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM.
-pub fn run(config: Config) -> Result<()> {
-    init_logging(&config.log.filter)?;
+/// Reads the configuration again, as at start (the same file, environment and flags).
+pub type Reload = Box<dyn Fn() -> Result<Config> + Send + Sync>;
+
+/// Runs the server until SIGINT or SIGTERM; SIGHUP reads the configuration again.
+pub fn run(config: Config, reload: Reload) -> Result<()> {
+    let log_filter = init_logging(&config.log.filter)?;
     tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("osstream")
         .build()
         .map_err(|e| Error::from_io(e, "cannot start the async runtime"))?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, Reloader { reload, log_filter }))
 }
 
-async fn serve(config: Config) -> Result<()> {
+/// What SIGHUP needs: how to read the configuration again, and the one setting a running
+/// server changes in place.
+struct Reloader {
+    reload: Reload,
+    log_filter: LogFilterHandle,
+}
+
+impl Reloader {
+    /// Reads the configuration again; applies the log filter; names every other key that
+    /// changed, since those take effect only at a restart.
+    fn reload(&self, running: &Config) {
+        crate::notify::notify("RELOADING=1");
+        let fresh = match (self.reload)() {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                tracing::error!(%err, "SIGHUP: the configuration does not load; the server carries on with the one it started with");
+                crate::notify::notify("READY=1");
+                return;
+            }
+        };
+        if fresh.log.filter != running.log.filter {
+            match parse_filter(&fresh.log.filter).map(|t| self.log_filter.reload(t)) {
+                Ok(Ok(())) => {
+                    tracing::info!(filter = %fresh.log.filter, "SIGHUP: log filter applied")
+                }
+                Ok(Err(err)) => tracing::error!(%err, "SIGHUP: cannot apply the log filter"),
+                Err(err) => tracing::error!(%err, "SIGHUP: log filter not applied"),
+            }
+        }
+        let changed = changed_keys(running, &fresh);
+        if changed.is_empty() {
+            tracing::info!("SIGHUP: configuration read again; nothing else changed");
+        } else {
+            tracing::warn!(keys = %changed.join(", "),
+                "SIGHUP: configuration read again; these changes take effect only when the server restarts");
+        }
+        crate::notify::notify("READY=1");
+    }
+}
+
+/// The keys (`nbd.listen`, `cache.ram.capacity`) whose values differ, `log.filter` aside.
+fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+    fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    let name = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    flatten(&name, value, out);
+                }
+            }
+            other => out.push((prefix.to_owned(), other.to_string())),
+        }
+    }
+    let pairs = |config: &Config| {
+        let mut out = Vec::new();
+        if let Ok(value) = serde_json::to_value(config) {
+            flatten("", &value, &mut out);
+        }
+        out.into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (before, after) = (pairs(old), pairs(new));
+    let mut keys: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|key| key.as_str() != "log.filter" && before.get(*key) != after.get(*key))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+async fn serve(config: Config, reloader: Reloader) -> Result<()> {
     tracing::info!(config = %config.file.describe(), data_dir = %config.data_dir.display(), "configuration read");
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         Error::from_io(
@@ -184,7 +272,9 @@ async fn serve(config: Config) -> Result<()> {
     catalog
         .set_server_address(&me, session_address.as_deref())
         .await?;
+    let mut signals = Signals::watch()?;
     tracing::info!(images = %names.join(", "), "osstream ready");
+    crate::notify::notify(&format!("READY=1\nSTATUS=serving {} image(s)", names.len()));
 
     let shutdown = CancellationToken::new();
     // The heartbeat goes on while connections drain (up to drain_timeout, longer than
@@ -235,7 +325,8 @@ async fn serve(config: Config) -> Result<()> {
             (name, protocol.serve(ctx, shutdown).await)
         });
     }
-    wait_for_signal().await?;
+    signals.until_stop(|| reloader.reload(&config)).await;
+    crate::notify::notify("STOPPING=1");
     tracing::info!("shutting down: finishing requests in flight");
     shutdown.cancel();
     while let Some(done) = running.join_next().await {
@@ -304,15 +395,38 @@ async fn refresh_image_ids(catalog: &osstream_catalog::SqlCatalog, backends: &[D
     }
 }
 
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| Error::from_io(e, "cannot watch SIGTERM"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| Error::from_io(e, "cannot watch SIGINT"))?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// The signals the server acts on, watched from before it says it is ready: a SIGHUP
+/// sent right after READY must not meet the default action (which ends the process).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn watch() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| Error::from_io(e, format!("cannot watch {name}")))
+        };
+        Ok(Signals {
+            term: watch(SignalKind::terminate(), "SIGTERM")?,
+            int: watch(SignalKind::interrupt(), "SIGINT")?,
+            hup: watch(SignalKind::hangup(), "SIGHUP")?,
+        })
     }
-    Ok(())
+
+    /// Waits for SIGTERM or SIGINT; runs `on_hangup` at each SIGHUP meanwhile.
+    async fn until_stop(&mut self, on_hangup: impl Fn()) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { tracing::info!("SIGTERM received"); return }
+                _ = self.int.recv() => { tracing::info!("SIGINT received"); return }
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP received: reading the configuration again");
+                    on_hangup();
+                }
+            }
+        }
+    }
 }

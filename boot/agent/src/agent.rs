@@ -26,9 +26,9 @@ use bytes::Bytes;
 use osstream_cache_disk::DiskTier;
 use osstream_core::{
     AgentInfo, AgentWrites, BlockKey, BlockSource, BootProtocol, CacheLayer, CacheTier, Capability,
-    Chunks, CowLayer, CpuRuntimes, DiskOverlay, DynSource, Error, ErrorKind, Exports, Extent,
-    Geometry, Layer, OverlayStore, RamOverlay, ReadOpts, Result, ServeContext, SourceInfo,
-    SpillOverlay, WriteOpts, ZeroOpts, async_trait, stable_hash,
+    Chunks, CowLayer, DiskOverlay, DynSource, Error, ErrorKind, Exports, Extent, Geometry, Layer,
+    OverlayStore, RamOverlay, ReadOpts, Result, ServeContext, SourceInfo, SpillOverlay, WriteOpts,
+    ZeroOpts, async_trait, stable_hash,
 };
 use osstream_nbd::{NbdConfig, NbdServer};
 use tokio::task::JoinSet;
@@ -173,6 +173,7 @@ struct BootSetProgress {
 struct FillProgress {
     walked: AtomicU64,
     done: AtomicBool,
+    skipped: AtomicBool,
 }
 
 impl Agent {
@@ -236,7 +237,19 @@ impl Agent {
                     cache.capacity,
                     cache.block_size,
                     cache.watermarks,
-                )?;
+                )
+                .map_err(|err| {
+                    if err.kind() != ErrorKind::Conflict {
+                        return err;
+                    }
+                    Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "another osstream-agent uses the client cache in {}: give each agent its own --cache-dir",
+                            cache.dir.display()
+                        ),
+                    )
+                })?;
                 let layer = Arc::new(
                     CacheLayer::new(Arc::new(tier.clone()), cache.block_size)
                         .with_prefetch_concurrency(config.prefetch_depth.max(1)),
@@ -399,20 +412,11 @@ impl Agent {
                 }
             });
         }
-        let ctx = ServeContext {
-            exports: Arc::new(Exports::single(
-                &self.config.export_name,
-                &describe(self.info.as_ref()),
-                self.top.clone(),
-            )),
-            cpus: Arc::new(CpuRuntimes::none()),
-            boot: None,
-            session_address: None,
-            boot_url: None,
-            seen: Arc::default(),
-            leases: None,
-            profiles: None,
-        };
+        let ctx = ServeContext::exports_only(Arc::new(Exports::single(
+            &self.config.export_name,
+            &describe(self.info.as_ref()),
+            self.top.clone(),
+        )));
         let served = Box::new(self.nbd).serve(ctx, shutdown.clone()).await;
         shutdown.cancel();
         background.shutdown().await;
@@ -724,6 +728,7 @@ async fn fill_image(
             capacity,
             "agent: the image is larger than 80% of the client cache: no background fill"
         );
+        progress.skipped.store(true, Ordering::Relaxed);
         progress.done.store(true, Ordering::Relaxed);
         return;
     }
@@ -841,6 +846,7 @@ fn snapshot(parts: StatsParts) -> AgentStats {
             enabled: parts.fill_enabled,
             walked: load(&parts.fill.walked),
             done: parts.fill.done.load(Ordering::Relaxed),
+            skipped: parts.fill.skipped.load(Ordering::Relaxed),
         },
     }
 }

@@ -91,6 +91,9 @@ pub struct FillStats {
     pub walked: u64,
     /// It reached the end of the image.
     pub done: bool,
+    /// It did not run: the image is larger than 80 % of the cache.
+    #[serde(default)]
+    pub skipped: bool,
 }
 
 fn human(bytes: u64) -> String {
@@ -149,6 +152,8 @@ impl AgentStats {
             human(self.overlay.capacity),
             match (self.fill.enabled, self.fill.done) {
                 (false, _) => "off".to_owned(),
+                (true, _) if self.fill.skipped =>
+                    "skipped (the image is larger than 80% of the cache)".to_owned(),
                 (true, true) => format!("done ({} walked)", human(self.fill.walked)),
                 (true, false) =>
                     format!("{} of {} walked", human(self.fill.walked), human(self.size)),

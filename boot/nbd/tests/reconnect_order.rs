@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use osstream_core::{BootProtocol, CpuRuntimes, Exports, ServeContext};
+use osstream_core::{BootProtocol, Exports, ServeContext};
 use osstream_nbd::{NbdConfig, NbdServer};
 use osstream_testkit::{InstrumentedSource, MemSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,16 +87,7 @@ async fn a_newer_write_on_a_new_connection_is_not_undone_by_a_stuck_one() {
     });
     let address = nbd.bind().await.unwrap().remove(0);
     let shutdown = CancellationToken::new();
-    let ctx = ServeContext {
-        exports: Arc::new(Exports::single("disk", "test disk", source)),
-        cpus: Arc::new(CpuRuntimes::none()),
-        boot: None,
-        session_address: None,
-        boot_url: None,
-        seen: Arc::default(),
-        leases: None,
-        profiles: None,
-    };
+    let ctx = ServeContext::exports_only(Arc::new(Exports::single("disk", "test disk", source)));
     let server = tokio::spawn(Box::new(nbd).serve(ctx, shutdown.clone()));
 
     // A connection that starts while another is live (multi-conn) is not held up by the

@@ -36,6 +36,23 @@ pub struct ServeContext {
     pub profiles: Option<Arc<dyn crate::ProfileStore>>,
 }
 
+impl ServeContext {
+    /// A context that serves `exports` and nothing else: no catalog, boot directory,
+    /// leases or profiles, everything on the shared runtime (the client agent, tests).
+    pub fn exports_only(exports: Arc<Exports>) -> Self {
+        ServeContext {
+            exports,
+            cpus: Arc::new(crate::CpuRuntimes::none()),
+            boot: None,
+            session_address: None,
+            boot_url: None,
+            seen: Arc::default(),
+            leases: None,
+            profiles: None,
+        }
+    }
+}
+
 /// A protocol server.
 ///
 /// # Contract
