@@ -1,6 +1,13 @@
 //! The admin commands' arguments (clap): `vdisk`, `client`, `session`, `policy`.
 
 use clap::{Args, Subcommand};
+use osstream_catalog::{BootMethod, VdiskMode, WriteCache};
+
+/// An option's values, listed by `--help` and completed by the shell (the catalog parses
+/// them again, so a library caller gets the same check).
+fn choices(values: &'static [&'static str]) -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(values)
+}
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum VdiskCommand {
@@ -70,7 +77,7 @@ pub struct VdiskExport {
     pub file: std::path::PathBuf,
     /// raw, or qcow2 (written raw next to FILE, then converted with qemu-img). Default:
     /// qcow2 when FILE ends in .qcow2, else raw.
-    #[arg(long)]
+    #[arg(long, value_parser = choices(&["raw", "qcow2"]))]
     pub format: Option<String>,
     /// Overwrite FILE if it exists.
     #[arg(long)]
@@ -91,13 +98,13 @@ pub struct VdiskAdd {
     #[arg(long)]
     pub key: Option<String>,
     /// standard: shared base, per-session overlays; private: one writer, writes to the vdisk.
-    #[arg(long, default_value = "standard")]
+    #[arg(long, default_value = "standard", value_parser = choices(VdiskMode::CHOICES))]
     pub mode: String,
     /// Where standard-mode writes go: ram, ram-overflow-disk, server-disk, server-disk-persistent.
-    #[arg(long, default_value = "ram-overflow-disk")]
+    #[arg(long, default_value = "ram-overflow-disk", value_parser = choices(WriteCache::CHOICES))]
     pub write_cache: String,
     /// How clients boot it: linux-nbd (initramfs-tools), linux-nbd-dracut, or sanboot.
-    #[arg(long, default_value = "sanboot")]
+    #[arg(long, default_value = "sanboot", value_parser = choices(BootMethod::CHOICES))]
     pub boot: String,
     /// Kernel image key on the same backend (linux-nbd).
     #[arg(long)]
@@ -116,11 +123,11 @@ pub struct VdiskAdd {
 #[derive(Debug, Clone, Args)]
 pub struct VdiskSet {
     pub name: String,
-    #[arg(long)]
+    #[arg(long, value_parser = choices(VdiskMode::CHOICES))]
     pub mode: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = choices(WriteCache::CHOICES))]
     pub write_cache: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = choices(BootMethod::CHOICES))]
     pub boot: Option<String>,
     /// Kernel key; an empty string clears it.
     #[arg(long)]

@@ -47,7 +47,7 @@ def test_vdisk_lifecycle_and_errors(admin):
     assert 'no backend named "nas"; configured backends: images, readonly' in error(admin, "vdisk", "add", "x", "--backend", "nas")
     assert 'backend "images" has no image "ghost"' in error(admin, "vdisk", "add", "ghost", "--backend", "images")
     assert 'vdisk "win11" already exists' in error(admin, "vdisk", "add", "win11", "--backend", "images")
-    assert "choose one of: standard, private" in error(admin, "vdisk", "add", "y", "--backend", "images", "--key", "win11", "--mode", "shared")
+    assert "[possible values: standard, private]" in error(admin, "vdisk", "add", "y", "--backend", "images", "--key", "win11", "--mode", "shared")
     assert "ram, ram-overflow-disk, server-disk, server-disk-persistent" in error(
         admin, "vdisk", "add", "y", "--backend", "images", "--key", "win11", "--write-cache", "disk")
     assert "invalid vdisk name" in error(admin, "vdisk", "add", "../up", "--backend", "images", "--key", "win11")

@@ -223,6 +223,8 @@ def test_shell_completions_and_manual_pages(tmp_path):
              "COMP_POINT=${#COMP_LINE}; _osstream osstream vd osstream; echo ${COMPREPLY[@]}")
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.split() == ["vdisk"], out
+    # Enumerated options complete to their values.
+    assert "ram-overflow-disk" in bash.read_text() and "linux-nbd-dracut" in bash.read_text()
     out = run("completions", "tcsh")
     assert out.returncode == 2 and "bash" in out.stderr
     out = run("man", str(tmp_path / "man"))

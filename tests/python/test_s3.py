@@ -64,7 +64,7 @@ def test_import_serve_and_export_round_trip_byte_exact(make_server, tmp_path, s3
                           text=True, check=True).stdout.count('"format": "qcow2"') == 1
     subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow2), str(raw)], check=True)
     assert not [p for p in os.listdir(tmp_path) if ".export-" in p], "the raw temporary is removed"
-    assert "use raw or qcow2" in cli("vdisk", "export", "os", str(tmp_path / "x.vmdk"), "--format", "vmdk",
+    assert "[possible values: raw, qcow2]" in cli("vdisk", "export", "os", str(tmp_path / "x.vmdk"), "--format", "vmdk",
                                      ok=False).stderr
 
     # --replace uploads a new image and updates the vdisk's size.
