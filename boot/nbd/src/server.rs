@@ -519,15 +519,19 @@ async fn attached_connection(
         max_request: shared.max_request,
     };
     let requests = TaskTracker::new();
-    shared.track(&export, &requests);
-    let (outcome, still_running) = if flags & proto::tflag::READ_ONLY == 0
-        && !wait_for_broken_connections(shared, &export, peer, &shutdown).await
-    {
-        requests.close();
-        ("server shutting down".to_owned(), None)
-    } else {
-        transmit(reader, write, conn, requests, shared, shutdown, &attachment).await
-    };
+    // Only writers are kept in order, so only their requests are tracked: a read-only
+    // connection (most of a lab's) neither registers nor waits.
+    let writable = flags & proto::tflag::READ_ONLY == 0;
+    if writable {
+        shared.track(&export, &requests);
+    }
+    let (outcome, still_running) =
+        if writable && !wait_for_broken_connections(shared, &export, peer, &shutdown).await {
+            requests.close();
+            ("server shutting down".to_owned(), None)
+        } else {
+            transmit(reader, write, conn, requests, shared, shutdown, &attachment).await
+        };
     let counts = attachment.counters().snapshot();
     match still_running {
         None => attachment.close().await,
