@@ -25,10 +25,12 @@ pub enum Registered {
     Unknown(Vec<String>),
 }
 
-/// The URI of `export` at `address` (`HOST:PORT` or `unix:PATH`).
-fn uri_at(address: &str, export: &str) -> String {
+/// The URI of `export` at `address` (`HOST:PORT` or `unix:PATH`); `nbds://` when the
+/// server speaks TLS on TCP (unix sockets stay plain).
+fn uri_at(address: &str, export: &str, tls: bool) -> String {
     match address.strip_prefix("unix:") {
         Some(socket) => format!("nbd+unix:///{export}?socket={socket}"),
+        None if tls => format!("nbds://{address}/{export}"),
         None => format!("nbd://{address}/{export}"),
     }
 }
@@ -46,8 +48,9 @@ pub fn session_address(config: &Config, export: &str, registered: Registered) ->
              clients use (the export name alone is printed)"
         )),
     };
+    let tls = configured_tls(config);
     let known = |address: &str| SessionAddress {
-        uri: Some(uri_at(address, export)),
+        uri: Some(uri_at(address, export, tls)),
         hint: None,
     };
     match registered {
@@ -65,16 +68,33 @@ pub fn session_address(config: &Config, export: &str, registered: Registered) ->
         .unwrap_or_else(hint)
 }
 
-/// The address the configuration's `[nbd]` listeners give clients, or why there is none.
+/// The configuration's `[nbd]` table.
 #[cfg(feature = "boot-nbd")]
-fn configured_address(config: &Config) -> std::result::Result<String, String> {
+fn nbd_config(config: &Config) -> osstream_nbd::NbdConfig {
     // `config::load` already parsed and checked this table; a build without it has none.
-    let nbd: osstream_nbd::NbdConfig = config
+    config
         .protocol_tables()
         .ok()
         .and_then(|mut tables| tables.remove(osstream_nbd::KIND))
         .and_then(|table| osstream_core::parse_table(osstream_nbd::KIND, table).ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Whether the configuration's NBD server speaks TLS (then session URIs are `nbds://`).
+#[cfg(feature = "boot-nbd")]
+fn configured_tls(config: &Config) -> bool {
+    nbd_config(config).tls != osstream_nbd::TlsMode::Off
+}
+
+#[cfg(not(feature = "boot-nbd"))]
+fn configured_tls(_: &Config) -> bool {
+    false
+}
+
+/// The address the configuration's `[nbd]` listeners give clients, or why there is none.
+#[cfg(feature = "boot-nbd")]
+fn configured_address(config: &Config) -> std::result::Result<String, String> {
+    let nbd = nbd_config(config);
     if let Some(address) = nbd.public_address_for(&nbd.listen) {
         return Ok(address);
     }

@@ -22,5 +22,5 @@ pub mod remote;
 pub mod stats;
 
 pub use agent::{Agent, AgentConfig, CacheSettings, OverlayPlace};
-pub use remote::{RemoteConfig, RemoteSource};
+pub use remote::{RemoteConfig, RemoteSource, RemoteTls};
 pub use stats::AgentStats;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use osstream_agent::agent::root_and_info;
-use osstream_agent::{Agent, AgentConfig, AgentStats, CacheSettings, OverlayPlace, RemoteConfig};
+use osstream_agent::{
+    Agent, AgentConfig, AgentStats, CacheSettings, OverlayPlace, RemoteConfig, RemoteTls,
+};
 use osstream_cache_disk::DiskTier;
 use osstream_core::{ByteSize, Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
@@ -29,7 +31,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the disk until SIGTERM or SIGINT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the counters of a running (or the last) agent.
     Stats {
         /// The cache folder the agent was given (reads its agent-stats.json).
@@ -133,6 +135,22 @@ struct RunArgs {
     /// the very end (nbd-client's `-systemd-mark`).
     #[arg(long)]
     systemd_mark: bool,
+    /// Speak TLS to the server (NBD STARTTLS), trusting the CA in this PEM file: the
+    /// session token and the disk's bytes then never cross the network in clear. Needed
+    /// when the server has `[nbd] tls = "require"`.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This machine's certificate (PEM), for a server that checks clients'
+    /// (`[nbd] tls_client_ca`); with --tls-key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the host of the server's
+    /// address).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
     /// Log debug lines too.
     #[arg(long)]
     verbose: bool,
@@ -141,7 +159,7 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Stats {
             cache_dir,
             stats,
@@ -252,6 +270,22 @@ fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
             "--cache-block-size must be a power of two from 4KiB to 16MiB",
         ));
     }
+    let tls = match &args.tls_ca {
+        None => None,
+        Some(ca) => {
+            let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+            let credentials = osstream_nbd::tls::client_connector(ca, identity)?;
+            let host = args
+                .tls_server_name
+                .as_deref()
+                .unwrap_or_else(|| osstream_nbd::tls::host_of(&nbd));
+            let server_name = osstream_nbd::tls::server_name(host)?;
+            Some(RemoteTls {
+                credentials,
+                server_name,
+            })
+        }
+    };
     let cache = args.cache_dir.map(|dir| CacheSettings {
         dir,
         capacity: args.cache_size.bytes(),
@@ -266,6 +300,7 @@ fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
             give_up_after: (args.give_up_after > 0)
                 .then(|| Duration::from_secs(args.give_up_after)),
             read_only: false,
+            tls,
         },
         info_url: info,
         socket: args.socket,

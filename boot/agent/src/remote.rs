@@ -21,12 +21,12 @@ use osstream_core::{
 };
 use osstream_nbd::client::{
     GREETING_LEN, OPTION_REPLY_HEADER_LEN, OptionReply, SIMPLE_REPLY_LEN, SimpleReply,
-    answer_greeting, info_export, opt_abort, opt_go,
+    answer_greeting, info_export, opt_abort, opt_go, opt_starttls,
 };
 use osstream_nbd::proto::{Request, cflag, cmd, errno, rep, tflag};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use osstream_nbd::tls::{ClientTls, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Mutex, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +50,17 @@ pub struct RemoteConfig {
     /// Never write to the export (the agent keeps the client's writes itself), so the
     /// layers above may cache it.
     pub read_only: bool,
+    /// Speak TLS to the server (`NBD_OPT_STARTTLS`), with these credentials.
+    pub tls: Option<RemoteTls>,
+}
+
+/// TLS towards the server: the credentials, and the name its certificate must carry.
+#[derive(Debug, Clone)]
+pub struct RemoteTls {
+    /// The CA (and this client's certificate, if the server asks for one).
+    pub credentials: ClientTls,
+    /// The server's host name or address as its certificate names it.
+    pub server_name: ServerName<'static>,
 }
 
 /// Counters of the remote source.
@@ -147,7 +158,7 @@ struct Pending {
 }
 
 struct Conn {
-    writer: Mutex<OwnedWriteHalf>,
+    writer: Mutex<BoxWrite>,
     pending: Arc<SyncMutex<Pending>>,
     next_cookie: AtomicU64,
     lost: CancellationToken,
@@ -185,48 +196,59 @@ impl Conn {
             stream.read_exact(&mut greeting).await.map_err(io)?;
             let flags = answer_greeting(&greeting).map_err(|e| protocol(&what(), e))?;
             stream.write_all(&flags).await.map_err(io)?;
-            let go = opt_go(export).map_err(|e| protocol(&what(), e))?;
-            stream.write_all(&go).await.map_err(io)?;
-            let mut export = None;
-            loop {
-                let mut header = [0u8; OPTION_REPLY_HEADER_LEN];
-                stream.read_exact(&mut header).await.map_err(io)?;
-                let reply = OptionReply::parse(&header).map_err(|e| protocol(&what(), e))?;
-                let mut data = vec![0u8; reply.length as usize];
-                stream.read_exact(&mut data).await.map_err(io)?;
-                if reply.is_error() {
-                    let _ = stream.write_all(&opt_abort()).await;
-                    let message = String::from_utf8_lossy(&data).into_owned();
-                    return Err(refusal(&what(), reply.reply, &message));
-                }
-                match reply.reply {
-                    rep::INFO => {
-                        if let Some(found) = info_export(&data).map_err(|e| protocol(&what(), e))? {
-                            export = Some(found);
-                        }
-                    }
-                    rep::ACK => break,
-                    _ => {}
-                }
+            let Some(tls) = &config.tls else {
+                let (size, flags) = go(&mut stream, export, &what()).await?;
+                let (read, write) = stream.into_split();
+                return Ok::<_, Error>((
+                    Box::new(read) as BoxRead,
+                    Box::new(write) as BoxWrite,
+                    size,
+                    flags,
+                ));
+            };
+            stream.write_all(&opt_starttls()).await.map_err(io)?;
+            let (reply, message) = option_reply(&mut stream, &what()).await?;
+            if reply.is_error() {
+                let _ = stream.write_all(&opt_abort()).await;
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!("the {} refused TLS: {message}", what()),
+                ));
             }
-            let (size, flags) = export
-                .ok_or_else(|| Error::new(ErrorKind::Io, format!("the {} sent no size", what())))?;
-            Ok::<_, Error>((stream, size, flags))
+            let mut stream = tls
+                .credentials
+                .0
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::PermissionDenied,
+                        format!("TLS with the {} failed: {e}", what()),
+                    )
+                })?;
+            let (size, flags) = go(&mut stream, export, &what()).await?;
+            let (read, write) = tokio::io::split(stream);
+            Ok((
+                Box::new(read) as BoxRead,
+                Box::new(write) as BoxWrite,
+                size,
+                flags,
+            ))
         };
-        let (stream, size, flags) = tokio::time::timeout(config.request_timeout, handshake)
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Io,
-                    format!(
-                        "the {} did not finish the handshake in {:?}",
-                        what(),
-                        config.request_timeout
-                    ),
-                )
-                .set_temporary()
-            })??;
-        let (mut read, write) = stream.into_split();
+        let (mut read, write, size, flags) =
+            tokio::time::timeout(config.request_timeout, handshake)
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "the {} did not finish the handshake in {:?}",
+                            what(),
+                            config.request_timeout
+                        ),
+                    )
+                    .set_temporary()
+                })??;
         let pending: Arc<SyncMutex<Pending>> = Arc::default();
         let lost = CancellationToken::new();
         let reader = {
@@ -292,6 +314,8 @@ impl Conn {
             if let Some(payload) = payload {
                 writer.write_all(payload).await?;
             }
+            // A no-op on a socket; TLS sends what it holds.
+            writer.flush().await?;
             Ok::<_, std::io::Error>(())
         };
         let answered = async {
@@ -329,9 +353,67 @@ impl Conn {
     }
 }
 
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// One option reply: its header and its data as text (what an error reply says).
+async fn option_reply<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    what: &str,
+) -> Result<(OptionReply, String)> {
+    let io = |e: std::io::Error| Error::from_io(e, format!("cannot reach the {what}"));
+    let mut header = [0u8; OPTION_REPLY_HEADER_LEN];
+    stream.read_exact(&mut header).await.map_err(io)?;
+    let reply = OptionReply::parse(&header).map_err(|e| protocol(what, e))?;
+    let mut data = vec![0u8; reply.length as usize];
+    stream.read_exact(&mut data).await.map_err(io)?;
+    let text = if reply.is_error() {
+        String::from_utf8_lossy(&data).into_owned()
+    } else {
+        String::new()
+    };
+    Ok((reply, text))
+}
+
+/// Asks for `export` with `NBD_OPT_GO`; its size and transmission flags.
+async fn go<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    export: &str,
+    what: &str,
+) -> Result<(u64, u16)> {
+    let io = |e: std::io::Error| Error::from_io(e, format!("cannot reach the {what}"));
+    let go = opt_go(export).map_err(|e| protocol(what, e))?;
+    stream.write_all(&go).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let mut found = None;
+    loop {
+        let mut header = [0u8; OPTION_REPLY_HEADER_LEN];
+        stream.read_exact(&mut header).await.map_err(io)?;
+        let reply = OptionReply::parse(&header).map_err(|e| protocol(what, e))?;
+        let mut data = vec![0u8; reply.length as usize];
+        stream.read_exact(&mut data).await.map_err(io)?;
+        if reply.is_error() {
+            let _ = stream.write_all(&opt_abort()).await;
+            let _ = stream.flush().await;
+            let message = String::from_utf8_lossy(&data).into_owned();
+            return Err(refusal(what, reply.reply, &message));
+        }
+        match reply.reply {
+            rep::INFO => {
+                if let Some(export) = info_export(&data).map_err(|e| protocol(what, e))? {
+                    found = Some(export);
+                }
+            }
+            rep::ACK => break,
+            _ => {}
+        }
+    }
+    found.ok_or_else(|| Error::new(ErrorKind::Io, format!("the {what} sent no size")))
+}
+
 /// Reads replies until the connection fails, handing each to its waiter.
 async fn read_replies(
-    read: &mut tokio::net::tcp::OwnedReadHalf,
+    read: &mut BoxRead,
     pending: &SyncMutex<Pending>,
 ) -> std::result::Result<(), String> {
     loop {
@@ -368,6 +450,14 @@ fn protocol(what: &str, err: osstream_nbd::proto::ProtoError) -> Error {
 
 /// An option error from the server, as an error of the right kind.
 fn refusal(what: &str, reply: u32, message: &str) -> Error {
+    if reply == rep::ERR_TLS_REQD {
+        return Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "the {what} requires TLS: give the agent --tls-ca (the CA of the server's certificate)"
+            ),
+        );
+    }
     let kind = match reply {
         rep::ERR_UNKNOWN => ErrorKind::NotFound,
         rep::ERR_POLICY => ErrorKind::PermissionDenied,

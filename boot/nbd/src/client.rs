@@ -70,6 +70,14 @@ pub fn opt_go(export: &str) -> Result<Vec<u8>, ProtoError> {
     Ok(out)
 }
 
+/// `NBD_OPT_STARTTLS`: asks the server to upgrade the connection to TLS.
+pub fn opt_starttls() -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    out[8..12].copy_from_slice(&opt::STARTTLS.to_be_bytes());
+    out
+}
+
 /// `NBD_OPT_ABORT`: what a client sends to leave politely during negotiation.
 pub fn opt_abort() -> [u8; 16] {
     let mut out = [0u8; 16];

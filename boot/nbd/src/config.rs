@@ -2,6 +2,9 @@ use osstream_core::{
     BackendContext, BootProtocol, ByteSize, Error, ErrorKind, ProtocolKind, Result, Seconds,
 };
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use crate::tls::TlsMode;
 
 /// `[nbd]`: the NBD server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +44,21 @@ pub struct NbdConfig {
     /// latency of one-at-a-time reads. `false` serves every connection on the shared
     /// thread pool. Default: true.
     pub cpu_local: bool,
+    /// TLS on TCP listeners (`NBD_OPT_STARTTLS`): `"off"`, `"on"` (clients may upgrade)
+    /// or `"require"` (nothing but `STARTTLS` before the upgrade, so no export name,
+    /// session token or byte of a disk crosses the network in clear). Unix sockets stay
+    /// plain: only processes on this machine reach them. Default: `"off"`.
+    pub tls: TlsMode,
+    /// PEM file with the server's certificate (chain: leaf first); needed unless `tls`
+    /// is off. Clients check it against their CA and the host name or address they
+    /// connect to.
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// PEM file with the CA that clients' certificates must be signed by: then a client
+    /// without such a certificate cannot upgrade. Default: unset (any client may upgrade;
+    /// the session token still decides what it reaches).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for NbdConfig {
@@ -56,6 +74,10 @@ impl Default for NbdConfig {
             max_connections: 1024,
             drain_timeout: Seconds(std::time::Duration::from_secs(30)),
             cpu_local: true,
+            tls: TlsMode::Off,
+            tls_certificate: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -101,6 +123,7 @@ impl ProtocolKind for NbdConfig {
                     .to_owned(),
             ));
         }
+        self.check_tls().map_err(config)?;
         let max = self.max_request.bytes();
         if !(4096..=(1 << 30)).contains(&max) {
             return Err(config(format!(
@@ -117,6 +140,42 @@ impl ProtocolKind for NbdConfig {
 }
 
 impl NbdConfig {
+    fn check_tls(&self) -> std::result::Result<(), String> {
+        let tls = self.tls;
+        if tls == TlsMode::Off {
+            if self.tls_client_ca.is_some() {
+                return Err("nbd.tls_client_ca is set but nbd.tls = \"off\"; set tls = \"on\" or \"require\"".to_owned());
+            }
+            return Ok(());
+        }
+        if self.tls_certificate.is_none() || self.tls_key.is_none() {
+            return Err(format!(
+                "nbd.tls = \"{tls}\" needs nbd.tls_certificate and nbd.tls_key (PEM files: the server's certificate and its key)"
+            ));
+        }
+        if !self.listen.iter().any(|a| !a.starts_with("unix:")) {
+            return Err(format!(
+                "nbd.tls = \"{tls}\" but every nbd.listen address is a unix socket, which stays plain; listen on HOST:PORT too, or set tls = \"off\""
+            ));
+        }
+        Ok(())
+    }
+
+    /// The server's TLS credentials, loaded from their files; `None` with `tls = "off"`.
+    pub fn tls_acceptor(&self) -> Result<Option<crate::tls::ServerTls>> {
+        match (self.tls, &self.tls_certificate, &self.tls_key) {
+            (TlsMode::Off, _, _) => Ok(None),
+            (_, Some(certificate), Some(key)) => {
+                crate::tls::server_acceptor(certificate, key, self.tls_client_ca.as_deref())
+                    .map(Some)
+            }
+            _ => Err(Error::new(
+                ErrorKind::Config,
+                self.check_tls().err().unwrap_or_default(),
+            )),
+        }
+    }
+
     /// Whether plain image names are served once `bound` (the listeners' addresses, as
     /// [`osstream_core::BootProtocol::bind`] returns them) are known: as configured, or on
     /// only when every listener is on loopback or a unix socket.

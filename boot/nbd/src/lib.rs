@@ -19,10 +19,12 @@ mod config;
 mod negotiation;
 pub mod proto;
 mod server;
+pub mod tls;
 mod transmission;
 
 pub use config::{NbdConfig, is_local_listener};
 pub use server::NbdServer;
+pub use tls::TlsMode;
 
 /// The protocol name used in configuration (`[nbd]`) and logs.
 pub const KIND: &str = "nbd";

@@ -19,6 +19,22 @@ pub(crate) enum Step {
     Close(&'static str),
     /// Enter transmission on this export.
     Transmit(Box<Attached>),
+    /// `STARTTLS` was accepted (its reply is in the output): run the TLS handshake, then
+    /// negotiate again from a fresh state.
+    StartTls,
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsPhase {
+    /// The server has no TLS (or this is a unix socket): `STARTTLS` is refused.
+    Unavailable,
+    /// The client may upgrade, or go on in clear.
+    Offered,
+    /// Nothing but `STARTTLS` (or `ABORT`) until the client upgrades.
+    Required,
+    /// The connection is encrypted.
+    Active,
 }
 
 /// An export a client has attached to, with what was negotiated for it.
@@ -41,6 +57,7 @@ pub(crate) struct Negotiation<'a> {
     structured: bool,
     /// Export name for which `base:allocation` was selected, if any.
     meta_for: Option<String>,
+    tls: TlsPhase,
 }
 
 /// Transmission flags for a source: exactly what its capability says.
@@ -83,6 +100,7 @@ impl<'a> Negotiation<'a> {
         default_export: Option<&'a str>,
         max_request: u32,
         client_flags: u32,
+        tls: TlsPhase,
     ) -> Self {
         Negotiation {
             exports,
@@ -93,6 +111,7 @@ impl<'a> Negotiation<'a> {
             no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
             structured: false,
             meta_for: None,
+            tls,
         }
     }
 
@@ -113,20 +132,29 @@ impl<'a> Negotiation<'a> {
                 return Step::Continue;
             }
         };
+        if self.tls == TlsPhase::Required
+            && !matches!(parsed, ClientOption::Abort | ClientOption::StartTls)
+        {
+            if option == opt::EXPORT_NAME {
+                // It has no error reply: the protocol says to close.
+                return Step::Close(
+                    "NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS",
+                );
+            }
+            proto::put_option_error(
+                out,
+                option,
+                rep::ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first (e.g. nbds:// URIs, nbd-client -x)",
+            );
+            return Step::Continue;
+        }
         match parsed {
             ClientOption::Abort => {
                 proto::put_option_reply(out, option, rep::ACK, &[]);
                 Step::Close("client sent NBD_OPT_ABORT")
             }
-            ClientOption::StartTls => {
-                proto::put_option_error(
-                    out,
-                    option,
-                    rep::ERR_UNSUP,
-                    "TLS is not offered by this server",
-                );
-                Step::Continue
-            }
+            ClientOption::StartTls => self.start_tls(option, data, out),
             ClientOption::Unsupported(code) => {
                 proto::put_option_error(
                     out,
@@ -167,6 +195,24 @@ impl<'a> Negotiation<'a> {
                 }
             },
         }
+    }
+
+    fn start_tls(&mut self, option: u32, data: &[u8], out: &mut BytesMut) -> Step {
+        let refusal = match self.tls {
+            TlsPhase::Unavailable => Some((
+                rep::ERR_POLICY,
+                "TLS is not offered here ([nbd] tls = \"off\", or a unix socket)",
+            )),
+            TlsPhase::Active => Some((rep::ERR_INVALID, "TLS is already on")),
+            _ if !data.is_empty() => Some((rep::ERR_INVALID, "NBD_OPT_STARTTLS carries no data")),
+            _ => None,
+        };
+        if let Some((code, message)) = refusal {
+            proto::put_option_error(out, option, code, message);
+            return Step::Continue;
+        }
+        proto::put_option_reply(out, option, rep::ACK, &[]);
+        Step::StartTls
     }
 
     async fn list(&self, option: u32, out: &mut BytesMut) {

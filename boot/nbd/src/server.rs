@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::NbdConfig;
-use crate::negotiation::{Attached, Negotiation, Step};
+use crate::negotiation::{Attached, Negotiation, Step, TlsPhase};
 use crate::proto::{self, OptionHeader, Request, cmd, errno};
+use crate::tls::{ServerTls, TlsMode};
 use crate::transmission::{Failure, Reply, Transmission, command_name};
 
 /// Budget of in-flight work per connection, in units of one request plus one per 64 KiB
@@ -45,6 +46,8 @@ pub struct NbdServer {
     base_exports: bool,
     /// The listeners' addresses, once bound.
     bound: Vec<String>,
+    /// TLS credentials (loaded at `bind`), unless `tls = "off"`.
+    tls: Option<ServerTls>,
 }
 
 #[derive(Debug)]
@@ -61,6 +64,7 @@ impl NbdServer {
             listeners: Vec::new(),
             base_exports: false,
             bound: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -72,6 +76,7 @@ impl BootProtocol for NbdServer {
     }
 
     async fn bind(&mut self) -> Result<Vec<String>> {
+        self.tls = self.config.tls_acceptor()?;
         let mut bound = Vec::new();
         for address in &self.config.listen {
             if let Some(path) = address.strip_prefix("unix:") {
@@ -132,6 +137,9 @@ impl BootProtocol for NbdServer {
                  can print it"
             );
         }
+        if self.tls.is_some() {
+            tracing::info!(tls = %self.config.tls, client_certificates = self.config.tls_client_ca.is_some(), "NBD over TLS on TCP listeners");
+        }
         self.bound = bound.clone();
         Ok(bound)
     }
@@ -154,6 +162,7 @@ impl BootProtocol for NbdServer {
             base_exports: self.base_exports,
             config: self.config,
             connections_by_export: std::sync::Mutex::default(),
+            tls: self.tls,
         });
         let tracker = TaskTracker::new();
         let mut sockets = Vec::new();
@@ -224,6 +233,7 @@ struct Shared {
     /// one that broke waits until the broken one's requests end (see
     /// [`wait_for_broken_connections`]).
     connections_by_export: std::sync::Mutex<HashMap<String, Vec<TaskTracker>>>,
+    tls: Option<ServerTls>,
 }
 
 impl Shared {
@@ -367,15 +377,44 @@ async fn serve_tcp(
     tracker: TaskTracker,
     slot: ConnectionSlot,
 ) {
-    let (attached, early) = {
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout.0;
+    let phase = match (&shared.tls, shared.config.tls) {
+        (None, _) => TlsPhase::Unavailable,
+        (Some(_), TlsMode::Require) => TlsPhase::Required,
+        (Some(_), _) => TlsPhase::Offered,
+    };
+    let (outcome, early) = {
         let (read, mut write) = stream.split();
         // Small: only options pass through it; requests get their own buffer below.
         let mut reader = BufReader::with_capacity(8 * 1024, read);
-        let Some(attached) = handshake(&mut reader, &mut write, &peer, &shared, &shutdown).await
+        let greeting = Greeting::Send(phase);
+        let Some(outcome) = handshake(
+            &mut reader,
+            &mut write,
+            &peer,
+            &shared,
+            &shutdown,
+            greeting,
+            deadline,
+        )
+        .await
         else {
             return;
         };
-        (attached, reader.buffer().to_vec())
+        (outcome, reader.buffer().to_vec())
+    };
+    let attached = match outcome {
+        Negotiated::Attached(attached) => *attached,
+        Negotiated::StartTls { client_flags } => {
+            if !early.is_empty() {
+                // Bytes sent in clear after STARTTLS must not be taken as if they came
+                // through TLS (the plaintext-injection attack on STARTTLS).
+                tracing::warn!(%peer, "NBD client sent data after STARTTLS before the TLS handshake; closing");
+                return;
+            }
+            let _slot = slot;
+            return serve_tls(stream, peer, &shared, shutdown, client_flags, deadline).await;
+        }
     };
     let moves = shared.config.cpu_local && !shared.cpus.is_empty();
     if moves && early.is_empty() {
@@ -455,28 +494,101 @@ async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     let mut reader = BufReader::with_capacity(256 * 1024, read);
-    let Some(attached) = handshake(&mut reader, &mut write, peer, shared, &shutdown).await else {
-        return;
-    };
-    attached_connection(reader, write, attached, peer, shared, shutdown).await;
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout.0;
+    let greeting = Greeting::Send(TlsPhase::Unavailable);
+    let handshake = handshake(
+        &mut reader,
+        &mut write,
+        peer,
+        shared,
+        &shutdown,
+        greeting,
+        deadline,
+    );
+    if let Some(Negotiated::Attached(attached)) = handshake.await {
+        attached_connection(reader, write, *attached, peer, shared, shutdown).await;
+    }
 }
 
-/// Runs the handshake under its timeout; `None` when the connection ended in it.
+/// Serves a TCP connection whose client sent `STARTTLS`: the TLS handshake, then option
+/// negotiation again, inside TLS and from a fresh state, then its requests.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    peer: String,
+    shared: &Arc<Shared>,
+    shutdown: CancellationToken,
+    client_flags: u32,
+    deadline: tokio::time::Instant,
+) {
+    let Some(ServerTls(acceptor)) = shared.tls.clone() else {
+        return;
+    };
+    let accepted = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        accepted = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => accepted,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tracing::warn!(%peer, %err, "NBD TLS handshake failed; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "NBD TLS handshake timed out; closing");
+            return;
+        }
+    };
+    let (read, write) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(256 * 1024, Box::new(read) as BoxRead);
+    let mut write: BoxWrite = Box::new(write);
+    let greeting = Greeting::Sent { client_flags };
+    let handshake = handshake(
+        &mut reader,
+        &mut write,
+        &peer,
+        shared,
+        &shutdown,
+        greeting,
+        deadline,
+    );
+    if let Some(Negotiated::Attached(attached)) = handshake.await {
+        attached_connection(reader, write, *attached, &peer, shared, shutdown).await;
+    }
+}
+
+/// Whether negotiation starts with the greeting, or goes on after `STARTTLS` (the
+/// greeting and the client's flags were exchanged in clear).
+#[derive(Debug, Clone, Copy)]
+enum Greeting {
+    Send(TlsPhase),
+    Sent { client_flags: u32 },
+}
+
+/// How option negotiation ended, short of the connection closing.
+enum Negotiated {
+    Attached(Box<Attached>),
+    /// The client asked for TLS and was told yes.
+    StartTls {
+        client_flags: u32,
+    },
+}
+
+/// Runs the handshake until `deadline`; `None` when the connection ended in it.
 async fn handshake<R, W>(
     reader: &mut R,
     write: &mut W,
     peer: &str,
     shared: &Shared,
     shutdown: &CancellationToken,
-) -> Option<Attached>
+    greeting: Greeting,
+    deadline: tokio::time::Instant,
+) -> Option<Negotiated>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let handshake = tokio::time::timeout(
-        shared.config.handshake_timeout.0,
-        negotiate(reader, write, shared, peer),
-    );
+    let handshake =
+        tokio::time::timeout_at(deadline, negotiate(reader, write, shared, peer, greeting));
     tokio::select! {
         _ = shutdown.cancelled() => None,
         outcome = handshake => match outcome {
@@ -488,7 +600,7 @@ where
                 tracing::info!(%peer, %reason, "NBD connection closed during handshake");
                 None
             }
-            Ok(Ok(attached)) => Some(attached),
+            Ok(Ok(negotiated)) => Some(negotiated),
         },
     }
 }
@@ -560,23 +672,31 @@ async fn attached_connection(
     );
 }
 
-/// Runs option negotiation until the client attaches to an export or goes away.
+/// Runs option negotiation until the client attaches to an export, asks for TLS, or goes
+/// away.
 async fn negotiate<R, W>(
     reader: &mut R,
     write: &mut W,
     shared: &Shared,
     peer: &str,
-) -> std::result::Result<Attached, String>
+    greeting: Greeting,
+) -> std::result::Result<Negotiated, String>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let io = |e: std::io::Error| format!("I/O error: {e}");
-    write
-        .write_all(&proto::server_greeting())
-        .await
-        .map_err(io)?;
-    let client_flags = reader.read_u32().await.map_err(io)?;
+    let (client_flags, tls) = match greeting {
+        Greeting::Sent { client_flags } => (client_flags, TlsPhase::Active),
+        Greeting::Send(tls) => {
+            write
+                .write_all(&proto::server_greeting())
+                .await
+                .map_err(io)?;
+            write.flush().await.map_err(io)?;
+            (reader.read_u32().await.map_err(io)?, tls)
+        }
+    };
     if client_flags & proto::FLAG_C_FIXED_NEWSTYLE == 0 {
         return Err(format!(
             "client flags {client_flags:#x} lack FIXED_NEWSTYLE; only fixed newstyle is served"
@@ -592,6 +712,7 @@ where
         shared.config.default_export.as_deref(),
         shared.max_request,
         client_flags,
+        tls,
     );
     let mut data = Vec::new();
     loop {
@@ -603,10 +724,13 @@ where
         let mut out = BytesMut::new();
         let step = negotiation.on_option(header.option, &data, &mut out).await;
         write.write_all(&out).await.map_err(io)?;
+        // A TLS stream holds what it could not send yet until flushed.
+        write.flush().await.map_err(io)?;
         match step {
             Step::Continue => {}
             Step::Close(reason) => return Err(reason.to_owned()),
-            Step::Transmit(attached) => return Ok(*attached),
+            Step::Transmit(attached) => return Ok(Negotiated::Attached(attached)),
+            Step::StartTls => return Ok(Negotiated::StartTls { client_flags }),
         }
     }
 }
@@ -631,7 +755,8 @@ async fn write_reply<W: AsyncWrite + Unpin>(
         }
         IoSlice::advance_slices(&mut slices, n);
     }
-    Ok(())
+    // A no-op on sockets; a TLS stream sends what it still holds.
+    writer.flush().await
 }
 
 /// Polls a future once without a real waker: requests served from memory finish here
