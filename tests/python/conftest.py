@@ -222,3 +222,27 @@ def postgres(tmp_path):
         yield url
     finally:
         stop()
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(root, addresses=("127.0.0.1",)):
+    """A CA, a server certificate for localhost and `addresses` and a client certificate, laid
+    out as libnbd and qemu read a `tls-certificates`/`dir` folder (ca-cert.pem,
+    client-cert.pem, client-key.pem), plus a second CA nobody trusts."""
+    root.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", *ec, "-keyout", f"{ca}-key.pem", "-out", f"{ca}-cert.pem", "-days", "2",
+                "-subj", f"/CN=osstream test {ca}", cwd=root)
+    (root / "server.ext").write_text("subjectAltName=DNS:localhost," + ",".join(f"IP:{a}" for a in addresses)
+                                  + "\nextendedKeyUsage=serverAuth\n")
+    (root / "client.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    for who, ca, ext in (("server", "ca", "server.ext"), ("client", "ca", "client.ext"),
+                         ("rogue", "other-ca", "client.ext")):
+        openssl("req", *ec, "-keyout", f"{who}-key.pem", "-out", f"{who}.csr", "-subj", f"/CN={who}", cwd=root)
+        openssl("x509", "-req", "-in", f"{who}.csr", "-CA", f"{ca}-cert.pem", "-CAkey", f"{ca}-key.pem",
+                "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "2", "-extfile", ext, cwd=root)
+    return root

@@ -41,12 +41,16 @@ def static_agent():
     return path
 
 
-def agent_initrd(artifacts, out):
-    """The test initramfs with osstream-agent appended as a second cpio archive (the
-    kernel unpacks both; init.sh uses the agent when it finds it)."""
+def agent_initrd(artifacts, out, files=None):
+    """The test initramfs with osstream-agent (and `files`: {path in the initramfs: source})
+    appended as a second cpio archive (the kernel unpacks both; init.sh uses the agent
+    when it finds it)."""
     work = out.parent / "agent-cpio"
     (work / "bin").mkdir(parents=True)
     shutil.copy(static_agent(), work / "bin" / "osstream-agent")
+    for inside, source in (files or {}).items():
+        (work / inside).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, work / inside)
     archive = subprocess.run("find . | cpio -o -H newc --quiet | gzip -1", shell=True, cwd=work,
                              capture_output=True, check=True).stdout
     with open(os.path.join(artifacts, "initrd.img"), "rb") as f:

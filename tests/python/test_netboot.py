@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import sha256
+from conftest import make_pki, sha256
 from netboot import (MARKER, SAN_MARKER, Machine, add_linux_vdisk, agent_initrd, agent_stats_on,
                      build_artifacts, cache_disk, console_lines, debian_agent_initrd, netboot_server)
 
@@ -373,6 +373,39 @@ def test_a_machine_boots_through_the_agent_and_its_second_boot_reads_its_boot_se
     log = server.log.read_text()
     written = [int(w.split("=")[1]) for w in log.split() if w.startswith("written_bytes=")]
     assert written and max(written) == 0, log
+
+
+def test_a_machine_boots_through_the_agent_over_tls(tmp_path, artifacts):
+    """`[nbd] tls = "require"`: the initramfs holds the CA certificate, the vdisk's command
+    line names it (`osstream.tls_ca=`), and the agent speaks TLS to the server; a plain
+    client is refused."""
+    pki = make_pki(tmp_path / "pki", addresses=("127.0.0.1", "10.0.2.2"))
+    server = netboot_server(tmp_path, artifacts, extra=(
+        f'tls = "require"\ntls_certificate = "{pki}/server-cert.pem"\ntls_key = "{pki}/server-key.pem"\n'))
+    agent_initrd(artifacts, server.images / "boot" / "initrd-agent.img",
+                 files={"etc/osstream/ca-cert.pem": pki / "ca-cert.pem"})
+    server.start()
+    mac = "52:54:00:00:10:31"
+    try:
+        server.cli("vdisk", "add", "netroot", "--backend", "images", "--key", "netroot", "--boot", "linux-nbd",
+                   "--kernel", "vmlinuz", "--initrd", "initrd-agent.img",
+                   "--cmdline", "console=ttyS0 osstream.tls_ca=/etc/osstream/ca-cert.pem")
+        server.cli("client", "add", mac, "--hostname", "tls-pc")
+        server.cli("client", "assign", mac, "netroot")
+        out = Machine(tmp_path, mac, bootfile(server), disk=cache_disk(tmp_path / "cache.img", "128M")).start().wait_exit()
+        lines = console_lines(out)
+        assert "agent serves /dev/nbd0" in lines, out[-3000:]
+        assert f"marker={MARKER}" in lines and "sees written-by-tls-pc.txt" in lines, out[-3000:]
+        assert lines[-1] == "done" and not [l for l in lines if l.startswith("agent-log")], out[-3000:]
+        uri = server.cli("session", "open", mac, "netroot")
+        assert uri.startswith("nbds://10.0.2.2:"), uri
+        plain = subprocess.run(["nbdinfo", f"nbd://127.0.0.1:{server.port}/{uri.rsplit('/', 2)[-2]}/"
+                                f"{uri.rsplit('/', 1)[1]}"], capture_output=True, text=True, timeout=30)
+        assert plain.returncode != 0
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "NBD over TLS on TCP listeners tls=require" in log and "NBD client attached" in log, log
 
 
 def test_a_debian_system_boots_through_the_agent_and_reboots_from_its_local_cache(tmp_path, artifacts):

@@ -68,7 +68,8 @@ enum Command {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Read the server, export and info URL from the kernel command line
-    /// (`/proc/cmdline`, or FILE): `nbdroot=HOST:PORT/EXPORT osstream.agent=URL`.
+    /// (`/proc/cmdline`, or FILE): `nbdroot=HOST:PORT/EXPORT osstream.agent=URL`, and
+    /// `osstream.tls_ca=PATH` (as --tls-ca, a file in the initramfs) if present.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "/proc/cmdline")]
     cmdline: Option<PathBuf>,
     /// The server's NBD address (HOST:PORT).
@@ -206,8 +207,8 @@ fn check_server_address(address: &str) -> Result<()> {
     Ok(())
 }
 
-fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
-    let (mut nbd, mut export, mut info) = (args.nbd, args.export, args.info);
+fn config_of(mut args: RunArgs) -> Result<(AgentConfig, bool)> {
+    let (mut nbd, mut export, mut info) = (args.nbd.take(), args.export.take(), args.info.take());
     if let Some(path) = &args.cmdline {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::from_io(e, format!("cannot read {}", path.display())))?;
@@ -220,6 +221,12 @@ fn config_of(args: RunArgs) -> Result<(AgentConfig, bool)> {
         };
         nbd.get_or_insert(address);
         export.get_or_insert(name);
+        if args.tls_ca.is_none() {
+            args.tls_ca = text
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("osstream.tls_ca="))
+                .map(PathBuf::from);
+        }
         if info.is_none() {
             info = url;
         }

@@ -73,8 +73,10 @@ impl std::fmt::Display for TlsMode {
     }
 }
 
+/// ring rather than aws-lc: the same algorithms for TLS 1.2/1.3, and about 4 MiB less in
+/// the static agent an initramfs carries.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn config_error(what: &str, path: &Path, why: impl std::fmt::Display) -> Error {
