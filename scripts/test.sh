@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(libnbd-bin python3-libnbd python3-pytest qemu-utils fio nbdkit util-linux postgresql gcc nfs-ganesha nfs-ganesha-vfs rpcbind qemu-system-x86 ipxe-qemu ipxe busybox-static nbd-client cpio nasm e2fsprogs tftp-hpa curl ovmf debootstrap)
+apt_packages=(libnbd-bin python3-libnbd python3-pytest qemu-utils fio nbdkit util-linux postgresql gcc nfs-ganesha nfs-ganesha-vfs rpcbind qemu-system-x86 ipxe-qemu ipxe busybox-static nbd-client cpio nasm e2fsprogs tftp-hpa curl ovmf debootstrap prometheus openssl systemd)
 # Twice: installing one package can remove another that was there (a backported
 # qemu-utils goes when Debian's qemu-system-x86 comes in); the second pass puts it back.
 for pass in 1 2; do

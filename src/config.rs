@@ -126,6 +126,8 @@ pub struct Config {
     pub profile: osstream_profile::ProfileConfig,
     /// Hedged backend reads: a read far slower than usual is sent again.
     pub hedge: osstream_core::HedgeConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// Boot protocols by section name (`[nbd]`), each a table of its kind.
     #[serde(flatten)]
     pub protocols: BTreeMap<String, Value>,
@@ -138,6 +140,17 @@ pub struct LogConfig {
     /// A level (`error`, `warn`, `info`, `debug`, `trace`) or per-target levels such as
     /// `"info,osstream_nbd=debug"`. Default: `info`.
     pub filter: String,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `http://LISTEN/metrics` on a listener of their own
+    /// (`HOST:PORT`; keep it off the boot network: metrics name vdisks and clients).
+    /// Default: unset (no listener; `[http] metrics = true` serves them on the HTTP
+    /// listener instead).
+    pub listen: Option<String>,
 }
 
 /// `[demo]`.
@@ -237,6 +250,7 @@ impl Default for Config {
             sessions: SessionsConfig::default(),
             profile: osstream_profile::ProfileConfig::default(),
             hedge: osstream_core::HedgeConfig::default(),
+            metrics: MetricsConfig::default(),
             protocols: BTreeMap::new(),
         }
     }
@@ -421,6 +435,7 @@ fn check(config: &Config) -> Result<()> {
 /// The keys `Config` itself has, for the message about an unknown one.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "data_dir", "log", "demo", "backends", "cache", "catalog", "sessions", "profile", "hedge",
+    "metrics",
 ];
 
 /// `tables` as tables: every value under `what` must be one.

@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod config;
 mod demo;
+mod metrics;
 mod notify;
 mod output;
 mod progress;

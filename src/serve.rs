@@ -249,6 +249,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         Exports::new(backends, layers.clone()).with_sessions(directory.clone(), overlays.clone()),
     );
     crate::sessions::sweep_overlays(&catalog, &exports, &overlays.dir).await;
+    crate::metrics::register(layers.clone(), exports.clone(), overlays.ram_capacity);
     let names: Vec<String> = exports.list().await?.into_iter().map(|e| e.name).collect();
 
     let mut protocols = registry.build_protocols(&ctx, &config.protocol_tables()?)?;
@@ -269,6 +270,17 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         session_address = session_address.or_else(|| protocol.session_address());
         boot_url = boot_url.or_else(|| protocol.boot_url());
     }
+    let metrics_listener = match &config.metrics.listen {
+        Some(address) => {
+            let listener = crate::metrics::bind(address).await?;
+            let bound = listener
+                .local_addr()
+                .map_or_else(|_| address.clone(), |a| a.to_string());
+            tracing::info!(listen = %bound, "metrics at http://{bound}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     catalog
         .set_server_address(&me, session_address.as_deref())
         .await?;
@@ -292,6 +304,9 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         tracing::warn!(%err, "cannot write the cache statistics file");
     }
     let stats_stop = CancellationToken::new();
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(listener, stats_stop.clone()));
+    }
     let stats_writer = tokio::spawn(crate::stats::keep_writing(
         config.data_dir.clone(),
         me.id.clone(),

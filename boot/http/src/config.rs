@@ -26,6 +26,10 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// A connection with no request for this long is closed. Default: `60s`.
     pub idle_timeout: Seconds,
+    /// Also serve Prometheus metrics at `/metrics` here. They name vdisks and clients, and
+    /// this listener faces the boot network: prefer `[metrics] listen` on an admin
+    /// network. Default: false.
+    pub metrics: bool,
 }
 
 impl Default for HttpConfig {
@@ -37,6 +41,7 @@ impl Default for HttpConfig {
             menu_timeout: Seconds(std::time::Duration::from_secs(5)),
             max_connections: 1024,
             idle_timeout: Seconds(std::time::Duration::from_secs(60)),
+            metrics: false,
         }
     }
 }

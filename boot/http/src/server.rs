@@ -66,6 +66,8 @@ struct Shared {
     bad: std::sync::Mutex<osstream_core::LogBudget>,
     menu_timeout: Duration,
     idle_timeout: Duration,
+    /// `/metrics` is served.
+    metrics: bool,
 }
 
 #[async_trait]
@@ -116,6 +118,7 @@ impl BootProtocol for HttpServer {
             base_url: self.base_url,
             menu_timeout: self.config.menu_timeout.0,
             idle_timeout: self.config.idle_timeout.0,
+            metrics: self.config.metrics,
         });
         let slots = Arc::new(Semaphore::new(self.config.max_connections));
         let tracker = TaskTracker::new();
@@ -367,6 +370,7 @@ impl Connection {
         keep_alive: bool,
         head_only: bool,
     ) -> std::io::Result<bool> {
+        let arrived = std::time::Instant::now();
         let size = source.info().size;
         let answer = request
             .range
@@ -419,6 +423,7 @@ impl Connection {
         if let Some(counters) = counters {
             counters.request();
             counters.read(length);
+            counters.finished(osstream_core::metrics::RequestKind::Read, arrived.elapsed());
         }
         Ok(keep_alive)
     }
@@ -428,6 +433,11 @@ impl Connection {
         let segments: Vec<&str> = path.split('/').collect();
         match segments.as_slice() {
             ["boot.ipxe"] => Reply::script(script::chain_script(&self.base_url(request))),
+            ["metrics"] if self.shared.metrics => Reply::Text {
+                head: ResponseHead::new(200)
+                    .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                body: osstream_core::metrics::global().render(),
+            },
             ["ipxe", mac] => self.client_script(request, mac, None).await,
             ["ipxe", mac, vdisk] => self.client_script(request, mac, Some(vdisk)).await,
             ["boot", token, file @ ("kernel" | "initrd")] => {

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use osstream_core::metrics::RequestKind;
 use osstream_core::{
     Attachment, BootProtocol, Error, ErrorKind, Exports, Result, ServeContext, async_trait,
 };
@@ -942,6 +943,12 @@ where
             cmd::WRITE => stats.written(u64::from(req.length)),
             _ => {}
         }
+        let kind = match req.command {
+            cmd::READ => RequestKind::Read,
+            cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES => RequestKind::Write,
+            _ => RequestKind::Other,
+        };
+        let arrived = Instant::now();
         let (conn2, writer2, stats2, broken2) =
             (conn.clone(), writer.clone(), stats.clone(), broken.clone());
         let mut work = Box::pin(async move {
@@ -957,6 +964,9 @@ where
                 Ok(reply) => reply,
                 Err(failure) => {
                     stats2.error();
+                    if failure.errno == errno::ENOSPC {
+                        stats2.no_space();
+                    }
                     tracing::warn!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, message = %failure.message, "request failed");
                     conn2.error_reply(&req, &failure)
                 }
@@ -965,6 +975,7 @@ where
                 tracing::debug!(%err, "reply write failed");
                 broken2.cancel();
             }
+            stats2.finished(kind, arrived.elapsed());
             drop(permits);
         });
         if poll_once(&mut work).is_none() {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exports::ExportEntry;
 use crate::layer::Layer;
+use crate::metrics::{IoMetrics, RequestKind};
 use crate::sessions::{ReaderGuard, SessionGuard};
 use crate::source::DynSource;
 
@@ -92,16 +93,32 @@ pub struct AttachContext {
     pub generation: String,
 }
 
-/// Bytes and requests one attachment moved, kept by its protocol.
+/// Bytes and requests one attachment moved, kept by its protocol; also added to the
+/// vdisk's [`IoMetrics`] (`/metrics`), whose live-attachment gauge counts these counters
+/// while they exist.
 #[derive(Debug, Default)]
 pub struct IoCounters {
     requests: AtomicU64,
     read_bytes: AtomicU64,
     written_bytes: AtomicU64,
     errors: AtomicU64,
+    metrics: Option<Arc<IoMetrics>>,
 }
 
 impl IoCounters {
+    /// Counters that also feed `metrics` (one more live attachment until dropped).
+    pub fn with_metrics(metrics: Arc<IoMetrics>) -> Self {
+        metrics.attaches.fetch_add(1, Ordering::Relaxed);
+        metrics.live.fetch_add(1, Ordering::Relaxed);
+        IoCounters {
+            requests: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            metrics: Some(metrics),
+        }
+    }
+
     /// Counts one request.
     pub fn request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -110,16 +127,40 @@ impl IoCounters {
     /// Counts bytes read by the client.
     pub fn read(&self, bytes: u64) {
         self.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     /// Counts bytes written by the client.
     pub fn written(&self, bytes: u64) {
         self.written_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.written_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
-    /// Counts one failed or refused request.
+    /// Counts one failed or refused request; `no_space` when it was ENOSPC (a full
+    /// write cache).
     pub fn error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an ENOSPC answer (also counted by [`error`](Self::error)).
+    pub fn no_space(&self) {
+        if let Some(m) = &self.metrics {
+            m.no_space.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records how long a request took, by kind (for the latency histograms).
+    pub fn finished(&self, kind: RequestKind, elapsed: std::time::Duration) {
+        if let Some(m) = &self.metrics {
+            m.finished(kind, elapsed);
+        }
     }
 
     /// The counts so far.
@@ -129,6 +170,14 @@ impl IoCounters {
             read_bytes: self.read_bytes.load(Ordering::Relaxed),
             written_bytes: self.written_bytes.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for IoCounters {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.live.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -229,12 +278,14 @@ impl Attachment {
             Hold::Nothing => CancellationToken::new(),
         };
         let flush_on_close = matches!(&hold, Hold::Session(guard) if guard.target.is_private());
+        let vdisk = context.vdisk.as_deref().unwrap_or(&entry.name);
+        let metrics = crate::metrics::global().io(vdisk, context.protocol);
         Attachment {
             source,
             entry,
             context,
             hold,
-            counters: Arc::default(),
+            counters: Arc::new(IoCounters::with_metrics(metrics)),
             ended,
             hooks,
             flush_on_close,

@@ -167,7 +167,7 @@ impl Exports {
         if request.intent == Intent::Probe {
             let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
             let context = context_of(&base);
-            let source = self.stack(base, None);
+            let source = self.stack(backend.name(), base, None);
             // Reads of the base, writes nowhere: what a client probing the export sees.
             let source =
                 CowLayer::new(Box::new(RamOverlay::new(0)), overlays.block_size).layer(source);
@@ -193,7 +193,7 @@ impl Exports {
                     .open(&target.image, OpenMode::Locked(lock.clone()))
                     .await?;
                 let mut hooks = Hooks::new(context_of(&base));
-                let source = self.stack(base, Some(&mut hooks));
+                let source = self.stack(backend.name(), base, Some(&mut hooks));
                 let fenced = Arc::new(FencedSource::new(
                     source,
                     lock.clone(),
@@ -206,7 +206,7 @@ impl Exports {
                 let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
                 let base = Regenerated::wrap(base, grant.image_epoch);
                 let mut hooks = Hooks::new(context_of(&base));
-                let source = self.stack(base, Some(&mut hooks));
+                let source = self.stack(backend.name(), base, Some(&mut hooks));
                 let image_size = source.info().size;
                 let base_generation = source.info().generation.clone();
                 let overlay = self.live.overlay(&target, &base_generation, || {
@@ -284,8 +284,14 @@ impl Exports {
 
     /// Wraps `base` in every shared layer, the first next to the backend; with `hooks`,
     /// tells each layer of the attachment (the hooks tell them of its end when dropped).
-    fn stack(&self, base: DynSource, mut hooks: Option<&mut Hooks>) -> DynSource {
-        let mut source = base;
+    /// The write overlays of the live sessions on this server, with their sizes.
+    pub fn overlay_usage(&self) -> Vec<crate::sessions::OverlayUsage> {
+        self.live.overlay_usage()
+    }
+
+    /// `base` (from `backend`, counted in its `/metrics`) under every layer.
+    fn stack(&self, backend: &str, base: DynSource, mut hooks: Option<&mut Hooks>) -> DynSource {
+        let mut source = crate::metrics::metered(base, backend);
         for layer in &self.layers {
             source = layer.layer(source);
             if let Some(hooks) = hooks.as_deref_mut() {
@@ -373,7 +379,7 @@ impl Exports {
         let (backend, key) = key.split_once('/').unwrap_or((backend, key));
         let backend = self.backend_named(backend, vdisk)?;
         let base = backend.open_boot_file(key).await?;
-        Ok(self.stack(base, None))
+        Ok(self.stack(backend.name(), base, None))
     }
 
     /// Ids of the sessions with at least one connection on this server.
@@ -511,7 +517,7 @@ impl Exports {
             generation: base.info().generation.clone(),
         };
         let mut hooks = (!probe).then(|| Hooks::new(context.clone()));
-        let source = self.stack(base, hooks.as_mut());
+        let source = self.stack(backend.name(), base, hooks.as_mut());
         let entry = ExportEntry {
             name: name.to_owned(),
             description: describe(&backend, &stat),

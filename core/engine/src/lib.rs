@@ -57,6 +57,7 @@ mod hedge;
 mod layer;
 mod ledger;
 mod lossy_stderr;
+pub mod metrics;
 mod profile;
 mod protocol;
 mod registry;
@@ -101,7 +102,8 @@ pub use registry::{
     config_error, parse_table,
 };
 pub use sessions::{
-    Grant, ImageState, LockToken, OverlayKind, OverlaySettings, SessionDirectory, SessionTarget,
+    Grant, ImageState, LockToken, OverlayKind, OverlaySettings, OverlayUsage, SessionDirectory,
+    SessionTarget,
 };
 pub use source::{
     BlockSource, BlockSourceExt, Capability, DynSource, Extent, ExtentKind, Geometry, ReadOpts,

@@ -167,6 +167,19 @@ pub(crate) struct LiveSessions {
     generations: std::sync::atomic::AtomicU64,
 }
 
+/// A live session's write overlay on this server (`Exports::overlay_usage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayUsage {
+    /// The session id.
+    pub session: String,
+    /// The client (its MAC).
+    pub client: String,
+    /// Bytes held in RAM.
+    pub ram: u64,
+    /// Bytes held on the server's disk.
+    pub disk: u64,
+}
+
 /// See `LiveSessions::orders`.
 pub(crate) type Order = Arc<tokio::sync::Mutex<()>>;
 
@@ -413,6 +426,24 @@ impl LiveSessions {
     }
 
     /// The session's overlay on this server, made by `make` the first time.
+    /// Each live session with an overlay here: session id, client, and the overlay's
+    /// bytes in RAM and on disk.
+    pub(crate) fn overlay_usage(&self) -> Vec<OverlayUsage> {
+        let live = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        live.iter()
+            .filter_map(|(client, entry)| {
+                let (overlay, _) = entry.overlay.as_ref()?;
+                let (ram, disk) = overlay.usage();
+                Some(OverlayUsage {
+                    session: entry.session.clone(),
+                    client: client.clone(),
+                    ram,
+                    disk,
+                })
+            })
+            .collect()
+    }
+
     pub(crate) fn overlay(
         &self,
         target: &SessionTarget,

@@ -377,6 +377,16 @@ async fn watch_recording(
         return;
     }
     let seconds = recording.elapsed().as_secs_f64();
+    // Attach to boot complete: exact when the client said so; after a quiet period, the
+    // boot ended when the quiet began.
+    let boot_time = match why {
+        Finish::Booted => Some(recording.elapsed()),
+        Finish::Quiet => recording.elapsed().checked_sub(quiet),
+        _ => None,
+    };
+    if let Some(boot_time) = boot_time {
+        osstream_core::metrics::global().boot_complete(&boot.vdisk, boot_time);
+    }
     if let Some(dir) = &shared.config.trace_dir {
         let path = dir.join(format!("{}-{session}.trace", boot.vdisk));
         match write_trace(&path, &boot, size, &finished.trace) {
