@@ -140,6 +140,21 @@ pub struct LogConfig {
     /// A level (`error`, `warn`, `info`, `debug`, `trace`) or per-target levels such as
     /// `"info,osstream_nbd=debug"`. Default: `info`.
     pub filter: String,
+    /// `"text"` (for people) or `"json"` (one object per line, for log shippers: the
+    /// client's MAC, session and vdisk under `span` on every line about a client).
+    /// Default: `"text"`.
+    pub format: LogFormat,
+}
+
+/// How log lines are written (`[log] format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[metrics]`.
@@ -260,6 +275,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             filter: "info".to_owned(),
+            format: LogFormat::Text,
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
-use crate::config::{Config, DEFAULT_BACKEND};
+use crate::config::{Config, DEFAULT_BACKEND, LogFormat};
 
 /// Changes the log filter of the running server (on SIGHUP).
 type LogFilterHandle = tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>;
@@ -24,16 +24,26 @@ fn parse_filter(filter: &str) -> Result<Targets> {
     })
 }
 
-fn init_logging(filter: &str) -> Result<LogFilterHandle> {
+fn init_logging(filter: &str, format: LogFormat) -> Result<LogFilterHandle> {
     let (targets, handle) = tracing_subscriber::reload::Layer::new(parse_filter(filter)?);
-    tracing_subscriber::registry()
-        .with(targets)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(|| osstream_core::LossyStderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_target(false),
-        )
+    let registry = tracing_subscriber::registry().with(targets);
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(|| osstream_core::LossyStderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(|| osstream_core::LossyStderr)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_target(true)
+    });
+    registry
+        .with(text)
+        .with(json)
         .try_init()
         .map_err(|e| Error::new(ErrorKind::Unexpected, format!("cannot set up logging: {e}")))?;
     Ok(handle)
@@ -57,7 +67,7 @@ pub type Reload = Box<dyn Fn() -> Result<Config> + Send + Sync>;
 
 /// Runs the server until SIGINT or SIGTERM; SIGHUP reads the configuration again.
 pub fn run(config: Config, reload: Reload) -> Result<()> {
-    let log_filter = init_logging(&config.log.filter)?;
+    let log_filter = init_logging(&config.log.filter, config.log.format)?;
     tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

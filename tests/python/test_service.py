@@ -93,3 +93,39 @@ def test_ready_after_the_listeners_are_bound_reload_on_sighup_stopping_at_the_en
             proc.kill()
         log.close()
         listener.close()
+
+
+def test_json_logs_name_the_client_session_and_vdisk_on_lines_about_a_client(make_server, tmp_path):
+    import json
+
+    import nbd
+
+    from conftest import random_image
+    s = make_server('[log]\nformat = "json"\n[backends.images]\nkind = "file"\nroot = "images"\nwritable = true\n'
+                    '[sessions]\nram_capacity = "256KiB"\n'
+                    '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n', start=False, demo=False)
+    random_image(s.images / "deb.img", 4 << 20, seed=3)
+    s.start()
+    s.cli("vdisk", "add", "deb", "--backend", "images", "--write-cache", "ram")
+    s.cli("client", "add", "aa:bb:cc:00:00:09")
+    s.cli("client", "assign", "aa:bb:cc:00:00:09", "deb")
+    uri = s.cli("session", "open", "aa:bb:cc:00:00:09", "deb")
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        for i in range(8):  # past the 256 KiB overlay: ENOSPC, logged as a failed request
+            h.pwrite(b"z" * 65536, i * 65536)
+    except nbd.Error:
+        pass
+    h.shutdown()
+    s.stop()
+    lines = [json.loads(line) for line in s.log.read_text().splitlines() if line.strip()]
+    assert all("timestamp" in l and "level" in l and "fields" in l for l in lines)
+    about_client = [l for l in lines if l["fields"].get("message") in ("NBD client attached", "request failed",
+                                                                        "NBD client detached")]
+    assert {l["fields"]["message"] for l in about_client} == {"NBD client attached", "request failed",
+                                                              "NBD client detached"}, about_client
+    for line in about_client:
+        span = line["span"]
+        assert span["name"] == "client" and span["mac"] == "aa:bb:cc:00:00:09" and span["vdisk"] == "deb", line
+        assert span["session"] and span["protocol"] == "nbd", line

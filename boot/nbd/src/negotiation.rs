@@ -190,7 +190,7 @@ impl<'a> Negotiation<'a> {
                     Step::Transmit(Box::new(attached))
                 }
                 Err((_, message)) => {
-                    tracing::warn!(export = %loggable_export_name(&name), %message, "NBD_OPT_EXPORT_NAME refused");
+                    tracing::warn!(export = %loggable_export_name(&name), reason = %message, "NBD_OPT_EXPORT_NAME refused");
                     Step::Close("export refused")
                 }
             },
@@ -295,7 +295,7 @@ impl<'a> Negotiation<'a> {
         let attached = match self.attach(name, go).await {
             Ok(attached) => attached,
             Err((code, message)) => {
-                tracing::info!(export = %loggable_export_name(name), %message, "export refused");
+                tracing::info!(export = %loggable_export_name(name), reason = %message, "export refused");
                 proto::put_option_error(out, option, code, &message);
                 return Step::Continue;
             }

@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::NbdConfig;
 use crate::negotiation::{Attached, Negotiation, Step, TlsPhase};
@@ -606,8 +607,23 @@ where
     }
 }
 
-/// Serves the requests of an attached connection until it ends, then ends the attachment.
+/// Serves the requests of an attached connection until it ends, then ends the attachment;
+/// everything it logs is inside the attachment's span (the client, session and vdisk).
 async fn attached_connection(
+    reader: BufReader<BoxRead>,
+    write: BoxWrite,
+    attached: Attached,
+    peer: &str,
+    shared: &Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let span = attached.attachment.span();
+    serve_attached(reader, write, attached, peer, shared, shutdown)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_attached(
     reader: BufReader<BoxRead>,
     write: BoxWrite,
     attached: Attached,
@@ -653,11 +669,14 @@ async fn attached_connection(
             // it, so no other writer starts) stays until they end.
             tracing::warn!(%peer, session = ?session, "requests outlived the drain timeout; the attachment stays until they end");
             let peer = peer.to_owned();
-            tokio::spawn(async move {
-                requests.wait().await;
-                tracing::info!(%peer, session = ?session, "the last requests of a closed connection ended");
-                attachment.close().await;
-            });
+            tokio::spawn(
+                async move {
+                    requests.wait().await;
+                    tracing::info!(%peer, session = ?session, "the last requests of a closed connection ended");
+                    attachment.close().await;
+                }
+                .in_current_span(),
+            );
         }
     }
     tracing::info!(
@@ -931,7 +950,7 @@ where
         }
         if let Err(failure) = checked {
             stats.error();
-            tracing::debug!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, message = %failure.message, "request refused");
+            tracing::debug!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, reason = %failure.message, "request refused");
             let reply = conn.error_reply(&req, &failure);
             if write_reply(&writer, &reply).await.is_err() {
                 break "a reply could not be written".to_owned();
@@ -967,7 +986,7 @@ where
                     if failure.errno == errno::ENOSPC {
                         stats2.no_space();
                     }
-                    tracing::warn!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, message = %failure.message, "request failed");
+                    tracing::warn!(command = command_name(req.command), offset = req.offset, length = req.length, errno = failure.errno, reason = %failure.message, "request failed");
                     conn2.error_reply(&req, &failure)
                 }
             };
@@ -979,7 +998,7 @@ where
             drop(permits);
         });
         if poll_once(&mut work).is_none() {
-            in_flight.spawn(work);
+            in_flight.spawn(work.in_current_span());
         }
     };
     in_flight.close();

@@ -310,6 +310,23 @@ impl Attachment {
         &self.context
     }
 
+    /// A span naming who this attachment serves: `client{mac session vdisk}` for a
+    /// session, `reader{image}` for a plain name. Lines logged inside it carry those
+    /// fields (in JSON logs, under `span`), so a log shipper can follow one client.
+    pub fn span(&self) -> tracing::Span {
+        let c = &self.context;
+        match (&c.client, &c.session, &c.vdisk) {
+            (Some(mac), Some(session), Some(vdisk)) => tracing::info_span!(
+                "client",
+                mac = %mac,
+                session = %session,
+                vdisk = %vdisk,
+                protocol = c.protocol
+            ),
+            _ => tracing::info_span!("reader", image = %c.export, protocol = c.protocol),
+        }
+    }
+
     /// The session id, for a session export.
     pub fn session(&self) -> Option<&str> {
         self.context.session.as_deref()
