@@ -5,7 +5,7 @@ use osstream_catalog::{
     Catalog, Client, ClientChanges, Mac, SqlCatalog, UnknownClientPolicy, Vdisk, VdiskChanges,
     VdiskMode,
 };
-use osstream_core::{Error, ErrorKind, Result};
+use osstream_core::{ByteSize, Error, ErrorKind, Result};
 use serde::Serialize;
 
 use crate::address::{registered_address, session_address};
@@ -13,7 +13,7 @@ pub use crate::args::{
     CacheCommand, ClientCommand, PolicyCommand, ProfileCommand, SessionCommand, VdiskCommand,
 };
 use crate::config::Config;
-use crate::output::{human_bytes, opt, output, when};
+use crate::output::{opt, output, when};
 use crate::wiring::{backend_named, fill_image_ids, open_existing_catalog, register_vdisk};
 
 fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
@@ -76,7 +76,7 @@ fn vdisk_rows(vdisks: &[Vdisk]) -> Vec<Vec<String>> {
             vec![
                 v.name.clone(),
                 format!("{}:{}", v.backend, v.key),
-                osstream_core::ByteSize(v.size).to_string(),
+                ByteSize(v.size).human(),
                 v.mode.to_string(),
                 // A private vdisk is written in place: no write cache applies.
                 if v.mode == VdiskMode::Private {
@@ -161,8 +161,9 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                 );
             } else {
                 println!(
-                    "exported vdisk {} ({} bytes) to {} ({})\nsha256 {}{}",
+                    "exported vdisk {} ({}, {} bytes) to {} ({})\nsha256 {}{}",
                     vdisk.name,
+                    ByteSize(report.size).human(),
                     report.size,
                     export.file.display(),
                     report.format,
@@ -478,8 +479,8 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
                         opt(&s.peer),
                         server_name(&s.owner),
                         when(Some(s.started_at)),
-                        human_bytes(s.bytes_read),
-                        human_bytes(s.bytes_written),
+                        ByteSize(s.bytes_read).human(),
+                        ByteSize(s.bytes_written).human(),
                         state,
                     ]
                 })
@@ -647,9 +648,9 @@ pub async fn profile(config: &Config, command: &ProfileCommand, json: bool) -> R
             println!("boots:       {}", profile.boots);
             println!(
                 "boot set:    {} in {} blocks of {} (streamed ahead of each boot)",
-                human_bytes(profile.boot_set_bytes()),
+                ByteSize(profile.boot_set_bytes()).human(),
                 boot_set.len(),
-                human_bytes(profile.block_size)
+                ByteSize(profile.block_size).human()
             );
             println!(
                 "also seen:   {} blocks read by fewer than half of the recent boots",
@@ -720,7 +721,7 @@ pub async fn profile(config: &Config, command: &ProfileCommand, json: bool) -> R
             println!(
                 "imported a boot profile of {} boot(s), boot set {}, into vdisk {vdisk}",
                 profile.boots,
-                human_bytes(profile.boot_set_bytes())
+                ByteSize(profile.boot_set_bytes()).human()
             );
             if current == Some(false) {
                 eprintln!(
@@ -780,11 +781,11 @@ pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> 
                     number(r, "evictions").to_string(),
                     format!(
                         "{} / {}",
-                        human_bytes(number(r, "bytes")),
-                        human_bytes(number(r, "capacity"))
+                        ByteSize(number(r, "bytes")).human(),
+                        ByteSize(number(r, "capacity")).human()
                     ),
                     number(r, "backend_reads").to_string(),
-                    human_bytes(number(r, "backend_bytes")),
+                    ByteSize(number(r, "backend_bytes")).human(),
                 ]
             })
             .collect();
@@ -822,7 +823,7 @@ pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> 
             "boot profiles: {} boot(s) recorded, {} prefetch(es) ({} in {} reads, {} failed), {} stale profile(s) skipped",
             number(profile, "boots_recorded"),
             number(profile, "prefetches"),
-            human_bytes(number(profile, "prefetch_bytes")),
+            ByteSize(number(profile, "prefetch_bytes")).human(),
             number(profile, "prefetch_reads"),
             number(profile, "prefetch_errors"),
             number(profile, "stale_profiles"),

@@ -37,21 +37,6 @@ pub fn output<T: Serialize>(
     Ok(())
 }
 
-/// A byte count for people: `512B`, `4.0KiB`, `97.7MiB`, `1.5GiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if bytes < 1024 {
-        return format!("{bytes}B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1}{}", UNITS[unit])
-}
-
 pub fn opt(value: &Option<String>) -> String {
     value.clone().unwrap_or_else(|| "-".to_owned())
 }
