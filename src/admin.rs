@@ -13,7 +13,7 @@ pub use crate::args::{
     CacheCommand, ClientCommand, PolicyCommand, ProfileCommand, SessionCommand, VdiskCommand,
 };
 use crate::config::Config;
-use crate::output::{opt, output, when};
+use crate::output::{done, opt, output, print_json, when};
 use crate::wiring::{backend_named, fill_image_ids, open_existing_catalog, register_vdisk};
 
 fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
@@ -154,11 +154,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
             let backend = backend_named(config, &vdisk.backend, Some(&catalog))?;
             let report = crate::transfer::export(backend, &vdisk, &export).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report)
-                        .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?
-                );
+                print_json(&report)?;
             } else {
                 println!(
                     "exported vdisk {} ({}, {} bytes) to {} ({})\nsha256 {}{}",
@@ -224,18 +220,28 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
         }
         VdiskCommand::Rm { name, force } => {
             catalog.remove_vdisk(&name, force).await?;
-            if !json {
-                println!("removed vdisk {name}");
-            }
-            Ok(())
+            done(
+                json,
+                &serde_json::json!({ "removed": "vdisk", "name": name }),
+                format_args!("removed vdisk {name}"),
+            )
         }
         VdiskCommand::Unlock { name, force } => {
             check_unlock(config, &catalog, &name, force).await?;
+            // Read before unlocking: the holder's session is closed with the lock.
+            let holder = catalog.vdisk(&name).await?.locked_by;
             catalog.unlock_vdisk(&name).await?;
-            if !json {
-                println!("vdisk {name} is unlocked");
-            }
-            Ok(())
+            let sentence = match &holder {
+                Some(session) => {
+                    format!("vdisk {name} is unlocked; its session {session} is closed")
+                }
+                None => format!("vdisk {name} was not locked; nothing to do"),
+            };
+            done(
+                json,
+                &serde_json::json!({ "unlocked": "vdisk", "name": name, "closed_session": holder }),
+                sentence,
+            )
         }
     }
 }
@@ -408,10 +414,11 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
         ClientCommand::Rm { mac } => {
             let mac: Mac = mac.parse()?;
             catalog.remove_client(&mac).await?;
-            if !json {
-                println!("removed client {mac}");
-            }
-            Ok(())
+            done(
+                json,
+                &serde_json::json!({ "removed": "client", "mac": mac }),
+                format_args!("removed client {mac}"),
+            )
         }
         ClientCommand::Assign {
             mac,
@@ -436,10 +443,11 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
         ClientCommand::Unassign { mac, vdisk } => {
             let mac: Mac = mac.parse()?;
             catalog.unassign(&mac, &vdisk).await?;
-            if !json {
-                println!("vdisk {vdisk} is no longer assigned to {mac}");
-            }
-            Ok(())
+            done(
+                json,
+                &serde_json::json!({ "removed": "assignment", "mac": mac, "vdisk": vdisk }),
+                format_args!("vdisk {vdisk} is no longer assigned to {mac}"),
+            )
         }
     }
 }
@@ -531,10 +539,11 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
             catalog
                 .close_session(&id, "closed by an administrator (osstream session close)")
                 .await?;
-            if !json {
-                println!("closed session {id}");
-            }
-            Ok(())
+            done(
+                json,
+                &serde_json::json!({ "closed": "session", "id": id }),
+                format_args!("closed session {id}"),
+            )
         }
     }
 }
@@ -686,8 +695,18 @@ pub async fn profile(config: &Config, command: &ProfileCommand, json: bool) -> R
         } => {
             let text = stored(&vdisk).await?.to_json();
             match file {
-                Some(path) => std::fs::write(&path, text + "\n")
-                    .map_err(|e| Error::from_io(e, format!("cannot write {}", path.display()))),
+                Some(path) => {
+                    std::fs::write(&path, text + "\n").map_err(|e| {
+                        Error::from_io(e, format!("cannot write {}", path.display()))
+                    })?;
+                    let file = path.display().to_string();
+                    done(
+                        json,
+                        &serde_json::json!({ "exported": "profile", "vdisk": vdisk, "file": file }),
+                        format_args!("wrote the boot profile of vdisk {vdisk} to {file}"),
+                    )
+                }
+                // The profile is JSON already: the same text with or without --json.
                 None => {
                     println!("{text}");
                     Ok(())

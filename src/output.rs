@@ -11,10 +11,7 @@ pub fn output<T: Serialize>(
     rows: Vec<Vec<String>>,
 ) -> Result<()> {
     if json {
-        let text = serde_json::to_string_pretty(value)
-            .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?;
-        println!("{text}");
-        return Ok(());
+        return print_json(value);
     }
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -34,6 +31,25 @@ pub fn output<T: Serialize>(
     for row in rows {
         line(row);
     }
+    Ok(())
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Prints what a command did: `value` (one object with stable snake_case keys, such as
+/// `{"removed": "vdisk", "name": "x"}`) with `--json`, else `sentence`. Commands that
+/// change something print this, so scripts get JSON from every command.
+pub fn done<T: Serialize>(json: bool, value: &T, sentence: impl std::fmt::Display) -> Result<()> {
+    if json {
+        return print_json(value);
+    }
+    println!("{sentence}");
     Ok(())
 }
 
