@@ -346,8 +346,23 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
                 client_rows(std::slice::from_ref(&client)),
             )
         }
-        ClientCommand::List => {
-            let clients = catalog.clients().await?;
+        ClientCommand::List { group } => {
+            let mut clients = catalog.clients().await?;
+            if let Some(group) = &group {
+                let groups: std::collections::BTreeSet<String> =
+                    clients.iter().filter_map(|c| c.group.clone()).collect();
+                clients.retain(|c| c.group.as_ref() == Some(group));
+                // An empty list is a valid answer, but a mistyped group should not look
+                // like an empty one.
+                if clients.is_empty() {
+                    let known = if groups.is_empty() {
+                        "no client has a group".to_owned()
+                    } else {
+                        format!("groups: {}", Vec::from_iter(groups).join(", "))
+                    };
+                    eprintln!("osstream: no client is in group {group:?} ({known})");
+                }
+            }
             output(json, &clients, CLIENT_HEADERS, client_rows(&clients))
         }
         ClientCommand::Show { mac } => {

@@ -153,7 +153,11 @@ pub enum ClientCommand {
     /// Register a client by MAC (aa:bb:cc:dd:ee:ff, aa-bb-.. or aabbcc..).
     Add(ClientFields),
     /// List clients.
-    List,
+    List {
+        /// Only the clients of this group.
+        #[arg(long)]
+        group: Option<String>,
+    },
     /// Show one client with its vdisks.
     Show { mac: String },
     /// Change a client (an empty value clears a field).
