@@ -455,6 +455,7 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
                 row,
             )
         }
+        ClientCommand::Import(import) => crate::client_import::run(&catalog, &import, json).await,
         ClientCommand::Unassign { mac, vdisk } => {
             let mac: Mac = mac.parse()?;
             catalog.unassign(&mac, &vdisk).await?;

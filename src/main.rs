@@ -4,6 +4,7 @@ mod address;
 mod admin;
 mod args;
 mod bench;
+mod client_import;
 mod config;
 mod demo;
 mod notify;
