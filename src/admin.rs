@@ -5,7 +5,7 @@ use osstream_catalog::{
     Catalog, Client, ClientChanges, Mac, SqlCatalog, UnknownClientPolicy, Vdisk, VdiskChanges,
     VdiskMode,
 };
-use osstream_core::{Error, ErrorKind, Result};
+use osstream_core::{ByteSize, Error, ErrorKind, Result};
 use serde::Serialize;
 
 use crate::address::{registered_address, session_address};
@@ -13,7 +13,7 @@ pub use crate::args::{
     CacheCommand, ClientCommand, PolicyCommand, ProfileCommand, SessionCommand, VdiskCommand,
 };
 use crate::config::Config;
-use crate::output::{human_bytes, opt, output, when};
+use crate::output::{done, opt, output, print_json, when};
 use crate::wiring::{backend_named, fill_image_ids, open_existing_catalog, register_vdisk};
 
 fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
@@ -76,7 +76,7 @@ fn vdisk_rows(vdisks: &[Vdisk]) -> Vec<Vec<String>> {
             vec![
                 v.name.clone(),
                 format!("{}:{}", v.backend, v.key),
-                osstream_core::ByteSize(v.size).to_string(),
+                ByteSize(v.size).human(),
                 v.mode.to_string(),
                 // A private vdisk is written in place: no write cache applies.
                 if v.mode == VdiskMode::Private {
@@ -154,15 +154,12 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
             let backend = backend_named(config, &vdisk.backend, Some(&catalog))?;
             let report = crate::transfer::export(backend, &vdisk, &export).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report)
-                        .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?
-                );
+                print_json(&report)?;
             } else {
                 println!(
-                    "exported vdisk {} ({} bytes) to {} ({})\nsha256 {}{}",
+                    "exported vdisk {} ({}, {} bytes) to {} ({})\nsha256 {}{}",
                     vdisk.name,
+                    ByteSize(report.size).human(),
                     report.size,
                     export.file.display(),
                     report.format,
@@ -223,18 +220,28 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
         }
         VdiskCommand::Rm { name, force } => {
             catalog.remove_vdisk(&name, force).await?;
-            if !json {
-                println!("removed vdisk {name}");
-            }
-            Ok(())
+            done(
+                json,
+                &serde_json::json!({ "removed": "vdisk", "name": name }),
+                format_args!("removed vdisk {name}"),
+            )
         }
         VdiskCommand::Unlock { name, force } => {
             check_unlock(config, &catalog, &name, force).await?;
+            // Read before unlocking: the holder's session is closed with the lock.
+            let holder = catalog.vdisk(&name).await?.locked_by;
             catalog.unlock_vdisk(&name).await?;
-            if !json {
-                println!("vdisk {name} is unlocked");
-            }
-            Ok(())
+            let sentence = match &holder {
+                Some(session) => {
+                    format!("vdisk {name} is unlocked; its session {session} is closed")
+                }
+                None => format!("vdisk {name} was not locked; nothing to do"),
+            };
+            done(
+                json,
+                &serde_json::json!({ "unlocked": "vdisk", "name": name, "closed_session": holder }),
+                sentence,
+            )
         }
     }
 }
@@ -339,8 +346,23 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
                 client_rows(std::slice::from_ref(&client)),
             )
         }
-        ClientCommand::List => {
-            let clients = catalog.clients().await?;
+        ClientCommand::List { group } => {
+            let mut clients = catalog.clients().await?;
+            if let Some(group) = &group {
+                let groups: std::collections::BTreeSet<String> =
+                    clients.iter().filter_map(|c| c.group.clone()).collect();
+                clients.retain(|c| c.group.as_ref() == Some(group));
+                // An empty list is a valid answer, but a mistyped group should not look
+                // like an empty one.
+                if clients.is_empty() {
+                    let known = if groups.is_empty() {
+                        "no client has a group".to_owned()
+                    } else {
+                        format!("groups: {}", Vec::from_iter(groups).join(", "))
+                    };
+                    eprintln!("osstream: no client is in group {group:?} ({known})");
+                }
+            }
             output(json, &clients, CLIENT_HEADERS, client_rows(&clients))
         }
         ClientCommand::Show { mac } => {
@@ -407,10 +429,11 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
         ClientCommand::Rm { mac } => {
             let mac: Mac = mac.parse()?;
             catalog.remove_client(&mac).await?;
-            if !json {
-                println!("removed client {mac}");
-            }
-            Ok(())
+            done(
+                json,
+                &serde_json::json!({ "removed": "client", "mac": mac }),
+                format_args!("removed client {mac}"),
+            )
         }
         ClientCommand::Assign {
             mac,
@@ -432,13 +455,15 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
                 row,
             )
         }
+        ClientCommand::Import(import) => crate::client_import::run(&catalog, &import, json).await,
         ClientCommand::Unassign { mac, vdisk } => {
             let mac: Mac = mac.parse()?;
             catalog.unassign(&mac, &vdisk).await?;
-            if !json {
-                println!("vdisk {vdisk} is no longer assigned to {mac}");
-            }
-            Ok(())
+            done(
+                json,
+                &serde_json::json!({ "removed": "assignment", "mac": mac, "vdisk": vdisk }),
+                format_args!("vdisk {vdisk} is no longer assigned to {mac}"),
+            )
         }
     }
 }
@@ -478,8 +503,8 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
                         opt(&s.peer),
                         server_name(&s.owner),
                         when(Some(s.started_at)),
-                        human_bytes(s.bytes_read),
-                        human_bytes(s.bytes_written),
+                        ByteSize(s.bytes_read).human(),
+                        ByteSize(s.bytes_written).human(),
                         state,
                     ]
                 })
@@ -530,10 +555,11 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
             catalog
                 .close_session(&id, "closed by an administrator (osstream session close)")
                 .await?;
-            if !json {
-                println!("closed session {id}");
-            }
-            Ok(())
+            done(
+                json,
+                &serde_json::json!({ "closed": "session", "id": id }),
+                format_args!("closed session {id}"),
+            )
         }
     }
 }
@@ -647,9 +673,9 @@ pub async fn profile(config: &Config, command: &ProfileCommand, json: bool) -> R
             println!("boots:       {}", profile.boots);
             println!(
                 "boot set:    {} in {} blocks of {} (streamed ahead of each boot)",
-                human_bytes(profile.boot_set_bytes()),
+                ByteSize(profile.boot_set_bytes()).human(),
                 boot_set.len(),
-                human_bytes(profile.block_size)
+                ByteSize(profile.block_size).human()
             );
             println!(
                 "also seen:   {} blocks read by fewer than half of the recent boots",
@@ -685,8 +711,18 @@ pub async fn profile(config: &Config, command: &ProfileCommand, json: bool) -> R
         } => {
             let text = stored(&vdisk).await?.to_json();
             match file {
-                Some(path) => std::fs::write(&path, text + "\n")
-                    .map_err(|e| Error::from_io(e, format!("cannot write {}", path.display()))),
+                Some(path) => {
+                    std::fs::write(&path, text + "\n").map_err(|e| {
+                        Error::from_io(e, format!("cannot write {}", path.display()))
+                    })?;
+                    let file = path.display().to_string();
+                    done(
+                        json,
+                        &serde_json::json!({ "exported": "profile", "vdisk": vdisk, "file": file }),
+                        format_args!("wrote the boot profile of vdisk {vdisk} to {file}"),
+                    )
+                }
+                // The profile is JSON already: the same text with or without --json.
                 None => {
                     println!("{text}");
                     Ok(())
@@ -720,7 +756,7 @@ pub async fn profile(config: &Config, command: &ProfileCommand, json: bool) -> R
             println!(
                 "imported a boot profile of {} boot(s), boot set {}, into vdisk {vdisk}",
                 profile.boots,
-                human_bytes(profile.boot_set_bytes())
+                ByteSize(profile.boot_set_bytes()).human()
             );
             if current == Some(false) {
                 eprintln!(
@@ -780,11 +816,11 @@ pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> 
                     number(r, "evictions").to_string(),
                     format!(
                         "{} / {}",
-                        human_bytes(number(r, "bytes")),
-                        human_bytes(number(r, "capacity"))
+                        ByteSize(number(r, "bytes")).human(),
+                        ByteSize(number(r, "capacity")).human()
                     ),
                     number(r, "backend_reads").to_string(),
-                    human_bytes(number(r, "backend_bytes")),
+                    ByteSize(number(r, "backend_bytes")).human(),
                 ]
             })
             .collect();
@@ -822,7 +858,7 @@ pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> 
             "boot profiles: {} boot(s) recorded, {} prefetch(es) ({} in {} reads, {} failed), {} stale profile(s) skipped",
             number(profile, "boots_recorded"),
             number(profile, "prefetches"),
-            human_bytes(number(profile, "prefetch_bytes")),
+            ByteSize(number(profile, "prefetch_bytes")).human(),
             number(profile, "prefetch_reads"),
             number(profile, "prefetch_errors"),
             number(profile, "stale_profiles"),

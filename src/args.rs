@@ -153,7 +153,11 @@ pub enum ClientCommand {
     /// Register a client by MAC (aa:bb:cc:dd:ee:ff, aa-bb-.. or aabbcc..).
     Add(ClientFields),
     /// List clients.
-    List,
+    List {
+        /// Only the clients of this group.
+        #[arg(long)]
+        group: Option<String>,
+    },
     /// Show one client with its vdisks.
     Show { mac: String },
     /// Change a client (an empty value clears a field).
@@ -170,6 +174,30 @@ pub enum ClientCommand {
     },
     /// Take a vdisk away from a client.
     Unassign { mac: String, vdisk: String },
+    /// Create or update clients from a CSV or TOML file; running it again changes nothing.
+    ///
+    /// CSV: a header row naming the columns, `mac` and any of `name`, `hostname`, `group`,
+    /// `vdisks` (`;`-separated), then one client per row. TOML: one `[[client]]` table per
+    /// client, with `mac` and any of `name`, `hostname`, `group` (strings), `vdisks` (an
+    /// array). A client that exists is updated to match: an empty value clears a field, a
+    /// column or key left out leaves it as it is. The listed vdisks are assigned (after
+    /// the client's others, in order); its other vdisks are kept unless --exact. The whole
+    /// file is checked first and every problem reported with its line: a file with any
+    /// problem changes nothing. The rest is written in one transaction.
+    Import(ClientImport),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientImport {
+    /// The file: .csv or .toml (`-` reads stdin, with --format).
+    pub file: std::path::PathBuf,
+    /// csv or toml (default: from FILE's extension).
+    #[arg(long, value_parser = choices(&["csv", "toml"]))]
+    pub format: Option<String>,
+    /// Also take away the vdisks a client has but its entry does not list (an entry
+    /// without a vdisks column or key keeps its vdisks).
+    #[arg(long)]
+    pub exact: bool,
 }
 
 #[derive(Debug, Clone, Args)]

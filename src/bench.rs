@@ -12,11 +12,11 @@
 use std::path::{Path, PathBuf};
 
 use osstream_core::{
-    BlockKey, Bytes, CacheTier, Error, ErrorKind, EvictionPolicy, RamTier, Result,
+    BlockKey, ByteSize, Bytes, CacheTier, Error, ErrorKind, EvictionPolicy, RamTier, Result,
 };
 use serde::Serialize;
 
-use crate::output::{human_bytes, output};
+use crate::output::output;
 
 /// One read of a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,8 +238,8 @@ pub async fn cache(args: &crate::args::BenchCache, json: bool) -> Result<()> {
             reads.len(),
             described.join(", "),
             distinct.len(),
-            human_bytes(block),
-            human_bytes(distinct.len() as u64 * block)
+            ByteSize(block).human(),
+            ByteSize(distinct.len() as u64 * block).human()
         );
     }
     let table = rows
@@ -247,10 +247,10 @@ pub async fn cache(args: &crate::args::BenchCache, json: bool) -> Result<()> {
         .map(|row| {
             vec![
                 row.policy.to_owned(),
-                human_bytes(row.capacity),
+                ByteSize(row.capacity).human(),
                 format!("{:.1}%", 100.0 * row.hit_ratio),
                 row.outcome.backend_reads.to_string(),
-                human_bytes(row.outcome.backend_bytes),
+                ByteSize(row.outcome.backend_bytes).human(),
                 row.outcome.evictions.to_string(),
             ]
         })

@@ -4,6 +4,7 @@ mod address;
 mod admin;
 mod args;
 mod bench;
+mod client_import;
 mod config;
 mod demo;
 mod metrics;
@@ -40,7 +41,9 @@ struct Cli {
     #[arg(long, short, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Print JSON instead of tables (admin commands) or TOML (config show).
+    /// Print JSON instead of tables, sentences or TOML (every command but serve,
+    /// completions and man): a record, a list, or one object saying what was done.
+    /// Errors still go to stderr, with exit status 2.
     #[arg(long, global = true)]
     json: bool,
 

@@ -11,10 +11,7 @@ pub fn output<T: Serialize>(
     rows: Vec<Vec<String>>,
 ) -> Result<()> {
     if json {
-        let text = serde_json::to_string_pretty(value)
-            .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?;
-        println!("{text}");
-        return Ok(());
+        return print_json(value);
     }
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -37,19 +34,23 @@ pub fn output<T: Serialize>(
     Ok(())
 }
 
-/// A byte count for people: `512B`, `4.0KiB`, `97.7MiB`, `1.5GiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if bytes < 1024 {
-        return format!("{bytes}B");
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Prints what a command did: `value` (one object with stable snake_case keys, such as
+/// `{"removed": "vdisk", "name": "x"}`) with `--json`, else `sentence`. Commands that
+/// change something print this, so scripts get JSON from every command.
+pub fn done<T: Serialize>(json: bool, value: &T, sentence: impl std::fmt::Display) -> Result<()> {
+    if json {
+        return print_json(value);
     }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1}{}", UNITS[unit])
+    println!("{sentence}");
+    Ok(())
 }
 
 pub fn opt(value: &Option<String>) -> String {

@@ -42,7 +42,7 @@ def error(run, *args):
 
 def test_vdisk_lifecycle_and_errors(admin):
     out = admin("vdisk", "add", "win11", "--backend", "images", "--description", "Windows 11")
-    assert "win11" in out.stdout and "images:win11" in out.stdout and "4MiB" in out.stdout
+    assert "win11" in out.stdout and "images:win11" in out.stdout and "4.0MiB" in out.stdout
     admin("vdisk", "add", "dev", "--backend", "images", "--key", "build", "--mode", "private")
     assert 'no backend named "nas"; configured backends: images, readonly' in error(admin, "vdisk", "add", "x", "--backend", "nas")
     assert 'backend "images" has no image "ghost"' in error(admin, "vdisk", "add", "ghost", "--backend", "images")

@@ -84,7 +84,7 @@ def test_a_recorded_boot_is_streamed_into_the_cold_cache_of_a_restarted_server(l
     assert shown["boots"] == 1 and shown["current"] is True, shown
     assert shown["boot_set"] == BOOT
     assert shown["boot_set_bytes"] == len(BOOT) * BLOCK
-    assert "boot set:    640.0KiB in 10 blocks" in lab.cli("profile", "show", "deb").stdout
+    assert "boot set:    640KiB in 10 blocks" in lab.cli("profile", "show", "deb").stdout
 
     # Restarted: the RAM cache is empty, the profile is in the catalog.
     lab.stop()

@@ -97,7 +97,7 @@ pub struct FillStats {
 }
 
 fn human(bytes: u64) -> String {
-    osstream_core::ByteSize(bytes).to_string()
+    osstream_core::ByteSize(bytes).human()
 }
 
 impl AgentStats {

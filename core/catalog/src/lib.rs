@@ -13,6 +13,7 @@
 
 mod boot;
 mod holding;
+mod import;
 mod ledger;
 mod model;
 mod profiles;
@@ -22,6 +23,7 @@ mod sql;
 use osstream_core::Result;
 
 pub use holding::{Holding, ImageRef, ImageUse, ServerRef, SessionTimers, ended, reasons};
+pub use import::{ClientEntry, ClientImportOutcome, ClientImportPlan, ImportAction, LineProblem};
 pub use model::{
     Assignment, BootMethod, Client, Mac, Server, Session, UnknownClientPolicy, Vdisk, VdiskMode,
     WriteCache, validate_name,

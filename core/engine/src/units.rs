@@ -29,6 +29,32 @@ impl ByteSize {
     pub const fn bytes(self) -> u64 {
         self.0
     }
+
+    /// The size for people, rounded as `ls -h` rounds: one decimal below 10 of a unit,
+    /// whole numbers from 10 up (`0B`, `1000B`, `4.0KiB`, `512MiB`, `1.2GiB`). Tables use
+    /// this; `Display` stays exact, because configuration files are written with it.
+    pub fn human(self) -> String {
+        const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        if self.0 < 1024 {
+            return format!("{}B", self.0);
+        }
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit < UNITS.len() - 1 {
+            value /= 1024.0;
+            unit += 1;
+        }
+        // 9.96 would print as "10.0": from there on, whole numbers.
+        if value < 9.95 {
+            return format!("{value:.1}{}", UNITS[unit]);
+        }
+        let whole = value.round();
+        if whole >= 1024.0 && unit < UNITS.len() - 1 {
+            // 1023.7KiB rounds to 1024KiB, which people read as 1.0MiB.
+            return format!("1.0{}", UNITS[unit + 1]);
+        }
+        format!("{whole:.0}{}", UNITS[unit])
+    }
 }
 
 impl FromStr for ByteSize {
@@ -182,6 +208,27 @@ mod tests {
         assert!("KiB".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize::gib(1).to_string(), "1GiB");
         assert_eq!(ByteSize(1500).to_string(), "1500B");
+    }
+
+    #[test]
+    fn sizes_for_people_are_short() {
+        for (bytes, shown) in [
+            (0, "0B"),
+            (1023, "1023B"),
+            (1024, "1.0KiB"),
+            (4096, "4.0KiB"),
+            (1500, "1.5KiB"),
+            (10 * 1024 - 1, "10KiB"),
+            (640 * 1024, "640KiB"),
+            (1024 * 1024 - 1, "1.0MiB"),
+            (512 << 20, "512MiB"),
+            (1_234_567_890, "1.1GiB"),
+            (1_288_490_189, "1.2GiB"),
+            (3 << 40, "3.0TiB"),
+            (u64::MAX, "16EiB"),
+        ] {
+            assert_eq!(ByteSize(bytes).human(), shown, "{bytes} bytes");
+        }
     }
 
     #[test]
