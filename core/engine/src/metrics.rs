@@ -331,136 +331,166 @@ impl Metrics {
     }
 
     fn render_io(&self, out: &mut Exposition) {
-        let io: Vec<_> = lock(&self.io)
+        let io: Vec<Series<IoMetrics>> = lock(&self.io)
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|((vdisk, protocol), m)| {
+                (
+                    vec![("vdisk", vdisk.clone()), ("protocol", protocol.clone())],
+                    m.clone(),
+                )
+            })
             .collect();
-        type Get = fn(&IoMetrics) -> u64;
-        let counters: [(&str, &str, Get); 8] = [
-            (
-                "osstream_attaches_total",
-                "Attachments made (NBD connections, HTTP SAN and TFTP transfers).",
-                |m| m.attaches.load(Ordering::Relaxed),
-            ),
-            (
-                "osstream_read_requests_total",
-                "Read requests served.",
-                |m| m.read_requests.load(Ordering::Relaxed),
-            ),
-            (
-                "osstream_write_requests_total",
-                "Write, trim and zero requests served.",
-                |m| m.write_requests.load(Ordering::Relaxed),
-            ),
-            (
-                "osstream_other_requests_total",
-                "Flush, cache and block-status requests served.",
-                |m| m.other_requests.load(Ordering::Relaxed),
-            ),
-            ("osstream_read_bytes_total", "Bytes clients read.", |m| {
-                m.read_bytes.load(Ordering::Relaxed)
-            }),
-            (
-                "osstream_written_bytes_total",
-                "Bytes clients wrote.",
-                |m| m.written_bytes.load(Ordering::Relaxed),
-            ),
-            (
-                "osstream_request_errors_total",
-                "Requests answered with an error.",
-                |m| m.errors.load(Ordering::Relaxed),
-            ),
-            (
-                "osstream_no_space_errors_total",
-                "Requests answered ENOSPC: a session's write cache was full.",
-                |m| m.no_space.load(Ordering::Relaxed),
-            ),
-        ];
         out.family(
             "osstream_attachments",
             "gauge",
             "Attachments open now, per vdisk and protocol.",
         );
-        for ((vdisk, protocol), m) in &io {
-            let labels = [("vdisk", vdisk.as_str()), ("protocol", protocol.as_str())];
+        for (labels, m) in &io {
             out.sample(
                 "osstream_attachments",
-                &labels,
+                &borrowed(labels),
                 m.live.load(Ordering::Relaxed),
             );
         }
-        for (name, help, get) in counters {
-            out.family(name, "counter", help);
-            for ((vdisk, protocol), m) in &io {
-                let labels = [("vdisk", vdisk.as_str()), ("protocol", protocol.as_str())];
-                out.sample(name, &labels, get(m));
-            }
-        }
-        for (name, help, pick) in [
-            (
-                "osstream_read_latency_seconds",
-                "Time from a read request's arrival to its reply.",
-                (|m: &IoMetrics| &m.read_latency) as fn(&IoMetrics) -> &Histogram,
-            ),
-            (
-                "osstream_write_latency_seconds",
-                "Time from a write (trim, zero) request's arrival to its reply.",
-                |m: &IoMetrics| &m.write_latency,
-            ),
-        ] {
-            out.family(name, "histogram", help);
-            for ((vdisk, protocol), m) in &io {
-                let labels = [("vdisk", vdisk.as_str()), ("protocol", protocol.as_str())];
-                out.histogram(name, &labels, pick(m));
-            }
-        }
+        render_counters(
+            out,
+            &io,
+            &[
+                (
+                    "osstream_attaches_total",
+                    "Attachments made (NBD connections, HTTP SAN and TFTP transfers).",
+                    |m| &m.attaches,
+                ),
+                (
+                    "osstream_read_requests_total",
+                    "Read requests served.",
+                    |m| &m.read_requests,
+                ),
+                (
+                    "osstream_write_requests_total",
+                    "Write, trim and zero requests served.",
+                    |m| &m.write_requests,
+                ),
+                (
+                    "osstream_other_requests_total",
+                    "Flush, cache and block-status requests served.",
+                    |m| &m.other_requests,
+                ),
+                ("osstream_read_bytes_total", "Bytes clients read.", |m| {
+                    &m.read_bytes
+                }),
+                (
+                    "osstream_written_bytes_total",
+                    "Bytes clients wrote.",
+                    |m| &m.written_bytes,
+                ),
+                (
+                    "osstream_request_errors_total",
+                    "Requests answered with an error.",
+                    |m| &m.errors,
+                ),
+                (
+                    "osstream_no_space_errors_total",
+                    "Requests answered ENOSPC: a session's write cache was full.",
+                    |m| &m.no_space,
+                ),
+            ],
+        );
+        render_histograms(
+            out,
+            &io,
+            &[
+                (
+                    "osstream_read_latency_seconds",
+                    "Time from a read request's arrival to its reply.",
+                    |m| &m.read_latency,
+                ),
+                (
+                    "osstream_write_latency_seconds",
+                    "Time from a write (trim, zero) request's arrival to its reply.",
+                    |m| &m.write_latency,
+                ),
+            ],
+        );
     }
 
     fn render_backends(&self, out: &mut Exposition) {
-        let backends: Vec<_> = lock(&self.backends)
+        let backends: Vec<Series<BackendMetrics>> = lock(&self.backends)
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(name, m)| (vec![("backend", name.clone())], m.clone()))
             .collect();
-        type Get = fn(&BackendMetrics) -> u64;
-        let counters: [(&str, &str, Get); 4] = [
-            (
-                "osstream_backend_requests_total",
-                "Requests sent to the backend (reads, writes, flushes...).",
-                |m| m.requests.load(Ordering::Relaxed),
-            ),
-            (
-                "osstream_backend_errors_total",
-                "Backend requests that failed.",
-                |m| m.errors.load(Ordering::Relaxed),
-            ),
-            (
-                "osstream_backend_read_bytes_total",
-                "Bytes read from the backend.",
-                |m| m.read_bytes.load(Ordering::Relaxed),
-            ),
-            (
-                "osstream_backend_written_bytes_total",
-                "Bytes written to the backend.",
-                |m| m.written_bytes.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, get) in counters {
-            out.family(name, "counter", help);
-            for (backend, m) in &backends {
-                out.sample(name, &[("backend", backend)], get(m));
-            }
-        }
-        out.family(
-            "osstream_backend_latency_seconds",
-            "histogram",
-            "Time per backend request.",
+        render_counters(
+            out,
+            &backends,
+            &[
+                (
+                    "osstream_backend_requests_total",
+                    "Requests sent to the backend (reads, writes, flushes...).",
+                    |m| &m.requests,
+                ),
+                (
+                    "osstream_backend_errors_total",
+                    "Backend requests that failed.",
+                    |m| &m.errors,
+                ),
+                (
+                    "osstream_backend_read_bytes_total",
+                    "Bytes read from the backend.",
+                    |m| &m.read_bytes,
+                ),
+                (
+                    "osstream_backend_written_bytes_total",
+                    "Bytes written to the backend.",
+                    |m| &m.written_bytes,
+                ),
+            ],
         );
-        for (backend, m) in &backends {
-            out.histogram(
+        render_histograms(
+            out,
+            &backends,
+            &[(
                 "osstream_backend_latency_seconds",
-                &[("backend", backend)],
-                &m.latency,
-            );
+                "Time per backend request.",
+                |m| &m.latency,
+            )],
+        );
+    }
+}
+
+/// A family to render: its name, help, and which counter or histogram of a series.
+type Family<'a, M, T> = (&'a str, &'a str, fn(&M) -> &T);
+
+/// One labelled set of metrics: its label pairs and its counters.
+type Series<M> = (Vec<(&'static str, String)>, Arc<M>);
+
+fn borrowed<'a>(labels: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
+    labels.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Counter families over `series`: (name, help, which counter).
+fn render_counters<M>(
+    out: &mut Exposition,
+    series: &[Series<M>],
+    families: &[Family<'_, M, AtomicU64>],
+) {
+    for (name, help, pick) in families {
+        out.family(name, "counter", help);
+        for (labels, m) in series {
+            out.sample(name, &borrowed(labels), pick(m).load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// Histogram families over `series`: (name, help, which histogram).
+fn render_histograms<M>(
+    out: &mut Exposition,
+    series: &[Series<M>],
+    families: &[Family<'_, M, Histogram>],
+) {
+    for (name, help, pick) in families {
+        out.family(name, "histogram", help);
+        for (labels, m) in series {
+            out.histogram(name, &borrowed(labels), pick(m));
         }
     }
 }
