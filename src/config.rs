@@ -128,6 +128,8 @@ pub struct Config {
     pub hedge: osstream_core::HedgeConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// Bandwidth and IOPS limits per client and group.
+    pub limits: osstream_core::LimitsConfig,
     /// Boot protocols by section name (`[nbd]`), each a table of its kind.
     #[serde(flatten)]
     pub protocols: BTreeMap<String, Value>,
@@ -266,6 +268,7 @@ impl Default for Config {
             profile: osstream_profile::ProfileConfig::default(),
             hedge: osstream_core::HedgeConfig::default(),
             metrics: MetricsConfig::default(),
+            limits: osstream_core::LimitsConfig::default(),
             protocols: BTreeMap::new(),
         }
     }
@@ -411,6 +414,7 @@ fn check(config: &Config) -> Result<()> {
     check_log_filter(&config.log.filter)?;
     config.profile.check()?;
     config.hedge.check()?;
+    config.limits.check()?;
     let overlay = &config.sessions.block_size;
     if overlay.bytes() < 512 || !overlay.bytes().is_power_of_two() || overlay.bytes() > 1 << 20 {
         return Err(Error::new(
@@ -451,7 +455,7 @@ fn check(config: &Config) -> Result<()> {
 /// The keys `Config` itself has, for the message about an unknown one.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "data_dir", "log", "demo", "backends", "cache", "catalog", "sessions", "profile", "hedge",
-    "metrics",
+    "metrics", "limits",
 ];
 
 /// `tables` as tables: every value under `what` must be one.

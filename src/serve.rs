@@ -256,7 +256,14 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         timers,
     ));
     let exports = Arc::new(
-        Exports::new(backends, layers.clone()).with_sessions(directory.clone(), overlays.clone()),
+        Exports::new(backends, layers.clone())
+            .with_sessions(directory.clone(), overlays.clone())
+            .with_limits(
+                config
+                    .limits
+                    .any()
+                    .then(|| Arc::new(osstream_core::Limits::new(config.limits.clone()))),
+            ),
     );
     crate::sessions::sweep_overlays(&catalog, &exports, &overlays.dir).await;
     crate::metrics::register(layers.clone(), exports.clone(), overlays.ram_capacity);

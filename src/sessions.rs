@@ -113,7 +113,15 @@ impl SessionDirectory for CatalogSessions {
                 ),
             ));
         }
+        // For [limits]: a client removed meanwhile simply has no group.
+        let group = self
+            .catalog
+            .client(&session.mac)
+            .await
+            .ok()
+            .and_then(|c| c.group);
         Ok(SessionTarget {
+            group,
             session: session.id,
             client: session.mac.to_string(),
             vdisk: vdisk.name.clone(),

@@ -11,8 +11,13 @@ them (queue depth 1, as a boot). Reported: the lone client's time, the last of N
 clients' time, their ratio, and what the backend read against the distinct blocks the
 trace touches (each at most once is the target; hedged duplicates counted apart).
 
+With --hog, two more storms run each round beside one more client that reads the whole
+disk over and over (nbdcopy, 4 connections) while the others boot: once unlimited and
+once with that client's group limited by `[limits]` (--hog-limit), to show what one
+greedy client does to a boot storm and what a limit gives back.
+
     cargo build --release
-    python3 benches/scripts/boot_storm.py [--clients 60] [--delay-ms 10] [--rounds 2]
+    python3 benches/scripts/boot_storm.py [--clients 60] [--delay-ms 10] [--rounds 2] [--hog]
 """
 
 import argparse
@@ -68,6 +73,18 @@ def replay(uri, reads, done, index, errors):
         errors.append(f"client {index}: {err}")
 
 
+def hog(uri, stop_at, copied):
+    """Reads the whole disk again and again until `stop_at` is set; counts the bytes."""
+    while not stop_at.is_set():
+        started = time.perf_counter()
+        out = subprocess.run(["nbdcopy", "--connections=4", "--flush", uri, "null:"], capture_output=True, text=True)
+        if out.returncode != 0:
+            if not stop_at.is_set():
+                print(f"hog: {out.stderr.strip()}", file=sys.stderr)
+            return
+        copied.append(time.perf_counter() - started)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=os.path.join(ROOT, "benches", "traces", "debian12-multiuser-1.trace"))
@@ -75,6 +92,8 @@ def main():
     parser.add_argument("--delay-ms", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--binary", default=os.path.join(ROOT, "target/release/osstream"))
+    parser.add_argument("--hog", action="store_true", help="also run storms beside a client reading the whole disk")
+    parser.add_argument("--hog-limit", default="20MiB", help="[limits] bandwidth of the hog's group")
     parser.add_argument("--s3rver", default=os.environ.get("TEST_S3RVER") or shutil.which("s3rver") or
                         os.path.expanduser("~/.cache/osstream-test/node_modules/.bin/s3rver"))
     args = parser.parse_args()
@@ -98,14 +117,18 @@ def main():
                 f.write(os.urandom(min(BLOCK, size - block * BLOCK)))
         proxy = FaultyProxy(s3_port, delay=args.delay_ms / 1000)
         config = os.path.join(work, "osstream.toml")
-        with open(config, "w") as f:
-            f.write(f'data_dir = "{work}/data"\n[demo]\ncreate = false\n[log]\nfilter = "warn"\n'
-                    '[profile]\nrecord = false\nprefetch = false\n'
-                    f'[nbd]\nlisten = ["127.0.0.1:{nbd_port}"]\n'
-                    + "".join(f'[backends.{name}]\nkind = "s3"\nbucket = "{BUCKET}"\nprefix = "storm"\n'
-                              f'endpoint = "http://127.0.0.1:{port}"\nregion = "us-east-1"\n'
-                              'access_key_id = "S3RVER"\nsecret_access_key = "S3RVER"\nallow_http = true\n'
-                              for name, port in (("direct", s3_port), ("far", proxy.port))))
+        def write_config(limits=""):
+            with open(config, "w") as f:
+                f.write(f'data_dir = "{work}/data"\n[demo]\ncreate = false\n[log]\nfilter = "warn"\n'
+                        '[profile]\nrecord = false\nprefetch = false\n'
+                        f'[nbd]\nlisten = ["127.0.0.1:{nbd_port}"]\n'
+                        + "".join(f'[backends.{name}]\nkind = "s3"\nbucket = "{BUCKET}"\nprefix = "storm"\n'
+                                  f'endpoint = "http://127.0.0.1:{port}"\nregion = "us-east-1"\n'
+                                  'access_key_id = "S3RVER"\nsecret_access_key = "S3RVER"\nallow_http = true\n'
+                                  for name, port in (("direct", s3_port), ("far", proxy.port)))
+                        + limits)
+
+        write_config()
 
         def cli(*more):
             return subprocess.run([args.binary, "--config", config, *more], check=True, capture_output=True,
@@ -118,10 +141,19 @@ def main():
         for mac in macs:
             cli("client", "add", mac)
             cli("client", "assign", mac, "storm")
-        results = {"lone": [], "storm": []}
-        backend = {"lone": [], "storm": []}
+        hog_mac = "52:54:00:99:00:01"
+        cli("client", "add", hog_mac, "--group", "bulk")
+        cli("client", "assign", hog_mac, "storm")
+        kinds = [("lone", 1), ("storm", args.clients)]
+        if args.hog:
+            kinds += [("storm+hog", args.clients), ("storm+hog limited", args.clients)]
+        results = {kind: [] for kind, _ in kinds}
+        backend = {kind: [] for kind, _ in kinds}
+        hogged = {kind: [] for kind, _ in kinds}
         for round_ in range(args.rounds):
-            for kind, count in (("lone", 1), ("storm", args.clients)):
+            for kind, count in kinds:
+                limited = kind.endswith("limited")
+                write_config(f'[limits.groups.bulk]\nbandwidth = "{args.hog_limit}"\n' if limited else "")
                 server = subprocess.Popen([args.binary, "--config", config, "serve"])
                 try:
                     wait_port(nbd_port)
@@ -129,14 +161,25 @@ def main():
                     done, errors = [None] * count, []
                     threads = [threading.Thread(target=replay, args=(uri, reads, done, i, errors))
                                for i, uri in enumerate(uris)]
+                    stop_hog, copies = threading.Event(), []
+                    hog_thread = None
+                    if "hog" in kind:
+                        hog_uri = cli("session", "open", hog_mac, "storm").strip()
+                        hog_thread = threading.Thread(target=hog, args=(hog_uri, stop_hog, copies))
+                        hog_thread.start()
+                        time.sleep(1)  # the hog is reading when the storm starts
                     for t in threads:
                         t.start()
                     for t in threads:
                         t.join()
+                    stop_hog.set()
                     if errors:
                         sys.exit("\n".join(errors[:5]))
                 finally:
                     stop([server])
+                if hog_thread:
+                    hog_thread.join()
+                hogged[kind].append(len(copies))
                 stats = json.loads(cli("--json", "cache", "stats"))
                 layers = {l["layer"]: dict(l["counters"]) for l in stats["layers"]}
                 ram, hedge = layers["cache:ram"], layers.get("hedge", {})
@@ -149,14 +192,21 @@ def main():
         lone, storm = statistics.median(results["lone"]), statistics.median(results["storm"])
         print(f"\n{os.path.basename(args.trace)}, {args.clients} clients at once, S3 + {args.delay_ms:g} ms per "
               f"request, caches cold, {args.rounds} rounds alternating, medians:\n")
-        print("| clients | last client done | backend blocks read / distinct blocks | hedged reads |")
-        print("|---|---|---|---|")
-        for kind, count in (("lone", 1), ("storm", args.clients)):
+        print("| run | clients | last client done | backend blocks read / distinct blocks | hedged reads |"
+              " whole-disk copies by the hog |")
+        print("|---|---|---|---|---|---|")
+        for kind, count in kinds:
             blocks = statistics.median(b[0] for b in backend[kind])
             hedged = statistics.median(b[2] for b in backend[kind])
-            print(f"| {count} | {statistics.median(results[kind]):.1f} s | {blocks:.0f} / {len(distinct)} "
-                  f"({blocks / len(distinct):.2f}x) | {hedged:.0f} |")
+            copies = statistics.median(hogged[kind]) if "hog" in kind else "-"
+            print(f"| {kind} | {count} | {statistics.median(results[kind]):.1f} s | {blocks:.0f} / {len(distinct)} "
+                  f"({blocks / len(distinct):.2f}x) | {hedged:.0f} | {copies} |")
         print(f"\nlast of {args.clients} / lone: {storm / lone:.2f}x")
+        if args.hog:
+            for kind in ("storm+hog", "storm+hog limited"):
+                print(f"{kind} / storm: {statistics.median(results[kind]) / storm:.2f}x "
+                      f"(hog limit {args.hog_limit}/s)" if "limited" in kind else
+                      f"{kind} / storm: {statistics.median(results[kind]) / storm:.2f}x")
     finally:
         if proxy:
             proxy.close()

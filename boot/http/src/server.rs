@@ -7,9 +7,9 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use osstream_core::{
     AGENT_INFO_FORMAT, AgentInfo, AgentWrites, AttachRequest, Attachment, BootDirectory,
-    BootProtocol, DynSource, Error, ErrorKind, ExportName, Exports, Intent, IoCounters,
-    OverlayKind, ProfileStore, ReadOpts, Result, SeenAddresses, ServeContext, UnknownPolicy,
-    async_trait, normalize_mac,
+    BootProtocol, ClientLimit, DynSource, Error, ErrorKind, ExportName, Exports, Intent,
+    IoCounters, OverlayKind, ProfileStore, ReadOpts, Result, SeenAddresses, ServeContext,
+    UnknownPolicy, async_trait, normalize_mac,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -175,10 +175,12 @@ impl BootProtocol for HttpServer {
 enum Reply {
     /// A small body held in memory.
     Text { head: ResponseHead, body: String },
-    /// A body read from a source, with `Range` support; `counters` count it for a session.
+    /// A body read from a source, with `Range` support; `counters` count it for a session,
+    /// whose `[limits]` pace it.
     Source {
         source: DynSource,
         counters: Option<Arc<IoCounters>>,
+        limit: Option<Arc<ClientLimit>>,
     },
 }
 
@@ -339,8 +341,13 @@ impl Connection {
                 self.write_text(head, &body, !keep_alive, head_only).await?;
                 Ok(keep_alive)
             }
-            Reply::Source { source, counters } => {
-                self.send_source(request, &source, counters.as_deref(), keep_alive, head_only)
+            Reply::Source {
+                source,
+                counters,
+                limit,
+            } => {
+                let paced = (counters.as_deref(), limit.as_deref());
+                self.send_source(request, &source, paced, keep_alive, head_only)
                     .await
             }
         }
@@ -366,7 +373,7 @@ impl Connection {
         &mut self,
         request: &Request,
         source: &DynSource,
-        counters: Option<&IoCounters>,
+        (counters, limit): (Option<&IoCounters>, Option<&ClientLimit>),
         keep_alive: bool,
         head_only: bool,
     ) -> std::io::Result<bool> {
@@ -402,6 +409,13 @@ impl Connection {
         let mut offset = start;
         while offset < end {
             let piece = (end - offset).min(BODY_PIECE);
+            if let Some(limit) = limit {
+                if offset == start {
+                    limit.acquire(piece).await;
+                } else {
+                    limit.acquire_bytes(piece).await;
+                }
+            }
             let chunks = match source
                 .read_at(offset, piece as usize, ReadOpts::default())
                 .await
@@ -657,6 +671,7 @@ impl Connection {
         Ok(Reply::Source {
             source,
             counters: None,
+            limit: None,
         })
     }
 
@@ -710,6 +725,7 @@ impl Connection {
             return Ok(Reply::Source {
                 source: attachment.source.clone(),
                 counters: Some(attachment.counters().clone()),
+                limit: attachment.limit().cloned(),
             });
         }
         if let Some((_, old)) = self.san.take() {
@@ -734,6 +750,7 @@ impl Connection {
         let reply = Reply::Source {
             source: attachment.source.clone(),
             counters: Some(attachment.counters().clone()),
+            limit: attachment.limit().cloned(),
         };
         if intent == Intent::Use {
             tracing::info!(peer = %self.peer, session = attachment.session().unwrap_or(""), "http: SAN attached");

@@ -957,6 +957,20 @@ where
             }
             continue;
         }
+        if let Some(limit) = attachment.limit() {
+            // [limits]: the wait holds this loop, so the client's next requests wait
+            // unread (backpressure, not errors).
+            let bytes = match req.command {
+                cmd::READ | cmd::WRITE => u64::from(req.length),
+                _ => 0,
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break "server shutting down".to_owned(),
+                _ = session_ended.cancelled() => break "the session was replaced, closed or taken elsewhere".to_owned(),
+                () = limit.acquire(bytes) => {}
+            }
+        }
         match req.command {
             cmd::READ => stats.read(u64::from(req.length)),
             cmd::WRITE => stats.written(u64::from(req.length)),

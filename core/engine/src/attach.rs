@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exports::ExportEntry;
 use crate::layer::Layer;
+use crate::limits::ClientLimit;
 use crate::metrics::{IoMetrics, RequestKind};
 use crate::sessions::{ReaderGuard, SessionGuard};
 use crate::source::DynSource;
@@ -256,6 +257,8 @@ pub struct Attachment {
     context: AttachContext,
     hold: Hold,
     counters: Arc<IoCounters>,
+    /// `[limits]` of the client, if any.
+    limit: Option<Arc<ClientLimit>>,
     ended: CancellationToken,
     /// Layers told of this attachment, told again when it ends.
     hooks: Option<Hooks>,
@@ -286,10 +289,23 @@ impl Attachment {
             context,
             hold,
             counters: Arc::new(IoCounters::with_metrics(metrics)),
+            limit: None,
             ended,
             hooks,
             flush_on_close,
         }
+    }
+
+    /// The same attachment, limited by `limit`.
+    pub(crate) fn with_limit(mut self, limit: Option<Arc<ClientLimit>>) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// The client's `[limits]`: a protocol awaits [`ClientLimit::acquire`] before it
+    /// serves each request. `None` when nothing limits this attachment.
+    pub fn limit(&self) -> Option<&Arc<ClientLimit>> {
+        self.limit.as_ref()
     }
 
     /// Fires when the engine ends this attachment: its session was replaced (the client

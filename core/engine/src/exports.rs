@@ -9,6 +9,7 @@ use crate::cow::{CowLayer, DiskOverlay, OverlayStore, RamOverlay, SpillOverlay};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fence::{FencedSource, Regenerated};
 use crate::layer::Layer;
+use crate::limits::Limits;
 use crate::sessions::{
     Grant, LiveSessions, OverlayKind, OverlaySettings, ReadImage, SessionDirectory, SessionTarget,
 };
@@ -61,6 +62,8 @@ pub struct Exports {
     live: Arc<LiveSessions>,
     /// Set by [`Exports::single`]: the one export and its prebuilt source.
     single: Option<(ExportEntry, DynSource)>,
+    /// `[limits]` for session clients.
+    limits: Option<Arc<Limits>>,
 }
 
 impl Exports {
@@ -72,6 +75,7 @@ impl Exports {
             sessions: None,
             live: Arc::default(),
             single: None,
+            limits: None,
         }
     }
 
@@ -99,6 +103,12 @@ impl Exports {
         overlays: OverlaySettings,
     ) -> Self {
         self.sessions = Some((directory, overlays));
+        self
+    }
+
+    /// Limits session clients' bandwidth and IOPS as `limits` says.
+    pub fn with_limits(mut self, limits: Option<Arc<Limits>>) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -227,13 +237,14 @@ impl Exports {
         };
         let entry = entry(&source);
         let context = hooks.context().clone();
-        Ok(Attachment::new(
-            source,
-            entry,
-            context,
-            Hold::Session(guard),
-            Some(hooks),
-        ))
+        let limit = self
+            .limits
+            .as_ref()
+            .and_then(|l| l.for_client(&target.client, target.group.as_deref()));
+        Ok(
+            Attachment::new(source, entry, context, Hold::Session(guard), Some(hooks))
+                .with_limit(limit),
+        )
     }
 
     /// Describes session `token`'s disk (vdisk, base image, generation, size) for a

@@ -56,6 +56,7 @@ mod fence;
 mod hedge;
 mod layer;
 mod ledger;
+mod limits;
 mod lossy_stderr;
 pub mod metrics;
 mod profile;
@@ -92,6 +93,7 @@ pub use exports::{ExportEntry, Exports, SessionView, loggable_export_name, redac
 pub use hedge::{HedgeConfig, HedgeLayer, HedgeStats};
 pub use layer::{Layer, LayerReport};
 pub use ledger::ImageLedger;
+pub use limits::{ClientLimit, GroupLimits, Limits, LimitsConfig, Rates};
 pub use lossy_stderr::LossyStderr;
 pub use profile::{
     BootProfile, PROFILE_FORMAT, ProfileBlock, ProfileStore, RecordedBoot, merged as merged_profile,

@@ -44,6 +44,8 @@ pub struct SessionTarget {
     pub session: String,
     /// The client's identity (its MAC).
     pub client: String,
+    /// The client's group, if it has one (for `[limits]`).
+    pub group: Option<String>,
     /// The vdisk's name.
     pub vdisk: String,
     /// The backend holding the image.
@@ -627,6 +629,7 @@ mod live_tests {
 
     fn target(session: &str, started_at: i64) -> SessionTarget {
         SessionTarget {
+            group: None,
             session: session.to_owned(),
             client: "aa:bb:cc:dd:ee:ff".to_owned(),
             vdisk: "dev".to_owned(),

@@ -56,6 +56,7 @@ struct OneSession {
 
 fn session_target() -> SessionTarget {
     SessionTarget {
+        group: None,
         session: "sess-1".into(),
         client: "aa:bb:cc:dd:ee:ff".into(),
         vdisk: "dev".into(),
