@@ -56,6 +56,7 @@ mod fence;
 mod hedge;
 mod layer;
 mod ledger;
+pub mod live;
 mod lossy_stderr;
 pub mod metrics;
 mod profile;
