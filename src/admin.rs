@@ -13,7 +13,7 @@ pub use crate::args::{
     CacheCommand, ClientCommand, PolicyCommand, ProfileCommand, SessionCommand, VdiskCommand,
 };
 use crate::config::Config;
-use crate::output::{done, opt, output, print_json, when};
+use crate::output::{done, json_text, opt, output, print_json, table, when};
 use crate::wiring::{backend_named, fill_image_ids, open_existing_catalog, register_vdisk};
 
 fn empty_is_none(value: Option<String>) -> Option<Option<String>> {
@@ -468,55 +468,111 @@ pub async fn client(config: &Config, command: &ClientCommand, json: bool) -> Res
     }
 }
 
+const SESSION_HEADERS: &[&str] = &[
+    "ID", "MAC", "VDISK", "PEER", "SERVER", "STARTED", "READ", "WRITTEN", "STATE",
+];
+
+/// The sessions `session list` shows (live ones, or all), and their table rows.
+async fn session_list(
+    catalog: &SqlCatalog,
+    all: bool,
+) -> Result<(Vec<osstream_catalog::Session>, Vec<Vec<String>>)> {
+    let sessions = catalog.sessions(all).await?;
+    let servers = catalog.servers().await?;
+    let server_name = |id: &Option<String>| {
+        servers
+            .iter()
+            .find(|s| Some(&s.id) == id.as_ref())
+            .map_or_else(
+                || opt(id),
+                |s| format!("{} ({})", s.name, s.nbd_address.as_deref().unwrap_or("-")),
+            )
+    };
+    let rows = sessions
+        .iter()
+        .map(|s| {
+            let state = match (&s.closed_at, s.attached, s.detached_at) {
+                (Some(_), _, _) => {
+                    format!("ended: {}", s.end_reason.as_deref().unwrap_or("closed"))
+                }
+                (None, true, _) => "attached".to_owned(),
+                (None, false, Some(at)) => {
+                    format!("no connection since {}", when(Some(at)))
+                }
+                (None, false, None) => "waiting for its client".to_owned(),
+            };
+            vec![
+                s.id.clone(),
+                s.mac.to_string(),
+                s.vdisk.clone(),
+                opt(&s.peer),
+                server_name(&s.owner),
+                when(Some(s.started_at)),
+                ByteSize(s.bytes_read).human(),
+                ByteSize(s.bytes_written).human(),
+                state,
+            ]
+        })
+        .collect();
+    Ok((sessions, rows))
+}
+
+/// `session list --watch`: the list, again every interval.
+struct WatchedSessions {
+    catalog: SqlCatalog,
+    all: bool,
+    json: bool,
+    /// How to leave the view, when it is live (not `--once`).
+    quit: Option<String>,
+}
+
+impl crate::watch::Screen for WatchedSessions {
+    async fn compose(&mut self) -> Result<String> {
+        let (sessions, rows) = session_list(&self.catalog, self.all).await?;
+        if self.json {
+            // One document per line while watching: a stream a line reader can follow.
+            return Ok(json_text(&sessions, self.quit.is_none())? + "\n");
+        }
+        let now = crate::stats::now_ms();
+        let quit = self
+            .quit
+            .as_ref()
+            .map(|q| format!("; {q}"))
+            .unwrap_or_default();
+        Ok(format!(
+            "osstream session list: {} session(s) at {}{quit}\n\n{}",
+            sessions.len(),
+            when(Some(now)),
+            table(SESSION_HEADERS, &rows)
+        ))
+    }
+}
+
 pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> Result<()> {
     let catalog = open_existing_catalog(config).await?;
     match command.clone() {
-        SessionCommand::List { all } => {
-            let sessions = catalog.sessions(all).await?;
-            let servers = catalog.servers().await?;
-            let server_name = |id: &Option<String>| {
-                servers
-                    .iter()
-                    .find(|s| Some(&s.id) == id.as_ref())
-                    .map_or_else(
-                        || opt(id),
-                        |s| format!("{} ({})", s.name, s.nbd_address.as_deref().unwrap_or("-")),
-                    )
-            };
-            let rows = sessions
-                .iter()
-                .map(|s| {
-                    let state = match (&s.closed_at, s.attached, s.detached_at) {
-                        (Some(_), _, _) => {
-                            format!("ended: {}", s.end_reason.as_deref().unwrap_or("closed"))
-                        }
-                        (None, true, _) => "attached".to_owned(),
-                        (None, false, Some(at)) => {
-                            format!("no connection since {}", when(Some(at)))
-                        }
-                        (None, false, None) => "waiting for its client".to_owned(),
-                    };
-                    vec![
-                        s.id.clone(),
-                        s.mac.to_string(),
-                        s.vdisk.clone(),
-                        opt(&s.peer),
-                        server_name(&s.owner),
-                        when(Some(s.started_at)),
-                        ByteSize(s.bytes_read).human(),
-                        ByteSize(s.bytes_written).human(),
-                        state,
-                    ]
-                })
-                .collect();
-            output(
-                json,
-                &sessions,
-                &[
-                    "ID", "MAC", "VDISK", "PEER", "SERVER", "STARTED", "READ", "WRITTEN", "STATE",
-                ],
-                rows,
-            )
+        SessionCommand::List {
+            all,
+            watch,
+            refresh,
+        } => {
+            if watch {
+                let mut screen = WatchedSessions {
+                    catalog,
+                    all,
+                    json,
+                    quit: crate::watch::live_note(&refresh),
+                };
+                return crate::watch::run(&mut screen, &refresh, json).await;
+            }
+            if refresh.once || refresh.interval.is_some() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "--once and --interval go with --watch: osstream session list --watch --interval 5",
+                ));
+            }
+            let (sessions, rows) = session_list(&catalog, all).await?;
+            output(json, &sessions, SESSION_HEADERS, rows)
         }
         SessionCommand::Open { mac, vdisk } => {
             let mac: Mac = mac.parse()?;
@@ -775,8 +831,7 @@ pub fn cache(config: &Config, command: &CacheCommand, json: bool) -> Result<()> 
         return output(true, &stats, &[], Vec::new());
     }
     let age = (crate::stats::now_ms() - stats.updated_at).max(0) / 1000;
-    // SAFETY: kill with signal 0 only asks whether the process exists; it sends nothing.
-    let alive = i32::try_from(stats.pid).is_ok_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+    let alive = crate::stats::process_alive(stats.pid);
     let state = if stats.running && alive {
         format!("running (pid {}), counted {age}s ago", stats.pid)
     } else if stats.running {

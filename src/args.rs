@@ -218,15 +218,54 @@ pub struct ClientFields {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum SessionCommand {
-    /// List live sessions (--all: closed ones too).
+    /// List live sessions (--all: closed ones too; --watch: again every 2 s).
     List {
         #[arg(long)]
         all: bool,
+        /// Print the list again every --interval until Ctrl-C (on a terminal, in place).
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        refresh: Refresh,
     },
     /// Open a session of a client on one of its vdisks; prints the client's nbd:// URI.
     Open { mac: String, vdisk: String },
     /// Close a session by id.
     Close { id: String },
+}
+
+/// How a live view refreshes (`osstream top`, `session list --watch`).
+#[derive(Debug, Clone, Args)]
+pub struct Refresh {
+    /// Time between refreshes: seconds (`5`) or with a unit (`500ms`, `1m`); default 2 s,
+    /// how often the server rewrites the statistics these views read.
+    #[arg(long, value_name = "SECONDS", value_parser = interval)]
+    pub interval: Option<osstream_core::Seconds>,
+    /// Print one refresh and exit (for scripts; --json: one document).
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// The shortest refresh interval: faster than the server rewrites its statistics (every
+/// 2 s) shows nothing new, and a loop with no pause would only burn the CPU.
+const SHORTEST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn interval(text: &str) -> Result<osstream_core::Seconds, String> {
+    let parsed: osstream_core::Seconds = text.parse()?;
+    if parsed.0 < SHORTEST_INTERVAL {
+        return Err(format!(
+            "{text:?} is too short: refresh at most every {}ms",
+            SHORTEST_INTERVAL.as_millis()
+        ));
+    }
+    Ok(parsed)
+}
+
+/// `osstream top`.
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub refresh: Refresh,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -266,7 +305,7 @@ pub enum ProfileCommand {
 #[derive(Debug, Clone, Subcommand)]
 pub enum CacheCommand {
     /// Hits, misses, evictions and backend reads per cache tier, and what prefetching did,
-    /// since the server on this data_dir started (it writes them every 5 s and at stop).
+    /// since the server on this data_dir started (it writes them every 2 s and at stop).
     Stats,
 }
 

@@ -14,7 +14,9 @@ mod progress;
 mod serve;
 mod sessions;
 mod stats;
+mod top;
 mod transfer;
+mod watch;
 mod wiring;
 
 use std::path::PathBuf;
@@ -79,6 +81,14 @@ enum Command {
     /// The server's cache tiers and prefetching, as it counted them.
     #[command(subcommand)]
     Cache(admin::CacheCommand),
+    /// A live table of the clients the server on this data_dir serves: per session its
+    /// client, vdisk, protocol, peer, how long it is connected, bytes read and written
+    /// and their rates, and boot progress; with totals and the cache hit ratio.
+    ///
+    /// Redraws every --interval until Ctrl-C (or q and Enter); --once prints one table.
+    /// With --json: one JSON document per refresh, one per line (--once: one, indented).
+    /// Reads the server's <data_dir>/stats.json (rewritten every 2 s) and the catalog.
+    Top(args::TopArgs),
     /// Measure: replay boot traces against cache policies.
     #[command(subcommand)]
     Bench(args::BenchCommand),
@@ -153,6 +163,7 @@ fn admin_command(cli: &Cli) -> osstream_core::Result<()> {
             Command::Policy(command) => admin::policy(&config, command, cli.json).await,
             Command::Profile(command) => admin::profile(&config, command, cli.json).await,
             Command::Cache(command) => admin::cache(&config, command, cli.json),
+            Command::Top(args) => top::run(&config, args, cli.json).await,
             Command::Init => admin::init(&config, cli.json).await,
             _ => unreachable!("only admin commands come here"),
         }
@@ -218,7 +229,8 @@ fn main() -> ExitCode {
         | Command::Session(_)
         | Command::Policy(_)
         | Command::Profile(_)
-        | Command::Cache(_) => admin_command(&cli),
+        | Command::Cache(_)
+        | Command::Top(_) => admin_command(&cli),
         Command::Bench(args::BenchCommand::Cache(bench)) => {
             tokio::runtime::Builder::new_current_thread()
                 .build()

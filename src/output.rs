@@ -13,33 +13,50 @@ pub fn output<T: Serialize>(
     if json {
         return print_json(value);
     }
+    print!("{}", table(headers, &rows));
+    Ok(())
+}
+
+/// `rows` as an aligned table under `headers`, one line each (for commands that compose
+/// a screen before printing it).
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in &rows {
+    for row in rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut text = String::new();
+    let mut line = |cells: &[String]| {
         let padded: Vec<String> = cells
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        text.push_str(padded.join("  ").trim_end());
+        text.push('\n');
     };
-    line(headers.iter().map(|h| h.to_string()).collect());
+    line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
     for row in rows {
         line(row);
     }
-    Ok(())
+    text
 }
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))?;
-    println!("{text}");
+    println!("{}", json_text(value, true)?);
     Ok(())
+}
+
+/// `value` as JSON: pretty, or on one line (a document per line, for streams).
+pub fn json_text<T: Serialize>(value: &T, pretty: bool) -> Result<String> {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    };
+    text.map_err(|e| Error::new(ErrorKind::Unexpected, e.to_string()))
 }
 
 /// Prints what a command did: `value` (one object with stable snake_case keys, such as

@@ -283,12 +283,14 @@ impl Attachment {
         let flush_on_close = matches!(&hold, Hold::Session(guard) if guard.target.is_private());
         let vdisk = context.vdisk.as_deref().unwrap_or(&entry.name);
         let metrics = crate::metrics::global().io(vdisk, context.protocol);
+        let counters = Arc::new(IoCounters::with_metrics(metrics));
+        crate::live::register(&context, &counters);
         Attachment {
             source,
             entry,
             context,
             hold,
-            counters: Arc::new(IoCounters::with_metrics(metrics)),
+            counters,
             limit: None,
             ended,
             hooks,

@@ -57,6 +57,7 @@ mod hedge;
 mod layer;
 mod ledger;
 mod limits;
+pub mod live;
 mod lossy_stderr;
 pub mod metrics;
 mod profile;

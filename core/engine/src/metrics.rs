@@ -258,6 +258,8 @@ pub struct Metrics {
     io: Mutex<BTreeMap<(String, String), Arc<IoMetrics>>>,
     backends: Mutex<BTreeMap<String, Arc<BackendMetrics>>>,
     boots: Mutex<BTreeMap<String, Arc<Histogram>>>,
+    /// Each recent session's boot time, for the live view (`osstream top`).
+    boot_times: Mutex<crate::live::Recent<Duration>>,
     collectors: Mutex<Vec<Collector>>,
 }
 
@@ -294,12 +296,20 @@ impl Metrics {
             .clone()
     }
 
-    /// Records a boot of `vdisk` that took `elapsed` from attach to boot complete.
-    pub fn boot_complete(&self, vdisk: &str, elapsed: Duration) {
+    /// Records a boot of `vdisk` by `session` that took `elapsed` from attach to boot
+    /// complete.
+    pub fn boot_complete(&self, vdisk: &str, session: &str, elapsed: Duration) {
         lock(&self.boots)
             .entry(vdisk.to_owned())
             .or_insert_with(|| Arc::new(Histogram::new(BOOT_BUCKETS)))
             .observe(elapsed);
+        lock(&self.boot_times).insert(session, elapsed);
+    }
+
+    /// How long `session`'s boot took, once it is complete (for the last
+    /// [`crate::live::SESSIONS_KEPT`] sessions that booted).
+    pub fn boot_seconds(&self, session: &str) -> Option<Duration> {
+        lock(&self.boot_times).get(session).copied()
     }
 
     /// Adds families read at scrape time (each call must write whole families).
@@ -612,6 +622,22 @@ mod tests {
             "{text}"
         );
         assert_eq!(h.count(), 3);
+    }
+
+    #[test]
+    fn a_boot_is_timed_per_vdisk_and_remembered_per_session() {
+        let metrics = Metrics::default();
+        metrics.boot_complete("deb", "s1", Duration::from_millis(23_100));
+        let text = metrics.render();
+        assert!(
+            text.contains("osstream_boot_seconds_count{vdisk=\"deb\"} 1\n"),
+            "{text}"
+        );
+        assert_eq!(
+            metrics.boot_seconds("s1"),
+            Some(Duration::from_millis(23_100))
+        );
+        assert_eq!(metrics.boot_seconds("s2"), None);
     }
 
     #[test]

@@ -385,7 +385,7 @@ async fn watch_recording(
         _ => None,
     };
     if let Some(boot_time) = boot_time {
-        osstream_core::metrics::global().boot_complete(&boot.vdisk, boot_time);
+        osstream_core::metrics::global().boot_complete(&boot.vdisk, &session, boot_time);
     }
     if let Some(dir) = &shared.config.trace_dir {
         let path = dir.join(format!("{}-{session}.trace", boot.vdisk));
