@@ -55,5 +55,6 @@ fi
 cargo test --workspace --locked --doc
 
 echo "== end-to-end tests with real clients"
+df -h "${TMPDIR:-/tmp}" . | sed 's/^/   /'
 # Debian's python3 sees python3-libnbd; a python3 earlier on PATH may not.
 /usr/bin/python3 -m pytest -q tests/python

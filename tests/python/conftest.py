@@ -10,9 +10,40 @@ import time
 
 import pytest
 
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test, for `_drop_tmp_path_of_passed_tests`."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+@pytest.fixture(autouse=True)
+def _drop_tmp_path_of_passed_tests(request, tmp_path):
+    """Removes a passed test's tmp_path once its servers are stopped: images, caches and
+    guests' disks of 200 tests add up to gigabytes (a failed test's folder stays, to
+    read). Taking tmp_path sets it up first, so this runs after every fixture that uses it
+    is torn down."""
+    yield
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.passed:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 BINARY = os.environ.get("TEST_OSSTREAM_BIN", os.path.join(TARGET, "debug", "osstream"))
+
+
+def wait_for(what, predicate, timeout=30):
+    """Polls `predicate` until it holds; fails naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_port():
