@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::address::{registered_address, session_address};
 pub use crate::args::{
-    CacheCommand, ClientCommand, PolicyCommand, ProfileCommand, SessionCommand, VdiskCommand,
+    CacheCommand, ClientCommand, PolicyCommand, ProfileCommand, ServerCommand, SessionCommand,
+    VdiskCommand,
 };
 use crate::config::Config;
 use crate::output::{done, json_text, opt, output, print_json, table, when};
@@ -615,6 +616,89 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
                 json,
                 &serde_json::json!({ "closed": "session", "id": id }),
                 format_args!("closed session {id}"),
+            )
+        }
+    }
+}
+
+const SERVER_HEADERS: &[&str] = &[
+    "NAME",
+    "STATE",
+    "NBD",
+    "HTTP",
+    "CAPACITY",
+    "SUBNETS",
+    "SESSIONS",
+    "TRAFFIC",
+    "LOAD",
+    "HEARTBEAT",
+    "ID",
+];
+
+pub async fn server(config: &Config, command: &ServerCommand, json: bool) -> Result<()> {
+    let catalog = open_existing_catalog(config).await?;
+    let timeout = config.sessions.server_timeout.0.as_millis() as i64;
+    match command {
+        ServerCommand::List => {
+            #[derive(Serialize)]
+            struct Listed<'a> {
+                #[serde(flatten)]
+                server: &'a osstream_catalog::Server,
+                state: &'static str,
+                load: f64,
+            }
+            let servers = catalog.servers().await?;
+            let listed: Vec<Listed> = servers
+                .iter()
+                .map(|server| Listed {
+                    server,
+                    state: server.state(timeout),
+                    load: osstream_catalog::server_load(server),
+                })
+                .collect();
+            let rows = listed
+                .iter()
+                .map(|l| {
+                    let s = l.server;
+                    vec![
+                        s.name.clone(),
+                        l.state.to_owned(),
+                        opt(&s.nbd_address),
+                        opt(&s.http_url),
+                        format!("{}", s.capacity),
+                        if s.subnets.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            s.subnets.join(",")
+                        },
+                        s.sessions.to_string(),
+                        format!("{}/s", ByteSize(s.bytes_per_sec).human()),
+                        format!("{:.2}", l.load),
+                        format!("{:.1}s ago", s.heartbeat_age.max(0) as f64 / 1000.0),
+                        s.id.clone(),
+                    ]
+                })
+                .collect();
+            output(json, &listed, SERVER_HEADERS, rows)
+        }
+        ServerCommand::Drain { server } | ServerCommand::Undrain { server } => {
+            let draining = matches!(command, ServerCommand::Drain { .. });
+            let changed = catalog.set_draining(server, draining).await?;
+            let sentence = if draining {
+                format!(
+                    "server {} ({}) takes no new sessions; it keeps its {} live session(s)",
+                    changed.name, changed.id, changed.sessions
+                )
+            } else {
+                format!(
+                    "server {} ({}) takes new sessions again",
+                    changed.name, changed.id
+                )
+            };
+            done(
+                json,
+                &serde_json::json!({ "server": changed.name, "id": changed.id, "draining": draining }),
+                sentence,
             )
         }
     }

@@ -234,6 +234,18 @@ pub enum SessionCommand {
     Close { id: String },
 }
 
+#[derive(Debug, Clone, Subcommand)]
+pub enum ServerCommand {
+    /// List the servers sharing the catalog: state (alive, draining, stopped, gone),
+    /// addresses, capacity, preferred subnets, live sessions, traffic and load.
+    List,
+    /// Send no new sessions to a server (by name or id); it keeps serving those it has.
+    /// Its sessions end or move as clients reboot, then it can be stopped.
+    Drain { server: String },
+    /// Let a drained server take new sessions again.
+    Undrain { server: String },
+}
+
 /// How a live view refreshes (`osstream top`, `session list --watch`).
 #[derive(Debug, Clone, Args)]
 pub struct Refresh {

@@ -130,6 +130,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Bandwidth and IOPS limits per client and group.
     pub limits: osstream_core::LimitsConfig,
+    /// Several servers on one catalog: this server's share of new sessions.
+    pub cluster: ClusterConfig,
     /// Boot protocols by section name (`[nbd]`), each a table of its kind.
     #[serde(flatten)]
     pub protocols: BTreeMap<String, Value>,
@@ -168,6 +170,54 @@ pub struct MetricsConfig {
     /// Default: unset (no listener; `[http] metrics = true` serves them on the HTTP
     /// listener instead).
     pub listen: Option<String>,
+}
+
+/// `[cluster]`: what this server offers when several share one catalog (PostgreSQL)
+/// and one store. A lone server needs none of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Its name in `osstream server list` and in logs. Default: the host name.
+    pub name: Option<String>,
+    /// Its share of new sessions relative to the other servers: a server of capacity 2
+    /// takes twice the load of one of capacity 1. Default: `1.0`.
+    pub capacity: f64,
+    /// Client subnets that prefer this server (`["10.1.0.0/16"]`): their new sessions
+    /// go to the least loaded of the servers listing their subnet, while one is alive
+    /// and not drained. Default: none.
+    pub subnets: Vec<String>,
+    /// Place the new sessions of the clients this server's HTTP listener boots on the
+    /// least loaded server (it may be another one: the boot script points the client
+    /// there). `false`: every session opened here is served here. Default: `true`.
+    pub placement: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: None,
+            capacity: 1.0,
+            subnets: Vec::new(),
+            placement: true,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The subnets, parsed (checked at start-up by [`load`]).
+    pub fn parsed_subnets(&self) -> Result<Vec<osstream_catalog::Subnet>> {
+        self.subnets
+            .iter()
+            .map(|text| {
+                text.parse().map_err(|e: Error| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("cluster.subnets: {}", e.message()),
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 /// `[demo]`.
@@ -269,6 +319,7 @@ impl Default for Config {
             hedge: osstream_core::HedgeConfig::default(),
             metrics: MetricsConfig::default(),
             limits: osstream_core::LimitsConfig::default(),
+            cluster: ClusterConfig::default(),
             protocols: BTreeMap::new(),
         }
     }
@@ -415,6 +466,16 @@ fn check(config: &Config) -> Result<()> {
     config.profile.check()?;
     config.hedge.check()?;
     config.limits.check()?;
+    config.cluster.parsed_subnets()?;
+    if !(config.cluster.capacity.is_finite() && config.cluster.capacity > 0.0) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "cluster.capacity = {} must be a number above 0 (1.0 is an ordinary server)",
+                config.cluster.capacity
+            ),
+        ));
+    }
     let overlay = &config.sessions.block_size;
     if overlay.bytes() < 512 || !overlay.bytes().is_power_of_two() || overlay.bytes() > 1 << 20 {
         return Err(Error::new(

@@ -10,6 +10,7 @@ mod demo;
 mod metrics;
 mod notify;
 mod output;
+mod placement;
 mod progress;
 mod serve;
 mod sessions;
@@ -72,6 +73,9 @@ enum Command {
     /// List, open and close client sessions.
     #[command(subcommand)]
     Session(admin::SessionCommand),
+    /// The servers sharing the catalog: list them, drain one before stopping it.
+    #[command(subcommand)]
+    Server(admin::ServerCommand),
     /// What happens when an unknown MAC boots.
     #[command(subcommand)]
     Policy(admin::PolicyCommand),
@@ -161,6 +165,7 @@ fn admin_command(cli: &Cli) -> osstream_core::Result<()> {
             Command::Client(command) => admin::client(&config, command, cli.json).await,
             Command::Session(command) => admin::session(&config, command, cli.json).await,
             Command::Policy(command) => admin::policy(&config, command, cli.json).await,
+            Command::Server(command) => admin::server(&config, command, cli.json).await,
             Command::Profile(command) => admin::profile(&config, command, cli.json).await,
             Command::Cache(command) => admin::cache(&config, command, cli.json),
             Command::Top(args) => top::run(&config, args, cli.json).await,
@@ -227,6 +232,7 @@ fn main() -> ExitCode {
         Command::Vdisk(_)
         | Command::Client(_)
         | Command::Session(_)
+        | Command::Server(_)
         | Command::Policy(_)
         | Command::Profile(_)
         | Command::Cache(_)

@@ -232,9 +232,12 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
             cached,
         )));
     }
-    catalog
-        .register_server(&me, &crate::sessions::host_name())
-        .await?;
+    let server_name = config
+        .cluster
+        .name
+        .clone()
+        .unwrap_or_else(crate::sessions::host_name);
+    catalog.register_server(&me, &server_name).await?;
     tracing::info!(server = %me.id, instance = %me.instance, "server registered in the catalog");
     for (session, what) in catalog.adopt_sessions(&me).await? {
         tracing::info!(session = %session.id, client = %session.mac, vdisk = %session.vdisk, "after the restart: {what}");
@@ -301,6 +304,26 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
     catalog
         .set_server_address(&me, session_address.as_deref())
         .await?;
+    let http_url =
+        crate::placement::public_http_url(boot_url.as_deref(), session_address.as_deref());
+    catalog
+        .offer_server(
+            &me,
+            &osstream_catalog::ServerOffer {
+                http_url,
+                capacity: config.cluster.capacity,
+                subnets: config.cluster.parsed_subnets()?,
+            },
+        )
+        .await?;
+    let placement = config.cluster.placement.then(|| {
+        crate::placement::CatalogPlacement::new(
+            catalog.clone(),
+            me.clone(),
+            server_name.clone(),
+            timers.server_timeout_ms,
+        )
+    });
     let mut signals = Signals::watch()?;
     tracing::info!(images = %names.join(", "), "osstream ready");
     crate::notify::notify(&format!("READY=1\nSTATUS=serving {} image(s)", names.len()));
@@ -311,6 +334,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
     let heartbeat_stop = CancellationToken::new();
     tokio::spawn(crate::sessions::reconcile(
         directory,
+        placement.clone(),
         exports.clone(),
         config.sessions.reconcile_interval.0,
         overlays.dir.clone(),
@@ -348,6 +372,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         seen: Arc::default(),
         leases: Some(Arc::new(catalog.clone())),
         profiles: Some(Arc::new(catalog.clone())),
+        placement: placement.map(|p| p as Arc<dyn osstream_core::Placement>),
     };
     let mut running = tokio::task::JoinSet::new();
     for protocol in protocols {

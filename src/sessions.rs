@@ -224,6 +224,7 @@ impl SessionDirectory for CatalogSessions {
 /// of its own, so a slow round of it never delays the heartbeat.
 pub async fn reconcile(
     directory: Arc<CatalogSessions>,
+    placement: Option<Arc<crate::placement::CatalogPlacement>>,
     exports: Arc<Exports>,
     period: Duration,
     overlays: std::path::PathBuf,
@@ -238,6 +239,7 @@ pub async fn reconcile(
     ));
     let catalog = directory.catalog.clone();
     let me = directory.me.clone();
+    let mut meter = crate::placement::LoadMeter::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -247,6 +249,12 @@ pub async fn reconcile(
         if let Err(err) = catalog.heartbeat(&me).await {
             tracing::warn!(%err, "heartbeat failed; writes of private sessions stop once the lease runs out");
             continue;
+        }
+        if let Err(err) = catalog.report_load(&me, meter.bytes_per_sec()).await {
+            tracing::debug!(%err, "cannot report this server's load");
+        }
+        if let Some(placement) = &placement {
+            placement.refresh().await;
         }
         match catalog.held_sessions(&me).await {
             Ok(held) => {

@@ -8,8 +8,8 @@ use bytes::{Buf, BytesMut};
 use osstream_core::{
     AGENT_INFO_FORMAT, AgentInfo, AgentWrites, AttachRequest, Attachment, BootDirectory,
     BootProtocol, ClientLimit, DynSource, Error, ErrorKind, ExportName, Exports, Intent,
-    IoCounters, OverlayKind, ProfileStore, ReadOpts, Result, SeenAddresses, ServeContext,
-    UnknownPolicy, async_trait, normalize_mac,
+    IoCounters, OverlayKind, Placement, ProfileStore, ReadOpts, Result, SeenAddresses,
+    ServeContext, ServerEntry, ServerList, UnknownPolicy, async_trait, normalize_mac,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,6 +59,11 @@ struct Shared {
     exports: Arc<Exports>,
     boot: Option<Arc<dyn BootDirectory>>,
     profiles: Option<Arc<dyn ProfileStore>>,
+    /// Which server new sessions go to (several servers on one catalog).
+    placement: Option<Arc<dyn Placement>>,
+    /// Held from choosing a server to recording the session placed on it, so a burst
+    /// of boots through this server sees each placement before making the next.
+    placing: tokio::sync::Mutex<()>,
     nbd_address: Option<String>,
     seen: Arc<SeenAddresses>,
     base_url: Option<String>,
@@ -112,6 +117,8 @@ impl BootProtocol for HttpServer {
             exports: ctx.exports,
             boot: ctx.boot,
             profiles: ctx.profiles,
+            placement: ctx.placement,
+            placing: tokio::sync::Mutex::new(()),
             nbd_address: ctx.session_address,
             seen: ctx.seen,
             bad: std::sync::Mutex::new(osstream_core::LogBudget::new("bad HTTP requests", 10)),
@@ -452,6 +459,7 @@ impl Connection {
                     .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
                 body: osstream_core::metrics::global().render(),
             },
+            ["servers"] => self.server_list(request).await,
             ["ipxe", mac] => self.client_script(request, mac, None).await,
             ["ipxe", mac, vdisk] => self.client_script(request, mac, Some(vdisk)).await,
             ["boot", token, file @ ("kernel" | "initrd")] => {
@@ -501,10 +509,48 @@ impl Connection {
             _ => Reply::text(
                 404,
                 format!(
-                    "nothing at {}: this server answers /boot.ipxe, /ipxe/MAC, /boot/TOKEN/kernel|initrd, /san/TOKEN and /agent/TOKEN",
+                    "nothing at {}: this server answers /boot.ipxe, /ipxe/MAC, /boot/TOKEN/kernel|initrd, /san/TOKEN, /agent/TOKEN and /servers",
                     loggable_path(&request.path)
                 ),
             ),
+        }
+    }
+
+    /// `GET /servers`: the servers a client agent may fail over to, this one first.
+    async fn server_list(&self, request: &Request) -> Reply {
+        let here = ServerEntry {
+            name: "this server".to_owned(),
+            nbd: self.shared.nbd_address.clone().unwrap_or_default(),
+            http: Some(self.base_url(request)),
+        };
+        let servers = match &self.shared.placement {
+            None => vec![here],
+            Some(placement) => match placement.servers().await {
+                Ok(servers) => servers
+                    .into_iter()
+                    .map(|s| ServerEntry {
+                        name: s.name,
+                        nbd: s.nbd_address.unwrap_or_default(),
+                        http: if s.here {
+                            Some(self.base_url(request))
+                        } else {
+                            s.http_url
+                        },
+                    })
+                    .collect(),
+                Err(err) => {
+                    tracing::warn!(%err, "http: cannot list the servers; answering with this one");
+                    vec![here]
+                }
+            },
+        };
+        let list = ServerList {
+            format: AGENT_INFO_FORMAT,
+            servers: servers.into_iter().filter(|s| !s.nbd.is_empty()).collect(),
+        };
+        Reply::Text {
+            head: ResponseHead::new(200).header("Content-Type", "application/json"),
+            body: list.to_json(),
         }
     }
 
@@ -632,14 +678,38 @@ impl Connection {
                 chosen.vdisk, chosen.vdisk
             )]));
         }
-        let session = boot
-            .open_boot_session(mac, &chosen.vdisk, Some(&peer))
-            .await?;
-        tracing::info!(client = %mac, vdisk = %chosen.vdisk, session = %session.id, %peer, hostname = %identity.hostname, "boot session opened");
+        let (session, placed) = match &self.shared.placement {
+            None => (
+                boot.open_boot_session(mac, &chosen.vdisk, Some(&peer))
+                    .await?,
+                None,
+            ),
+            Some(placement) => {
+                let _turn = self.shared.placing.lock().await;
+                let placed = placement.choose(Some(self.peer.ip())).await;
+                let session = boot
+                    .open_boot_session(mac, &chosen.vdisk, Some(&peer))
+                    .await?;
+                if let Err(err) = placement.record(&session.id, &placed).await {
+                    tracing::warn!(session = %session.id, server = %placed.name, %err, "cannot record where the session was placed");
+                }
+                (session, Some(placed))
+            }
+        };
+        // A session placed on another server boots from that server's addresses.
+        let (base, nbd_address) = match &placed {
+            Some(placed) if !placed.here => (
+                placed.http_url.as_deref().unwrap_or(base),
+                placed.nbd_address.as_deref(),
+            ),
+            _ => (base, self.shared.nbd_address.as_deref()),
+        };
+        let server = placed.as_ref().map_or("", |p| p.name.as_str());
+        tracing::info!(client = %mac, vdisk = %chosen.vdisk, session = %session.id, %peer, hostname = %identity.hostname, server, "boot session opened");
         let target = SessionBoot {
             token: &session.token,
             export: &session.export,
-            nbd_address: self.shared.nbd_address.as_deref(),
+            nbd_address,
         };
         Ok(script::boot_script(base, &identity, &chosen, &target)
             .unwrap_or_else(|lines| script::message_script(&lines)))

@@ -101,8 +101,24 @@ fn server_from_row(row: &AnyRow) -> Result<Server> {
         heartbeat_at: row.try_get("heartbeat_at").map_err(map)?,
         stopped_at: row.try_get("stopped_at").map_err(map)?,
         heartbeat_age: row.try_get("heartbeat_age").map_err(map)?,
+        http_url: row.try_get("http_url").map_err(map)?,
+        capacity: row.try_get::<i64, _>("capacity_milli").map_err(map)? as f64 / 1000.0,
+        subnets: row
+            .try_get::<String, _>("subnets")
+            .map_err(map)?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        draining: row.try_get::<i64, _>("draining").map_err(map)? != 0,
+        bytes_per_sec: row.try_get::<i64, _>("bytes_per_sec").map_err(map)?.max(0) as u64,
+        sessions: row.try_get::<i64, _>("sessions").map_err(map)?.max(0) as u64,
     })
 }
+
+/// The live sessions a server holds or was placed on, as a column of `servers`.
+const SESSIONS_OF_SERVER: &str = "(SELECT COUNT(*) FROM sessions s WHERE s.closed_at IS NULL \
+     AND COALESCE(s.owner, s.placed_on) = servers.id)";
 
 fn text(row: &AnyRow, column: &str) -> Result<Option<String>> {
     row.try_get(column).map_err(|e| db_error(e, "read session"))
@@ -185,7 +201,7 @@ impl SqlCatalog {
     /// Every server that shares the catalog, with the age of its heartbeat.
     pub async fn servers(&self) -> Result<Vec<Server>> {
         let rows = sqlx::query(sql(format!(
-            "SELECT *, {} - heartbeat_at AS heartbeat_age FROM servers ORDER BY name, id",
+            "SELECT *, {} - heartbeat_at AS heartbeat_age, {SESSIONS_OF_SERVER} AS sessions FROM servers ORDER BY name, id",
             self.now_sql()
         )))
         .fetch_all(&self.pool)
@@ -201,7 +217,7 @@ impl SqlCatalog {
         id: &str,
     ) -> Result<Option<Server>> {
         let row = sqlx::query(sql(format!(
-            "SELECT *, {} - heartbeat_at AS heartbeat_age FROM servers WHERE id = $1",
+            "SELECT *, {} - heartbeat_at AS heartbeat_age, {SESSIONS_OF_SERVER} AS sessions FROM servers WHERE id = $1",
             self.now_sql()
         )))
         .bind(id)

@@ -16,6 +16,7 @@ mod holding;
 mod import;
 mod ledger;
 mod model;
+mod placement;
 mod profiles;
 mod retired;
 mod sql;
@@ -27,6 +28,9 @@ pub use import::{ClientEntry, ClientImportOutcome, ClientImportPlan, ImportActio
 pub use model::{
     Assignment, BootMethod, Client, Mac, Server, Session, UnknownClientPolicy, Vdisk, VdiskMode,
     WriteCache, validate_name,
+};
+pub use placement::{
+    BYTES_PER_SECOND_PER_SESSION, ServerOffer, Subnet, choose as choose_server, load as server_load,
 };
 pub use retired::RetiredImage;
 pub use sql::SqlCatalog;

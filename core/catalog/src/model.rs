@@ -258,7 +258,7 @@ pub struct Session {
 }
 
 /// A server sharing the catalog.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Server {
     /// Kept in the server's data directory across restarts.
     pub id: String,
@@ -276,6 +276,35 @@ pub struct Server {
     pub stopped_at: Option<i64>,
     /// Milliseconds since its last heartbeat, by the database's clock.
     pub heartbeat_age: i64,
+    /// The base URL of its HTTP listener (`http://HOST:PORT`), if it has one clients reach.
+    pub http_url: Option<String>,
+    /// Its share of new sessions relative to the other servers (1.0 by default).
+    pub capacity: f64,
+    /// Client subnets (CIDRs) that prefer it.
+    pub subnets: Vec<String>,
+    /// Being drained: it keeps its sessions and gets no new ones.
+    pub draining: bool,
+    /// Bytes per second its clients moved, as of its last heartbeat.
+    pub bytes_per_sec: u64,
+    /// Live sessions it holds, or that were placed on it and no server holds yet.
+    pub sessions: u64,
+}
+
+impl Server {
+    /// Whether it is serving now: not stopped, heartbeat younger than `timeout_ms`.
+    pub fn alive(&self, timeout_ms: i64) -> bool {
+        self.stopped_at.is_none() && self.heartbeat_age < timeout_ms
+    }
+
+    /// Its state in a word, for tables: `alive`, `draining`, `stopped` or `gone`.
+    pub fn state(&self, timeout_ms: i64) -> &'static str {
+        match (self.alive(timeout_ms), self.stopped_at.is_some()) {
+            (true, _) if self.draining => "draining",
+            (true, _) => "alive",
+            (false, true) => "stopped",
+            (false, false) => "gone",
+        }
+    }
 }
 
 impl Session {

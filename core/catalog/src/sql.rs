@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_dhcp.sql")),
     (4, include_str!("../migrations/0004_profiles.sql")),
     (5, include_str!("../migrations/0005_image_swap.sql")),
+    (6, include_str!("../migrations/0006_placement.sql")),
 ];
 
 const POLICY_KEY: &str = "unknown_client_policy";

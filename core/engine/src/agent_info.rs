@@ -22,6 +22,54 @@ pub enum AgentWrites {
     Server,
 }
 
+/// One server the agent may fail over to (`GET /servers`): every server sharing the
+/// catalog that is alive, as the answering server sees them, itself first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    /// Its name, for logs.
+    pub name: String,
+    /// Where it serves NBD (`HOST:PORT`).
+    pub nbd: String,
+    /// The base URL of its HTTP listener, if clients reach it.
+    pub http: Option<String>,
+}
+
+/// What `GET /servers` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerList {
+    /// [`AGENT_INFO_FORMAT`].
+    pub format: u32,
+    /// The servers, the answering one first.
+    pub servers: Vec<ServerEntry>,
+}
+
+impl ServerList {
+    /// The JSON the server sends.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server list serialises")
+    }
+
+    /// Reads what a server sent.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let list: ServerList = serde_json::from_str(text).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("the server's list of servers does not parse: {e}"),
+            )
+        })?;
+        if list.format != AGENT_INFO_FORMAT {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "the server speaks format {}, this agent {AGENT_INFO_FORMAT}: use an agent of the server's version",
+                    list.format
+                ),
+            ));
+        }
+        Ok(list)
+    }
+}
+
 /// A session's disk as the agent needs to know it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentInfo {

@@ -239,6 +239,43 @@ pub trait BootDirectory: Send + Sync + Debug {
     async fn session_boot(&self, token: &str) -> Result<(BootSession, BootChoice)>;
 }
 
+/// A server a new session was placed on, as a boot script needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedServer {
+    /// Its id in the catalog.
+    pub id: String,
+    /// Its name, for logs.
+    pub name: String,
+    /// Whether it is the server answering (its own addresses apply).
+    pub here: bool,
+    /// Where its clients reach NBD (`HOST:PORT`).
+    pub nbd_address: Option<String>,
+    /// The base URL of its HTTP listener (`http://HOST:PORT`), if clients reach it.
+    pub http_url: Option<String>,
+}
+
+/// Several servers on one catalog: which one a new session goes to.
+///
+/// # Contract
+/// - `choose` answers with a server alive now that takes new sessions (not drained),
+///   weighing each one's load by its capacity and preferring the servers whose subnets
+///   hold `peer`; this server (`here`) when no other qualifies or the catalog cannot be
+///   read (placement never stops a boot).
+/// - `servers` lists what a client may fail over to; an error only when the catalog
+///   cannot be read.
+/// - `record` notes that `session` went to `server`, so the next `choose` (on any
+///   server) counts it in that server's load at once.
+#[async_trait]
+pub trait Placement: Send + Sync + Debug {
+    /// The server for a new session of a client booting from `peer`.
+    async fn choose(&self, peer: Option<std::net::IpAddr>) -> PlacedServer;
+    /// Records that `session` (its id) was placed on `server`.
+    async fn record(&self, session: &str, server: &PlacedServer) -> Result<()>;
+    /// Every server alive now with an NBD address (drained ones too: they still serve),
+    /// this one first: where a client agent may go when its server dies.
+    async fn servers(&self) -> Result<Vec<PlacedServer>>;
+}
+
 /// Where the network saw each booting MAC: the address its DHCP lease or its PXE
 /// boot-server request came from. The iPXE script of a MAC carries a session token, so
 /// the HTTP server hands it only to the address seen here for that MAC (where one was

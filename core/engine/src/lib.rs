@@ -68,7 +68,7 @@ mod source;
 pub mod sparse;
 pub mod units;
 
-pub use agent_info::{AGENT_INFO_FORMAT, AgentInfo, AgentWrites};
+pub use agent_info::{AGENT_INFO_FORMAT, AgentInfo, AgentWrites, ServerEntry, ServerList};
 pub use attach::{
     AttachContext, AttachRequest, Attachment, ExportName, Intent, IoCounters, IoCounts,
 };
@@ -78,8 +78,8 @@ pub use backend::{
 };
 pub use blocking::run_blocking;
 pub use boot::{
-    BootChoice, BootClient, BootDirectory, BootKind, BootSession, Lease, LeaseStore, SeenAddresses,
-    UnknownPolicy, normalize_mac,
+    BootChoice, BootClient, BootDirectory, BootKind, BootSession, Lease, LeaseStore, PlacedServer,
+    Placement, SeenAddresses, UnknownPolicy, normalize_mac,
 };
 pub use budget::{LogBudget, shorten};
 pub use cache::{

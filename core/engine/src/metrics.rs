@@ -288,6 +288,17 @@ impl Metrics {
             .clone()
     }
 
+    /// Bytes clients read and wrote since the process started, every vdisk and protocol:
+    /// what a server reports as its load.
+    pub fn client_bytes(&self) -> u64 {
+        lock(&self.io)
+            .values()
+            .map(|io| {
+                io.read_bytes.load(Ordering::Relaxed) + io.written_bytes.load(Ordering::Relaxed)
+            })
+            .sum()
+    }
+
     /// The counters of backend `name`.
     pub fn backend(&self, name: &str) -> Arc<BackendMetrics> {
         lock(&self.backends)

@@ -34,6 +34,9 @@ pub struct ServeContext {
     /// Boot profiles (what the agent is told to fetch first); `None` where no catalog is
     /// at hand.
     pub profiles: Option<Arc<dyn crate::ProfileStore>>,
+    /// Which server a new boot session goes to, when several share the catalog; `None`:
+    /// always this one.
+    pub placement: Option<Arc<dyn crate::Placement>>,
 }
 
 impl ServeContext {
@@ -49,6 +52,7 @@ impl ServeContext {
             seen: Arc::default(),
             leases: None,
             profiles: None,
+            placement: None,
         }
     }
 }
