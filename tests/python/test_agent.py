@@ -14,22 +14,13 @@ import time
 import nbd
 import pytest
 
-from conftest import BINARY, free_port, random_image, sha256
+from conftest import BINARY, free_port, random_image, sha256, wait_for
 
 AGENT = os.path.join(os.path.dirname(BINARY), "osstream-agent")
 MIB = 1 << 20
 BLOCK = 64 * 1024
 SIZE = 32 * MIB
 BOOT = [100, 3, 4, 5, 200, 7, 50, 8, 9, 300]
-
-
-def wait_for(what, predicate, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -27,14 +27,14 @@ use osstream_cache_disk::DiskTier;
 use osstream_core::{
     AgentInfo, AgentWrites, BlockKey, BlockSource, BootProtocol, CacheLayer, CacheTier, Capability,
     Chunks, CowLayer, DiskOverlay, DynSource, Error, ErrorKind, Exports, Extent, Geometry, Layer,
-    OverlayStore, RamOverlay, ReadOpts, Result, ServeContext, SourceInfo, SpillOverlay, WriteOpts,
-    ZeroOpts, async_trait, stable_hash,
+    OverlayStore, RamOverlay, ReadOpts, Result, ServeContext, ServerList, SourceInfo, SpillOverlay,
+    WriteOpts, ZeroOpts, async_trait, stable_hash,
 };
 use osstream_nbd::{NbdConfig, NbdServer};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::remote::{RemoteConfig, RemoteCounters, RemoteSource, Renewal};
+use crate::remote::{RemoteConfig, RemoteCounters, RemoteSource, Renewal, ServerBook};
 use crate::stats::{AgentStats, BootSetStats, CacheStats, FillStats, OverlayStats, ServerStats};
 
 /// Largest read the boot-set prefetch and the fill make at once.
@@ -187,10 +187,17 @@ impl Agent {
         let local = info
             .as_ref()
             .is_some_and(|i| i.writes == AgentWrites::Local);
+        if let Some(url) = &config.info_url {
+            learn_servers(&config.remote.servers, &info_base(url)?).await;
+        }
         let (identity, generation) = match &info {
             Some(i) => (i.image.clone(), i.generation.clone()),
             None => (
-                format!("nbd:{}/{}", config.remote.address, config.remote.export),
+                format!(
+                    "nbd:{}/{}",
+                    config.remote.servers.current().nbd,
+                    config.remote.export
+                ),
                 "unknown".to_owned(),
             ),
         };
@@ -202,10 +209,11 @@ impl Agent {
             read_only: local,
             ..config.remote.clone()
         };
-        let renewal = match (&info, &config.info_url) {
-            (Some(info), Some(url)) if local => {
-                Some(Arc::new(SessionRenewal::new(url, info)?) as Arc<dyn Renewal>)
-            }
+        let renewal = match &info {
+            Some(info) if local => Some(Arc::new(SessionRenewal {
+                servers: config.remote.servers.clone(),
+                old: info.clone(),
+            }) as Arc<dyn Renewal>),
             _ => None,
         };
         let remote = RemoteSource::connect(remote_config, &identity, &generation, renewal).await?;
@@ -351,6 +359,21 @@ impl Agent {
         {
             let (connection, stop) = (self.connection.clone(), shutdown.clone());
             background.spawn(async move { connection.keep_connected(stop).await });
+        }
+        {
+            // Servers added to the catalog after the boot become fail-over targets too.
+            let (servers, stop) = (self.config.remote.servers.clone(), shutdown.clone());
+            background.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(SERVER_LIST_REFRESH) => {}
+                    }
+                    if let Some(base) = servers.http_bases().into_iter().next() {
+                        learn_servers(&servers, &base).await;
+                    }
+                }
+            });
         }
         if let (Some((source, _, tier)), Some(info)) = (&self.cached, &self.info) {
             let (source, tier, info) = (source.clone(), tier.clone(), info.clone());
@@ -503,32 +526,67 @@ async fn fetch_info(url: &str) -> Result<AgentInfo> {
 }
 
 /// Opens a new session of this client on the same vdisk the way its boot did
-/// (`GET /ipxe/MAC/VDISK`), and accepts it only if it reads the same image.
+/// (`GET /ipxe/MAC/VDISK`, on the first server that answers), and accepts it only if it
+/// reads the same image.
 #[derive(Debug)]
 struct SessionRenewal {
-    base: String,
+    servers: Arc<ServerBook>,
     old: AgentInfo,
 }
 
-impl SessionRenewal {
-    fn new(info_url: &str, info: &AgentInfo) -> Result<Self> {
-        let base = info_url
-            .rsplit_once("/agent/")
-            .map(|(base, _)| base.to_owned())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "{:?} is not an http://HOST:PORT/agent/TOKEN address",
-                        osstream_core::shorten(info_url, 30)
-                    ),
-                )
-            })?;
-        Ok(SessionRenewal {
-            base,
-            old: info.clone(),
+/// The HTTP base of an info URL (`http://HOST:PORT` of `http://HOST:PORT/agent/TOKEN`).
+fn info_base(info_url: &str) -> Result<String> {
+    info_url
+        .rsplit_once("/agent/")
+        .map(|(base, _)| base.to_owned())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "{:?} is not an http://HOST:PORT/agent/TOKEN address",
+                    osstream_core::shorten(info_url, 30)
+                ),
+            )
         })
+}
+
+/// How often the agent asks for the servers sharing the catalog.
+const SERVER_LIST_REFRESH: Duration = Duration::from_secs(60);
+
+/// Learns the servers sharing the catalog from `GET {base}/servers`, so the agent can
+/// fail over to them; a server that cannot say (an older one, a network hiccup) leaves
+/// the book as it is.
+pub async fn learn_servers(book: &ServerBook, base: &str) {
+    match crate::fetch::get(&format!("{base}/servers"), Duration::from_secs(5))
+        .await
+        .and_then(|body| ServerList::from_json(&body))
+    {
+        Ok(list) => {
+            let added = book.learn(&list.servers);
+            if added > 0 {
+                let names: Vec<&str> = list.servers.iter().map(|s| s.name.as_str()).collect();
+                tracing::info!(servers = %names.join(", "), "agent: servers to fail over to");
+            }
+        }
+        Err(err) => tracing::debug!(%err, "agent: no list of servers"),
     }
+}
+
+/// GETs `path` from the first server that answers over HTTP (the one in use first).
+async fn get_from_any(servers: &ServerBook, path: &str) -> Result<String> {
+    let bases = servers.http_bases();
+    let mut last = Error::new(
+        ErrorKind::Config,
+        "no server's HTTP address is known (give --info)",
+    );
+    for base in bases {
+        match crate::fetch::get(&format!("{base}{path}"), Duration::from_secs(10)).await {
+            Ok(body) => return Ok(body),
+            Err(err) if matches!(err.kind(), ErrorKind::Io | ErrorKind::Shutdown) => last = err,
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last)
 }
 
 impl SessionRenewal {
@@ -568,13 +626,12 @@ pub fn root_and_info(text: &str) -> (Option<(String, String)>, Option<String>) {
 #[async_trait]
 impl Renewal for SessionRenewal {
     async fn renew(&self) -> Result<String> {
-        let url = format!(
-            "{}/ipxe/{}/{}",
-            self.base,
+        let path = format!(
+            "/ipxe/{}/{}",
             self.old.client.replace(':', "-"),
             self.old.vdisk
         );
-        let script = crate::fetch::get(&url, Duration::from_secs(10)).await?;
+        let script = get_from_any(&self.servers, &path).await?;
         let (Some((_, export)), Some(info_url)) = root_and_info(&script) else {
             let said: Vec<&str> = script
                 .lines()
@@ -593,12 +650,9 @@ impl Renewal for SessionRenewal {
         let Some(token) = export.strip_prefix("s/") else {
             return Ok(());
         };
-        let info = crate::fetch::get(
-            &format!("{}/agent/{token}", self.base),
-            Duration::from_secs(10),
-        )
-        .await
-        .and_then(|body| AgentInfo::from_json(&body))?;
+        let info = get_from_any(&self.servers, &format!("/agent/{token}"))
+            .await
+            .and_then(|body| AgentInfo::from_json(&body))?;
         self.same_disk(&info)
     }
 }

@@ -22,5 +22,5 @@ pub mod remote;
 pub mod stats;
 
 pub use agent::{Agent, AgentConfig, CacheSettings, OverlayPlace};
-pub use remote::{RemoteConfig, RemoteSource, RemoteTls};
+pub use remote::{RemoteConfig, RemoteSource, RemoteTls, ServerBook};
 pub use stats::AgentStats;

@@ -8,9 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use osstream_agent::agent::root_and_info;
 use osstream_agent::{
     Agent, AgentConfig, AgentStats, CacheSettings, OverlayPlace, RemoteConfig, RemoteTls,
+    ServerBook,
 };
 use osstream_cache_disk::DiskTier;
-use osstream_core::{ByteSize, Error, ErrorKind, Result};
+use osstream_core::{ByteSize, Error, ErrorKind, Result, ServerEntry};
 use tokio_util::sync::CancellationToken;
 
 /// The osstream client agent: serves a session's disk to this machine's kernel over NBD
@@ -78,6 +79,11 @@ struct RunArgs {
     /// The export to open: the session's `s/TOKEN`.
     #[arg(long, required_unless_present = "cmdline")]
     export: Option<String>,
+    /// Another server sharing the catalog (HOST:PORT of its NBD listener) to fail over to
+    /// when the server in use cannot be reached; repeat for more. With --info the agent
+    /// also learns them from the server (GET /servers), and again every minute.
+    #[arg(long, value_name = "HOST:PORT")]
+    also_server: Vec<String>,
     /// The session's description on the server's HTTP listener
     /// (`http://HOST:PORT/agent/TOKEN`). Without it nothing is cached locally and writes
     /// go to the server.
@@ -148,8 +154,8 @@ struct RunArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// The name the server's certificate must carry (default: the host of the server's
-    /// address).
+    /// The name every server's certificate must carry (default: the host of the address
+    /// of the server connected to).
     #[arg(long, value_name = "NAME", requires = "tls_ca")]
     tls_server_name: Option<String>,
     /// Log debug lines too.
@@ -250,6 +256,9 @@ fn config_of(mut args: RunArgs) -> Result<(AgentConfig, bool)> {
     }
     // What cannot parse now never will: refuse it here instead of retrying for ever.
     check_server_address(&nbd)?;
+    for also in &args.also_server {
+        check_server_address(also)?;
+    }
     if let Some(url) = &info {
         osstream_agent::fetch::split_url(url)
             .map_err(|e| Error::new(ErrorKind::Config, format!("--info: {}", e.message())))?;
@@ -282,11 +291,13 @@ fn config_of(mut args: RunArgs) -> Result<(AgentConfig, bool)> {
         Some(ca) => {
             let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
             let credentials = osstream_nbd::tls::client_connector(ca, identity)?;
-            let host = args
+            let server_name = args
                 .tls_server_name
                 .as_deref()
-                .unwrap_or_else(|| osstream_nbd::tls::host_of(&nbd));
-            let server_name = osstream_nbd::tls::server_name(host)?;
+                .map(osstream_nbd::tls::server_name)
+                .transpose()?;
+            // Checked now, so a bad address fails at start, not at each connection.
+            osstream_nbd::tls::server_name(osstream_nbd::tls::host_of(&nbd))?;
             Some(RemoteTls {
                 credentials,
                 server_name,
@@ -301,7 +312,24 @@ fn config_of(mut args: RunArgs) -> Result<(AgentConfig, bool)> {
     });
     let config = AgentConfig {
         remote: RemoteConfig {
-            address: nbd,
+            servers: {
+                let http = info
+                    .as_deref()
+                    .and_then(|url| url.rsplit_once("/agent/"))
+                    .map(|(base, _)| base.to_owned());
+                let book = ServerBook::new(nbd, http);
+                let also: Vec<ServerEntry> = args
+                    .also_server
+                    .iter()
+                    .map(|nbd| ServerEntry {
+                        name: nbd.clone(),
+                        nbd: nbd.clone(),
+                        http: None,
+                    })
+                    .collect();
+                book.learn(&also);
+                book
+            },
             export,
             request_timeout: Duration::from_secs(args.request_timeout.max(1)),
             give_up_after: (args.give_up_after > 0)

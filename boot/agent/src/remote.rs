@@ -17,7 +17,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use osstream_core::{
     BlockSource, Capability, Chunks, Error, ErrorKind, Extent, Geometry, ReadOpts, Result,
-    SourceInfo, WriteOpts, ZeroOpts, all_data, async_trait, check_range, read_only_error,
+    ServerEntry, SourceInfo, WriteOpts, ZeroOpts, all_data, async_trait, check_range,
+    read_only_error,
 };
 use osstream_nbd::client::{
     GREETING_LEN, OPTION_REPLY_HEADER_LEN, OptionReply, SIMPLE_REPLY_LEN, SimpleReply,
@@ -35,11 +36,98 @@ const JOURNAL_LIMIT: u64 = 64 << 20;
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The servers that may serve the session: the one the agent booted from, then the
+/// others sharing its catalog (learnt from `GET /servers`, or given with
+/// `--also-server`). When a connection fails, the next one is tried, so a client whose
+/// server died carries on with another one.
+#[derive(Debug)]
+pub struct ServerBook {
+    inner: SyncMutex<Book>,
+}
+
+#[derive(Debug)]
+struct Book {
+    servers: Vec<ServerEntry>,
+    current: usize,
+}
+
+impl ServerBook {
+    /// A book of one server (`nbd`, and its HTTP base URL if known).
+    pub fn new(nbd: String, http: Option<String>) -> Arc<Self> {
+        Arc::new(ServerBook {
+            inner: SyncMutex::new(Book {
+                servers: vec![ServerEntry {
+                    name: nbd.clone(),
+                    nbd,
+                    http,
+                }],
+                current: 0,
+            }),
+        })
+    }
+
+    /// The server in use.
+    pub fn current(&self) -> ServerEntry {
+        let book = lock(&self.inner);
+        book.servers[book.current].clone()
+    }
+
+    /// Moves to the next server (round the list) and returns it.
+    pub fn advance(&self) -> ServerEntry {
+        let mut book = lock(&self.inner);
+        book.current = (book.current + 1) % book.servers.len();
+        book.servers[book.current].clone()
+    }
+
+    /// How many servers it knows.
+    pub fn len(&self) -> usize {
+        lock(&self.inner).servers.len()
+    }
+
+    /// Whether it knows none (never: it starts with one).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Adds the servers of `list` it does not know yet (by NBD address), and learns the
+    /// names and HTTP addresses of those it does; the one in use stays in use.
+    pub fn learn(&self, list: &[ServerEntry]) -> usize {
+        let mut book = lock(&self.inner);
+        let mut added = 0;
+        for entry in list.iter().filter(|e| !e.nbd.is_empty()) {
+            match book.servers.iter_mut().find(|known| known.nbd == entry.nbd) {
+                Some(known) => {
+                    if entry.name != "this server" {
+                        known.name = entry.name.clone();
+                    }
+                    if entry.http.is_some() {
+                        known.http = entry.http.clone();
+                    }
+                }
+                None => {
+                    book.servers.push(entry.clone());
+                    added += 1;
+                }
+            }
+        }
+        added
+    }
+
+    /// Every known HTTP base URL, the server in use first.
+    pub fn http_bases(&self) -> Vec<String> {
+        let book = lock(&self.inner);
+        let n = book.servers.len();
+        (0..n)
+            .filter_map(|i| book.servers[(book.current + i) % n].http.clone())
+            .collect()
+    }
+}
+
 /// Where the disk is and how patient to be with it.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
-    /// The server's NBD address, `HOST:PORT`.
-    pub address: String,
+    /// The servers' NBD addresses, the first one to try first.
+    pub servers: Arc<ServerBook>,
     /// The export to open (`s/TOKEN` for a session).
     pub export: String,
     /// A request with no reply after this long is taken as a lost connection.
@@ -59,8 +147,9 @@ pub struct RemoteConfig {
 pub struct RemoteTls {
     /// The CA (and this client's certificate, if the server asks for one).
     pub credentials: ClientTls,
-    /// The server's host name or address as its certificate names it.
-    pub server_name: ServerName<'static>,
+    /// The name every server's certificate must carry; `None`: the host of the address
+    /// connected to (each server of a catalog has its own).
+    pub server_name: Option<ServerName<'static>>,
 }
 
 /// Counters of the remote source.
@@ -186,11 +275,15 @@ fn lock<T>(mutex: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Conn {
     /// Connects and negotiates `config.export`; returns the connection, the export's
     /// size and its transmission flags.
-    async fn open(config: &RemoteConfig, export: &str) -> Result<(Arc<Conn>, u64, u16)> {
-        let what = || format!("NBD server {} export {}", config.address, loggable(export));
+    async fn open(
+        config: &RemoteConfig,
+        address: &str,
+        export: &str,
+    ) -> Result<(Arc<Conn>, u64, u16)> {
+        let what = || format!("NBD server {address} export {}", loggable(export));
         let io = |e: std::io::Error| Error::from_io(e, format!("cannot reach the {}", what()));
         let handshake = async {
-            let mut stream = TcpStream::connect(&config.address).await.map_err(io)?;
+            let mut stream = TcpStream::connect(address).await.map_err(io)?;
             let _ = stream.set_nodelay(true);
             let mut greeting = [0u8; GREETING_LEN];
             stream.read_exact(&mut greeting).await.map_err(io)?;
@@ -215,17 +308,16 @@ impl Conn {
                     format!("the {} refused TLS: {message}", what()),
                 ));
             }
-            let mut stream = tls
-                .credentials
-                .0
-                .connect(tls.server_name.clone(), stream)
-                .await
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::PermissionDenied,
-                        format!("TLS with the {} failed: {e}", what()),
-                    )
-                })?;
+            let name = match &tls.server_name {
+                Some(name) => name.clone(),
+                None => osstream_nbd::tls::server_name(osstream_nbd::tls::host_of(address))?,
+            };
+            let mut stream = tls.credentials.0.connect(name, stream).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!("TLS with the {} failed: {e}", what()),
+                )
+            })?;
             let (size, flags) = go(&mut stream, export, &what()).await?;
             let (read, write) = tokio::io::split(stream);
             Ok((
@@ -490,6 +582,21 @@ fn ended(err: &Error) -> bool {
     err.message().contains("has ended")
 }
 
+/// Whether the server refused the session because another server holds it (or its
+/// previous holder's connections are still closing): another server, or a little
+/// patience, will serve it.
+fn held_elsewhere(err: &Error) -> bool {
+    let message = err.message();
+    err.kind() == ErrorKind::PermissionDenied
+        && (message.contains("connect there") || message.contains("waiting for them to close"))
+}
+
+/// Whether the server refused the session because its write overlay stayed on a
+/// server that is gone: a client whose writes were there must boot again.
+fn overlay_lost(err: &Error) -> bool {
+    err.kind() == ErrorKind::PermissionDenied && err.message().contains("which is gone")
+}
+
 /// Whether a session that ended may be replaced by a new one: it ended because the
 /// server lost it (a restart, or no connection for the server's grace period), not
 /// because an admin closed it or the client booted again elsewhere.
@@ -566,7 +673,7 @@ impl RemoteSource {
                 Ok(conn) => tokio::select! {
                     () = stop.cancelled() => return,
                     () = conn.lost.cancelled() => {
-                        tracing::info!(server = %self.config.address, "agent: the connection to the server closed; connecting again");
+                        tracing::info!(server = %self.config.servers.current().name, "agent: the connection to the server closed; connecting again");
                     }
                 },
                 Err(err) => {
@@ -577,20 +684,39 @@ impl RemoteSource {
         }
     }
 
-    /// Connects, waiting between attempts (doubling up to 5 s) until the server answers
-    /// or `give_up_after` has passed. Refusals that waiting cannot cure (unknown export,
-    /// access denied) fail at once.
+    /// Connects, trying each known server in turn and waiting between rounds (doubling
+    /// up to 5 s), until one serves the session or `give_up_after` has passed. A server
+    /// that says another one holds the session is passed over (the holder may be dead:
+    /// once its heartbeat lapses, the session is free for the others). Refusals that
+    /// waiting cannot cure (unknown export, access denied) fail at once.
     async fn connect_with_retries(
         &self,
         expect_size: Option<u64>,
     ) -> Result<(Arc<Conn>, u64, u16)> {
         let started = *lock(&self.down_since).get_or_insert_with(tokio::time::Instant::now);
+        let servers = &self.config.servers;
         let mut backoff = Duration::from_millis(100);
         let mut attempts = 0u32;
         let mut renewed = false;
+        // After a failed attempt: the next server now, a pause once every server failed.
+        let next = |attempts: &mut u32, backoff: &mut Duration| {
+            servers.advance();
+            *attempts += 1;
+            let pause = (*attempts as usize).is_multiple_of(servers.len());
+            let wait = *backoff;
+            if pause {
+                *backoff = (*backoff * 2).min(MAX_BACKOFF);
+            }
+            async move {
+                if pause {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
         loop {
             let export = lock(&self.export).clone();
-            match Conn::open(&self.config, &export).await {
+            let server = servers.current();
+            match Conn::open(&self.config, &server.nbd, &export).await {
                 Ok((conn, size, flags)) => {
                     if let Some(expected) = expect_size
                         && size != expected
@@ -605,9 +731,15 @@ impl RemoteSource {
                     }
                     *lock(&self.down_since) = None;
                     if attempts > 0 || renewed {
-                        tracing::info!(server = %self.config.address, attempts, waited = ?started.elapsed(), "agent: connected again");
+                        tracing::info!(server = %server.name, address = %server.nbd, attempts, waited = ?started.elapsed(), "agent: connected again");
                     }
                     return Ok((conn, size, flags));
+                }
+                Err(err) if held_elsewhere(&err) && expect_size.is_some() => {
+                    if attempts == 0 || attempts.is_power_of_two() {
+                        tracing::warn!(server = %server.name, %err, "agent: another server holds the session; trying the next one (requests wait)");
+                    }
+                    next(&mut attempts, &mut backoff).await;
                 }
                 Err(err)
                     if err.kind() == ErrorKind::NotFound && ended(&err) && !renewable(&err) =>
@@ -621,8 +753,7 @@ impl RemoteSource {
                     return Err(refused);
                 }
                 Err(err)
-                    if err.kind() == ErrorKind::NotFound
-                        && ended(&err)
+                    if (ended(&err) || overlay_lost(&err))
                         && expect_size.is_some()
                         && !renewed
                         && self.renewal.is_some() =>
@@ -639,7 +770,7 @@ impl RemoteSource {
                             renewed = true;
                         }
                         Err(e) if matches!(e.kind(), ErrorKind::Io | ErrorKind::Shutdown) => {
-                            // The server is still starting: wait and try again.
+                            // No server answers over HTTP yet: wait and try again.
                             tracing::warn!(err = %e, "agent: cannot open a new session yet; trying again");
                             attempts += 1;
                             tokio::time::sleep(backoff).await;
@@ -659,6 +790,18 @@ impl RemoteSource {
                         }
                     }
                 }
+                Err(err) if overlay_lost(&err) && expect_size.is_some() => {
+                    let refused = Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "{}; this client's writes since it booted were on that server, so it stops using the disk",
+                            err.message()
+                        ),
+                    );
+                    tracing::error!(err = %refused, "agent: the session's write overlay died with its server; failing every request (the client must boot again)");
+                    *lock(&self.refused) = Some(refused.clone());
+                    return Err(refused);
+                }
                 Err(err)
                     if err.kind() == ErrorKind::NotFound
                         && expect_size.is_some()
@@ -667,11 +810,9 @@ impl RemoteSource {
                     // The server answers any failure to open the export (a backend or
                     // catalog hiccup) as unknown: a session that served us is waited for.
                     if attempts == 0 || attempts.is_power_of_two() {
-                        tracing::warn!(%err, "agent: the server cannot open the export now; trying again (requests wait)");
+                        tracing::warn!(server = %server.name, %err, "agent: the server cannot open the export now; trying again (requests wait)");
                     }
-                    attempts += 1;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    next(&mut attempts, &mut backoff).await;
                 }
                 Err(err)
                     if matches!(
@@ -687,16 +828,14 @@ impl RemoteSource {
                     {
                         return Err(Error::new(
                             ErrorKind::Io,
-                            format!("gave up after {limit:?} without the server: {err}"),
+                            format!("gave up after {limit:?} without a server: {err}"),
                         ));
                     }
                     if attempts == 0 || attempts.is_power_of_two() {
-                        tracing::warn!(server = %self.config.address, attempts = attempts + 1, %err,
-                            "agent: cannot reach the server; trying again (requests wait)");
+                        tracing::warn!(server = %server.name, address = %server.nbd, attempts = attempts + 1, servers = servers.len(), %err,
+                            "agent: cannot reach the server; trying the next one (requests wait)");
                     }
-                    attempts += 1;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    next(&mut attempts, &mut backoff).await;
                 }
             }
         }

@@ -1,0 +1,258 @@
+"""Three servers on one PostgreSQL catalog and one S3 bucket (s3rver) (issue 17): every
+server lists the others with their load; any server's HTTP listener places a new session
+on the least loaded server by capacity, preferring the servers of the client's subnet,
+never on a drained or dead one, and hands the client that server's addresses; and when a
+server is killed (-9) under clients writing through the agent, every client carries on on
+another server and no flushed write is lost."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+
+import nbd
+import pytest
+
+from conftest import BINARY, Server, backend_toml, free_port, random_image, wait_for
+
+AGENT = os.path.join(os.path.dirname(BINARY), "osstream-agent")
+MIB = 1 << 20
+CHUNK = 256 * 1024
+STD_MACS = [f"aa:bb:cc:00:01:{i:02x}" for i in range(12)]
+NEAR = "127.0.0.2"
+
+
+class Lab:
+    """Servers a, b (capacity 1, b preferred by 127.0.0.2) and c (capacity 2)."""
+
+    def __init__(self, tmp_path, postgres, s3):
+        self.servers = {}
+        for name, capacity, subnets in (("a", 1, []), ("b", 1, [f"{NEAR}/32"]), ("c", 2, [])):
+            folder = tmp_path / name
+            folder.mkdir()
+            http = free_port()
+            extra = (f'[catalog]\nurl = "{postgres}"\n'
+                     + backend_toml("bucket", s3, f'layout = "chunked"\nchunk_size = "{CHUNK // 1024}KiB"\nwritable = true')
+                     + '[sessions]\nreconcile_interval = "200ms"\nserver_timeout = "2s"\n'
+                     + f'[cluster]\nname = "{name}"\ncapacity = {capacity}\nsubnets = {json.dumps(subnets)}\n'
+                     + f'[http]\nenabled = true\nlisten = "127.0.0.1:{http}"\nmetrics = true\n'
+                     + '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n')
+            server = Server(folder, extra, demo=False)
+            server.http_port = http
+            self.servers[name] = server
+        self.tmp = tmp_path
+        raw = tmp_path / "std.raw"
+        random_image(raw, 8 * MIB, seed=41)
+        self.std_base = raw.read_bytes()
+        self.cli("vdisk", "import", str(raw), "std", "--backend", "bucket", "--write-cache", "ram",
+                 "--boot", "sanboot", "--quiet")
+        for i in range(2):
+            random_image(raw, 4 * MIB, seed=50 + i)
+            self.cli("vdisk", "import", str(raw), f"dev{i}", "--backend", "bucket", "--mode", "private", "--quiet")
+        for i, mac in enumerate(STD_MACS):
+            self.cli("client", "add", mac)
+            self.cli("client", "assign", mac, "std")
+            if i < 2:
+                self.cli("client", "assign", mac, f"dev{i}")
+        for server in self.servers.values():
+            server.start()
+
+    def cli(self, *args, ok=True):
+        out = subprocess.run([BINARY, "--config", str(self.servers["a"].config), *args], capture_output=True, text=True, timeout=120)
+        if ok is not None:
+            assert (out.returncode == 0) == ok, f"{args}: {out.stdout}{out.stderr}"
+        return out
+
+    def by_port(self):
+        return {s.http_port: name for name, s in self.servers.items()}
+
+    def boot(self, via, mac, source=None):
+        """GETs /ipxe/MAC from server `via` (from `source`, an address of loopback); returns the
+        name of the server the script sends the client to."""
+        url = f"http://127.0.0.1:{self.servers[via].http_port}/ipxe/{mac}/std"
+        cmd = ["curl", "-sf", "--max-time", "20", url] + (["--interface", source] if source else [])
+        script = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        found = re.search(r"sanboot .*http://127\.0\.0\.1:(\d+)/san/", script)
+        assert found, script
+        return self.by_port()[int(found.group(1))]
+
+    def listed(self):
+        return {s["name"]: s for s in json.loads(self.cli("--json", "server", "list").stdout)}
+
+    def stop(self):
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture
+def lab(tmp_path, postgres, s3):
+    lab = Lab(tmp_path, postgres, s3)
+    yield lab
+    lab.stop()
+
+
+def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain(lab):
+    servers = lab.listed()
+    assert set(servers) == {"a", "b", "c"}
+    for name, s in servers.items():
+        assert s["state"] == "alive", s
+        assert s["http_url"] == f"http://127.0.0.1:{lab.servers[name].http_port}", s
+        assert s["nbd_address"] == f"127.0.0.1:{lab.servers[name].port}", s
+    assert servers["c"]["capacity"] == 2 and servers["b"]["subnets"] == [f"{NEAR}/32"]
+    table = lab.cli("server", "list").stdout
+    assert table.splitlines()[0].split()[:3] == ["NAME", "STATE", "NBD"], table
+
+    # Eight boots through a: capacity 2 takes twice the share.
+    placed = [lab.boot("a", mac) for mac in STD_MACS[:8]]
+    assert {n: placed.count(n) for n in "abc"} == {"a": 2, "b": 2, "c": 4}, placed
+    assert {n: s["sessions"] for n, s in lab.listed().items()} == {"a": 2, "b": 2, "c": 4}
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{lab.servers['a'].http_port}/metrics").read().decode()
+    assert 'osstream_placements_total{server="c"} 4' in metrics, metrics
+    assert 'osstream_cluster_server_up{server="b"' in metrics
+
+    # A client of b's subnet goes to b, however loaded; through any server.
+    assert lab.boot("c", STD_MACS[8], source=NEAR) == "b"
+
+    # Drained, b takes nothing new, not even from its subnet; its sessions stay.
+    out = json.loads(lab.cli("--json", "server", "drain", "b").stdout)
+    assert out == {"server": "b", "id": servers["b"]["id"], "draining": True}
+    assert lab.listed()["b"]["state"] == "draining"
+    assert lab.boot("a", STD_MACS[9], source=NEAR) != "b"
+    assert lab.boot("b", STD_MACS[10]) != "b"
+    assert lab.listed()["b"]["sessions"] == 3
+    lab.cli("server", "undrain", "b")
+    assert lab.listed()["b"]["state"] == "alive"
+    missing = lab.cli("server", "drain", "nobody", ok=False)
+    assert "no server is named" in missing.stderr, missing.stderr
+
+    # A dead server gets nothing once its heartbeat lapsed (2 s).
+    lab.servers["c"].proc.send_signal(signal.SIGKILL)
+    lab.servers["c"].proc.wait()
+    wait_for("c to be gone", lambda: lab.listed()["c"]["state"] == "gone", timeout=10)
+    for mac in STD_MACS[:6]:
+        assert lab.boot("a", mac) != "c"
+
+
+class Writer(threading.Thread):
+    """Writes random 4 KiB blocks through an agent's socket, flushing after every few;
+    remembers what was flushed and the longest wait for one request."""
+
+    def __init__(self, socket, size, seed):
+        super().__init__(daemon=True)
+        self.h = nbd.NBD()
+        self.h.connect_uri(f"nbd+unix:///disk?socket={socket}")
+        self.size = size
+        self.rng = random.Random(seed)
+        self.flushed = {}
+        self.pending = {}
+        self.longest = 0.0
+        self.done = threading.Event()
+        self.error = None
+        self.count = 0
+
+    def run(self):
+        try:
+            while not self.done.is_set():
+                offset = self.rng.randrange(self.size // 4096) * 4096
+                data = self.rng.randbytes(4096)
+                started = time.monotonic()
+                self.h.pwrite(data, offset)
+                self.pending[offset] = data
+                if len(self.pending) >= 4:
+                    self.h.flush()
+                    self.flushed.update(self.pending)
+                    self.pending.clear()
+                self.longest = max(self.longest, time.monotonic() - started)
+                self.count += 1
+                time.sleep(0.01)
+            self.h.flush()
+            self.flushed.update(self.pending)
+            self.pending.clear()
+        except Exception as err:  # noqa: BLE001 - reported by the test
+            self.error = err
+
+    def check(self, base):
+        """Reads back every block written, and (given the base image) some never written."""
+        for offset, data in self.flushed.items():
+            assert self.h.pread(4096, offset) == data, f"flushed write at {offset} lost"
+        if base is not None:
+            untouched = [o for o in range(0, self.size, 4096) if o not in self.flushed and o not in self.pending]
+            for offset in untouched[::max(1, len(untouched) // 32)]:
+                assert self.h.pread(4096, offset) == base[offset:offset + 4096], f"base block at {offset} reads wrong"
+
+
+def start_agent(lab, tmp_path, server, mac, vdisk, name):
+    export = json.loads(lab.cli("--json", "session", "open", mac, vdisk).stdout)["export"]
+    token = export.split("/", 1)[1]
+    s = lab.servers[server]
+    socket = tmp_path / f"{name}.sock"
+    log = tmp_path / f"{name}.log"
+    log_file = open(log, "w")
+    proc = subprocess.Popen([AGENT, "run", "--nbd", f"127.0.0.1:{s.port}", "--export", export,
+                             "--info", f"http://127.0.0.1:{s.http_port}/agent/{token}",
+                             "--socket", str(socket), "--request-timeout", "3",
+                             "--stats", str(tmp_path / f"{name}-stats.json")],
+                            stdout=log_file, stderr=subprocess.STDOUT)
+    wait_for(f"agent {name}", lambda: "agent: serving the disk" in log.read_text() or proc.poll() is not None)
+    assert proc.poll() is None, log.read_text()
+    return proc, socket, log
+
+
+def test_clients_writing_through_the_agent_carry_on_when_their_server_is_killed(lab, tmp_path):
+    # Booted as linux-nbd, as agent clients are: a standard session's writes are on the
+    # client, and the agent opens a new session (through any server) when its server died.
+    lab.cli("vdisk", "set", "std", "--boot", "linux-nbd", "--kernel", "vmlinuz", "--initrd", "initrd")
+    agents = []
+    for i in range(2):
+        agents.append(("dev", i, *start_agent(lab, tmp_path, "a", STD_MACS[i], f"dev{i}", f"dev{i}")))
+    for i in range(2, 4):
+        agents.append(("std", i, *start_agent(lab, tmp_path, "a", STD_MACS[i], "std", f"std{i}")))
+    for _, _, _, _, log in agents:
+        wait_for("the agent to learn the servers", lambda: "servers to fail over to" in log.read_text())
+    writers = []
+    for kind, i, _, socket, _ in agents:
+        size = 4 * MIB if kind == "dev" else 8 * MIB
+        writers.append(Writer(socket, size, seed=i))
+    for w in writers:
+        w.start()
+    time.sleep(2)
+    before = [w.count for w in writers]
+    killed_at = time.monotonic()
+    lab.servers["a"].proc.send_signal(signal.SIGKILL)
+    lab.servers["a"].proc.wait()
+    # Every client makes progress again on b or c.
+    wait_for("every writer to go on", lambda: all(w.count > b + 20 for w, b in zip(writers, before))
+             or any(w.error for w in writers), timeout=60)
+    interruption = time.monotonic() - killed_at
+    for w in writers:
+        w.done.set()
+    for w in writers:
+        w.join(timeout=60)
+        assert w.error is None, w.error
+    print(f"longest request wait per client: {[round(w.longest, 1) for w in writers]} s; all going again after "
+          f"{interruption:.1f} s")
+    assert max(w.longest for w in writers) < 30
+    for (kind, *_), w in zip(agents, writers):
+        w.check(lab.std_base if kind == "std" else None)
+    for kind, i, proc, _, log in agents:
+        text = log.read_text()
+        assert "connected again" in text, text
+    # The private vdisks' flushed writes are on the shared store, byte for byte.
+    for (kind, i, proc, _, _), w in zip(agents, writers):
+        w.h.shutdown()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        if kind != "dev":
+            continue
+        out = tmp_path / f"dev{i}-export.raw"
+        lab.servers["b"].cli("vdisk", "export", f"dev{i}", str(out), "--quiet")
+        data = out.read_bytes()
+        for offset, block in w.flushed.items():
+            assert data[offset:offset + 4096] == block, f"dev{i}: flushed write at {offset} lost"
+    holders = {s["name"]: s["sessions"] for s in lab.listed().values()}
+    assert lab.listed()["a"]["state"] == "gone", holders
