@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -256,3 +257,109 @@ def test_clients_writing_through_the_agent_carry_on_when_their_server_is_killed(
             assert data[offset:offset + 4096] == block, f"dev{i}: flushed write at {offset} lost"
     holders = {s["name"]: s["sessions"] for s in lab.listed().values()}
     assert lab.listed()["a"]["state"] == "gone", holders
+
+
+class FloatingAddress:
+    """A TCP relay standing for an address keepalived moves between servers: new
+    connections go to `target`; `move` sends them elsewhere and drops the ones open (the
+    old holder of the address is gone, and so are its connections)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def move(self, target):
+        self.target = target
+        with self.lock:
+            for s in self.open:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.open.clear()
+
+    def close(self):
+        self.listener.close()
+        self.move(self.target)
+
+
+def test_plain_clients_behind_a_floating_address_when_their_server_is_killed(lab):
+    """No agent: a stock client reaches the servers through one address that keepalived
+    would move. Its private session reattaches on the next server once the dead server's
+    heartbeat lapsed, with every flushed write; a standard session's overlay died with its
+    server, so the next server refuses it (the client must boot again)."""
+    vip = FloatingAddress(lab.servers["a"].port)
+    exports = {}
+    for mac, vdisk in ((STD_MACS[0], "dev0"), (STD_MACS[2], "std")):
+        exports[vdisk] = json.loads(lab.cli("--json", "session", "open", mac, vdisk).stdout)["export"]
+    handles, written = {}, {}
+    for vdisk, export in exports.items():
+        h = nbd.NBD()
+        h.connect_uri(f"nbd://127.0.0.1:{vip.port}/{export}")
+        data = random.Random(vdisk).randbytes(64 * 1024)
+        h.pwrite(data, MIB)
+        h.flush()
+        handles[vdisk], written[vdisk] = h, data
+    killed_at = time.monotonic()
+    lab.servers["a"].proc.send_signal(signal.SIGKILL)
+    lab.servers["a"].proc.wait()
+    vip.move(lab.servers["b"].port)  # keepalived's VRRP would take ~3 s more to notice
+    for h in handles.values():
+        with pytest.raises(nbd.Error):
+            h.pread(4096, 0)
+
+    def attach(export):
+        h = nbd.NBD()
+        try:
+            h.connect_uri(f"nbd://127.0.0.1:{vip.port}/{export}")
+            return h
+        except nbd.Error as err:
+            return str(err)
+
+    while isinstance(result := attach(exports["dev0"]), str):
+        assert time.monotonic() - killed_at < 30, result
+        time.sleep(0.2)
+    interruption = time.monotonic() - killed_at
+    assert result.pread(64 * 1024, MIB) == written["dev0"]
+    result.pwrite(b"\x5a" * 4096, 0)
+    result.flush()
+    result.shutdown()
+    refused = attach(exports["std"])
+    assert isinstance(refused, str), "a standard session resumed on an empty overlay"
+    assert "keeps its write overlay on server a" in lab.servers["b"].log.read_text()
+    print(f"private session back through the floating address {interruption:.1f} s after the kill "
+          "(server_timeout 2 s, without the VRRP failover time)")
+    vip.close()
