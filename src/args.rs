@@ -122,11 +122,15 @@ pub struct VdiskAdd {
 
 #[derive(Debug, Clone, Args)]
 pub struct VdiskSet {
+    /// The vdisk to change.
     pub name: String,
+    /// standard: shared base, per-session overlays; private: one writer, writes to the vdisk.
     #[arg(long, value_parser = choices(VdiskMode::CHOICES))]
     pub mode: Option<String>,
+    /// Where standard-mode writes go (sessions opened from now on).
     #[arg(long, value_parser = choices(WriteCache::CHOICES))]
     pub write_cache: Option<String>,
+    /// How clients boot it: linux-nbd (initramfs-tools), linux-nbd-dracut, or sanboot.
     #[arg(long, value_parser = choices(BootMethod::CHOICES))]
     pub boot: Option<String>,
     /// Kernel key; an empty string clears it.
@@ -138,6 +142,7 @@ pub struct VdiskSet {
     /// Kernel command line; an empty string clears it.
     #[arg(long)]
     pub cmdline: Option<String>,
+    /// Free text for listings and boot menus.
     #[arg(long)]
     pub description: Option<String>,
     /// Offer it to clients again.
