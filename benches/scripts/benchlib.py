@@ -110,3 +110,39 @@ def stop(processes):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def load_trace(path):
+    """A boot trace (benches/traces): the image size and its reads (at µs, offset, length)."""
+    reads, size = [], 0
+    for line in open(path):
+        if line.startswith("#"):
+            for field in line.split():
+                if field.startswith("size="):
+                    size = int(field[5:])
+            continue
+        at, offset, length = map(int, line.split())
+        reads.append((at, offset, length))
+    return size, reads
+
+
+def replay(uri, reads, done, index, errors, gaps=True):
+    """One simulated client: each read of the trace once the previous one returned (queue
+    depth 1, as a boot), after the pause the trace recorded unless not `gaps`; its time
+    goes to done[index], a failure to `errors`. Needs python3-libnbd."""
+    import nbd
+    try:
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        started = time.perf_counter()
+        previous = reads[0][0]
+        for at, offset, length in reads:
+            gap = (at - previous) / 1e6
+            previous = at
+            if gaps and gap > 0:
+                time.sleep(gap)
+            h.pread(length, offset)
+        done[index] = time.perf_counter() - started
+        h.shutdown()
+    except Exception as err:  # reported by the caller
+        errors.append(f"client {index}: {err}")

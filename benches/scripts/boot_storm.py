@@ -31,46 +31,13 @@ import tempfile
 import threading
 import time
 
-from benchlib import ROOT, free_port, stop, wait_port
+from benchlib import ROOT, free_port, load_trace, replay, stop, wait_port
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
 from faultproxy import FaultyProxy  # noqa: E402
 
-import nbd  # noqa: E402  (python3-libnbd: run with Debian's /usr/bin/python3)
-
 BUCKET = "vdisks"
 BLOCK = 64 << 10
-
-
-def load_trace(path):
-    reads, size = [], 0
-    for line in open(path):
-        if line.startswith("#"):
-            for field in line.split():
-                if field.startswith("size="):
-                    size = int(field[5:])
-            continue
-        at, offset, length = map(int, line.split())
-        reads.append((at, offset, length))
-    return size, reads
-
-
-def replay(uri, reads, done, index, errors):
-    try:
-        h = nbd.NBD()
-        h.connect_uri(uri)
-        started = time.perf_counter()
-        previous = reads[0][0]
-        for at, offset, length in reads:
-            gap = (at - previous) / 1e6
-            previous = at
-            if gap > 0:
-                time.sleep(gap)
-            h.pread(length, offset)
-        done[index] = time.perf_counter() - started
-        h.shutdown()
-    except Exception as err:  # reported by the caller
-        errors.append(f"client {index}: {err}")
 
 
 def hog(uri, stop_at, copied):

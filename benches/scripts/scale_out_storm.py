@@ -38,9 +38,7 @@ import threading
 import time
 import urllib.request
 
-from benchlib import ROOT, free_port, stop
-
-import nbd  # noqa: E402  (python3-libnbd: run with Debian's /usr/bin/python3)
+from benchlib import ROOT, free_port, load_trace, replay, stop
 
 BUCKET = "vdisks"
 BLOCK = 64 << 10
@@ -112,37 +110,6 @@ def start_postgres(work):
         shutil.rmtree(root, ignore_errors=True)
 
     return "postgres://osstream@{host}:" + str(port) + "/postgres", halt
-
-
-def load_trace(path):
-    reads, size = [], 0
-    for line in open(path):
-        if line.startswith("#"):
-            for field in line.split():
-                if field.startswith("size="):
-                    size = int(field[5:])
-            continue
-        at, offset, length = map(int, line.split())
-        reads.append((at, offset, length))
-    return size, reads
-
-
-def replay(uri, reads, gaps, done, index, errors):
-    try:
-        h = nbd.NBD()
-        h.connect_uri(uri)
-        started = time.perf_counter()
-        previous = reads[0][0]
-        for at, offset, length in reads:
-            gap = (at - previous) / 1e6
-            previous = at
-            if gaps and gap > 0:
-                time.sleep(gap)
-            h.pread(length, offset)
-        done[index] = time.perf_counter() - started
-        h.shutdown()
-    except Exception as err:  # reported by the caller
-        errors.append(f"client {index}: {err}")
 
 
 def wait_http(url, timeout=30.0):
@@ -254,7 +221,7 @@ def main():
                         placed[address] = placed.get(address, 0) + 1
                         uris.append(f"nbd://{address}:{port}/{export}")
                     done, errors = [None] * len(uris), []
-                    threads = [threading.Thread(target=replay, args=(uri, reads, args.gaps, done, i, errors))
+                    threads = [threading.Thread(target=replay, args=(uri, reads, done, i, errors, args.gaps))
                                for i, uri in enumerate(uris)]
                     for t in threads:
                         t.start()

@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -44,6 +45,65 @@ def wait_for(what, predicate, timeout=30):
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class TcpRelay:
+    """Forwards a loopback port to another: `record` keeps every byte clients sent
+    (`sent`); `move` sends new connections elsewhere and drops the open ones, as when
+    keepalived moves a floating address off a server that died."""
+
+    def __init__(self, target, record=False):
+        self.target, self.record, self.sent = target, record, bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open += [client, upstream]
+            threading.Thread(target=self.pipe, args=(client, upstream, self.record), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(upstream, client, False), daemon=True).start()
+
+    def pipe(self, src, dst, record):
+        try:
+            while data := src.recv(65536):
+                if record:
+                    self.sent += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def move(self, target):
+        self.target = target
+        with self.lock:
+            for sock in self.open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.open.clear()
+
+    def close(self):
+        self.listener.close()
+        self.move(self.target)
 
 
 def free_port():

@@ -10,7 +10,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,7 +18,7 @@ import urllib.request
 import nbd
 import pytest
 
-from conftest import BINARY, Server, backend_toml, free_port, random_image, wait_for
+from conftest import BINARY, Server, TcpRelay, backend_toml, free_port, random_image, wait_for
 
 AGENT = os.path.join(os.path.dirname(BINARY), "osstream-agent")
 MIB = 1 << 20
@@ -259,69 +258,12 @@ def test_clients_writing_through_the_agent_carry_on_when_their_server_is_killed(
     assert lab.listed()["a"]["state"] == "gone", holders
 
 
-class FloatingAddress:
-    """A TCP relay standing for an address keepalived moves between servers: new
-    connections go to `target`; `move` sends them elsewhere and drops the ones open (the
-    old holder of the address is gone, and so are its connections)."""
-
-    def __init__(self, target):
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.open = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def pump(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def move(self, target):
-        self.target = target
-        with self.lock:
-            for s in self.open:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.open.clear()
-
-    def close(self):
-        self.listener.close()
-        self.move(self.target)
-
-
 def test_plain_clients_behind_a_floating_address_when_their_server_is_killed(lab):
     """No agent: a stock client reaches the servers through one address that keepalived
     would move. Its private session reattaches on the next server once the dead server's
     heartbeat lapsed, with every flushed write; a standard session's overlay died with its
     server, so the next server refuses it (the client must boot again)."""
-    vip = FloatingAddress(lab.servers["a"].port)
+    vip = TcpRelay(lab.servers["a"].port)
     exports = {}
     for mac, vdisk in ((STD_MACS[0], "dev0"), (STD_MACS[2], "std")):
         exports[vdisk] = json.loads(lab.cli("--json", "session", "open", mac, vdisk).stdout)["export"]

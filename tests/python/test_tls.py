@@ -6,13 +6,12 @@ proxy checks what crosses the wire."""
 import os
 import socket
 import subprocess
-import threading
 import time
 
 import nbd
 import pytest
 
-from conftest import BINARY, free_port, make_pki, random_image, sha256
+from conftest import BINARY, TcpRelay, free_port, make_pki, random_image, sha256
 
 AGENT = os.path.join(os.path.dirname(BINARY), "osstream-agent")
 MIB = 1 << 20
@@ -58,44 +57,6 @@ def nbdinfo(*args):
                           env={**os.environ, "LIBNBD_DEBUG": "1"})
 
 
-class RecordingProxy:
-    """Forwards one TCP port to another and keeps every byte the client sent."""
-
-    def __init__(self, target):
-        self.target, self.sent = target, bytearray()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self.pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self.pipe, args=(upstream, client, False), daemon=True).start()
-
-    def pipe(self, src, dst, record):
-        try:
-            while data := src.recv(65536):
-                if record:
-                    self.sent += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.listener.close()
-
-
 def test_require_serves_nbds_clients_and_refuses_plain_ones(make_server, tmp_path):
     s = build(make_server, tmp_path)
     uri = open_session(s)
@@ -130,7 +91,7 @@ def test_the_token_and_the_data_never_cross_the_wire_in_clear(make_server, tmp_p
     token = uri.rsplit("/s/", 1)[1]
     data = (s.images / "deb.img").read_bytes()[MIB:MIB + 4096]
     for scheme, expect_clear in (("nbds", False), ("nbd", True)):
-        proxy = RecordingProxy(s.port)
+        proxy = TcpRelay(s.port, record=True)
         proxied = f"{scheme}://127.0.0.1:{proxy.port}/s/{token}"
         if scheme == "nbds":
             # The certificate names 127.0.0.1, the proxy's address too.

@@ -535,7 +535,7 @@ struct SessionRenewal {
 }
 
 /// The HTTP base of an info URL (`http://HOST:PORT` of `http://HOST:PORT/agent/TOKEN`).
-fn info_base(info_url: &str) -> Result<String> {
+pub fn info_base(info_url: &str) -> Result<String> {
     info_url
         .rsplit_once("/agent/")
         .map(|(base, _)| base.to_owned())

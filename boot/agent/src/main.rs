@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use osstream_agent::agent::root_and_info;
+use osstream_agent::agent::{info_base, root_and_info};
 use osstream_agent::{
     Agent, AgentConfig, AgentStats, CacheSettings, OverlayPlace, RemoteConfig, RemoteTls,
     ServerBook,
@@ -313,10 +313,7 @@ fn config_of(mut args: RunArgs) -> Result<(AgentConfig, bool)> {
     let config = AgentConfig {
         remote: RemoteConfig {
             servers: {
-                let http = info
-                    .as_deref()
-                    .and_then(|url| url.rsplit_once("/agent/"))
-                    .map(|(base, _)| base.to_owned());
+                let http = info.as_deref().and_then(|url| info_base(url).ok());
                 let book = ServerBook::new(nbd, http);
                 let also: Vec<ServerEntry> = args
                     .also_server

@@ -79,14 +79,9 @@ impl ServerBook {
         book.servers[book.current].clone()
     }
 
-    /// How many servers it knows.
-    pub fn len(&self) -> usize {
+    /// How many servers it knows (at least one: it starts with one).
+    pub fn count(&self) -> usize {
         lock(&self.inner).servers.len()
-    }
-
-    /// Whether it knows none (never: it starts with one).
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// Adds the servers of `list` it does not know yet (by NBD address), and learns the
@@ -97,9 +92,7 @@ impl ServerBook {
         for entry in list.iter().filter(|e| !e.nbd.is_empty()) {
             match book.servers.iter_mut().find(|known| known.nbd == entry.nbd) {
                 Some(known) => {
-                    if entry.name != "this server" {
-                        known.name = entry.name.clone();
-                    }
+                    known.name = entry.name.clone();
                     if entry.http.is_some() {
                         known.http = entry.http.clone();
                     }
@@ -702,7 +695,7 @@ impl RemoteSource {
         let next = |attempts: &mut u32, backoff: &mut Duration| {
             servers.advance();
             *attempts += 1;
-            let pause = (*attempts as usize).is_multiple_of(servers.len());
+            let pause = (*attempts as usize).is_multiple_of(servers.count());
             let wait = *backoff;
             if pause {
                 *backoff = (*backoff * 2).min(MAX_BACKOFF);
@@ -832,7 +825,7 @@ impl RemoteSource {
                         ));
                     }
                     if attempts == 0 || attempts.is_power_of_two() {
-                        tracing::warn!(server = %server.name, address = %server.nbd, attempts = attempts + 1, servers = servers.len(), %err,
+                        tracing::warn!(server = %server.name, address = %server.nbd, attempts = attempts + 1, servers = servers.count(), %err,
                             "agent: cannot reach the server; trying the next one (requests wait)");
                     }
                     next(&mut attempts, &mut backoff).await;

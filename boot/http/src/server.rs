@@ -518,9 +518,11 @@ impl Connection {
 
     /// `GET /servers`: the servers a client agent may fail over to, this one first.
     async fn server_list(&self, request: &Request) -> Reply {
+        // Named by its address, as an agent names a server it was only given the address of.
+        let nbd = self.shared.nbd_address.clone().unwrap_or_default();
         let here = ServerEntry {
-            name: "this server".to_owned(),
-            nbd: self.shared.nbd_address.clone().unwrap_or_default(),
+            name: nbd.clone(),
+            nbd,
             http: Some(self.base_url(request)),
         };
         let servers = match &self.shared.placement {
