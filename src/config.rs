@@ -188,7 +188,8 @@ pub struct ClusterConfig {
     pub subnets: Vec<String>,
     /// Place the new sessions of the clients this server's HTTP listener boots on the
     /// least loaded server (it may be another one: the boot script points the client
-    /// there). `false`: every session opened here is served here. Default: `true`.
+    /// there). `false`: every session opened here is served here (agents still learn
+    /// every server, to fail over to). Default: `true`.
     pub placement: bool,
 }
 

@@ -23,6 +23,9 @@ pub struct CatalogPlacement {
     name: String,
     /// `[sessions] server_timeout`: a server silent for longer is gone.
     timeout_ms: i64,
+    /// `[cluster] placement`: whether new sessions may go to other servers (`false`:
+    /// every one stays here; the servers are still listed for agents to fail over to).
+    steer: bool,
     /// Sessions this server placed, by the name of the server they went to.
     placed: Mutex<BTreeMap<String, u64>>,
     /// The servers as of this server's last heartbeat, for `/metrics`.
@@ -34,14 +37,21 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl CatalogPlacement {
-    /// Placement over `catalog`'s servers, answered by `me` (named `name`); registers its
-    /// `/metrics` families.
-    pub fn new(catalog: SqlCatalog, me: ServerRef, name: String, timeout_ms: i64) -> Arc<Self> {
+    /// Placement over `catalog`'s servers, answered by `me` (named `name`), sending new
+    /// sessions elsewhere only if `steer`; registers its `/metrics` families.
+    pub fn new(
+        catalog: SqlCatalog,
+        me: ServerRef,
+        name: String,
+        timeout_ms: i64,
+        steer: bool,
+    ) -> Arc<Self> {
         let placement = Arc::new(CatalogPlacement {
             catalog,
             me,
             name,
             timeout_ms,
+            steer,
             placed: Mutex::default(),
             known: Mutex::default(),
         });
@@ -136,7 +146,10 @@ impl CatalogPlacement {
 #[async_trait]
 impl Placement for CatalogPlacement {
     async fn choose(&self, peer: Option<IpAddr>) -> PlacedServer {
-        let placed = match self.catalog.servers().await {
+        if !self.steer {
+            return self.here();
+        }
+        match self.catalog.servers().await {
             Ok(servers) => match choose_server(&servers, peer, self.timeout_ms) {
                 Some(server) => self.placed_server(server),
                 None => self.here(),
@@ -145,12 +158,11 @@ impl Placement for CatalogPlacement {
                 tracing::warn!(%err, "cannot read the servers to place a session; this server takes it");
                 self.here()
             }
-        };
-        *lock(&self.placed).entry(placed.name.clone()).or_default() += 1;
-        placed
+        }
     }
 
     async fn record(&self, session: &str, server: &PlacedServer) -> Result<()> {
+        *lock(&self.placed).entry(server.name.clone()).or_default() += 1;
         self.catalog.record_placement(session, &server.id).await
     }
 

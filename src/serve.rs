@@ -316,14 +316,13 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
             },
         )
         .await?;
-    let placement = config.cluster.placement.then(|| {
-        crate::placement::CatalogPlacement::new(
-            catalog.clone(),
-            me.clone(),
-            server_name.clone(),
-            timers.server_timeout_ms,
-        )
-    });
+    let placement = crate::placement::CatalogPlacement::new(
+        catalog.clone(),
+        me.clone(),
+        server_name.clone(),
+        timers.server_timeout_ms,
+        config.cluster.placement,
+    );
     let mut signals = Signals::watch()?;
     tracing::info!(images = %names.join(", "), "osstream ready");
     crate::notify::notify(&format!("READY=1\nSTATUS=serving {} image(s)", names.len()));
@@ -372,7 +371,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         seen: Arc::default(),
         leases: Some(Arc::new(catalog.clone())),
         profiles: Some(Arc::new(catalog.clone())),
-        placement: placement.map(|p| p as Arc<dyn osstream_core::Placement>),
+        placement: Some(placement as Arc<dyn osstream_core::Placement>),
     };
     let mut running = tokio::task::JoinSet::new();
     for protocol in protocols {

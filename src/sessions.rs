@@ -224,7 +224,7 @@ impl SessionDirectory for CatalogSessions {
 /// of its own, so a slow round of it never delays the heartbeat.
 pub async fn reconcile(
     directory: Arc<CatalogSessions>,
-    placement: Option<Arc<crate::placement::CatalogPlacement>>,
+    placement: Arc<crate::placement::CatalogPlacement>,
     exports: Arc<Exports>,
     period: Duration,
     overlays: std::path::PathBuf,
@@ -246,16 +246,14 @@ pub async fn reconcile(
             _ = tokio::time::sleep(period) => {}
         }
         let sent = Instant::now();
-        if let Err(err) = catalog.heartbeat(&me).await {
+        if let Err(err) = catalog
+            .heartbeat_with_load(&me, meter.bytes_per_sec())
+            .await
+        {
             tracing::warn!(%err, "heartbeat failed; writes of private sessions stop once the lease runs out");
             continue;
         }
-        if let Err(err) = catalog.report_load(&me, meter.bytes_per_sec()).await {
-            tracing::debug!(%err, "cannot report this server's load");
-        }
-        if let Some(placement) = &placement {
-            placement.refresh().await;
-        }
+        placement.refresh().await;
         match catalog.held_sessions(&me).await {
             Ok(held) => {
                 for id in exports.retain_sessions(|id| held.contains(id), sent) {

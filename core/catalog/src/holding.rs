@@ -177,12 +177,25 @@ impl SqlCatalog {
     /// Marks this server alive now. Fails if another instance took its id (two servers
     /// started on one data directory on different hosts).
     pub async fn heartbeat(&self, me: &ServerRef) -> Result<()> {
+        self.beat(me, None).await
+    }
+
+    /// [`SqlCatalog::heartbeat`] that also reports the bytes per second this server's
+    /// clients moved since the last one (the traffic placement weighs), in one update.
+    pub async fn heartbeat_with_load(&self, me: &ServerRef, bytes_per_sec: u64) -> Result<()> {
+        self.beat(me, Some(bytes_per_sec.min(i64::MAX as u64) as i64))
+            .await
+    }
+
+    async fn beat(&self, me: &ServerRef, bytes_per_sec: Option<i64>) -> Result<()> {
         let done = sqlx::query(sql(format!(
-            "UPDATE servers SET heartbeat_at = {} WHERE id = $1 AND instance = $2",
+            "UPDATE servers SET heartbeat_at = {}, bytes_per_sec = COALESCE($3, bytes_per_sec) \
+             WHERE id = $1 AND instance = $2",
             self.now_sql()
         )))
         .bind(&me.id)
         .bind(&me.instance)
+        .bind(bytes_per_sec)
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, "heartbeat"))?;

@@ -85,8 +85,13 @@ impl std::fmt::Display for Subnet {
 /// The load a server carries, relative to its capacity: its sessions, plus its traffic
 /// counted in sessions' worth ([`BYTES_PER_SECOND_PER_SESSION`]).
 pub fn load(server: &Server) -> f64 {
-    let sessions =
-        server.sessions as f64 + server.bytes_per_sec as f64 / BYTES_PER_SECOND_PER_SESSION;
+    load_with(server, 0)
+}
+
+/// [`load`] once `more` sessions are added.
+fn load_with(server: &Server, more: u64) -> f64 {
+    let sessions = (server.sessions + more) as f64
+        + server.bytes_per_sec as f64 / BYTES_PER_SECOND_PER_SESSION;
     sessions / server.capacity.max(0.001)
 }
 
@@ -118,12 +123,8 @@ pub fn choose(servers: &[Server], peer: Option<IpAddr>, timeout_ms: i64) -> Opti
         preferred
     };
     candidates.into_iter().min_by(|a, b| {
-        let after = |s: &Server| {
-            (s.sessions as f64 + 1.0 + s.bytes_per_sec as f64 / BYTES_PER_SECOND_PER_SESSION)
-                / s.capacity.max(0.001)
-        };
-        after(a)
-            .total_cmp(&after(b))
+        load_with(a, 1)
+            .total_cmp(&load_with(b, 1))
             .then(a.sessions.cmp(&b.sessions))
             .then_with(|| a.name.cmp(&b.name))
             .then_with(|| a.id.cmp(&b.id))
@@ -145,18 +146,6 @@ impl SqlCatalog {
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, "record what the server offers"))?;
-        Ok(())
-    }
-
-    /// Records the traffic this server's clients made since its last report.
-    pub async fn report_load(&self, me: &ServerRef, bytes_per_sec: u64) -> Result<()> {
-        sqlx::query("UPDATE servers SET bytes_per_sec = $3 WHERE id = $1 AND instance = $2")
-            .bind(&me.id)
-            .bind(&me.instance)
-            .bind(bytes_per_sec.min(i64::MAX as u64) as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| db_error(e, "report the server's load"))?;
         Ok(())
     }
 
