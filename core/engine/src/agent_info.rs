@@ -49,25 +49,35 @@ impl ServerList {
         serde_json::to_string(self).expect("server list serialises")
     }
 
-    /// Reads what a server sent.
+    /// Reads what a server sent, refusing another format.
     pub fn from_json(text: &str) -> Result<Self> {
-        let list: ServerList = serde_json::from_str(text).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                format!("the server's list of servers does not parse: {e}"),
-            )
-        })?;
-        if list.format != AGENT_INFO_FORMAT {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "the server speaks format {}, this agent {AGENT_INFO_FORMAT}: use an agent of the server's version",
-                    list.format
-                ),
-            ));
-        }
+        let list: ServerList = parse(text, "list of servers")?;
+        check_format(list.format, "list of servers")?;
         Ok(list)
     }
+}
+
+/// `text` as a `what` the server sent.
+fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("the server's {what} does not parse: {e}"),
+        )
+    })
+}
+
+/// `Unsupported` unless a `what` the server sent is in [`AGENT_INFO_FORMAT`].
+fn check_format(format: u32, what: &str) -> Result<()> {
+    if format != AGENT_INFO_FORMAT {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the server speaks {what} format {format}, this agent {AGENT_INFO_FORMAT}: use an agent of the server's version"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A session's disk as the agent needs to know it.
@@ -103,21 +113,8 @@ impl AgentInfo {
 
     /// Reads what a server sent, refusing another format and nonsense geometry.
     pub fn from_json(text: &str) -> Result<Self> {
-        let info: AgentInfo = serde_json::from_str(text).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                format!("the server's agent info does not parse: {e}"),
-            )
-        })?;
-        if info.format != AGENT_INFO_FORMAT {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "the server speaks agent info format {}, this agent {AGENT_INFO_FORMAT}: use an agent of the server's version",
-                    info.format
-                ),
-            ));
-        }
+        let info: AgentInfo = parse(text, "agent info")?;
+        check_format(info.format, "agent info")?;
         if !info.boot_set.is_empty() {
             let valid =
                 (512..=16 << 20).contains(&info.block_size) && info.block_size.is_power_of_two();
