@@ -100,7 +100,9 @@ pub struct VdiskAdd {
     /// standard: shared base, per-session overlays; private: one writer, writes to the vdisk.
     #[arg(long, default_value = "standard", value_parser = choices(VdiskMode::CHOICES))]
     pub mode: String,
-    /// Where standard-mode writes go: ram, ram-overflow-disk, server-disk, server-disk-persistent.
+    /// Where standard-mode writes go: ram, ram-overflow-disk, server-disk, server-disk-persistent,
+    /// or shared-disk (a folder every server mounts, `[sessions] shared_overlay_dir`: the
+    /// session survives its server).
     #[arg(long, default_value = "ram-overflow-disk", value_parser = choices(WriteCache::CHOICES))]
     pub write_cache: String,
     /// How clients boot it: linux-nbd (initramfs-tools), linux-nbd-dracut, or sanboot.

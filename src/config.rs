@@ -248,6 +248,11 @@ pub struct SessionsConfig {
     /// Folder of disk write overlays (`<dir>/<client>/<vdisk>/`); relative to `data_dir`.
     /// Default: `overlays`.
     pub overlay_dir: PathBuf,
+    /// Folder of `shared-disk` write overlays, laid out like `overlay_dir`: the same
+    /// shared storage on every server sharing the catalog (an NFS mount), so a session
+    /// moves to another server with its writes when its own dies. Relative to
+    /// `data_dir`. Default: unset (this server opens no `shared-disk` session).
+    pub shared_overlay_dir: Option<PathBuf>,
     /// RAM one session's `ram` / `ram-overflow-disk` overlay may use. Default: `512MiB`.
     pub ram_capacity: ByteSize,
     /// Copy-on-write granularity. Default: `4KiB`.
@@ -263,10 +268,10 @@ pub struct SessionsConfig {
     /// private vdisk's lock with it. Default: `10m`.
     pub lease: osstream_core::Seconds,
     /// A server whose heartbeat is older than this is gone for the others sharing the
-    /// catalog: its private sessions may move to another server (fenced by a new lock
-    /// epoch) and its other sessions count as disconnected. It stops writing for its
-    /// private sessions after half of this without reaching the catalog. Use the same
-    /// value on every server. Default: `15s`.
+    /// catalog: its private and `shared-disk` sessions may move to another server (fenced
+    /// by a new epoch) and its other sessions count as disconnected. It stops writing for
+    /// those sessions after half of this without reaching the catalog. Use the same
+    /// value on every server. Default: `10s`.
     pub server_timeout: osstream_core::Seconds,
 }
 
@@ -274,12 +279,13 @@ impl Default for SessionsConfig {
     fn default() -> Self {
         SessionsConfig {
             overlay_dir: PathBuf::from("overlays"),
+            shared_overlay_dir: None,
             ram_capacity: ByteSize::mib(512),
             block_size: ByteSize::kib(4),
             reconcile_interval: osstream_core::Seconds(std::time::Duration::from_secs(2)),
             grace: osstream_core::Seconds(std::time::Duration::from_secs(60)),
             lease: osstream_core::Seconds(std::time::Duration::from_secs(600)),
-            server_timeout: osstream_core::Seconds(std::time::Duration::from_secs(15)),
+            server_timeout: osstream_core::Seconds(std::time::Duration::from_secs(10)),
         }
     }
 }

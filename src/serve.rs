@@ -245,6 +245,11 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
     refresh_image_ids(&catalog, &backends).await;
     let overlays = OverlaySettings {
         dir: ctx.resolve(&config.sessions.overlay_dir),
+        shared_dir: config
+            .sessions
+            .shared_overlay_dir
+            .as_ref()
+            .map(|dir| ctx.resolve(dir)),
         ram_capacity: config.sessions.ram_capacity.bytes(),
         block_size: config.sessions.block_size.bytes(),
     };
@@ -268,7 +273,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
                     .then(|| Arc::new(osstream_core::Limits::new(config.limits.clone()))),
             ),
     );
-    crate::sessions::sweep_overlays(&catalog, &exports, &overlays.dir).await;
+    crate::sessions::sweep_overlays(&catalog, &exports, &overlays).await;
     crate::metrics::register(layers.clone(), exports.clone(), overlays.ram_capacity);
     let names: Vec<String> = exports.list().await?.into_iter().map(|e| e.name).collect();
 
@@ -336,7 +341,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         placement.clone(),
         exports.clone(),
         config.sessions.reconcile_interval.0,
-        overlays.dir.clone(),
+        overlays.clone(),
         heartbeat_stop.clone(),
     ));
     // Written once now, so `osstream cache stats` knows this server from its start.

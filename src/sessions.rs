@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use osstream_catalog::{
-    Catalog, ImageRef, ServerRef, SessionTimers, SqlCatalog, VdiskMode, WriteCache, ended,
-};
+use osstream_catalog::{Catalog, ImageRef, ServerRef, SessionTimers, SqlCatalog, VdiskMode, ended};
 use osstream_core::{
-    Error, ErrorKind, Exports, Grant, ImageState, LockToken, OverlayKind, Result, SessionDirectory,
-    SessionTarget, async_trait,
+    Error, ErrorKind, Exports, Grant, ImageState, LockToken, OverlayKind, OverlaySettings, Result,
+    SessionDirectory, SessionTarget, async_trait,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -48,15 +46,6 @@ impl CatalogSessions {
         let until = (sent + valid).saturating_duration_since(self.epoch);
         self.lease_until
             .store(until.as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-fn overlay_kind(cache: WriteCache) -> OverlayKind {
-    match cache {
-        WriteCache::Ram => OverlayKind::Ram,
-        WriteCache::RamOverflowDisk => OverlayKind::RamOverflowDisk,
-        WriteCache::ServerDisk => OverlayKind::ServerDisk,
-        WriteCache::ServerDiskPersistent => OverlayKind::ServerDiskPersistent,
     }
 }
 
@@ -120,6 +109,7 @@ impl SessionDirectory for CatalogSessions {
             .await
             .ok()
             .and_then(|c| c.group);
+        let overlay = vdisk.overlay();
         Ok(SessionTarget {
             group,
             session: session.id,
@@ -128,7 +118,7 @@ impl SessionDirectory for CatalogSessions {
             backend: vdisk.backend,
             // The image it started on, even after the vdisk's image was replaced.
             image: session.image_key.unwrap_or(vdisk.key),
-            overlay: (vdisk.mode == VdiskMode::Standard).then(|| overlay_kind(vdisk.write_cache)),
+            overlay,
             started_at: session.started_at,
             description: if vdisk.description.is_empty() {
                 vdisk.name
@@ -149,12 +139,14 @@ impl SessionDirectory for CatalogSessions {
             .attach_session(&target.session, &self.me, image, peer, &self.timers)
             .await
             .map_err(|e| e.with_context("peer", peer))?;
+        let shared = target.overlay.is_some_and(OverlayKind::is_shared);
         Ok(Grant {
-            lock: target.is_private().then(|| LockToken {
+            lock: (target.is_private() || shared).then(|| LockToken {
                 vdisk: target.vdisk.clone(),
                 session: target.session.clone(),
                 image: holding.image.clone(),
                 epoch: holding.epoch,
+                overlay: shared,
             }),
             image_epoch: holding.image_epoch,
         })
@@ -227,7 +219,7 @@ pub async fn reconcile(
     placement: Arc<crate::placement::CatalogPlacement>,
     exports: Arc<Exports>,
     period: Duration,
-    overlays: std::path::PathBuf,
+    overlays: OverlaySettings,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(housekeeping(
@@ -335,7 +327,7 @@ async fn housekeeping(
     directory: Arc<CatalogSessions>,
     exports: Arc<Exports>,
     period: Duration,
-    overlays: std::path::PathBuf,
+    overlays: OverlaySettings,
     shutdown: CancellationToken,
 ) {
     let catalog = directory.catalog.clone();
@@ -412,8 +404,11 @@ async fn delete_retired_images(catalog: &SqlCatalog, exports: &Exports, before: 
 const SWEEP_ROUNDS: u32 = 5;
 
 /// Removes the folders `<overlays>/<client>/<vdisk>/session-<id>` of sessions that are
-/// no longer live (persistent overlays stay), then empty client and vdisk folders.
-pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &std::path::Path) {
+/// no longer live (persistent overlays stay), then empty client and vdisk folders. In
+/// the shared overlay folder, which every server sweeps, only folders of sessions the
+/// catalog says have ended go: a folder of a session another server just opened (newer
+/// than the list of live ones read here) stays.
+pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &OverlaySettings) {
     let live = match catalog.live_session_ids().await {
         Ok(live) => live,
         Err(err) => {
@@ -422,10 +417,11 @@ pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &
         }
     };
     let connected = exports.connected_sessions();
-    let overlays = overlays.to_path_buf();
+    let dir = overlays.dir.clone();
+    let live_here = live.clone();
     let swept = osstream_core::run_blocking("sweep overlays", move || {
-        remove_ended_overlays(&overlays, &|id| {
-            live.contains(id) || connected.iter().any(|c| c == id)
+        remove_ended_overlays(&dir, &|id| {
+            live_here.contains(id) || connected.iter().any(|c| c == id)
         });
         Ok(())
     })
@@ -433,6 +429,62 @@ pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &
     if let Err(err) = swept {
         tracing::warn!(%err, "cannot remove old write overlays");
     }
+    let Some(shared) = overlays.shared_dir.clone() else {
+        return;
+    };
+    let mut ended = std::collections::HashSet::new();
+    for id in session_folders(&shared) {
+        if live.contains(&id) {
+            continue;
+        }
+        if let Ok(session) = catalog.session(&id).await
+            && session.closed_at.is_some()
+        {
+            ended.insert(id);
+        }
+    }
+    if ended.is_empty() {
+        return;
+    }
+    let swept = osstream_core::run_blocking("sweep shared overlays", move || {
+        remove_ended_overlays(&shared, &|id| !ended.contains(id));
+        Ok(())
+    })
+    .await;
+    if let Err(err) = swept {
+        tracing::warn!(%err, "cannot remove old shared write overlays");
+    }
+}
+
+/// The session ids of the `<client>/<vdisk>/session-<id>` folders under `overlays`.
+fn session_folders(overlays: &std::path::Path) -> Vec<String> {
+    let mut ids = Vec::new();
+    let folders = std::fs::read_dir(overlays)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|client| {
+            std::fs::read_dir(client.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .flat_map(|vdisk| {
+            std::fs::read_dir(vdisk.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        });
+    for folder in folders {
+        if let Some(id) = folder
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("session-"))
+        {
+            ids.push(id.to_owned());
+        }
+    }
+    ids
 }
 
 /// Removes the `session-<id>` folders under `overlays` whose session `keep` rejects,

@@ -39,6 +39,7 @@ class Lab:
             extra = (f'[catalog]\nurl = "{postgres}"\n'
                      + backend_toml("bucket", s3, f'layout = "chunked"\nchunk_size = "{CHUNK // 1024}KiB"\nwritable = true')
                      + '[sessions]\nreconcile_interval = "200ms"\nserver_timeout = "2s"\n'
+                     + f'shared_overlay_dir = "{tmp_path / "shared-overlays"}"\n'
                      + f'[cluster]\nname = "{name}"\ncapacity = {capacity}\nsubnets = {json.dumps(subnets)}\n'
                      + f'[http]\nenabled = true\nlisten = "127.0.0.1:{http}"\nmetrics = true\n'
                      + '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n')
@@ -51,6 +52,11 @@ class Lab:
         self.std_base = raw.read_bytes()
         self.cli("vdisk", "import", str(raw), "std", "--backend", "bucket", "--write-cache", "ram",
                  "--boot", "sanboot", "--quiet")
+        random_image(raw, 8 * MIB, seed=43)
+        self.shared_base = raw.read_bytes()
+        # Its overlays are in a folder all three servers share (NFS in a real lab).
+        self.cli("vdisk", "import", str(raw), "shared", "--backend", "bucket", "--write-cache", "shared-disk",
+                 "--boot", "linux-nbd", "--kernel", "vmlinuz", "--initrd", "initrd", "--quiet")
         for i in range(2):
             random_image(raw, 4 * MIB, seed=50 + i)
             self.cli("vdisk", "import", str(raw), f"dev{i}", "--backend", "bucket", "--mode", "private", "--quiet")
@@ -59,6 +65,8 @@ class Lab:
             self.cli("client", "assign", mac, "std")
             if i < 2:
                 self.cli("client", "assign", mac, f"dev{i}")
+            elif 4 <= i < 6:
+                self.cli("client", "assign", mac, "shared")
         for server in self.servers.values():
             server.start()
 
@@ -212,6 +220,9 @@ def test_clients_writing_through_the_agent_carry_on_when_their_server_is_killed(
         agents.append(("dev", i, *start_agent(lab, tmp_path, "a", STD_MACS[i], f"dev{i}", f"dev{i}")))
     for i in range(2, 4):
         agents.append(("std", i, *start_agent(lab, tmp_path, "a", STD_MACS[i], "std", f"std{i}")))
+    # Writes to the server, into an overlay on the shared folder: the session itself moves.
+    for i in range(4, 6):
+        agents.append(("shared", i, *start_agent(lab, tmp_path, "a", STD_MACS[i], "shared", f"shared{i}")))
     for _, _, _, _, log in agents:
         wait_for("the agent to learn the servers", lambda: "servers to fail over to" in log.read_text())
     writers = []
@@ -234,14 +245,18 @@ def test_clients_writing_through_the_agent_carry_on_when_their_server_is_killed(
     for w in writers:
         w.join(timeout=60)
         assert w.error is None, w.error
-    print(f"longest request wait per client: {[round(w.longest, 1) for w in writers]} s; all going again after "
+    print("longest request wait per client: "
+          f"{[(kind, round(w.longest, 1)) for (kind, *_), w in zip(agents, writers)]} s; all going again after "
           f"{interruption:.1f} s")
     assert max(w.longest for w in writers) < 30
+    bases = {"std": lab.std_base, "shared": lab.shared_base, "dev": None}
     for (kind, *_), w in zip(agents, writers):
-        w.check(lab.std_base if kind == "std" else None)
+        w.check(bases[kind])
     for kind, i, proc, _, log in agents:
         text = log.read_text()
         assert "connected again" in text, text
+        if kind == "shared":
+            assert "new session" not in text, text
     # The private vdisks' flushed writes are on the shared store, byte for byte.
     for (kind, i, proc, _, _), w in zip(agents, writers):
         w.h.shutdown()
@@ -260,12 +275,13 @@ def test_clients_writing_through_the_agent_carry_on_when_their_server_is_killed(
 
 def test_plain_clients_behind_a_floating_address_when_their_server_is_killed(lab):
     """No agent: a stock client reaches the servers through one address that keepalived
-    would move. Its private session reattaches on the next server once the dead server's
-    heartbeat lapsed, with every flushed write; a standard session's overlay died with its
-    server, so the next server refuses it (the client must boot again)."""
+    would move. Its private session, and a standard session whose overlay is on the shared
+    folder (`shared-disk`), reattach on the next server once the dead server's heartbeat
+    lapsed, with every flushed write; a standard session whose overlay died with its
+    server is refused by the next server (the client must boot again)."""
     vip = TcpRelay(lab.servers["a"].port)
     exports = {}
-    for mac, vdisk in ((STD_MACS[0], "dev0"), (STD_MACS[2], "std")):
+    for mac, vdisk in ((STD_MACS[0], "dev0"), (STD_MACS[2], "std"), (STD_MACS[4], "shared")):
         exports[vdisk] = json.loads(lab.cli("--json", "session", "open", mac, vdisk).stdout)["export"]
     handles, written = {}, {}
     for vdisk, export in exports.items():
@@ -291,17 +307,20 @@ def test_plain_clients_behind_a_floating_address_when_their_server_is_killed(lab
         except nbd.Error as err:
             return str(err)
 
-    while isinstance(result := attach(exports["dev0"]), str):
-        assert time.monotonic() - killed_at < 30, result
-        time.sleep(0.2)
-    interruption = time.monotonic() - killed_at
-    assert result.pread(64 * 1024, MIB) == written["dev0"]
-    result.pwrite(b"\x5a" * 4096, 0)
-    result.flush()
-    result.shutdown()
+    interruption = {}
+    for vdisk in ("dev0", "shared"):
+        while isinstance(result := attach(exports[vdisk]), str):
+            assert time.monotonic() - killed_at < 30, result
+            time.sleep(0.2)
+        interruption[vdisk] = time.monotonic() - killed_at
+        assert result.pread(64 * 1024, MIB) == written[vdisk]
+        result.pwrite(b"\x5a" * 4096, 0)
+        result.flush()
+        result.shutdown()
     refused = attach(exports["std"])
     assert isinstance(refused, str), "a standard session resumed on an empty overlay"
     assert "keeps its write overlay on server a" in lab.servers["b"].log.read_text()
-    print(f"private session back through the floating address {interruption:.1f} s after the kill "
+    print(f"private session back through the floating address {interruption['dev0']:.1f} s after the kill, "
+          f"shared-disk standard session {interruption['shared']:.1f} s "
           "(server_timeout 2 s, without the VRRP failover time)")
     vip.close()

@@ -429,6 +429,34 @@ def test_overlay_folders_of_ended_sessions_are_removed(lab):
     assert list(overlays.glob("aa-bb-cc-00-00-02/kiosk/persistent/overlay.data")), "persistent overlays stay"
 
 
+def test_a_shared_disk_overlay_lives_in_the_shared_folder_and_is_removed_when_its_session_ends(make_server):
+    """`shared-disk` keeps a session's overlay under `[sessions] shared_overlay_dir` (the
+    folder every server mounts, so the session can move); a server without one refuses
+    such a session by name; the folder goes once the session ended."""
+    lab = build_lab(make_server, 'shared_overlay_dir = "shared"\n')
+    lab.cli("vdisk", "set", "win11", "--write-cache", "shared-disk")
+    h = connect(open_session(lab, "aa:bb:cc:00:00:01", "win11"))
+    h.pwrite(b"s" * 4096, 8192)
+    h.flush()
+    assert h.pread(4096, 8192) == b"s" * 4096
+    shared = lab.data_dir / "shared"
+    folders = list(shared.glob("aa-bb-cc-00-00-01/win11/session-*"))
+    assert len(folders) == 1 and (folders[0] / "overlay.map").exists(), list(shared.rglob("*"))
+    assert not list((lab.data_dir / "overlays").glob("*/win11/session-*"))
+    h.shutdown()
+    lab.cli("session", "close", session_id(lab, "aa:bb:cc:00:00:01"))
+    deadline = time.time() + 15
+    while folders[0].exists():
+        assert time.time() < deadline, "the shared overlay of a closed session stayed behind"
+        time.sleep(0.2)
+    lab.stop()
+
+    plain = build_lab(make_server)
+    plain.cli("vdisk", "set", "win11", "--write-cache", "shared-disk")
+    message = refusal(open_session(plain, "aa:bb:cc:00:00:02", "win11"))
+    assert "has no [sessions] shared_overlay_dir" in message, message
+
+
 def open_on_a_server_started_with(make_server, listen, mac):
     """`session open` for a vdisk of a server started with `serve --listen LISTEN` (its
     configuration file says 127.0.0.1:1); returns the finished command."""

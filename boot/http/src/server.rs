@@ -756,7 +756,11 @@ impl Connection {
             Some(OverlayKind::Ram | OverlayKind::RamOverflowDisk | OverlayKind::ServerDisk) => {
                 AgentWrites::Local
             }
-            Some(OverlayKind::ServerDiskPersistent) | None => AgentWrites::Server,
+            // Kept on the server: across the client's sessions, or on shared storage so
+            // the session survives its server.
+            Some(OverlayKind::ServerDiskPersistent | OverlayKind::SharedDisk) | None => {
+                AgentWrites::Server
+            }
         };
         let profile = match &self.shared.profiles {
             Some(store) => match store.profile(&view.target.vdisk).await {

@@ -60,15 +60,20 @@ fn boot_session(session: Session, overlay: Option<OverlayKind>) -> BootSession {
     }
 }
 
-fn overlay(vdisk: &Vdisk) -> Option<OverlayKind> {
-    match vdisk.mode {
-        VdiskMode::Private => None,
-        VdiskMode::Standard => Some(match vdisk.write_cache {
-            WriteCache::Ram => OverlayKind::Ram,
-            WriteCache::RamOverflowDisk => OverlayKind::RamOverflowDisk,
-            WriteCache::ServerDisk => OverlayKind::ServerDisk,
-            WriteCache::ServerDiskPersistent => OverlayKind::ServerDiskPersistent,
-        }),
+impl Vdisk {
+    /// The write overlay a session of this vdisk gets: `None` for a private vdisk,
+    /// written in place.
+    pub fn overlay(&self) -> Option<OverlayKind> {
+        match self.mode {
+            VdiskMode::Private => None,
+            VdiskMode::Standard => Some(match self.write_cache {
+                WriteCache::Ram => OverlayKind::Ram,
+                WriteCache::RamOverflowDisk => OverlayKind::RamOverflowDisk,
+                WriteCache::ServerDisk => OverlayKind::ServerDisk,
+                WriteCache::ServerDiskPersistent => OverlayKind::ServerDiskPersistent,
+                WriteCache::SharedDisk => OverlayKind::SharedDisk,
+            }),
+        }
     }
 }
 
@@ -206,7 +211,7 @@ impl BootDirectory for SqlCatalog {
         // Read first: a failure after the session opened would leave it open with its
         // token lost. A vdisk's mode does not change while it has live sessions
         // (`update_vdisk` refuses), so this is the session's mode.
-        let overlay = overlay(&self.vdisk(vdisk).await?);
+        let overlay = self.vdisk(vdisk).await?.overlay();
         let session = self.open_session(&mac, vdisk, peer).await?;
         Ok(boot_session(session, overlay))
     }
@@ -244,7 +249,7 @@ impl BootDirectory for SqlCatalog {
                     ),
                 )
             })?;
-        let overlay = overlay(&vdisk);
+        let overlay = vdisk.overlay();
         let choice = boot_choice(&assignment, vdisk);
         Ok((boot_session(session, overlay), choice))
     }

@@ -253,7 +253,9 @@ impl SqlCatalog {
     /// Makes this server the session's holder for one more connection.
     ///
     /// Refused (`Conflict`) while another live server holds it, naming that server; a
-    /// standard session whose write overlay stayed on another server is never moved. A
+    /// standard session whose write overlay stayed on another server is never moved,
+    /// unless the overlay is shared (`shared-disk`) and that server is gone: then it is
+    /// taken with a new session epoch, which fences the old holding's writes. A
     /// private session taken anew (first connection here, or after another server let
     /// go) grows the image's epoch; while connections of an earlier holder of the image
     /// are still open on a live server, the refusal is *temporary*: retry shortly.
@@ -277,8 +279,8 @@ impl SqlCatalog {
             .await
             .map_err(|e| db_error(e, "attach session"))?;
         let row = sqlx::query(
-            "SELECT s.*, v.mode AS vdisk_mode, v.locked_by AS vdisk_locked_by, v.image_id AS vdisk_image \
-             FROM sessions s LEFT JOIN vdisks v ON v.name = s.vdisk WHERE s.id = $1",
+            "SELECT s.*, v.mode AS vdisk_mode, v.write_cache AS vdisk_cache, v.locked_by AS vdisk_locked_by, \
+             v.image_id AS vdisk_image FROM sessions s LEFT JOIN vdisks v ON v.name = s.vdisk WHERE s.id = $1",
         )
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -308,6 +310,9 @@ impl SqlCatalog {
         };
         let instance = text(&row, "owner_instance")?;
         let private = text(&row, "vdisk_mode")?.as_deref() == Some("private");
+        // A standard session whose overlay every server reaches: it moves like a private
+        // one, fenced by the session's own epoch.
+        let shared = !private && text(&row, "vdisk_cache")?.as_deref() == Some("shared-disk");
         if session.closed_at.is_some() {
             return Err(ended(&session));
         }
@@ -354,7 +359,8 @@ impl SqlCatalog {
                     )
                 },
             );
-            if !private {
+            let movable = private || (shared && gone);
+            if !movable {
                 let state = if gone {
                     "which is gone"
                 } else {
@@ -386,6 +392,10 @@ impl SqlCatalog {
             }
         }
         let mut epoch = 0;
+        if shared {
+            // Whatever an earlier holding of the overlay still sends is refused from now.
+            epoch = session.epoch + 1;
+        }
         if private {
             // An earlier holder of this image (a replaced or closed session) may still be
             // finishing requests on a live server: wait for it to let go.
@@ -674,10 +684,11 @@ impl SqlCatalog {
         timers: &SessionTimers,
     ) -> Result<Vec<(Session, String)>> {
         let mut done = Vec::new();
-        let private_vdisk = "vdisk IN (SELECT name FROM vdisks WHERE mode = 'private')";
+        // Sessions another server may take: private ones, and those with a shared overlay.
+        let movable = "vdisk IN (SELECT name FROM vdisks WHERE mode = 'private' OR write_cache = 'shared-disk')";
         let gone = self.gone_sql("owner", timers.server_timeout_ms);
         let lapsed_filter = format!(
-            "owner IS NOT NULL AND owner <> $1 AND {gone} AND (attached = 1 OR closed_at IS NOT NULL OR {private_vdisk})"
+            "owner IS NOT NULL AND owner <> $1 AND {gone} AND (attached = 1 OR closed_at IS NOT NULL OR {movable})"
         );
         let lapsed = sqlx::query(sql(format!("SELECT * FROM sessions WHERE {lapsed_filter}")))
             .bind(&me.id)
@@ -685,7 +696,7 @@ impl SqlCatalog {
             .await
             .map_err(|e| db_error(e, "find sessions of gone servers"))?;
         if !lapsed.is_empty() {
-            let release = format!("closed_at IS NOT NULL OR {private_vdisk}");
+            let release = format!("closed_at IS NOT NULL OR {movable}");
             sqlx::query(sql(format!(
                 "UPDATE sessions SET detached_at = CASE WHEN attached = 1 THEN {} ELSE detached_at END, attached = 0, \
                  owner = CASE WHEN {release} THEN NULL ELSE owner END, \
@@ -850,6 +861,9 @@ impl SqlCatalog {
     /// epoch. `Conflict` once it moved (the session ended or was replaced, another server
     /// took it): the holder must not acknowledge another write.
     pub async fn check_lock(&self, lock: &LockToken) -> Result<()> {
+        if lock.overlay {
+            return self.check_overlay_lock(lock).await;
+        }
         let row = sqlx::query(
             "SELECT v.locked_by, (SELECT epoch FROM image_epochs WHERE image_id = $2) AS epoch \
              FROM vdisks v WHERE v.name = $1",
@@ -872,6 +886,46 @@ impl SqlCatalog {
             return Ok(());
         }
         Err(lost_lock(lock, holder.as_deref(), epoch))
+    }
+
+    /// Ok while `lock` is the session's hold on its shared write overlay: the session
+    /// is live and no other server took it since (which grows its epoch).
+    async fn check_overlay_lock(&self, lock: &LockToken) -> Result<()> {
+        let row = sqlx::query("SELECT epoch, closed_at FROM sessions WHERE id = $1")
+            .bind(&lock.session)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error(e, "check the lock"))?;
+        let now = match &row {
+            None => "the session is gone from the catalog".to_owned(),
+            Some(row) => {
+                let closed: Option<i64> = row
+                    .try_get("closed_at")
+                    .map_err(|e| db_error(e, "check the lock"))?;
+                let epoch = row
+                    .try_get::<i64, _>("epoch")
+                    .map_err(|e| db_error(e, "check the lock"))? as u64;
+                if closed.is_some() {
+                    "the session ended".to_owned()
+                } else if epoch != lock.epoch {
+                    format!(
+                        "another server took the session (epoch {epoch}, this holding has {})",
+                        lock.epoch
+                    )
+                } else {
+                    return Ok(());
+                }
+            }
+        };
+        Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "session {} lost {}: {now}; this write was not acknowledged",
+                lock.session,
+                lock.guards()
+            ),
+        )
+        .with_op("fence"))
     }
 
     /// Where an image stands for plain-name readers: who writes it now, and its epoch.

@@ -121,6 +121,10 @@ text_enum!(
         ServerDisk = "server-disk",
         /// A file on the server's disk, kept across the client's reboots.
         ServerDiskPersistent = "server-disk-persistent",
+        /// A file in the folder every server shares (`[sessions] shared_overlay_dir`, on
+        /// NFS): discarded like `server-disk`, and the session moves to another server
+        /// with its writes when its server dies.
+        SharedDisk = "shared-disk",
     }
 );
 

@@ -550,6 +550,7 @@ async fn ownership(catalog: &SqlCatalog) {
         session: p.id.clone(),
         image: image("o-dev"),
         epoch,
+        overlay: false,
     };
     catalog.check_lock(&lock(1)).await.unwrap();
     let used = catalog.image_use(img("o-dev")).await.unwrap();
@@ -764,13 +765,89 @@ async fn ownership(catalog: &SqlCatalog) {
 async fn sqlite_catalog_keeps_sessions_to_one_server_and_fences_old_holders() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("catalog.db").display());
-    ownership(&SqlCatalog::open(&url).await.unwrap()).await;
+    let catalog = SqlCatalog::open(&url).await.unwrap();
+    ownership(&catalog).await;
+    shared_overlay_moves(&catalog).await;
 }
 
 #[tokio::test]
 async fn postgres_catalog_keeps_sessions_to_one_server_and_fences_old_holders() {
     let cluster = PgCluster::start();
-    ownership(&SqlCatalog::open(&cluster.url).await.unwrap()).await;
+    let catalog = SqlCatalog::open(&cluster.url).await.unwrap();
+    ownership(&catalog).await;
+    shared_overlay_moves(&catalog).await;
+}
+
+/// Issue 17: a standard session whose overlay is on shared storage (`shared-disk`) stays
+/// with its live server like any standard session, moves to another server once its
+/// own is gone, and each move grows the session's epoch, which fences the old holding.
+async fn shared_overlay_moves(catalog: &SqlCatalog) {
+    use osstream_core::LockToken;
+
+    let mut shared = vdisk("sh-std", VdiskMode::Standard);
+    shared.write_cache = WriteCache::SharedDisk;
+    catalog.add_vdisk(&shared).await.unwrap();
+    let mac: Mac = "aa:bb:cc:00:02:01".parse().unwrap();
+    catalog
+        .add_client(&client(mac.as_str(), None))
+        .await
+        .unwrap();
+    catalog.assign(&mac, "sh-std", false).await.unwrap();
+    let (server_c, server_d) = (me("srv-c", "c1"), me("srv-d", "d1"));
+    catalog.register_server(&server_c, "host-c").await.unwrap();
+    catalog.register_server(&server_d, "host-d").await.unwrap();
+    let image = osstream_catalog::ImageRef {
+        identity: "file:/srv/sh-std.img",
+        backend: "images",
+        key: "sh-std",
+    };
+    let s = catalog.open_session(&mac, "sh-std", None).await.unwrap();
+    let first = catalog
+        .attach_session(&s.id, &server_c, image, "10.0.0.9:1", &TIMERS)
+        .await
+        .unwrap();
+    assert_eq!(first.epoch, 1);
+    let lock = |epoch| LockToken {
+        vdisk: "sh-std".into(),
+        session: s.id.clone(),
+        image: first.image.clone(),
+        epoch,
+        overlay: true,
+    };
+    catalog.check_lock(&lock(1)).await.unwrap();
+    let err = catalog
+        .attach_session(&s.id, &server_d, image, "10.0.0.9:2", &TIMERS)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("which holds it; connect there"),
+        "{err}"
+    );
+
+    // Its server stops (or dies): the next server takes it under a new epoch.
+    catalog.stop_server(&server_c).await.unwrap();
+    let moved = catalog
+        .attach_session(&s.id, &server_d, image, "10.0.0.9:2", &TIMERS)
+        .await
+        .unwrap();
+    assert_eq!(moved.epoch, 2);
+    let err = catalog.check_lock(&lock(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(
+        err.to_string()
+            .contains("another server took the session (epoch 2, this holding has 1)")
+            && err
+                .to_string()
+                .contains("the shared write overlay of vdisk \"sh-std\""),
+        "{err}"
+    );
+    catalog.check_lock(&lock(2)).await.unwrap();
+    catalog
+        .close_session(&s.id, "closed by a test")
+        .await
+        .unwrap();
+    let err = catalog.check_lock(&lock(2)).await.unwrap_err();
+    assert!(err.to_string().contains("the session ended"), "{err}");
 }
 
 /// A catalog as the first release made it (migration 1 only), with a client, vdisks,

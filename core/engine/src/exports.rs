@@ -193,7 +193,7 @@ impl Exports {
         self.live.granted(&mut guard);
         drop(in_order);
         let (source, hooks) = match (&grant.lock, target.overlay) {
-            (Some(lock), None) => {
+            (Some(lock), None) if !lock.overlay => {
                 // Nobody reads this image by its plain name while it is written.
                 self.live.end_readers(|image| {
                     image.identity == identity
@@ -212,7 +212,7 @@ impl Exports {
                 )) as DynSource;
                 (fenced, hooks)
             }
-            (_, Some(kind)) => {
+            (lock, Some(kind)) if lock.as_ref().is_some_and(|l| l.overlay) == kind.is_shared() => {
                 let base = backend.open(&target.image, OpenMode::ReadOnly).await?;
                 let base = Regenerated::wrap(base, grant.image_epoch);
                 let mut hooks = Hooks::new(context_of(&base));
@@ -223,14 +223,28 @@ impl Exports {
                     let store = make_overlay(overlays, &target, kind, image_size)?;
                     Ok(Arc::new(CowLayer::new(store, overlays.block_size)))
                 })?;
-                (overlay.layer(source), hooks)
+                let source = overlay.layer(source);
+                match lock {
+                    // Another server may take the session when this one goes quiet:
+                    // writes stop here once it may have.
+                    Some(lock) => (
+                        Arc::new(FencedSource::new(
+                            source,
+                            lock.clone(),
+                            directory.clone(),
+                            guard.ended.clone(),
+                        )) as DynSource,
+                        hooks,
+                    ),
+                    None => (source, hooks),
+                }
             }
-            (None, None) => {
+            _ => {
                 return Err(Error::new(
                     ErrorKind::Unexpected,
                     format!(
-                        "the catalog granted private session {} no lock",
-                        target.session
+                        "the catalog granted session {} a lock that does not fit its vdisk {:?}",
+                        target.session, target.vdisk
                     ),
                 ));
             }
@@ -592,7 +606,8 @@ impl Exports {
 /// session still finishing requests never writes into its successor's files; the folders
 /// of ended sessions are removed by the server's sweep. Persistent overlays share
 /// `<dir>/<client>/<vdisk>/persistent/`. A `server-disk` session that had an overlay here
-/// before (the server restarted within the session) gets it back.
+/// before (the server restarted within the session) gets it back, and a `shared-disk`
+/// one gets the overlay its previous server flushed to the shared folder.
 fn make_overlay(
     overlays: &OverlaySettings,
     target: &SessionTarget,
@@ -610,7 +625,32 @@ fn make_overlay(
             true,
         )?));
     }
-    let dir = base.join(format!("session-{}", target.session));
+    let session_folder = format!("session-{}", target.session);
+    if kind == OverlayKind::SharedDisk {
+        let Some(shared) = &overlays.shared_dir else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "vdisk {:?} keeps its writes in a shared-disk overlay, and this server has no \
+                     [sessions] shared_overlay_dir (a folder every server mounts)",
+                    target.vdisk
+                ),
+            )
+            .with_op("open_session"));
+        };
+        // Reopened as it was last flushed when the session moves here from a server
+        // that died.
+        let dir = shared
+            .join(overlay_folder(&target.client, &target.vdisk))
+            .join(session_folder);
+        return Ok(Box::new(DiskOverlay::open(
+            &dir,
+            overlays.block_size,
+            image_size,
+            true,
+        )?));
+    }
+    let dir = base.join(session_folder);
     Ok(match kind {
         OverlayKind::Ram => Box::new(RamOverlay::new(overlays.ram_capacity)),
         OverlayKind::RamOverflowDisk => Box::new(SpillOverlay::new(

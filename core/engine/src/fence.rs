@@ -1,4 +1,5 @@
-//! [`FencedSource`]: a private vdisk's image as one holding of its session writes it.
+//! [`FencedSource`]: a private vdisk's image, or a session's shared write overlay, as one
+//! holding of its session writes it.
 //!
 //! Writes are refused once the session ended, was replaced or was taken by another
 //! server (its guard's `ended` token), and while this server's heartbeat is too old to
@@ -23,7 +24,7 @@ use crate::source::{
     BlockSource, Capability, DynSource, Extent, Geometry, ReadOpts, SourceInfo, WriteOpts, ZeroOpts,
 };
 
-/// The source a private session's connection writes through.
+/// The source a private session's connection, or a shared overlay's, writes through.
 pub(crate) struct FencedSource {
     inner: DynSource,
     lock: LockToken,
@@ -70,8 +71,9 @@ impl FencedSource {
         Err(Error::new(
             ErrorKind::Conflict,
             format!(
-                "session {} may no longer write private vdisk {:?}: {why}; nothing was written",
-                self.lock.session, self.lock.vdisk
+                "session {} may no longer write {}: {why}; nothing was written",
+                self.lock.session,
+                self.lock.guards()
             ),
         )
         .with_op(op))

@@ -35,6 +35,17 @@ pub enum OverlayKind {
     ServerDisk,
     /// A file on the server's disk, kept across the client's sessions.
     ServerDiskPersistent,
+    /// A file in the folder every server shares ([`OverlaySettings::shared_dir`]),
+    /// discarded like [`OverlayKind::ServerDisk`]; its writes are fenced by the session's
+    /// epoch, so the session can move to another server when its own dies.
+    SharedDisk,
+}
+
+impl OverlayKind {
+    /// Whether the overlay lives where every server reaches it, so the session may move.
+    pub fn is_shared(self) -> bool {
+        self == OverlayKind::SharedDisk
+    }
 }
 
 /// What a session token resolves to.
@@ -69,20 +80,37 @@ impl SessionTarget {
     }
 }
 
-/// A private vdisk's lock as one holding of its session has it. Every write of that
-/// holding is fenced by it: once the catalog's lock moved on (the session ended or was
-/// replaced, or another server took it, which grows the epoch), nothing more is
-/// acknowledged or committed under it.
+/// A private vdisk's lock as one holding of its session has it, or a session's hold on
+/// its shared write overlay ([`OverlayKind::SharedDisk`]). Every write of that holding is
+/// fenced by it: once the catalog's lock moved on (the session ended or was replaced, or
+/// another server took it, which grows the epoch), nothing more is acknowledged or
+/// committed under it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockToken {
-    /// The private vdisk.
+    /// The vdisk.
     pub vdisk: String,
-    /// The session holding its lock.
+    /// The session holding the lock.
     pub session: String,
     /// The identity of the vdisk's image ([`crate::ImageBackend::identity`]).
     pub image: String,
-    /// Grows with each holder of the image.
+    /// Grows with each holder: of the image (a private vdisk's lock), or of the session
+    /// (a shared overlay's).
     pub epoch: u64,
+    /// True: the lock fences the session's shared write overlay, not the vdisk's image
+    /// (which it never writes); `epoch` is then the session's.
+    pub overlay: bool,
+}
+
+impl LockToken {
+    /// What the lock guards, in words: `private vdisk "x"` or `the shared write overlay
+    /// of vdisk "x"`.
+    pub fn guards(&self) -> String {
+        if self.overlay {
+            format!("the shared write overlay of vdisk {:?}", self.vdisk)
+        } else {
+            format!("private vdisk {:?}", self.vdisk)
+        }
+    }
 }
 
 /// What [`SessionDirectory::attach`] grants one connection.
@@ -148,6 +176,9 @@ pub trait SessionDirectory: Send + Sync + Debug {
 pub struct OverlaySettings {
     /// Folder for disk overlays: `<dir>/<client>/<vdisk>/`.
     pub dir: PathBuf,
+    /// Folder for `shared-disk` overlays, the same on every server (an NFS mount), laid
+    /// out like `dir`; `None`: this server serves no such vdisk.
+    pub shared_dir: Option<PathBuf>,
     /// RAM a `ram` or `ram-overflow-disk` overlay may use, per session.
     pub ram_capacity: u64,
     /// Overlay block size (copy-on-write granularity).

@@ -124,6 +124,7 @@ fn exports_with(
     let directory = Arc::new(directory);
     let overlays = OverlaySettings {
         dir: overlay_dir,
+        shared_dir: None,
         ram_capacity: 4 << 20,
         block_size: 4096,
     };

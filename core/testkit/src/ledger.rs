@@ -33,6 +33,7 @@ impl MemLedger {
             session: session.to_owned(),
             image: image.to_owned(),
             epoch,
+            overlay: false,
         }
     }
 }
