@@ -35,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 const JOURNAL_LIMIT: u64 = 64 << 20;
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest pause between rounds while servers answer that another one holds the session:
+/// asking is cheap, and the session is free the moment the holder's heartbeat lapses.
+const HELD_ELSEWHERE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The servers that may serve the session: the one the agent booted from, then the
 /// others sharing its catalog (learnt from `GET /servers`, or given with
@@ -678,7 +681,8 @@ impl RemoteSource {
     }
 
     /// Connects, trying each known server in turn and waiting between rounds (doubling
-    /// up to 5 s), until one serves the session or `give_up_after` has passed. A server
+    /// up to 5 s, or 1 s while servers say another holds the session), until one serves
+    /// the session or `give_up_after` has passed. A server
     /// that says another one holds the session is passed over (the holder may be dead:
     /// once its heartbeat lapses, the session is free for the others). Refusals that
     /// waiting cannot cure (unknown export, access denied) fail at once.
@@ -732,6 +736,7 @@ impl RemoteSource {
                     if attempts == 0 || attempts.is_power_of_two() {
                         tracing::warn!(server = %server.name, %err, "agent: another server holds the session; trying the next one (requests wait)");
                     }
+                    backoff = backoff.min(HELD_ELSEWHERE_BACKOFF);
                     next(&mut attempts, &mut backoff).await;
                 }
                 Err(err)
