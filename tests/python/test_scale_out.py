@@ -28,7 +28,8 @@ NEAR = "127.0.0.2"
 
 
 class Lab:
-    """Servers a, b (capacity 1, b preferred by 127.0.0.2) and c (capacity 2)."""
+    """Servers a, b (capacity 1, b preferred by 127.0.0.2) and c (capacity 2, and
+    `placement = false`: it serves here what is opened here, but others place on it)."""
 
     def __init__(self, tmp_path, postgres, s3):
         self.servers = {}
@@ -41,6 +42,7 @@ class Lab:
                      + '[sessions]\nreconcile_interval = "200ms"\nserver_timeout = "2s"\n'
                      + f'shared_overlay_dir = "{tmp_path / "shared-overlays"}"\n'
                      + f'[cluster]\nname = "{name}"\ncapacity = {capacity}\nsubnets = {json.dumps(subnets)}\n'
+                     + ("placement = false\n" if name == "c" else "")
                      + f'[http]\nenabled = true\nlisten = "127.0.0.1:{http}"\nmetrics = true\n'
                      + '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n')
             server = Server(folder, extra, demo=False)
@@ -123,8 +125,13 @@ def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain
     assert 'osstream_placements_total{server="c"} 4' in metrics, metrics
     assert 'osstream_cluster_server_up{server="b"' in metrics
 
-    # A client of b's subnet goes to b, however loaded; through any server.
-    assert lab.boot("c", STD_MACS[8], source=NEAR) == "b"
+    # A client of b's subnet goes to b, however loaded.
+    assert lab.boot("a", STD_MACS[8], source=NEAR) == "b"
+    # c does not steer (placement = false): what boots through it stays there, and it
+    # still lists every server, so its agents can fail over.
+    assert lab.boot("c", STD_MACS[11], source=NEAR) == "c"
+    listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{lab.servers['c'].http_port}/servers").read())
+    assert len(listed["servers"]) == 3, listed
 
     # Drained, b takes nothing new, not even from its subnet; its sessions stay.
     out = json.loads(lab.cli("--json", "server", "drain", "b").stdout)
