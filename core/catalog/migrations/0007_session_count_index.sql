@@ -1,0 +1,5 @@
+-- osstream catalog, version 7: placement counts each server's live sessions (held there,
+-- or placed there and not yet attached) at every boot; this index serves that count
+-- however long the history of ended sessions grows. Portable SQL, as version 1
+-- (SQLite and PostgreSQL both index an expression under a WHERE).
+CREATE INDEX sessions_on_server ON sessions (COALESCE(owner, placed_on)) WHERE closed_at IS NULL;
