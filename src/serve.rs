@@ -74,7 +74,15 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         .thread_name("osstream")
         .build()
         .map_err(|e| Error::from_io(e, "cannot start the async runtime"))?;
-    runtime.block_on(serve(config, Reloader { reload, log_filter }))
+    let applied_filter = std::sync::Mutex::new(config.log.filter.clone());
+    runtime.block_on(serve(
+        config,
+        Reloader {
+            reload,
+            log_filter,
+            applied_filter,
+        },
+    ))
 }
 
 /// What SIGHUP needs: how to read the configuration again, and the one setting a running
@@ -82,6 +90,8 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
 struct Reloader {
     reload: Reload,
     log_filter: LogFilterHandle,
+    /// The log filter in force: the one the server started with, or the last applied.
+    applied_filter: std::sync::Mutex<String>,
 }
 
 impl Reloader {
@@ -97,10 +107,15 @@ impl Reloader {
                 return;
             }
         };
-        if fresh.log.filter != running.log.filter {
+        let mut applied = self
+            .applied_filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if fresh.log.filter != *applied {
             match parse_filter(&fresh.log.filter).map(|t| self.log_filter.reload(t)) {
                 Ok(Ok(())) => {
-                    tracing::info!(filter = %fresh.log.filter, "SIGHUP: log filter applied")
+                    tracing::info!(filter = %fresh.log.filter, "SIGHUP: log filter applied");
+                    *applied = fresh.log.filter.clone();
                 }
                 Ok(Err(err)) => tracing::error!(%err, "SIGHUP: cannot apply the log filter"),
                 Err(err) => tracing::error!(%err, "SIGHUP: log filter not applied"),
@@ -176,6 +191,25 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         let images = ctx.resolve(std::path::Path::new("images"));
         if crate::demo::ensure(&config.data_dir, &images, config.demo.size.bytes())? {
             tracing::info!(path = %images.join("demo.img").display(), size = %config.demo.size, "created the demo vdisk");
+        }
+    }
+
+    // A file backend's folder inside data_dir (a relative root) is this server's own
+    // state, made on the first start as data_dir is; an absolute root (a NAS mount) is
+    // the admin's and must exist.
+    for table in config.backends.values() {
+        let text = |key: &str| table.get(key).and_then(|v| v.as_str());
+        if text("kind") == Some("file")
+            && let Some(root) = text("root").map(std::path::Path::new)
+            && root.is_relative()
+        {
+            let folder = ctx.resolve(root);
+            std::fs::create_dir_all(&folder).map_err(|e| {
+                Error::from_io(
+                    e,
+                    format!("cannot create the image folder {}", folder.display()),
+                )
+            })?;
         }
     }
 

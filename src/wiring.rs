@@ -98,21 +98,15 @@ pub async fn fill_image_ids(config: &Config, catalog: &SqlCatalog) -> Result<()>
 /// is where its bytes live (the backend's identity of it).
 pub async fn register_vdisk(
     catalog: &SqlCatalog,
+    backend: &osstream_core::DynBackend,
     add: &VdiskAdd,
     key: String,
-    stat: &osstream_core::ImageStat,
     image_id: String,
 ) -> Result<Vdisk> {
     let mode = add.mode.parse::<VdiskMode>()?;
-    if mode == VdiskMode::Private && !stat.writable {
-        return Err(Error::new(
-            ErrorKind::ReadOnly,
-            format!(
-                "backend {:?} serves {key:?} read-only; a private vdisk is written by its client: \
-                 set writable = true in [backends.{}]",
-                add.backend, add.backend
-            ),
-        ));
+    let stat = backend.stat(&key).await?;
+    if mode == VdiskMode::Private {
+        check_private(backend, &add.name, &key).await?;
     }
     let vdisk = Vdisk {
         name: add.name.clone(),
@@ -133,6 +127,35 @@ pub async fn register_vdisk(
     };
     catalog.add_vdisk(&vdisk).await?;
     catalog.vdisk(&vdisk.name).await
+}
+
+/// Refuses to make `vdisk` private unless its client could write `key` on `backend`:
+/// the backend opens it for writing as a private session would (a read-only backend, a
+/// file with hard links, are refused here, not at the client's first connection).
+pub async fn check_private(
+    backend: &osstream_core::DynBackend,
+    vdisk: &str,
+    key: &str,
+) -> Result<()> {
+    let stat = backend.stat(key).await?;
+    if !stat.writable {
+        return Err(Error::new(
+            ErrorKind::ReadOnly,
+            format!(
+                "backend {:?} serves {key:?} read-only; a private vdisk is written by its client: \
+                 set writable = true in [backends.{}]",
+                backend.name(),
+                backend.name()
+            ),
+        ));
+    }
+    match backend.open(key, osstream_core::OpenMode::ReadWrite).await {
+        Ok(_) => Ok(()),
+        Err(err) => Err(Error::new(
+            err.kind(),
+            format!("vdisk {vdisk:?} cannot be private: {}", err.message()),
+        )),
+    }
 }
 
 /// The catalog the configuration names, if it exists: admin commands run with the wrong

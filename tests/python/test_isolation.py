@@ -187,12 +187,14 @@ def test_a_hard_linked_image_is_never_written(make_server):
     without its lock: such a file is never opened for writing."""
     s = writable_lab(make_server)
     os.link(s.images / "dev.img", s.images / "devhl.img")
-    s.cli("vdisk", "add", "devhl", "--backend", "images", "--mode", "private")
-    s.cli("client", "assign", "aa:bb:cc:00:00:71", "devhl")
-    for vdisk in ("devbox", "devhl"):
-        uri = s.cli("session", "open", "aa:bb:cc:00:00:71", vdisk).stdout.strip()
-        message = server_message(uri)
-        assert "has 2 hard links" in message and "never written" in message, message
+    # Refused when registered as private (by add or by set), not at the client's connect.
+    refused = s.cli("vdisk", "add", "devhl", "--backend", "images", "--mode", "private", ok=False).stderr
+    assert 'vdisk "devhl" cannot be private' in refused and "has 2 hard links" in refused, refused
+    assert "devhl" not in s.cli("vdisk", "list").stdout
+    # A private vdisk whose file got a second name later is refused at connect.
+    uri = s.cli("session", "open", "aa:bb:cc:00:00:71", "devbox").stdout.strip()
+    message = server_message(uri)
+    assert "has 2 hard links" in message and "never written" in message, message
     (s.images / "devhl.img").unlink()
     owner = nbd.NBD()
     owner.connect_uri(s.cli("session", "open", "aa:bb:cc:00:00:71", "devbox").stdout.strip())

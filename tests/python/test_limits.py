@@ -43,6 +43,13 @@ def test_bandwidth_per_client_and_per_group(make_server, tmp_path):
     # The lab group's clients get 16 MiB/s each: at least 0.5 s.
     lab = timed_copy(s, "aa:bb:cc:00:00:02", tmp_path)
     assert lab >= 0.45
+    # Connections one after another share the bucket too (no fresh burst with each):
+    # three more copies of 24 MiB, one burst (8 MiB) then 8 MiB/s: at least 8 s (6 s if
+    # each copy's connections got a fresh burst).
+    started = time.monotonic()
+    for _ in range(3):
+        timed_copy(s, "aa:bb:cc:00:00:01", tmp_path)
+    assert time.monotonic() - started >= 7.5
     # A group with no rates of its own is not limited at all.
     fast = timed_copy(s, "aa:bb:cc:00:00:03", tmp_path)
     assert fast < lab, (fast, lab)

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 
-from conftest import BINARY, ROOT, Server
+from conftest import BINARY, ROOT, Server, random_image
 
 UNIT = os.path.join(ROOT, "packaging", "osstream.service")
 SHIPPED = os.path.join(ROOT, "packaging", "osstream.toml")
@@ -50,8 +50,12 @@ def test_the_shipped_configuration_loads_and_serves(tmp_path):
     try:
         s.proc, s.log_file = proc, log
         s.wait_ready()
-        out = subprocess.run(["nbdinfo", "--size", s.uri("demo")], capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0 and out.stdout.strip() == str(64 << 20), out
+        # No demo image on a boot server; the image folder inside data_dir is made.
+        images = tmp_path / "state" / "images"
+        assert images.is_dir() and not (images / "demo.img").exists(), list(images.iterdir())
+        random_image(images / "os.img", 1 << 20, seed=3)
+        out = subprocess.run(["nbdinfo", "--size", s.uri("os")], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and out.stdout.strip() == str(1 << 20), out
         assert (tmp_path / "state" / "catalog.db").is_file()
     finally:
         s.stop()
@@ -85,6 +89,12 @@ def test_ready_after_the_listeners_are_bound_reload_on_sighup_stopping_at_the_en
         assert listener.recv(4096) == b"READY=1"
         assert "carries on with the one it started with" in s.log.read_text()
         socket.create_connection(("127.0.0.1", s.port), timeout=2).close()
+        # Back to the filter it started with: applied too.
+        s.config.write_text(s.config.read_text().replace("nonsense = 1\n", "").replace('filter = "debug"', 'filter = "info"'))
+        proc.send_signal(signal.SIGHUP)
+        assert listener.recv(4096) == b"RELOADING=1"
+        assert listener.recv(4096) == b"READY=1"
+        assert "SIGHUP: log filter applied filter=info" in s.log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert listener.recv(4096) == b"STOPPING=1"
         assert proc.wait(timeout=30) == 0

@@ -19,7 +19,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_profiles.sql")),
     (5, include_str!("../migrations/0005_image_swap.sql")),
     (6, include_str!("../migrations/0006_placement.sql")),
-    (7, include_str!("../migrations/0007_session_count_index.sql")),
+    (
+        7,
+        include_str!("../migrations/0007_session_count_index.sql"),
+    ),
 ];
 
 const POLICY_KEY: &str = "unknown_client_policy";

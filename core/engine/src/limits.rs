@@ -11,7 +11,7 @@
 //! agent's local socket are not limited.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -135,6 +135,13 @@ impl Bucket {
         }
     }
 
+    /// Whether the bucket has refilled to its depth: forgetting it now and making a new
+    /// one later gives nobody tokens they had not earned.
+    fn is_full(&self) -> bool {
+        let (tokens, last) = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        tokens + last.elapsed().as_secs_f64() * self.rate >= self.depth
+    }
+
     /// Takes `n` tokens; how long the taker must wait for them.
     fn take(&self, n: u64) -> Duration {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -167,6 +174,12 @@ impl RateBuckets {
             bytes: rates.bandwidth.map(|b| Bucket::new(b.bytes(), burst)),
             requests: rates.iops.map(|n| Bucket::new(n, burst)),
         }))
+    }
+
+    /// See [`Bucket::is_full`].
+    fn is_full(&self) -> bool {
+        self.bytes.as_ref().is_none_or(Bucket::is_full)
+            && self.requests.as_ref().is_none_or(Bucket::is_full)
     }
 
     fn take(&self, bytes: u64, requests: u64) -> Duration {
@@ -217,27 +230,29 @@ impl ClientLimit {
     }
 }
 
-/// The buckets of every client and group with a limit, shared by all their connections
-/// (kept while a connection of theirs uses them).
+/// The buckets of every client and group with a limit, shared by all their connections.
+/// A bucket outlives its connections until it has refilled: a client that closes and
+/// opens connections one after another gets no fresh burst with each.
 #[derive(Debug)]
 pub struct Limits {
     config: LimitsConfig,
-    clients: Mutex<HashMap<String, Weak<RateBuckets>>>,
-    groups: Mutex<HashMap<String, Weak<RateBuckets>>>,
+    clients: Mutex<HashMap<String, Arc<RateBuckets>>>,
+    groups: Mutex<HashMap<String, Arc<RateBuckets>>>,
 }
 
 fn shared(
-    map: &Mutex<HashMap<String, Weak<RateBuckets>>>,
+    map: &Mutex<HashMap<String, Arc<RateBuckets>>>,
     key: &str,
     make: impl FnOnce() -> Option<Arc<RateBuckets>>,
 ) -> Option<Arc<RateBuckets>> {
     let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(live) = map.get(key).and_then(Weak::upgrade) {
-        return Some(live);
+    if let Some(live) = map.get(key) {
+        return Some(live.clone());
     }
-    map.retain(|_, w| w.strong_count() > 0);
+    // Forgotten only once unused and refilled: a new one would start just as full.
+    map.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full());
     let made = make()?;
-    map.insert(key.to_owned(), Arc::downgrade(&made));
+    map.insert(key.to_owned(), made.clone());
     Some(made)
 }
 
@@ -320,6 +335,24 @@ mod tests {
         // A group with no rates of its own leaves its clients unlimited.
         assert!(limits.for_client("c", Some("free")).is_none());
         assert!(limits.for_client("d", None).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_one_after_another_get_no_fresh_burst() {
+        let limits = limits("bandwidth = \"1MiB\"\n");
+        let started = Instant::now();
+        // Each "connection" takes 1 MiB and closes: the first has the burst, the next
+        // three wait for their tokens.
+        for _ in 0..4 {
+            let connection = limits.for_client("aa", None).unwrap();
+            connection.acquire(1 << 20).await;
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(3), "{took:?}");
+        // Once refilled and unused, a client's bucket is forgotten when another is made.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        limits.for_client("bb", None).unwrap();
+        assert_eq!(limits.clients.lock().unwrap().len(), 1);
     }
 
     #[test]
