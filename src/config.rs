@@ -413,10 +413,7 @@ fn describe(err: &figment::Error) -> String {
     let origin = err
         .metadata
         .as_ref()
-        .map(|m| match &m.source {
-            Some(source) => format!(" (from {source})"),
-            None => format!(" (from {})", m.name),
-        })
+        .map(osstream_core::value_origin)
         .unwrap_or_default();
     if key.is_empty() {
         format!("{}{origin}", err.kind)
@@ -597,10 +594,7 @@ fn fill_components(config: &mut Config, source: &Figment) -> Result<()> {
 fn unknown_key(source: &Figment, key: &str, known: &str) -> Error {
     let origin = source
         .find_metadata(key)
-        .map(|m| match &m.source {
-            Some(from) => format!(" (from {from})"),
-            None => format!(" (from {})", m.name),
-        })
+        .map(osstream_core::value_origin)
         .unwrap_or_default();
     Error::new(
         ErrorKind::Config,

@@ -214,6 +214,18 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
     }
 
     let registry = crate::wiring::registry();
+    // Before anything is registered or served: a protocol's own files (TLS certificates
+    // and keys) that do not load stop the server here.
+    let mut protocols = registry.build_protocols(&ctx, &config.protocol_tables()?)?;
+    if protocols.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "no protocol is enabled; nothing to serve (this build serves: {})",
+                registry.protocol_kinds().join(", ")
+            ),
+        ));
+    }
     let mut backends: Vec<DynBackend> = Vec::new();
     for (name, table) in &config.backends {
         let backend = registry.build_backend(&ctx, name, table.clone())?;
@@ -311,16 +323,6 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
     crate::metrics::register(layers.clone(), exports.clone(), overlays.ram_capacity);
     let names: Vec<String> = exports.list().await?.into_iter().map(|e| e.name).collect();
 
-    let mut protocols = registry.build_protocols(&ctx, &config.protocol_tables()?)?;
-    if protocols.is_empty() {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "no protocol is enabled; nothing to serve (this build serves: {})",
-                registry.protocol_kinds().join(", ")
-            ),
-        ));
-    }
     let mut session_address = None;
     let mut boot_url = None;
     for protocol in &mut protocols {

@@ -196,7 +196,7 @@ def test_example_config_documents_every_key():
     shown = json.loads(out.stdout)
     assert shown.pop("config_file") == example_path
     effective = flat_keys(shown)
-    commented = {"nbd.default_export", "catalog.url", "nbd.public_address", "nbd.base_exports", "http.public_url", "tftp.backend", "pxe.interface", "pxe.server_ip", "pxe.script_url", "pxe.dhcp.range_start", "pxe.dhcp.range_end", "pxe.dhcp.router", "profile.trace_dir", "nbd.tls_certificate", "nbd.tls_key", "nbd.tls_client_ca", "metrics.listen", "limits.bandwidth", "limits.iops", "cluster.name"}  # optional keys shown commented out
+    commented = {"nbd.default_export", "catalog.url", "nbd.public_address", "nbd.base_exports", "http.public_url", "tftp.backend", "pxe.interface", "pxe.server_ip", "pxe.script_url", "pxe.dhcp.range_start", "pxe.dhcp.range_end", "pxe.dhcp.router", "profile.trace_dir", "nbd.tls_certificate", "nbd.tls_key", "nbd.tls_client_ca", "metrics.listen", "limits.bandwidth", "limits.iops", "cluster.name", "sessions.shared_overlay_dir"}  # optional keys shown commented out
     text = open(example_path).read()
     for key in commented:
         assert f"# {key.split('.')[-1]} =" in text

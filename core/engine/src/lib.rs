@@ -102,7 +102,7 @@ pub use profile::{
 pub use protocol::{BootProtocol, ServeContext};
 pub use registry::{
     BackendContext, BackendFactory, BackendKind, ProtocolKind, Registry, TierKind, check_listen,
-    config_error, parse_table,
+    config_error, parse_table, value_origin,
 };
 pub use sessions::{
     Grant, ImageState, LockToken, OverlayKind, OverlaySettings, OverlayUsage, SessionDirectory,

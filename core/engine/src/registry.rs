@@ -432,6 +432,17 @@ pub fn parse_section<T: DeserializeOwned>(config: &Figment, section: &str) -> Re
 
 /// Extracts `T`; with `name_origin`, each error says where its value was set (a file, the
 /// environment), as the configuration's own provider metadata records it.
+/// ` (from FILE)` or ` (from ENVIRONMENT VARIABLE)`: where a configuration value came
+/// from, a file by its whole path (figment's own display shortens it relative to the
+/// working folder, which reads as a wrong path from anywhere else).
+pub fn value_origin(m: &figment::Metadata) -> String {
+    match &m.source {
+        Some(figment::Source::File(path)) => format!(" (from {})", path.display()),
+        Some(source) => format!(" (from {source})"),
+        None => format!(" (from {})", m.name),
+    }
+}
+
 fn parse_figment<T: DeserializeOwned>(
     section: &str,
     figment: Figment,
@@ -445,10 +456,7 @@ fn parse_figment<T: DeserializeOwned>(
                 let origin = match e.metadata.as_ref().filter(|_| name_origin) {
                     // Built-in defaults: where in the code says nothing to an admin.
                     Some(m) if matches!(m.source, Some(figment::Source::Code(_))) => String::new(),
-                    Some(m) => match &m.source {
-                        Some(source) => format!(" (from {source})"),
-                        None => format!(" (from {})", m.name),
-                    },
+                    Some(m) => value_origin(m),
                     None => String::new(),
                 };
                 if path.is_empty() {
