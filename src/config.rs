@@ -665,10 +665,10 @@ pub fn to_toml(config: &Config) -> Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn load_from(text: &str) -> Result<Config> {
+    pub(crate) fn load_from(text: &str) -> Result<Config> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();

@@ -161,7 +161,13 @@ fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     let mut keys: Vec<String> = before
         .keys()
         .chain(after.keys())
-        .filter(|key| key.as_str() != "log.filter" && before.get(*key) != after.get(*key))
+        .filter(|key| {
+            // A key one side lacks reads as unset there: a new table's unset keys
+            // (`null`) changed nothing.
+            let unset = "null".to_owned();
+            key.as_str() != "log.filter"
+                && before.get(*key).unwrap_or(&unset) != after.get(*key).unwrap_or(&unset)
+        })
         .cloned()
         .collect();
     keys.sort();
@@ -525,5 +531,25 @@ impl Signals {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changed_keys;
+    use crate::config::tests::load_from;
+
+    #[test]
+    fn reload_names_the_keys_that_changed_and_no_unset_ones() {
+        let old = load_from("[log]\nfilter = \"info\"\n").unwrap();
+        let new = load_from(
+            "[log]\nfilter = \"debug\"\n[limits.groups.kiosks]\nbandwidth = \"50MiB\"\n\
+             [cache.ram]\ncapacity = \"32MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            changed_keys(&old, &new),
+            ["cache.ram.capacity", "limits.groups.kiosks.bandwidth"]
+        );
     }
 }
