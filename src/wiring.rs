@@ -129,33 +129,20 @@ pub async fn register_vdisk(
     catalog.vdisk(&vdisk.name).await
 }
 
-/// Refuses to make `vdisk` private unless its client could write `key` on `backend`:
-/// the backend opens it for writing as a private session would (a read-only backend, a
-/// file with hard links, are refused here, not at the client's first connection).
+/// Refuses to make `vdisk` private unless its client could write `key` on `backend`
+/// (a read-only backend, a file with hard links): refused here, not at the client's
+/// first connection.
 pub async fn check_private(
     backend: &osstream_core::DynBackend,
     vdisk: &str,
     key: &str,
 ) -> Result<()> {
-    let stat = backend.stat(key).await?;
-    if !stat.writable {
-        return Err(Error::new(
-            ErrorKind::ReadOnly,
-            format!(
-                "backend {:?} serves {key:?} read-only; a private vdisk is written by its client: \
-                 set writable = true in [backends.{}]",
-                backend.name(),
-                backend.name()
-            ),
-        ));
-    }
-    match backend.open(key, osstream_core::OpenMode::ReadWrite).await {
-        Ok(_) => Ok(()),
-        Err(err) => Err(Error::new(
+    backend.check_private(key).await.map_err(|err| {
+        Error::new(
             err.kind(),
             format!("vdisk {vdisk:?} cannot be private: {}", err.message()),
-        )),
-    }
+        )
+    })
 }
 
 /// The catalog the configuration names, if it exists: admin commands run with the wrong

@@ -148,6 +148,23 @@ impl ImageBackend for FileBackend {
         self.stat_path(image, &path)
     }
 
+    async fn check_private(&self, image: &str) -> Result<()> {
+        let path = self.path_of(image)?;
+        let stat = self.stat_path(image, &path)?;
+        if !stat.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!(
+                    "backend {:?} serves {image:?} read-only; a private vdisk is written by its \
+                     client: set writable = true in [backends.{}]",
+                    self.name, self.name
+                ),
+            )
+            .with_op("check_private"));
+        }
+        refuse_hard_links(image, &path)
+    }
+
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource> {
         let path = self.path_of(image)?;
         let stat = self.stat_path(image, &path)?;

@@ -85,6 +85,27 @@ pub trait ImageBackend: Send + Sync + Debug {
     /// Opens one image as a block source.
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource>;
 
+    /// Whether a private vdisk's session could write `image`: what `open` in
+    /// [`OpenMode::Locked`] would refuse about the image itself (a file with hard links),
+    /// checked when an admin makes a vdisk private, not at its client's first
+    /// connection. Opens nothing and writes nothing. The default: `stat` says writable.
+    async fn check_private(&self, image: &str) -> Result<()> {
+        let stat = self.stat(image).await?;
+        if stat.writable {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::ReadOnly,
+            format!(
+                "backend {:?} serves {image:?} read-only; a private vdisk is written by its \
+                 client: set writable = true in [backends.{}]",
+                self.name(),
+                self.name()
+            ),
+        )
+        .with_op("check_private"))
+    }
+
     /// Opens the image `stat` describes, a stat the caller made just now: a backend whose
     /// `open` would ask its storage again (a `HEAD` on S3) takes size and generation from
     /// it instead. The default is `open`.
