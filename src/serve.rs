@@ -289,6 +289,13 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         .name
         .clone()
         .unwrap_or_else(crate::sessions::host_name);
+    refuse_live_twin(
+        &catalog,
+        &me,
+        config.sessions.reconcile_interval.0,
+        config.sessions.server_timeout.0,
+    )
+    .await?;
     catalog.register_server(&me, &server_name).await?;
     tracing::info!(server = %me.id, instance = %me.instance, "server registered in the catalog");
     for (session, what) in catalog.adopt_sessions(&me).await? {
@@ -531,6 +538,46 @@ impl Signals {
                 }
             }
         }
+    }
+}
+
+/// Refuses to start as a server id another live process runs as: a `data_dir` copied
+/// from another server (a cloned machine, a restored backup) carries its `server-id`, and
+/// registering under it would end that server's sessions. A fresh heartbeat under the id
+/// may also be this server's own predecessor, killed moments ago: it is watched for two
+/// heartbeat intervals, and only one that goes on beating is another server.
+async fn refuse_live_twin(
+    catalog: &osstream_catalog::SqlCatalog,
+    me: &osstream_catalog::ServerRef,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let row = |servers: Vec<osstream_catalog::Server>| servers.into_iter().find(|s| s.id == me.id);
+    let Some(before) = row(catalog.servers().await?) else {
+        return Ok(());
+    };
+    if !before.alive(timeout.as_millis() as i64) {
+        return Ok(());
+    }
+    tracing::info!(server = %me.id, heartbeat_age_ms = before.heartbeat_age,
+        "this server's id has a recent heartbeat: waiting two heartbeat intervals to tell a crashed predecessor from a live twin");
+    tokio::time::sleep(interval * 2 + std::time::Duration::from_millis(500)).await;
+    match row(catalog.servers().await?) {
+        Some(now)
+            if now.stopped_at.is_none()
+                && (now.heartbeat_at != before.heartbeat_at || now.instance != before.instance) =>
+        {
+            Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "server id {} is in use by a live server ({}, heartbeat {} ms ago): this data_dir's \
+                     server-id was copied from it (a cloned machine or a restored backup); delete the \
+                     server-id file in data_dir to give this server an id of its own",
+                    me.id, now.name, now.heartbeat_age
+                ),
+            ))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -153,9 +153,40 @@ def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain
         assert lab.boot("a", mac) != "c"
 
 
+def test_a_server_started_with_a_copied_server_id_is_refused_and_harms_nobody(lab, tmp_path):
+    """A data_dir copied from a running server (a cloned machine, a restored backup)
+    carries its server-id: the copy refuses to start instead of taking over the
+    original's sessions; the original's restart after a kill -9 is not mistaken for it."""
+    export = json.loads(lab.cli("--json", "session", "open", STD_MACS[0], "dev0").stdout)["export"]
+    h = nbd.NBD()
+    h.connect_uri(f"nbd://127.0.0.1:{lab.servers['a'].port}/{export}")
+    folder = tmp_path / "clone"
+    folder.mkdir()
+    a = lab.servers["a"]
+    config = (a.config.read_text().split("\n", 1)[1].replace(f"127.0.0.1:{a.port}", "127.0.0.1:PORT")
+              .replace(f"127.0.0.1:{a.http_port}", f"127.0.0.1:{free_port()}"))
+    clone = Server(folder, config, demo=False)
+    clone.data_dir.mkdir(parents=True, exist_ok=True)
+    (clone.data_dir / "server-id").write_text((lab.servers["a"].data_dir / "server-id").read_text())
+    with pytest.raises(RuntimeError, match="is in use by a live server"):
+        clone.start()
+    h.pwrite(b"still a's", 0)
+    h.flush()
+    assert lab.listed()["a"]["state"] == "alive"
+    h.shutdown()
+    # Killed and started again at once: its own predecessor's fresh heartbeat stops
+    # beating, so it starts.
+    lab.servers["a"].proc.send_signal(signal.SIGKILL)
+    lab.servers["a"].proc.wait()
+    lab.servers["a"].start()
+    assert lab.listed()["a"]["state"] == "alive"
+
+
 class Writer(threading.Thread):
-    """Writes random 4 KiB blocks through an agent's socket, flushing after every few;
-    remembers what was flushed and the longest wait for one request."""
+    """Writes random 4 KiB blocks through an agent's socket, flushing after every few,
+    and reads a random block after each write (mostly blocks the client never wrote,
+    which the agent must fetch from a server); remembers what was flushed and the
+    longest wait for one request."""
 
     def __init__(self, socket, size, seed):
         super().__init__(daemon=True)
@@ -182,6 +213,9 @@ class Writer(threading.Thread):
                     self.h.flush()
                     self.flushed.update(self.pending)
                     self.pending.clear()
+                self.longest = max(self.longest, time.monotonic() - started)
+                started = time.monotonic()
+                self.h.pread(4096, self.rng.randrange(self.size // 4096) * 4096)
                 self.longest = max(self.longest, time.monotonic() - started)
                 self.count += 1
                 time.sleep(0.01)

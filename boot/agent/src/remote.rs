@@ -732,7 +732,14 @@ impl RemoteSource {
                     }
                     return Ok((conn, size, flags));
                 }
-                Err(err) if held_elsewhere(&err) && expect_size.is_some() => {
+                // With this client's writes on this client, the session itself holds
+                // nothing to wait for: a new one (below) beats waiting out a dead
+                // holder's heartbeat.
+                Err(err)
+                    if held_elsewhere(&err)
+                        && expect_size.is_some()
+                        && (renewed || self.renewal.is_none()) =>
+                {
                     if attempts == 0 || attempts.is_power_of_two() {
                         tracing::warn!(server = %server.name, %err, "agent: another server holds the session; trying the next one (requests wait)");
                     }
@@ -751,7 +758,7 @@ impl RemoteSource {
                     return Err(refused);
                 }
                 Err(err)
-                    if (ended(&err) || overlay_lost(&err))
+                    if (ended(&err) || overlay_lost(&err) || held_elsewhere(&err))
                         && expect_size.is_some()
                         && !renewed
                         && self.renewal.is_some() =>
@@ -759,7 +766,7 @@ impl RemoteSource {
                     if let Some(refused) = lock(&self.refused).clone() {
                         return Err(refused);
                     }
-                    tracing::warn!(%err, "agent: the server ended this session; opening a new one of the same disk (this client's writes are on this client)");
+                    tracing::warn!(%err, "agent: the session cannot go on here; opening a new one of the same disk (this client's writes are on this client)");
                     let renewal = self.renewal.as_ref().expect("checked above");
                     match renewal.renew().await {
                         Ok(fresh) => {
