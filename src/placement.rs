@@ -145,12 +145,12 @@ impl CatalogPlacement {
 
 #[async_trait]
 impl Placement for CatalogPlacement {
-    async fn choose(&self, peer: Option<IpAddr>) -> PlacedServer {
+    async fn choose(&self, peer: Option<IpAddr>, shared_overlay: bool) -> PlacedServer {
         if !self.steer {
             return self.here();
         }
         match self.catalog.servers().await {
-            Ok(servers) => match choose_server(&servers, peer, self.timeout_ms) {
+            Ok(servers) => match choose_server(&servers, peer, self.timeout_ms, shared_overlay) {
                 Some(server) => self.placed_server(server),
                 None => self.here(),
             },

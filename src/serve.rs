@@ -367,6 +367,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
                 http_url,
                 capacity: config.cluster.capacity,
                 subnets: config.cluster.parsed_subnets()?,
+                shared_overlays: config.sessions.shared_overlay_dir.is_some(),
             },
         )
         .await?;

@@ -688,10 +688,11 @@ impl Connection {
             ),
             Some(placement) => {
                 let _turn = self.shared.placing.lock().await;
-                let placed = placement.choose(Some(self.peer.ip())).await;
                 let session = boot
                     .open_boot_session(mac, &chosen.vdisk, Some(&peer))
                     .await?;
+                let shared = session.overlay.is_some_and(OverlayKind::is_shared);
+                let placed = placement.choose(Some(self.peer.ip()), shared).await;
                 if let Err(err) = placement.record(&session.id, &placed).await {
                     tracing::warn!(session = %session.id, server = %placed.name, %err, "cannot record where the session was placed");
                 }

@@ -292,6 +292,8 @@ pub struct Server {
     pub bytes_per_sec: u64,
     /// Live sessions it holds, or that were placed on it and no server holds yet.
     pub sessions: u64,
+    /// It has the shared overlay folder: it may serve `shared-disk` vdisks.
+    pub shared_overlays: bool,
 }
 
 impl Server {

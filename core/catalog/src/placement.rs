@@ -27,6 +27,8 @@ pub struct ServerOffer {
     pub capacity: f64,
     /// Client subnets that prefer it.
     pub subnets: Vec<Subnet>,
+    /// It has the shared overlay folder (`shared-disk` vdisks).
+    pub shared_overlays: bool,
 }
 
 /// An IPv4 or IPv6 network (`10.1.0.0/16`).
@@ -97,12 +99,19 @@ fn load_with(server: &Server, more: u64) -> f64 {
 
 /// The server a new session of a client booting from `peer` goes to: among the servers
 /// alive (heartbeat younger than `timeout_ms`), not drained and with an NBD address,
-/// those whose subnets hold `peer` if any do, the one with the least [`load`] once this
-/// session is added (ties: fewer sessions, then name). `None` when no server qualifies.
-pub fn choose(servers: &[Server], peer: Option<IpAddr>, timeout_ms: i64) -> Option<&Server> {
+/// and, for a session of a `shared-disk` vdisk (`shared_overlay`), with the shared overlay
+/// folder, those whose subnets hold `peer` if any do, the one with the least [`load`] once
+/// this session is added (ties: fewer sessions, then name). `None` when no server qualifies.
+pub fn choose(
+    servers: &[Server],
+    peer: Option<IpAddr>,
+    timeout_ms: i64,
+    shared_overlay: bool,
+) -> Option<&Server> {
     let open: Vec<&Server> = servers
         .iter()
         .filter(|s| s.alive(timeout_ms) && !s.draining && s.nbd_address.is_some())
+        .filter(|s| !shared_overlay || s.shared_overlays)
         .collect();
     let preferred: Vec<&Server> = match peer {
         Some(peer) => open
@@ -136,13 +145,15 @@ impl SqlCatalog {
     pub async fn offer_server(&self, me: &ServerRef, offer: &ServerOffer) -> Result<()> {
         let subnets: Vec<String> = offer.subnets.iter().map(Subnet::to_string).collect();
         sqlx::query(
-            "UPDATE servers SET http_url = $3, capacity_milli = $4, subnets = $5 WHERE id = $1 AND instance = $2",
+            "UPDATE servers SET http_url = $3, capacity_milli = $4, subnets = $5, shared_overlays = $6 \
+             WHERE id = $1 AND instance = $2",
         )
         .bind(&me.id)
         .bind(&me.instance)
         .bind(offer.http_url.as_deref())
         .bind((offer.capacity * 1000.0).round().max(1.0) as i64)
         .bind(subnets.join(","))
+        .bind(i64::from(offer.shared_overlays))
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, "record what the server offers"))?;
@@ -218,6 +229,7 @@ mod tests {
             capacity,
             subnets: Vec::new(),
             draining: false,
+            shared_overlays: false,
             bytes_per_sec: 0,
             sessions,
         }
@@ -248,20 +260,20 @@ mod tests {
             server("b", 5, 2.0),
             server("c", 1, 1.0),
         ];
-        assert_eq!(choose(&servers, None, 1000).unwrap().name, "c");
+        assert_eq!(choose(&servers, None, 1000, false).unwrap().name, "c");
         // b and c tie at 3 once the session is added: the one with fewer sessions wins.
         let servers = [
             server("a", 4, 1.0),
             server("b", 5, 2.0),
             server("c", 2, 1.0),
         ];
-        assert_eq!(choose(&servers, None, 1000).unwrap().name, "c");
+        assert_eq!(choose(&servers, None, 1000, false).unwrap().name, "c");
         let servers = [
             server("a", 4, 1.0),
             server("b", 3, 2.0),
             server("c", 2, 1.0),
         ];
-        assert_eq!(choose(&servers, None, 1000).unwrap().name, "b");
+        assert_eq!(choose(&servers, None, 1000, false).unwrap().name, "b");
     }
 
     #[test]
@@ -269,7 +281,7 @@ mod tests {
         let mut busy = server("a", 1, 1.0);
         busy.bytes_per_sec = (3.0 * BYTES_PER_SECOND_PER_SESSION) as u64;
         let servers = [busy, server("b", 2, 1.0)];
-        assert_eq!(choose(&servers, None, 1000).unwrap().name, "b");
+        assert_eq!(choose(&servers, None, 1000, false).unwrap().name, "b");
     }
 
     #[test]
@@ -284,8 +296,8 @@ mod tests {
         nowhere.nbd_address = None;
         let busy = server("e", 50, 1.0);
         let servers = [gone, stopped, drained, nowhere, busy];
-        assert_eq!(choose(&servers, None, 1000).unwrap().name, "e");
-        assert!(choose(&servers[..4], None, 1000).is_none());
+        assert_eq!(choose(&servers, None, 1000, false).unwrap().name, "e");
+        assert!(choose(&servers[..4], None, 1000, false).is_none());
     }
 
     #[test]
@@ -295,10 +307,20 @@ mod tests {
         let servers = [near.clone(), server("far", 0, 1.0)];
         let inside = Some("10.1.4.5".parse().unwrap());
         let outside = Some("10.2.4.5".parse().unwrap());
-        assert_eq!(choose(&servers, inside, 1000).unwrap().name, "near");
-        assert_eq!(choose(&servers, outside, 1000).unwrap().name, "far");
+        assert_eq!(choose(&servers, inside, 1000, false).unwrap().name, "near");
+        assert_eq!(choose(&servers, outside, 1000, false).unwrap().name, "far");
         near.draining = true;
         let servers = [near, server("far", 0, 1.0)];
-        assert_eq!(choose(&servers, inside, 1000).unwrap().name, "far");
+        assert_eq!(choose(&servers, inside, 1000, false).unwrap().name, "far");
+    }
+
+    #[test]
+    fn a_shared_disk_session_goes_only_where_the_shared_overlays_are() {
+        let mut shared = server("shared", 10, 1.0);
+        shared.shared_overlays = true;
+        let servers = [shared, server("idle", 0, 1.0)];
+        assert_eq!(choose(&servers, None, 1000, false).unwrap().name, "idle");
+        assert_eq!(choose(&servers, None, 1000, true).unwrap().name, "shared");
+        assert!(choose(&servers[1..], None, 1000, true).is_none());
     }
 }

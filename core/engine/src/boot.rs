@@ -267,8 +267,10 @@ pub struct PlacedServer {
 ///   server) counts it in that server's load at once.
 #[async_trait]
 pub trait Placement: Send + Sync + Debug {
-    /// The server for a new session of a client booting from `peer`.
-    async fn choose(&self, peer: Option<std::net::IpAddr>) -> PlacedServer;
+    /// The server for a new session of a client booting from `peer`; `shared_overlay`:
+    /// the session's overlay is a `shared-disk` one, which only servers with the shared
+    /// overlay folder serve.
+    async fn choose(&self, peer: Option<std::net::IpAddr>, shared_overlay: bool) -> PlacedServer;
     /// Records that `session` (its id) was placed on `server`.
     async fn record(&self, session: &str, server: &PlacedServer) -> Result<()>;
     /// Every server alive now with an NBD address (drained ones too: they still serve),
