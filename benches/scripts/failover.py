@@ -15,7 +15,9 @@ otherwise. Each round starts fresh servers a, b and c and, all through server a:
   about three advertisement intervals, is not included) and the client connects again
   every 200 ms until it is served.
 
-Every client writes 4 KiB blocks at random, flushing every fourth, 100 writes a second.
+Every client writes 4 KiB blocks at random, flushing every fourth, and reads a random
+block after each write (mostly blocks it never wrote: with no client cache, the agent
+fetches them from a server), about 100 of each a second.
 Then server a gets `kill -9`. Reported per kind of client: the longest a request of the
 agent's clients waited (the kernel's view: a slow request, never a failed one), the time
 from the kill to a plain client's first write served again, and the time until every
@@ -100,6 +102,7 @@ class PlainClient(threading.Thread):
                         for offset in self.pending:
                             self.either.pop(offset, None)
                         self.pending.clear()
+                    self.h.pread(4096, self.rng.randrange(self.size // 4096) * 4096)
                     if self.broken_at is not None and self.back_at is None:
                         self.back_at = time.monotonic()
                     self.count += 1

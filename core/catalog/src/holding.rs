@@ -373,6 +373,10 @@ impl SqlCatalog {
                         "session {id} keeps its write overlay on {named}, {state}; {}",
                         if gone {
                             "the client must boot again (a new session)"
+                        } else if shared {
+                            // Still "connect there": agents look for those words.
+                            "connect there, or wait: the overlay is shared, so the session moves \
+                             here once that server's heartbeat lapses"
                         } else {
                             "connect there"
                         }
