@@ -582,6 +582,7 @@ pub async fn session(config: &Config, command: &SessionCommand, json: bool) -> R
         }
         SessionCommand::Open { mac, vdisk } => {
             let mac: Mac = mac.parse()?;
+            refuse_shared_disk_without_a_server(config, &catalog, &vdisk).await?;
             let session = catalog.open_session(&mac, &vdisk, None).await?;
             let export = session.export_name();
             let registered = registered_address(config, &catalog).await?;
@@ -640,6 +641,37 @@ const SERVER_HEADERS: &[&str] = &[
     "ID",
 ];
 
+/// A `shared-disk` vdisk's session that no running server could serve (none has the
+/// shared overlay folder) is refused when opened, not at its client's connection; with
+/// no server running, nothing can be told yet.
+async fn refuse_shared_disk_without_a_server(
+    config: &Config,
+    catalog: &SqlCatalog,
+    vdisk: &str,
+) -> Result<()> {
+    if catalog.vdisk(vdisk).await?.overlay() != Some(osstream_core::OverlayKind::SharedDisk) {
+        return Ok(());
+    }
+    let timeout = config.sessions.server_timeout.0.as_millis() as i64;
+    let live: Vec<_> = catalog
+        .servers()
+        .await?
+        .into_iter()
+        .filter(|s| s.alive(timeout))
+        .collect();
+    if live.is_empty() || live.iter().any(|s| s.shared_overlays) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "vdisk {vdisk:?} keeps its writes in a shared-disk overlay, and no running server has \
+             [sessions] shared_overlay_dir (a folder every server mounts): set it, or give the \
+             vdisk another --write-cache"
+        ),
+    ))
+}
+
 pub async fn server(config: &Config, command: &ServerCommand, json: bool) -> Result<()> {
     let catalog = open_existing_catalog(config).await?;
     let timeout = config.sessions.server_timeout.0.as_millis() as i64;
@@ -677,8 +709,17 @@ pub async fn server(config: &Config, command: &ServerCommand, json: bool) -> Res
                             s.subnets.join(",")
                         },
                         s.sessions.to_string(),
-                        format!("{}/s", ByteSize(s.bytes_per_sec).human()),
-                        format!("{:.2}", l.load),
+                        // A gone or stopped server's last report is no traffic now.
+                        if s.alive(timeout) {
+                            format!("{}/s", ByteSize(s.bytes_per_sec).human())
+                        } else {
+                            "-".to_owned()
+                        },
+                        if s.alive(timeout) {
+                            format!("{:.2}", l.load)
+                        } else {
+                            "-".to_owned()
+                        },
                         format!("{:.1}s ago", s.heartbeat_age.max(0) as f64 / 1000.0),
                         s.id.clone(),
                     ]
