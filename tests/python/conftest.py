@@ -48,12 +48,12 @@ def wait_for(what, predicate, timeout=30):
 
 
 class TcpRelay:
-    """Forwards a loopback port to another: `record` keeps every byte clients sent
+    """Forwards a loopback port to `host`:`target`: `record` keeps every byte clients sent
     (`sent`); `move` sends new connections elsewhere and drops the open ones, as when
     keepalived moves a floating address off a server that died."""
 
-    def __init__(self, target, record=False):
-        self.target, self.record, self.sent = target, record, bytearray()
+    def __init__(self, target, record=False, host="127.0.0.1"):
+        self.target, self.host, self.record, self.sent = target, host, record, bytearray()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.open = []
@@ -67,7 +67,7 @@ class TcpRelay:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
+                upstream = socket.create_connection((self.host, self.target))
             except OSError:
                 client.close()
                 continue
@@ -91,8 +91,8 @@ class TcpRelay:
                 except OSError:
                     pass
 
-    def move(self, target):
-        self.target = target
+    def move(self, target, host=None):
+        self.target, self.host = target, host or self.host
         with self.lock:
             for sock in self.open:
                 try:
@@ -266,14 +266,15 @@ def s3(tmp_path):
         proc.wait()
 
 
-def backend_toml(name, port, extra="", keys=True):
+def backend_toml(name, port, extra="", keys=True, host="127.0.0.1"):
     keys = 'access_key_id = "S3RVER"\nsecret_access_key = "S3RVER"\n' if keys else ""
     return (f'[backends.{name}]\nkind = "s3"\nbucket = "{BUCKET}"\nprefix = "lab"\n'
-            f'endpoint = "http://127.0.0.1:{port}"\nregion = "us-east-1"\n{keys}allow_http = true\n{extra}\n')
+            f'endpoint = "http://{host}:{port}"\nregion = "us-east-1"\n{keys}allow_http = true\n{extra}\n')
 
 
-def start_postgres(tmp_path):
-    """A throwaway PostgreSQL cluster on loopback; returns (url, stop)."""
+def start_postgres(tmp_path, host="127.0.0.1", clients=None):
+    """A throwaway PostgreSQL cluster on loopback, and on `host` too (an address of this
+    host) for the network `clients` (CIDR); returns (url with `host`, stop)."""
     import glob
     import socket
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -294,15 +295,19 @@ def start_postgres(tmp_path):
     data = root / "data"
     subprocess.run(prefix + [f"{bin_dir}/initdb", "-D", str(data), "-A", "trust", "-U", "osstream", "--no-sync"],
                    check=True, capture_output=True)
+    listen = "127.0.0.1" if host == "127.0.0.1" else f"127.0.0.1,{host}"
+    if clients:
+        with open(data / "pg_hba.conf", "a") as f:
+            f.write(f"host all all {clients} trust\n")
     subprocess.run(prefix + [f"{bin_dir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                             f"-p {port} -k {root} -c listen_addresses={listen} -c fsync=off", "start"],
                    check=True, capture_output=True)
 
     def stop():
         subprocess.run(prefix + [f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
-    return f"postgres://osstream@127.0.0.1:{port}/postgres", stop
+    return f"postgres://osstream@{host}:{port}/postgres", stop
 
 
 @pytest.fixture

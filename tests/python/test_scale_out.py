@@ -1,4 +1,5 @@
-"""Three servers on one PostgreSQL catalog and one S3 bucket (s3rver) (issue 17): every
+"""Three servers on one PostgreSQL catalog and one S3 bucket (s3rver) (issue 17), each
+server in a network namespace of its own (a host of its own on the network): every
 server lists the others with their load; any server's HTTP listener places a new session
 on the least loaded server by capacity, preferring the servers of the client's subnet,
 never on a drained or dead one, and hands the client that server's addresses; and when a
@@ -14,41 +15,87 @@ import subprocess
 import threading
 import time
 import urllib.request
+import uuid
 
 import nbd
 import pytest
 
-from conftest import BINARY, Server, TcpRelay, backend_toml, free_port, random_image, wait_for
+from conftest import (BINARY, Server, TcpRelay, backend_toml, free_port, random_image, s3rver_binary,
+                      start_postgres, wait_for)
 
 AGENT = os.path.join(os.path.dirname(BINARY), "osstream-agent")
 MIB = 1 << 20
 CHUNK = 256 * 1024
 STD_MACS = [f"aa:bb:cc:00:01:{i:02x}" for i in range(12)]
-NEAR = "127.0.0.2"
+NET = "10.89"
+# This host's end of server b's link: a client from there is in b's subnet.
+NEAR = f"{NET}.2.1"
+
+
+def sh(*args):
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+
+class Hosts:
+    """A network namespace per server, joined to this one by a veth pair: NET.i.1 on this
+    side, NET.i.2 inside (the server's address, its default route back through here).
+    Clients, PostgreSQL and s3rver stay here; the host's own interfaces are not changed.
+    The namespaces (and with them the pairs) are deleted afterwards."""
+
+    def __init__(self, count):
+        tag = uuid.uuid4().hex[:6]
+        self.namespaces = []
+        for i in range(1, count + 1):
+            ns = f"oso-{tag}-{i}"
+            here = f"os{tag}{i}"
+            sh("ip", "netns", "add", ns)
+            self.namespaces.append(ns)
+            sh("ip", "link", "add", here, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "addr", "add", f"{NET}.{i}.1/24", "dev", here)
+            sh("ip", "link", "set", here, "up")
+            for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", f"{NET}.{i}.2/24", "dev", "eth0"],
+                        ["ip", "link", "set", "eth0", "up"], ["ip", "route", "add", "default", "via", f"{NET}.{i}.1"]):
+                sh("ip", "netns", "exec", ns, *cmd)
+
+    def close(self):
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 class Lab:
-    """Servers a, b (capacity 1, b preferred by 127.0.0.2) and c (capacity 2, and
-    `placement = false`: it serves here what is opened here, but others place on it)."""
+    """Servers a, b (capacity 1, b preferred by NEAR) and c (capacity 2, and
+    `placement = false`: it serves here what is opened here, but others place on it),
+    each on a host of its own; PostgreSQL and s3rver listen on this side of a's link."""
 
-    def __init__(self, tmp_path, postgres, s3):
+    def __init__(self, tmp_path):
+        self.hosts = Hosts(3)
+        self.tmp = tmp_path
+        store = f"{NET}.1.1"
+        self.pg_url, self.stop_pg = start_postgres(tmp_path, host=store, clients=f"{NET}.0.0/16")
+        s3 = free_port()
+        (tmp_path / "s3").mkdir()
+        self.s3rver = subprocess.Popen([s3rver_binary(), "-d", str(tmp_path / "s3"), "-a", store, "-p", str(s3),
+                                        "-s", "--configure-bucket", "vdisks"], stdout=subprocess.DEVNULL)
+        wait_for("s3rver", lambda: subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://{store}:{s3}/"]).returncode == 0)
         self.servers = {}
-        for name, capacity, subnets in (("a", 1, []), ("b", 1, [f"{NEAR}/32"]), ("c", 2, [])):
+        for i, (name, capacity, subnets) in enumerate((("a", 1, []), ("b", 1, [f"{NEAR}/32"]), ("c", 2, []))):
             folder = tmp_path / name
             folder.mkdir()
             http = free_port()
-            extra = (f'[catalog]\nurl = "{postgres}"\n'
-                     + backend_toml("bucket", s3, f'layout = "chunked"\nchunk_size = "{CHUNK // 1024}KiB"\nwritable = true')
+            host = f"{NET}.{i + 1}.2"
+            extra = (f'[catalog]\nurl = "{self.pg_url}"\n'
+                     + backend_toml("bucket", s3, f'layout = "chunked"\nchunk_size = "{CHUNK // 1024}KiB"\nwritable = true',
+                                    host=store)
                      + '[sessions]\nreconcile_interval = "200ms"\nserver_timeout = "2s"\n'
                      + f'shared_overlay_dir = "{tmp_path / "shared-overlays"}"\n'
                      + f'[cluster]\nname = "{name}"\ncapacity = {capacity}\nsubnets = {json.dumps(subnets)}\n'
                      + ("placement = false\n" if name == "c" else "")
-                     + f'[http]\nenabled = true\nlisten = "127.0.0.1:{http}"\nmetrics = true\n'
-                     + '[nbd]\nbase_exports = false\nlisten = ["127.0.0.1:PORT"]\n')
+                     + f'[http]\nenabled = true\nlisten = "{host}:{http}"\nmetrics = true\n'
+                     + f'[nbd]\nbase_exports = false\nlisten = ["{host}:PORT"]\n')
             server = Server(folder, extra, demo=False)
-            server.http_port = http
+            server.wrap = ["ip", "netns", "exec", self.hosts.namespaces[i]]
+            server.host, server.http_port = host, http
             self.servers[name] = server
-        self.tmp = tmp_path
         raw = tmp_path / "std.raw"
         random_image(raw, 8 * MIB, seed=41)
         self.std_base = raw.read_bytes()
@@ -78,18 +125,25 @@ class Lab:
             assert (out.returncode == 0) == ok, f"{args}: {out.stdout}{out.stderr}"
         return out
 
-    def by_port(self):
-        return {s.http_port: name for name, s in self.servers.items()}
+    def by_address(self):
+        return {(s.host, s.http_port): name for name, s in self.servers.items()}
 
     def boot(self, via, mac, source=None):
         """GETs /ipxe/MAC from server `via` (from `source`, an address of loopback); returns the
         name of the server the script sends the client to."""
-        url = f"http://127.0.0.1:{self.servers[via].http_port}/ipxe/{mac}/std"
+        url = f"{self.url(via)}/ipxe/{mac}/std"
         cmd = ["curl", "-sf", "--max-time", "20", url] + (["--interface", source] if source else [])
         script = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        found = re.search(r"sanboot .*http://127\.0\.0\.1:(\d+)/san/", script)
+        found = re.search(r"sanboot .*http://([0-9.]+):(\d+)/san/", script)
         assert found, script
-        return self.by_port()[int(found.group(1))]
+        return self.by_address()[(found.group(1), int(found.group(2)))]
+
+    def url(self, name):
+        """Server `name`'s HTTP listener."""
+        return f"http://{self.servers[name].host}:{self.servers[name].http_port}"
+
+    def nbd(self, name):
+        return f"{self.servers[name].host}:{self.servers[name].port}"
 
     def listed(self):
         return {s["name"]: s for s in json.loads(self.cli("--json", "server", "list").stdout)}
@@ -97,13 +151,21 @@ class Lab:
     def stop(self):
         for server in self.servers.values():
             server.stop()
+        self.s3rver.kill()
+        self.s3rver.wait()
+        self.stop_pg()
+        self.hosts.close()
 
 
 @pytest.fixture
-def lab(tmp_path, postgres, s3):
-    lab = Lab(tmp_path, postgres, s3)
-    yield lab
-    lab.stop()
+def lab(tmp_path):
+    lab = None
+    try:
+        lab = Lab(tmp_path)
+        yield lab
+    finally:
+        if lab:
+            lab.stop()
 
 
 def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain(lab):
@@ -111,8 +173,8 @@ def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain
     assert set(servers) == {"a", "b", "c"}
     for name, s in servers.items():
         assert s["state"] == "alive", s
-        assert s["http_url"] == f"http://127.0.0.1:{lab.servers[name].http_port}", s
-        assert s["nbd_address"] == f"127.0.0.1:{lab.servers[name].port}", s
+        assert s["http_url"] == lab.url(name), s
+        assert s["nbd_address"] == lab.nbd(name), s
     assert servers["c"]["capacity"] == 2 and servers["b"]["subnets"] == [f"{NEAR}/32"]
     table = lab.cli("server", "list").stdout
     assert table.splitlines()[0].split()[:3] == ["NAME", "STATE", "NBD"], table
@@ -121,7 +183,7 @@ def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain
     placed = [lab.boot("a", mac) for mac in STD_MACS[:8]]
     assert {n: placed.count(n) for n in "abc"} == {"a": 2, "b": 2, "c": 4}, placed
     assert {n: s["sessions"] for n, s in lab.listed().items()} == {"a": 2, "b": 2, "c": 4}
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{lab.servers['a'].http_port}/metrics").read().decode()
+    metrics = urllib.request.urlopen(f"{lab.url('a')}/metrics").read().decode()
     assert 'osstream_placements_total{server="c"} 4' in metrics, metrics
     assert 'osstream_cluster_server_up{server="b"' in metrics
 
@@ -130,7 +192,7 @@ def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain
     # c does not steer (placement = false): what boots through it stays there, and it
     # still lists every server, so its agents can fail over.
     assert lab.boot("c", STD_MACS[11], source=NEAR) == "c"
-    listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{lab.servers['c'].http_port}/servers").read())
+    listed = json.loads(urllib.request.urlopen(f"{lab.url('c')}/servers").read())
     assert len(listed["servers"]) == 3, listed
 
     # Drained, b takes nothing new, not even from its subnet; its sessions stay.
@@ -159,12 +221,13 @@ def test_a_server_started_with_a_copied_server_id_is_refused_and_harms_nobody(la
     original's sessions; the original's restart after a kill -9 is not mistaken for it."""
     export = json.loads(lab.cli("--json", "session", "open", STD_MACS[0], "dev0").stdout)["export"]
     h = nbd.NBD()
-    h.connect_uri(f"nbd://127.0.0.1:{lab.servers['a'].port}/{export}")
+    h.connect_uri(f"nbd://{lab.nbd('a')}/{export}")
     folder = tmp_path / "clone"
     folder.mkdir()
     a = lab.servers["a"]
-    config = (a.config.read_text().split("\n", 1)[1].replace(f"127.0.0.1:{a.port}", "127.0.0.1:PORT")
-              .replace(f"127.0.0.1:{a.http_port}", f"127.0.0.1:{free_port()}"))
+    # Here, not in a's namespace: it never gets as far as binding.
+    config = (a.config.read_text().split("\n", 1)[1].replace(f"{a.host}:{a.port}", "127.0.0.1:PORT")
+              .replace(f"{a.host}:{a.http_port}", f"127.0.0.1:{free_port()}"))
     clone = Server(folder, config, demo=False)
     clone.data_dir.mkdir(parents=True, exist_ok=True)
     (clone.data_dir / "server-id").write_text((lab.servers["a"].data_dir / "server-id").read_text())
@@ -238,12 +301,11 @@ class Writer(threading.Thread):
 def start_agent(lab, tmp_path, server, mac, vdisk, name):
     export = json.loads(lab.cli("--json", "session", "open", mac, vdisk).stdout)["export"]
     token = export.split("/", 1)[1]
-    s = lab.servers[server]
     socket = tmp_path / f"{name}.sock"
     log = tmp_path / f"{name}.log"
     log_file = open(log, "w")
-    proc = subprocess.Popen([AGENT, "run", "--nbd", f"127.0.0.1:{s.port}", "--export", export,
-                             "--info", f"http://127.0.0.1:{s.http_port}/agent/{token}",
+    proc = subprocess.Popen([AGENT, "run", "--nbd", lab.nbd(server), "--export", export,
+                             "--info", f"{lab.url(server)}/agent/{token}",
                              "--socket", str(socket), "--request-timeout", "3",
                              "--stats", str(tmp_path / f"{name}-stats.json")],
                             stdout=log_file, stderr=subprocess.STDOUT)
@@ -320,7 +382,7 @@ def test_plain_clients_behind_a_floating_address_when_their_server_is_killed(lab
     folder (`shared-disk`), reattach on the next server once the dead server's heartbeat
     lapsed, with every flushed write; a standard session whose overlay died with its
     server is refused by the next server (the client must boot again)."""
-    vip = TcpRelay(lab.servers["a"].port)
+    vip = TcpRelay(lab.servers["a"].port, host=lab.servers["a"].host)
     exports = {}
     for mac, vdisk in ((STD_MACS[0], "dev0"), (STD_MACS[2], "std"), (STD_MACS[4], "shared")):
         exports[vdisk] = json.loads(lab.cli("--json", "session", "open", mac, vdisk).stdout)["export"]
@@ -335,7 +397,7 @@ def test_plain_clients_behind_a_floating_address_when_their_server_is_killed(lab
     killed_at = time.monotonic()
     lab.servers["a"].proc.send_signal(signal.SIGKILL)
     lab.servers["a"].proc.wait()
-    vip.move(lab.servers["b"].port)  # keepalived's VRRP would take ~3 s more to notice
+    vip.move(lab.servers["b"].port, host=lab.servers["b"].host)  # keepalived's VRRP would take ~3 s more to notice
     for h in handles.values():
         with pytest.raises(nbd.Error):
             h.pread(4096, 0)
