@@ -368,9 +368,22 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
                 capacity: config.cluster.capacity,
                 subnets: config.cluster.parsed_subnets()?,
                 shared_overlays: config.sessions.shared_overlay_dir.is_some(),
+                server_timeout_ms: timers.server_timeout_ms,
             },
         )
         .await?;
+    // Each server judges the others gone by its own server_timeout: they must agree.
+    for other in catalog.servers().await? {
+        if other.id != me.id
+            && other.alive(timers.server_timeout_ms)
+            && other.server_timeout_ms != 0
+            && other.server_timeout_ms != timers.server_timeout_ms
+        {
+            tracing::warn!(server = %other.name, theirs_ms = other.server_timeout_ms, ours_ms = timers.server_timeout_ms,
+                "[sessions] server_timeout differs from a server sharing this catalog: use the same value on every server, \
+                 or servers disagree on when one is gone");
+        }
+    }
     let placement = crate::placement::CatalogPlacement::new(
         catalog.clone(),
         me.clone(),

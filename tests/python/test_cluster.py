@@ -163,3 +163,19 @@ def test_a_paused_server_acknowledges_nothing_after_its_lock_moved(cluster):
     assert cluster.exported()[:4096] == b"\xb0" * 4096, "B's flushed write survived A's wake-up"
     log = cluster.b.log.read_text()
     assert "released: its server" in log or "stopped or missed heartbeats" in log, log
+
+
+def test_a_server_whose_server_timeout_differs_is_named_at_start(tmp_path, postgres):
+    servers = []
+    for name, timeout in (("a", "2s"), ("b", "3s")):
+        folder = tmp_path / name
+        folder.mkdir()
+        servers.append(Server(folder, f'[catalog]\nurl = "{postgres}"\n[sessions]\nreconcile_interval = "200ms"\n'
+                                      f'server_timeout = "{timeout}"\n', demo=False).start())
+    try:
+        text = servers[1].log.read_text()
+        assert "server_timeout differs from a server sharing this catalog" in text, text
+        assert "server_timeout differs" not in servers[0].log.read_text()
+    finally:
+        for server in servers:
+            server.stop()

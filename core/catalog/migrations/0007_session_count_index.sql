@@ -7,3 +7,6 @@ CREATE INDEX sessions_on_server ON sessions (COALESCE(owner, placed_on)) WHERE c
 -- 1 when the server has the shared overlay folder (`[sessions] shared_overlay_dir`):
 -- only such servers are given sessions of `shared-disk` vdisks.
 ALTER TABLE servers ADD COLUMN shared_overlays BIGINT NOT NULL DEFAULT 0;
+-- Its `[sessions] server_timeout` in milliseconds (0: not recorded), which every server
+-- of one catalog must share: a server warns at start about one that differs.
+ALTER TABLE servers ADD COLUMN server_timeout_ms BIGINT NOT NULL DEFAULT 0;

@@ -114,6 +114,7 @@ fn server_from_row(row: &AnyRow) -> Result<Server> {
         bytes_per_sec: row.try_get::<i64, _>("bytes_per_sec").map_err(map)?.max(0) as u64,
         sessions: row.try_get::<i64, _>("sessions").map_err(map)?.max(0) as u64,
         shared_overlays: row.try_get::<i64, _>("shared_overlays").map_err(map)? != 0,
+        server_timeout_ms: row.try_get("server_timeout_ms").map_err(map)?,
     })
 }
 

@@ -294,6 +294,8 @@ pub struct Server {
     pub sessions: u64,
     /// It has the shared overlay folder: it may serve `shared-disk` vdisks.
     pub shared_overlays: bool,
+    /// Its `[sessions] server_timeout` in milliseconds (0: not recorded).
+    pub server_timeout_ms: i64,
 }
 
 impl Server {

@@ -29,6 +29,8 @@ pub struct ServerOffer {
     pub subnets: Vec<Subnet>,
     /// It has the shared overlay folder (`shared-disk` vdisks).
     pub shared_overlays: bool,
+    /// Its `[sessions] server_timeout`, in milliseconds.
+    pub server_timeout_ms: i64,
 }
 
 /// An IPv4 or IPv6 network (`10.1.0.0/16`).
@@ -145,8 +147,8 @@ impl SqlCatalog {
     pub async fn offer_server(&self, me: &ServerRef, offer: &ServerOffer) -> Result<()> {
         let subnets: Vec<String> = offer.subnets.iter().map(Subnet::to_string).collect();
         sqlx::query(
-            "UPDATE servers SET http_url = $3, capacity_milli = $4, subnets = $5, shared_overlays = $6 \
-             WHERE id = $1 AND instance = $2",
+            "UPDATE servers SET http_url = $3, capacity_milli = $4, subnets = $5, shared_overlays = $6, \
+             server_timeout_ms = $7 WHERE id = $1 AND instance = $2",
         )
         .bind(&me.id)
         .bind(&me.instance)
@@ -154,6 +156,7 @@ impl SqlCatalog {
         .bind((offer.capacity * 1000.0).round().max(1.0) as i64)
         .bind(subnets.join(","))
         .bind(i64::from(offer.shared_overlays))
+        .bind(offer.server_timeout_ms)
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, "record what the server offers"))?;
@@ -230,6 +233,7 @@ mod tests {
             subnets: Vec::new(),
             draining: false,
             shared_overlays: false,
+            server_timeout_ms: 10_000,
             bytes_per_sec: 0,
             sessions,
         }
