@@ -139,6 +139,10 @@ impl SessionDirectory for CatalogSessions {
             .attach_session(&target.session, &self.me, image, peer, &self.timers)
             .await
             .map_err(|e| e.with_context("peer", peer))?;
+        if let Some(gone) = &holding.taken_from {
+            tracing::info!(session = %target.session, vdisk = %target.vdisk, epoch = holding.epoch,
+                "took the session over from {gone}, whose heartbeat lapsed");
+        }
         let shared = target.overlay.is_some_and(OverlayKind::is_shared);
         Ok(Grant {
             lock: (target.is_private() || shared).then(|| LockToken {

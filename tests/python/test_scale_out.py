@@ -374,6 +374,9 @@ def test_clients_writing_through_the_agent_carry_on_when_their_server_is_killed(
             assert data[offset:offset + 4096] == block, f"dev{i}: flushed write at {offset} lost"
     holders = {s["name"]: s["sessions"] for s in lab.listed().values()}
     assert lab.listed()["a"]["state"] == "gone", holders
+    # The survivors say what they did with a's sessions.
+    logs = lab.servers["b"].log.read_text() + lab.servers["c"].log.read_text()
+    assert "took the session over from server a" in logs or "released: its server" in logs, logs[-3000:]
 
 
 def test_plain_clients_behind_a_floating_address_when_their_server_is_killed(lab):

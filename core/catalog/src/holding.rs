@@ -46,6 +46,9 @@ pub struct Holding {
     /// epoch is kept under, the same for every server whatever each one's backends call
     /// the image locally.
     pub image: String,
+    /// The server this attach took the session from, in words, when that server was
+    /// gone (a failover), for the log.
+    pub taken_from: Option<String>,
 }
 
 /// Which image a check is about: the identity this server's backend gives it, and the
@@ -344,8 +347,10 @@ impl SqlCatalog {
                 epoch: session.epoch,
                 image_epoch,
                 image: recorded,
+                taken_from: None,
             });
         }
+        let mut taken_from = None;
         if let Some(owner) = session.owner.as_deref().filter(|o| *o != me.id) {
             let server = self.server_in(&mut tx, owner).await?;
             let gone = server.as_ref().is_none_or(|s| {
@@ -384,7 +389,9 @@ impl SqlCatalog {
                     ),
                 ));
             }
-            if !gone {
+            if gone {
+                taken_from = Some(named);
+            } else {
                 let age = server.as_ref().map_or(0, |s| s.heartbeat_age);
                 return Err(Error::new(
                     ErrorKind::Conflict,
@@ -468,6 +475,7 @@ impl SqlCatalog {
             epoch,
             image_epoch,
             image: recorded,
+            taken_from,
         })
     }
 

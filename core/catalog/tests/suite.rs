@@ -495,6 +495,7 @@ async fn ownership(catalog: &SqlCatalog) {
             epoch: 0,
             image_epoch: 0,
             image: image("o-std"),
+            taken_from: None,
         }
     );
     let err = catalog
