@@ -18,10 +18,16 @@ Reported: the last client's time for one and three servers, their ratio (target:
 most half of one), where the sessions went, and per server what the backend read against
 the distinct blocks the trace touches (each at most once per server is the target).
 
+With --hog, two more storms run on the one server each round, beside one more client
+that reads the whole disk over and over (nbdcopy, 4 connections) through its session:
+once unlimited, once with its group limited by `[limits]` (--hog-limit). The link is the
+bottleneck here, so this shows what one greedy client takes from a boot storm and what a
+limit gives back.
+
 Needs root (namespaces, tc) and Debian's /usr/bin/python3 (python3-libnbd):
 
     cargo build --release
-    /usr/bin/python3 benches/scripts/scale_out_storm.py [--clients 60] [--rate 1gbit] [--rounds 2]
+    /usr/bin/python3 benches/scripts/scale_out_storm.py [--clients 60] [--rate 1gbit] [--rounds 2] [--hog]
 """
 
 import argparse
@@ -39,6 +45,7 @@ import time
 import urllib.request
 
 from benchlib import ROOT, free_port, load_trace, replay, stop
+from boot_storm import hog
 
 BUCKET = "vdisks"
 BLOCK = 64 << 10
@@ -130,6 +137,9 @@ def main():
     parser.add_argument("--rate", default="1gbit", help="each server's link, both directions (tc tbf rate)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--gaps", action="store_true", help="keep the pauses the trace recorded between reads")
+    parser.add_argument("--hog", action="store_true", help="also run storms on one server beside a client reading "
+                        "the whole disk, unlimited and limited")
+    parser.add_argument("--hog-limit", default="20MiB", help="[limits] bandwidth of the hog's group")
     parser.add_argument("--binary", default=os.path.join(ROOT, "target/release/osstream"))
     parser.add_argument("--s3rver", default=os.environ.get("TEST_S3RVER") or shutil.which("s3rver") or
                         os.path.expanduser("~/.cache/osstream-test/node_modules/.bin/s3rver"))
@@ -154,7 +164,7 @@ def main():
                                "-s", "--configure-bucket", BUCKET], stdout=subprocess.DEVNULL)
     pg_url, stop_pg = start_postgres(work)
     try:
-        def config_of(i):
+        def config_of(i, limits=""):
             """Server i's configuration file; server 0 is the admin's view from here."""
             reach = "127.0.0.1" if i == 0 else host(i)
             path = os.path.join(work, f"osstream-{i}.toml")
@@ -168,7 +178,8 @@ def main():
                         f'[nbd]\nbase_exports = false\nlisten = ["{listen}:{NBD_PORT}"]\n'
                         f'[backends.store]\nkind = "s3"\nbucket = "{BUCKET}"\nprefix = "storm"\n'
                         f'endpoint = "http://{reach}:{s3_port}"\nregion = "us-east-1"\n'
-                        'access_key_id = "S3RVER"\nsecret_access_key = "S3RVER"\nallow_http = true\n')
+                        'access_key_id = "S3RVER"\nsecret_access_key = "S3RVER"\nallow_http = true\n'
+                        + limits)
             return path
 
         admin = config_of(0)
@@ -191,11 +202,18 @@ def main():
         for mac in macs:
             cli("client", "add", mac)
             cli("client", "assign", mac, "os")
+        hog_mac = "52:54:00:99:00:01"
+        cli("client", "add", hog_mac, "--group", "bulk")
+        cli("client", "assign", hog_mac, "os")
         kinds = [("one", 1), ("three", SERVERS)]
+        if args.hog:
+            kinds += [("one+hog", 1), ("one+hog limited", 1)]
         results = {kind: [] for kind, _ in kinds}
+        hogged = {kind: [] for kind, _ in kinds}
         for round_ in range(args.rounds):
             for kind, count in kinds:
-                configs = [config_of(i) for i in range(1, count + 1)]
+                limits = f'[limits.groups.bulk]\nbandwidth = "{args.hog_limit}"\n' if "limited" in kind else ""
+                configs = [config_of(i, limits) for i in range(1, count + 1)]
                 for i in range(1, count + 1):
                     shutil.rmtree(os.path.join(work, f"data-{i}"), ignore_errors=True)
                 servers = [subprocess.Popen(["ip", "netns", "exec", namespace(i), args.binary, "--config",
@@ -220,6 +238,13 @@ def main():
                         address, port, export = found.groups()
                         placed[address] = placed.get(address, 0) + 1
                         uris.append(f"nbd://{address}:{port}/{export}")
+                    stop_hog, copies, hog_thread = threading.Event(), [], None
+                    if "hog" in kind:
+                        export = json.loads(cli("--json", "session", "open", hog_mac, "os"))["export"]
+                        hog_uri = f"nbd://{server_ip(1)}:{NBD_PORT}/{export}"
+                        hog_thread = threading.Thread(target=hog, args=(hog_uri, stop_hog, copies))
+                        hog_thread.start()
+                        time.sleep(1)  # the hog is reading when the storm starts
                     done, errors = [None] * len(uris), []
                     threads = [threading.Thread(target=replay, args=(uri, reads, done, i, errors, args.gaps))
                                for i, uri in enumerate(uris)]
@@ -227,10 +252,15 @@ def main():
                         t.start()
                     for t in threads:
                         t.join()
+                    stop_hog.set()
                     if errors:
                         sys.exit("\n".join(errors[:5]))
                 finally:
+                    stop_hog.set()
                     stop(servers)
+                if hog_thread:
+                    hog_thread.join()
+                hogged[kind].append(len(copies))
                 backend = []
                 for config in configs:
                     stats = json.loads(cli("--json", "cache", "stats", config=config))
@@ -246,13 +276,21 @@ def main():
         pacing = "as recorded" if args.gaps else "back to back (no recorded pauses)"
         print(f"\n{os.path.basename(args.trace)}, {args.clients} clients at once, reads {pacing}, each server "
               f"behind {args.rate} both ways, caches cold, {args.rounds} rounds alternating, medians:\n")
-        print("| servers | last client done | most backend blocks one server read / distinct blocks |")
-        print("|---|---|---|")
+        print("| storm | last client done | most backend blocks one server read / distinct blocks | "
+              "whole-disk copies by the hog |")
+        print("|---|---|---|---|")
         for kind, count in kinds:
             last = statistics.median(r[0] for r in results[kind])
             most = max(max(r[1]) for r in results[kind])
-            print(f"| {count} | {last:.1f} s | {most} / {len(distinct)} ({most / len(distinct):.2f}x) |")
+            copies = statistics.median(hogged[kind]) if "hog" in kind else "-"
+            print(f"| {kind} ({count} server{'s' if count > 1 else ''}) | {last:.1f} s | {most} / {len(distinct)} "
+                  f"({most / len(distinct):.2f}x) | {copies} |")
         print(f"\nthree / one: {three / one:.2f}x (target: at most 0.50x)")
+        if args.hog:
+            for kind in ("one+hog", "one+hog limited"):
+                last = statistics.median(r[0] for r in results[kind])
+                print(f"{kind} / one: {last / one:.2f}x" + (f" (hog limit {args.hog_limit}/s)" if "limited" in kind
+                                                             else ""))
     finally:
         stop([s3rver])
         stop_pg()
