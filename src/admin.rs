@@ -512,7 +512,11 @@ async fn session_list(
                 s.mac.to_string(),
                 s.vdisk.clone(),
                 opt(&s.peer),
-                server_name(&s.owner),
+                // Before a server holds it, the server its client was sent to.
+                match (&s.owner, &s.placed_on) {
+                    (None, Some(_)) => format!("{}, placed", server_name(&s.placed_on)),
+                    _ => server_name(&s.owner),
+                },
                 when(Some(s.started_at)),
                 ByteSize(s.bytes_read).human(),
                 ByteSize(s.bytes_written).human(),
@@ -745,6 +749,17 @@ pub async fn server(config: &Config, command: &ServerCommand, json: bool) -> Res
                 json,
                 &serde_json::json!({ "server": changed.name, "id": changed.id, "draining": draining }),
                 sentence,
+            )
+        }
+        ServerCommand::Rm { server } => {
+            let removed = catalog.remove_server(server, timeout).await?;
+            done(
+                json,
+                &serde_json::json!({ "server": removed.name, "id": removed.id, "removed": true }),
+                format!(
+                    "server {} ({}) removed from the catalog",
+                    removed.name, removed.id
+                ),
             )
         }
     }

@@ -251,6 +251,10 @@ pub enum ServerCommand {
     Drain { server: String },
     /// Let a drained server take new sessions again.
     Undrain { server: String },
+    /// Forget a retired server (by name or id): it leaves `server list` and the list
+    /// agents fail over to. Refused while it runs or has open sessions; a removed server
+    /// that starts again registers anew.
+    Rm { server: String },
 }
 
 /// How a live view refreshes (`osstream top`, `session list --watch`).

@@ -20,9 +20,10 @@ the distinct blocks the trace touches (each at most once per server is the targe
 
 With --hog, two more storms run on the one server each round, beside one more client
 that reads the whole disk over and over (nbdcopy, 4 connections) through its session:
-once unlimited, once with its group limited by `[limits]` (--hog-limit). The link is the
-bottleneck here, so this shows what one greedy client takes from a boot storm and what a
-limit gives back.
+once unlimited, once with its group limited by `[limits]` (--hog-limit, default 5MiB).
+The storm is bound by the server's link, so this shows what one greedy client takes from
+a boot storm and what a limit gives back (the unlimited hog itself is bound by how fast
+s3rver serves the blocks the RAM cache does not hold).
 
 Needs root (namespaces, tc) and Debian's /usr/bin/python3 (python3-libnbd):
 
@@ -139,7 +140,7 @@ def main():
     parser.add_argument("--gaps", action="store_true", help="keep the pauses the trace recorded between reads")
     parser.add_argument("--hog", action="store_true", help="also run storms on one server beside a client reading "
                         "the whole disk, unlimited and limited")
-    parser.add_argument("--hog-limit", default="20MiB", help="[limits] bandwidth of the hog's group")
+    parser.add_argument("--hog-limit", default="5MiB", help="[limits] bandwidth of the hog's group")
     parser.add_argument("--binary", default=os.path.join(ROOT, "target/release/osstream"))
     parser.add_argument("--s3rver", default=os.environ.get("TEST_S3RVER") or shutil.which("s3rver") or
                         os.path.expanduser("~/.cache/osstream-test/node_modules/.bin/s3rver"))

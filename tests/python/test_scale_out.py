@@ -214,6 +214,25 @@ def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain
     for mac in STD_MACS[:6]:
         assert lab.boot("a", mac) != "c"
 
+    # Retired for good: removed once no session points at it; a live one never is.
+    refused = lab.cli("server", "rm", "a", ok=False)
+    assert "is alive" in refused.stderr, refused.stderr
+    c_id = servers["c"]["id"]
+    on_c = [s for s in json.loads(lab.cli("--json", "session", "list").stdout)
+            if (s["owner"] or s["placed_on"]) == c_id]
+    assert on_c, "c was sent sessions"
+    table = lab.cli("session", "list").stdout
+    assert f"c ({lab.nbd('c')}), placed" in table, table
+    refused = lab.cli("server", "rm", "c", ok=False)
+    assert f"still has {len(on_c)} open session(s)" in refused.stderr, refused.stderr
+    for s in on_c:
+        lab.cli("session", "close", s["id"])
+    out = json.loads(lab.cli("--json", "server", "rm", "c").stdout)
+    assert out == {"server": "c", "id": c_id, "removed": True}
+    assert set(lab.listed()) == {"a", "b"}
+    listed = json.loads(urllib.request.urlopen(f"{lab.url('a')}/servers").read())
+    assert len(listed["servers"]) == 2, listed
+
 
 def test_a_server_started_with_a_copied_server_id_is_refused_and_harms_nobody(lab, tmp_path):
     """A data_dir copied from a running server (a cloned machine, a restored backup)

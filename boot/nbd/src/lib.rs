@@ -18,6 +18,7 @@ pub mod client;
 mod config;
 mod negotiation;
 pub mod proto;
+mod refusals;
 mod server;
 pub mod tls;
 mod transmission;

@@ -10,6 +10,7 @@ use osstream_core::{
 use crate::proto::{
     self, BASE_ALLOCATION, BASE_ALLOCATION_ID, ClientOption, info, opt, rep, tflag,
 };
+use crate::refusals;
 
 /// What the connection does after an option.
 pub(crate) enum Step {
@@ -189,10 +190,8 @@ impl<'a> Negotiation<'a> {
                     ));
                     Step::Transmit(Box::new(attached))
                 }
-                Err((_, message)) => {
-                    tracing::warn!(export = %loggable_export_name(&name), reason = %message, "NBD_OPT_EXPORT_NAME refused");
-                    Step::Close("export refused")
-                }
+                // NBD_OPT_EXPORT_NAME has no error reply: the connection closes.
+                Err(_) => Step::Close("export refused"),
             },
         }
     }
@@ -295,7 +294,6 @@ impl<'a> Negotiation<'a> {
         let attached = match self.attach(name, go).await {
             Ok(attached) => attached,
             Err((code, message)) => {
-                tracing::info!(export = %loggable_export_name(name), reason = %message, "export refused");
                 proto::put_option_error(out, option, code, &message);
                 return Step::Continue;
             }
@@ -338,8 +336,18 @@ impl<'a> Negotiation<'a> {
         }
     }
 
-    /// Opens `name` as the client would get it; on refusal, the option error and message.
+    /// Opens `name` as the client would get it; on refusal, the option error and message
+    /// (logged, but a refusal repeated within [`refusals::WINDOW`] only once).
     async fn attach(&self, name: &str, go: bool) -> Result<Attached, (u32, String)> {
+        let attached = self.attach_unlogged(name, go).await;
+        if let Err((_, message)) = &attached {
+            let is_session = matches!(ExportName::parse(name), ExportName::Session(_));
+            refusals::log(self.peer, name, message, is_session);
+        }
+        attached
+    }
+
+    async fn attach_unlogged(&self, name: &str, go: bool) -> Result<Attached, (u32, String)> {
         let resolved = match (name, self.default_export) {
             ("", Some(default)) => default,
             ("", None) => {
@@ -376,9 +384,6 @@ impl<'a> Negotiation<'a> {
                 ErrorKind::Shutdown => rep::ERR_SHUTDOWN,
                 _ => rep::ERR_UNKNOWN,
             };
-            if is_session {
-                tracing::warn!(peer = %self.peer, %err, "session export refused");
-            }
             (code, err.to_string())
         })?;
         // `entry.name` stays the canonical name (what NBD_INFO_NAME reports); the meta

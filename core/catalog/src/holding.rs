@@ -87,9 +87,9 @@ pub mod reasons {
     pub const RAM_OVERLAY_STOPPED: &str = "the server stopped and the session's RAM write overlay went with it; the client must boot again";
 }
 
-/// A statement assembled from this file's constant fragments and numbers (the database's
+/// A statement assembled from this crate's constant fragments and numbers (the database's
 /// clock, durations); every value from outside is bound, never formatted in.
-fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
+pub(crate) fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(text)
 }
 
@@ -122,7 +122,7 @@ fn server_from_row(row: &AnyRow) -> Result<Server> {
 }
 
 /// The live sessions a server holds or was placed on, as a column of `servers`.
-const SESSIONS_OF_SERVER: &str = "(SELECT COUNT(*) FROM sessions s WHERE s.closed_at IS NULL \
+pub(crate) const SESSIONS_OF_SERVER: &str = "(SELECT COUNT(*) FROM sessions s WHERE s.closed_at IS NULL \
      AND COALESCE(s.owner, s.placed_on) = servers.id)";
 
 fn text(row: &AnyRow, column: &str) -> Result<Option<String>> {
@@ -135,7 +135,7 @@ fn seconds(ms: i64) -> String {
 
 impl SqlCatalog {
     /// `NOW - ms`, as SQL, for comparisons on the database's clock.
-    fn ago_sql(&self, ms: i64) -> String {
+    pub(crate) fn ago_sql(&self, ms: i64) -> String {
         format!("({} - {ms})", self.now_sql())
     }
 
@@ -205,12 +205,19 @@ impl SqlCatalog {
         .await
         .map_err(|e| db_error(e, "heartbeat"))?;
         if done.rows_affected() == 0 {
+            let registered = sqlx::query("SELECT 1 FROM servers WHERE id = $1")
+                .bind(&me.id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| db_error(e, "heartbeat"))?;
+            let why = if registered.is_some() {
+                "was taken by another osstream instance; two servers must not share one data_dir"
+            } else {
+                "was removed from the catalog (osstream server rm) while this server was not heard from; restart it to register again"
+            };
             return Err(Error::new(
                 ErrorKind::Conflict,
-                format!(
-                    "server id {} was taken by another osstream instance; two servers must not share one data_dir",
-                    me.id
-                ),
+                format!("server id {} {why}", me.id),
             ));
         }
         Ok(())

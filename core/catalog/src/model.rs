@@ -245,6 +245,10 @@ pub struct Session {
     /// The server holding it (its id in `servers`): connections are served there only.
     #[serde(default)]
     pub owner: Option<String>,
+    /// The server placement sent its client to (its id in `servers`), before any server
+    /// holds it; `None` when no server placed it.
+    #[serde(default)]
+    pub placed_on: Option<String>,
     /// The holding server has connections of it now.
     #[serde(default)]
     pub attached: bool,

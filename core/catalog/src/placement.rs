@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use osstream_core::{Error, ErrorKind, Result};
 
-use crate::holding::ServerRef;
+use crate::holding::{SESSIONS_OF_SERVER, ServerRef, sql};
 use crate::model::Server;
 use crate::sql::{SqlCatalog, db_error};
 
@@ -174,6 +174,54 @@ impl SqlCatalog {
             .await
             .map_err(|e| db_error(e, "drain the server"))?;
         Ok(Server { draining, ..found })
+    }
+
+    /// Forgets a retired server: it leaves `server list` and `/servers` (agents stop
+    /// trying it). Refused while the server is alive (its heartbeat is younger than
+    /// `timeout_ms` and it did not stop) or while it holds or was sent open sessions, so
+    /// no session is left pointing at a server nobody knows. A removed server that starts
+    /// again registers anew.
+    pub async fn remove_server(&self, server: &str, timeout_ms: i64) -> Result<Server> {
+        let found = self.server_named(server).await?;
+        let named = format!("server {} ({})", found.name, found.id);
+        if found.alive(timeout_ms) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{named} is alive (its heartbeat is {:.1}s old): stop it first; `osstream server drain {}` sends it no new sessions until its clients have moved",
+                    found.heartbeat_age.max(0) as f64 / 1000.0,
+                    found.name
+                ),
+            ));
+        }
+        if found.sessions > 0 {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{named} still has {} open session(s): they move or end as their clients come back or the grace period passes, or close them (osstream session list; osstream session close ID)",
+                    found.sessions
+                ),
+            ));
+        }
+        // Checked again in the statement itself: the server may have started, or been
+        // sent a session, since it was read.
+        let removed = sqlx::query(sql(format!(
+            "DELETE FROM servers WHERE id = $1 AND (stopped_at IS NOT NULL OR heartbeat_at < {})              AND {SESSIONS_OF_SERVER} = 0",
+            self.ago_sql(timeout_ms)
+        )))
+        .bind(&found.id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error(e, "remove the server"))?;
+        if removed.rows_affected() == 0 {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{named} started or took a session while it was being removed; it was kept"
+                ),
+            ));
+        }
+        Ok(found)
     }
 
     /// The server with this id, or the only one with this name.

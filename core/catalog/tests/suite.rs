@@ -769,6 +769,7 @@ async fn sqlite_catalog_keeps_sessions_to_one_server_and_fences_old_holders() {
     let catalog = SqlCatalog::open(&url).await.unwrap();
     ownership(&catalog).await;
     shared_overlay_moves(&catalog).await;
+    retired_server_removed(&catalog).await;
 }
 
 #[tokio::test]
@@ -777,6 +778,7 @@ async fn postgres_catalog_keeps_sessions_to_one_server_and_fences_old_holders() 
     let catalog = SqlCatalog::open(&cluster.url).await.unwrap();
     ownership(&catalog).await;
     shared_overlay_moves(&catalog).await;
+    retired_server_removed(&catalog).await;
 }
 
 /// Issue 17: a standard session whose overlay is on shared storage (`shared-disk`) stays
@@ -849,6 +851,76 @@ async fn shared_overlay_moves(catalog: &SqlCatalog) {
         .unwrap();
     let err = catalog.check_lock(&lock(2)).await.unwrap_err();
     assert!(err.to_string().contains("the session ended"), "{err}");
+}
+
+/// `server rm`: a retired server is forgotten, never one that runs or that a session
+/// still points at (held, or placed there before any server held it).
+async fn retired_server_removed(catalog: &SqlCatalog) {
+    catalog
+        .add_vdisk(&vdisk("rm-std", VdiskMode::Standard))
+        .await
+        .unwrap();
+    let mac: Mac = "aa:bb:cc:00:03:01".parse().unwrap();
+    catalog
+        .add_client(&client(mac.as_str(), None))
+        .await
+        .unwrap();
+    catalog.assign(&mac, "rm-std", false).await.unwrap();
+    let server = me("srv-e", "e1");
+    catalog.register_server(&server, "host-e").await.unwrap();
+    let timeout = TIMERS.server_timeout_ms;
+
+    let err = catalog.remove_server("host-e", timeout).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(err.to_string().contains("is alive"), "{err}");
+
+    let s = catalog.open_session(&mac, "rm-std", None).await.unwrap();
+    catalog.record_placement(&s.id, "srv-e").await.unwrap();
+    assert_eq!(
+        catalog.session(&s.id).await.unwrap().placed_on.as_deref(),
+        Some("srv-e")
+    );
+    catalog.stop_server(&server).await.unwrap();
+    let err = catalog.remove_server("srv-e", timeout).await.unwrap_err();
+    assert!(
+        err.to_string().contains("still has 1 open session(s)"),
+        "{err}"
+    );
+
+    catalog
+        .close_session(&s.id, "closed by a test")
+        .await
+        .unwrap();
+    let removed = catalog.remove_server("host-e", timeout).await.unwrap();
+    assert_eq!(removed.id, "srv-e");
+    assert!(
+        catalog
+            .servers()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.id != "srv-e")
+    );
+    let err = catalog.remove_server("host-e", timeout).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    // Its old instance is told why its heartbeat fails; started again, it is back.
+    let err = catalog.heartbeat(&server).await.unwrap_err();
+    assert!(
+        err.to_string().contains("was removed from the catalog"),
+        "{err}"
+    );
+    catalog
+        .register_server(&me("srv-e", "e2"), "host-e")
+        .await
+        .unwrap();
+    assert!(
+        catalog
+            .servers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.id == "srv-e")
+    );
 }
 
 /// A catalog as the first release made it (migration 1 only), with a client, vdisks,
