@@ -83,6 +83,9 @@ def test_require_serves_nbds_clients_and_refuses_plain_ones(make_server, tmp_pat
     assert s.alive()
     log = s.log.read_text()
     assert "NBD over TLS on TCP listeners tls=require" in log, log
+    # The test certificates last two days: the admin hears so; they do name 127.0.0.1.
+    assert "server-cert.pem expires in " in log, log
+    assert "does not name" not in log, log
 
 
 def test_the_token_and_the_data_never_cross_the_wire_in_clear(make_server, tmp_path):
@@ -217,3 +220,12 @@ def test_tls_configuration_errors_are_named(make_server, extra, message):
     s.start(wait=False)
     assert s.proc.wait(timeout=60) != 0
     assert message in s.log.read_text(), s.log.read_text()
+
+
+def test_a_certificate_that_does_not_name_the_public_address_is_warned_about(make_server, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    s = make_server('[nbd]\nlisten = ["127.0.0.1:PORT"]\npublic_address = "boot.lab"\n' + tls_toml(pki), start=False)
+    s.start()
+    log = s.log.read_text()
+    assert "does not name boot.lab, the address clients connect to" in log, log
+    assert s.alive()

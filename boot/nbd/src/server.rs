@@ -141,6 +141,7 @@ impl BootProtocol for NbdServer {
         }
         if self.tls.is_some() {
             tracing::info!(tls = %self.config.tls, client_certificates = self.config.tls_client_ca.is_some(), "NBD over TLS on TCP listeners");
+            warn_about_the_certificate(&self.config, &bound);
         }
         self.bound = bound.clone();
         Ok(bound)
@@ -509,6 +510,25 @@ async fn serve_connection(
     );
     if let Some(Negotiated::Attached(attached)) = handshake.await {
         attached_connection(reader, write, *attached, peer, shared, shutdown).await;
+    }
+}
+
+/// Says so at start when clients would refuse the certificate (expired, expiring, or
+/// not naming the address `session open` gives them), rather than leaving the admin
+/// to find out from a client's handshake error.
+fn warn_about_the_certificate(config: &NbdConfig, bound: &[String]) {
+    let Some(certificate) = &config.tls_certificate else {
+        return;
+    };
+    let address = config.public_address_for(bound);
+    let host = address.as_deref().map(crate::tls::host_of);
+    match crate::tls::certificate_warnings(certificate, host, std::time::SystemTime::now()) {
+        Ok(warnings) => {
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+        }
+        Err(err) => tracing::warn!(%err, "cannot check the TLS certificate"),
     }
 }
 

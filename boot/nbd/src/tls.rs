@@ -10,6 +10,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use osstream_core::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ use tokio_rustls::rustls::{
     self, ClientConfig, RootCertStore, ServerConfig,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    server::{ParsedCertificate, WebPkiClientVerifier},
 };
 
 pub use tokio_rustls::rustls::pki_types::ServerName;
@@ -170,6 +171,120 @@ pub fn client_connector(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<C
     Ok(ClientTls(TlsConnector::from(Arc::new(config))))
 }
 
+/// A certificate this close to its end is warned about at start.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// What an admin should hear about the server's certificate (the first in the file at
+/// `certificate`) at start, when clients would fail the handshake for it: it expired or
+/// expires within [`EXPIRY_WARNING`] of `now`, or it does not name `client_host`, the
+/// host clients connect to (`public_address`). Empty when all is well.
+pub fn certificate_warnings(
+    certificate: &Path,
+    client_host: Option<&str>,
+    now: SystemTime,
+) -> Result<Vec<String>> {
+    let chain = load_certificates("nbd.tls_certificate", certificate)?;
+    let Some(leaf) = chain.first() else {
+        return Ok(Vec::new());
+    };
+    let mut warnings = Vec::new();
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    match not_after(leaf) {
+        Some(end) if end <= now => warnings.push(format!(
+            "the TLS certificate {} expired {} day(s) ago: clients refuse the handshake; renew it",
+            certificate.display(),
+            (now - end) / 86_400
+        )),
+        Some(end) if end - now <= EXPIRY_WARNING.as_secs() as i64 => warnings.push(format!(
+            "the TLS certificate {} expires in {} day(s): renew it before clients refuse the handshake",
+            certificate.display(),
+            (end - now) / 86_400
+        )),
+        Some(_) => {}
+        None => warnings.push(format!(
+            "cannot read the end of validity of the TLS certificate {}",
+            certificate.display()
+        )),
+    }
+    if let Some(host) = client_host {
+        let name = server_name(host)?;
+        let named = ParsedCertificate::try_from(leaf)
+            .and_then(|parsed| rustls::client::verify_server_name(&parsed, &name));
+        if let Err(err) = named {
+            warnings.push(format!(
+                "the TLS certificate {} does not name {host}, the address clients connect to                  ([nbd] public_address): they refuse the handshake unless told another name;                  add it to the certificate's subjectAltName ({err})",
+                certificate.display()
+            ));
+        }
+    }
+    Ok(warnings)
+}
+
+/// The certificate's notAfter in Unix seconds, read from its DER (`Certificate ::=
+/// SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber, signature,
+/// issuer, validity SEQUENCE { notBefore, notAfter }, ... } ... }`, RFC 5280 4.1).
+fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, certificate, _) = der_element(der)?;
+    let (_, mut tbs, _) = der_element(certificate)?;
+    let (tag, _, rest) = der_element(tbs)?;
+    if tag == 0xA0 {
+        tbs = rest; // the explicit version
+    }
+    for _ in 0..3 {
+        tbs = der_element(tbs)?.2; // serialNumber, signature, issuer
+    }
+    let (_, validity, _) = der_element(tbs)?;
+    let (_, _, after_start) = der_element(validity)?;
+    let (tag, time, _) = der_element(after_start)?;
+    let text = std::str::from_utf8(time).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match (tag, text.len()) {
+        // UTCTime YYMMDDHHMMSS: years 50-99 are 19xx.
+        (0x17, 12) => {
+            let yy: i64 = text[..2].parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+        }
+        // GeneralizedTime YYYYMMDDHHMMSS.
+        (0x18, 14) => (text[..4].parse().ok()?, &text[4..]),
+        _ => return None,
+    };
+    let field = |i: usize| rest.get(i..i + 2)?.parse::<i64>().ok();
+    let (month, day) = (field(0)?, field(2)?);
+    let seconds = field(4)? * 3600 + field(6)? * 60 + field(8)?;
+    Some(days_from_civil(year, month, day) * 86_400 + seconds)
+}
+
+/// One DER element at the start of `der`: its tag, its content and what follows it.
+fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (length, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let count = usize::from(first & 0x7F);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let length = rest[..count]
+            .iter()
+            .fold(0usize, |n, &b| (n << 8) | usize::from(b));
+        (length, &rest[count..])
+    };
+    (rest.len() >= length).then(|| (tag, &rest[..length], &rest[length..]))
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month_from_march = (month + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
 /// The name a server's certificate must carry: a DNS name or an IP address.
 pub fn server_name(host: &str) -> Result<ServerName<'static>> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -203,6 +318,67 @@ mod tests {
             ServerName::DnsName(_)
         ));
         assert!(server_name("not a name").is_err());
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata")
+            .join(name)
+    }
+
+    fn at(days_since_epoch: i64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs((days_since_epoch * 86_400) as u64)
+    }
+
+    #[test]
+    fn dates_from_the_certificate() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        let der = |name| load_certificates("test", &fixture(name)).unwrap().remove(0);
+        // UTCTime 200201000000Z and GeneralizedTime 20991231235959Z.
+        assert_eq!(
+            not_after(&der("expired-2020-boot.lab.pem")),
+            Some(1_580_515_200)
+        );
+        assert_eq!(
+            not_after(&der("until-2099-boot.lab.pem")),
+            Some(4_102_444_799)
+        );
+        assert_eq!(not_after(b"\x30\x05\x30"), None);
+    }
+
+    #[test]
+    fn a_certificate_that_clients_would_refuse_is_named() {
+        let expired = fixture("expired-2020-boot.lab.pem");
+        let warnings = certificate_warnings(&expired, Some("boot.lab"), at(20_000)).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("expired 1707 day(s) ago"),
+            "{warnings:?}"
+        );
+
+        let good = fixture("until-2099-boot.lab.pem");
+        let now = SystemTime::now();
+        assert_eq!(
+            certificate_warnings(&good, Some("boot.lab"), now).unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(
+            certificate_warnings(&good, Some("10.0.0.1"), now)
+                .unwrap()
+                .is_empty()
+        );
+        let wrong = certificate_warnings(&good, Some("10.0.0.2"), now).unwrap();
+        assert!(
+            wrong.len() == 1 && wrong[0].contains("does not name 10.0.0.2"),
+            "{wrong:?}"
+        );
+        // Two weeks before its end.
+        let soon = certificate_warnings(&good, None, at(4_102_444_799 / 86_400 - 3)).unwrap();
+        assert!(
+            soon.len() == 1 && soon[0].contains("expires in 3 day(s)"),
+            "{soon:?}"
+        );
     }
 
     #[test]
