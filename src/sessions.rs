@@ -165,11 +165,15 @@ impl SessionDirectory for CatalogSessions {
             .detach_session(&target.session, &self.me, last, target.is_private())
             .await
         {
-            Ok(()) if last => {
+            Ok(None) if last => {
                 tracing::info!(session = %target.session, vdisk = %target.vdisk, grace = ?Duration::from_millis(self.timers.grace_ms as u64),
                     "the session's last connection here closed; it ends after the grace period unless the client comes back")
             }
-            Ok(()) => {}
+            Ok(Some(why)) => {
+                tracing::info!(session = %target.session, vdisk = %target.vdisk,
+                    "the session's last connection here closed; the session had ended: {why}")
+            }
+            Ok(None) => {}
             Err(err) => {
                 tracing::warn!(session = %target.session, %err, "cannot record the session's detach")
             }
@@ -303,7 +307,7 @@ async fn sync_attachments(catalog: &SqlCatalog, me: &ServerRef, exports: &Export
                     catalog
                         .detach_session(&id, me, true, private)
                         .await
-                        .map(|()| Some("recorded as attached with no connection here: detached"))
+                        .map(|_| Some("recorded as attached with no connection here: detached"))
                 } else if !attached && connections > 0 && !closed {
                     catalog.reattach_session(&id, me).await.map(|()| {
                         Some("recorded as detached with connections here: attached again")

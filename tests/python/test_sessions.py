@@ -9,7 +9,7 @@ import time
 import nbd
 import pytest
 
-from conftest import BINARY, random_image, sha256, start_postgres
+from conftest import BINARY, random_image, sha256, start_postgres, wait_for
 
 MIB = 1 << 20
 
@@ -148,6 +148,9 @@ def test_closing_a_session_in_the_catalog_ends_its_connections(lab):
             h.pread(512, 0)
             time.sleep(0.05)
     assert "ending the session's connections here: it ended: closed by an administrator" in lab.log.read_text()
+    # Its connection's end is not taken for a client that may come back.
+    wait_for("the detach to be logged",
+             lambda: "the session had ended: closed by an administrator" in lab.log.read_text())
 
 
 def test_a_full_ram_overlay_gives_enospc_and_keeps_serving(lab):

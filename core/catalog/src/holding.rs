@@ -553,16 +553,18 @@ impl SqlCatalog {
 
     /// A connection of a session held by this server ended; with `last`, none is left
     /// here: the session counts as detached from now (it ends `grace` later), and a
-    /// private session is let go, so another server may take it.
+    /// private session is let go, so another server may take it. Returns why the session
+    /// had ended already (replaced by a new boot, closed by an admin), `None` while it
+    /// lives.
     pub async fn detach_session(
         &self,
         id: &str,
         me: &ServerRef,
         last: bool,
         private: bool,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         if !last {
-            return Ok(());
+            return Ok(None);
         }
         let release = "closed_at IS NOT NULL OR $3 = 1";
         sqlx::query(sql(format!(
@@ -578,7 +580,10 @@ impl SqlCatalog {
         .execute(&self.pool)
         .await
         .map_err(|e| db_error(e, "detach session"))?;
-        Ok(())
+        let session = self.session(id).await?;
+        Ok(session
+            .closed_at
+            .map(|_| session.end_reason.unwrap_or_else(|| "closed".to_owned())))
     }
 
     /// What the catalog records of this server instance's sessions: `(id, attached,
