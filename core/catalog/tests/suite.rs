@@ -790,12 +790,7 @@ async fn shared_overlay_moves(catalog: &SqlCatalog) {
     let mut shared = vdisk("sh-std", VdiskMode::Standard);
     shared.write_cache = WriteCache::SharedDisk;
     catalog.add_vdisk(&shared).await.unwrap();
-    let mac: Mac = "aa:bb:cc:00:02:01".parse().unwrap();
-    catalog
-        .add_client(&client(mac.as_str(), None))
-        .await
-        .unwrap();
-    catalog.assign(&mac, "sh-std", false).await.unwrap();
+    let mac = client_assigned(catalog, "aa:bb:cc:00:02:01", "sh-std").await;
     let (server_c, server_d) = (me("srv-c", "c1"), me("srv-d", "d1"));
     catalog.register_server(&server_c, "host-c").await.unwrap();
     catalog.register_server(&server_d, "host-d").await.unwrap();
@@ -853,6 +848,17 @@ async fn shared_overlay_moves(catalog: &SqlCatalog) {
     assert!(err.to_string().contains("the session ended"), "{err}");
 }
 
+/// A new client `mac` with `vdisk` assigned.
+async fn client_assigned(catalog: &SqlCatalog, mac: &str, vdisk: &str) -> Mac {
+    let mac: Mac = mac.parse().unwrap();
+    catalog
+        .add_client(&client(mac.as_str(), None))
+        .await
+        .unwrap();
+    catalog.assign(&mac, vdisk, false).await.unwrap();
+    mac
+}
+
 /// `server rm`: a retired server is forgotten, never one that runs or that a session
 /// still points at (held, or placed there before any server held it).
 async fn retired_server_removed(catalog: &SqlCatalog) {
@@ -860,12 +866,7 @@ async fn retired_server_removed(catalog: &SqlCatalog) {
         .add_vdisk(&vdisk("rm-std", VdiskMode::Standard))
         .await
         .unwrap();
-    let mac: Mac = "aa:bb:cc:00:03:01".parse().unwrap();
-    catalog
-        .add_client(&client(mac.as_str(), None))
-        .await
-        .unwrap();
-    catalog.assign(&mac, "rm-std", false).await.unwrap();
+    let mac = client_assigned(catalog, "aa:bb:cc:00:03:01", "rm-std").await;
     let server = me("srv-e", "e1");
     catalog.register_server(&server, "host-e").await.unwrap();
     let timeout = TIMERS.server_timeout_ms;
