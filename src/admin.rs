@@ -513,8 +513,8 @@ async fn session_list(
                 s.vdisk.clone(),
                 opt(&s.peer),
                 // Before a server holds it, the server its client was sent to.
-                match (&s.owner, &s.placed_on) {
-                    (None, Some(_)) => format!("{}, placed", server_name(&s.placed_on)),
+                match (&s.owner, &s.placed_on, s.closed_at) {
+                    (None, Some(_), None) => format!("{}, placed", server_name(&s.placed_on)),
                     _ => server_name(&s.owner),
                 },
                 when(Some(s.started_at)),
@@ -755,7 +755,7 @@ pub async fn server(config: &Config, command: &ServerCommand, json: bool) -> Res
             let removed = catalog.remove_server(server, timeout).await?;
             done(
                 json,
-                &serde_json::json!({ "server": removed.name, "id": removed.id, "removed": true }),
+                &serde_json::json!({ "removed": "server", "name": removed.name, "id": removed.id }),
                 format!(
                     "server {} ({}) removed from the catalog",
                     removed.name, removed.id

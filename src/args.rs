@@ -248,13 +248,22 @@ pub enum ServerCommand {
     List,
     /// Send no new sessions to a server (by name or id); it keeps serving those it has.
     /// Its sessions end or move as clients reboot, then it can be stopped.
-    Drain { server: String },
+    Drain {
+        /// The server's name (`[cluster] name`) or its id (both in `server list`).
+        server: String,
+    },
     /// Let a drained server take new sessions again.
-    Undrain { server: String },
+    Undrain {
+        /// The server's name (`[cluster] name`) or its id (both in `server list`).
+        server: String,
+    },
     /// Forget a retired server (by name or id): it leaves `server list` and the list
     /// agents fail over to. Refused while it runs or has open sessions; a removed server
     /// that starts again registers anew.
-    Rm { server: String },
+    Rm {
+        /// The server's name (`[cluster] name`) or its id (both in `server list`).
+        server: String,
+    },
 }
 
 /// How a live view refreshes (`osstream top`, `session list --watch`).

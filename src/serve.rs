@@ -360,18 +360,18 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         .await?;
     let http_url =
         crate::placement::public_http_url(boot_url.as_deref(), session_address.as_deref());
-    catalog
-        .offer_server(
-            &me,
-            &osstream_catalog::ServerOffer {
-                http_url,
-                capacity: config.cluster.capacity,
-                subnets: config.cluster.parsed_subnets()?,
-                shared_overlays: config.sessions.shared_overlay_dir.is_some(),
-                server_timeout_ms: timers.server_timeout_ms,
-            },
-        )
-        .await?;
+    let registration = osstream_catalog::Registration {
+        name: server_name.clone(),
+        nbd_address: session_address.clone(),
+        offer: osstream_catalog::ServerOffer {
+            http_url,
+            capacity: config.cluster.capacity,
+            subnets: config.cluster.parsed_subnets()?,
+            shared_overlays: config.sessions.shared_overlay_dir.is_some(),
+            server_timeout_ms: timers.server_timeout_ms,
+        },
+    };
+    catalog.offer_server(&me, &registration.offer).await?;
     // Each server judges the others gone by its own server_timeout: they must agree.
     for other in catalog.servers().await? {
         if other.id != me.id
@@ -401,6 +401,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
     let heartbeat_stop = CancellationToken::new();
     tokio::spawn(crate::sessions::reconcile(
         directory,
+        registration,
         placement.clone(),
         exports.clone(),
         config.sessions.reconcile_interval.0,

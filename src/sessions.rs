@@ -224,6 +224,7 @@ impl SessionDirectory for CatalogSessions {
 /// of its own, so a slow round of it never delays the heartbeat.
 pub async fn reconcile(
     directory: Arc<CatalogSessions>,
+    registration: osstream_catalog::Registration,
     placement: Arc<crate::placement::CatalogPlacement>,
     exports: Arc<Exports>,
     period: Duration,
@@ -250,7 +251,20 @@ pub async fn reconcile(
             .heartbeat_with_load(&me, meter.bytes_per_sec())
             .await
         {
-            tracing::warn!(%err, "heartbeat failed; writes of private sessions stop once the lease runs out");
+            if err.kind() == ErrorKind::NotFound {
+                // It was cut off long enough to look gone, and an admin removed it; it
+                // holds no session the catalog knows of, so it may simply come back.
+                match catalog.rejoin(&me, &registration).await {
+                    Ok(()) => {
+                        tracing::warn!(%err, "registered this server in the catalog again (a drain set before is not restored)")
+                    }
+                    Err(again) => {
+                        tracing::warn!(%err, %again, "heartbeat failed and registering again failed too")
+                    }
+                }
+            } else {
+                tracing::warn!(%err, "heartbeat failed; writes of private sessions stop once the lease runs out");
+            }
             continue;
         }
         placement.refresh().await;

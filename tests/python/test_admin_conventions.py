@@ -80,7 +80,7 @@ def test_every_admin_command_prints_json(lab, tmp_path):
     assert server["state"] == "stopped" and server["sessions"] == 0, server
     assert check("server", "drain", server["name"]) == {"server": server["name"], "id": server["id"], "draining": True}
     assert check("server", "undrain", server["name"])["draining"] is False
-    assert check("server", "rm", server["name"]) == {"server": server["name"], "id": server["id"], "removed": True}
+    assert check("server", "rm", server["name"]) == {"removed": "server", "name": server["name"], "id": server["id"]}
     assert check("init")["created"] is False
     assert check("config", "show")["data_dir"] == str(lab.data_dir)
     assert check("cache", "stats")["layers"]

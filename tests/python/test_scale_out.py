@@ -228,10 +228,25 @@ def test_new_sessions_go_to_the_least_loaded_server_by_capacity_subnet_and_drain
     for s in on_c:
         lab.cli("session", "close", s["id"])
     out = json.loads(lab.cli("--json", "server", "rm", "c").stdout)
-    assert out == {"server": "c", "id": c_id, "removed": True}
+    assert out == {"removed": "server", "name": "c", "id": c_id}
     assert set(lab.listed()) == {"a", "b"}
     listed = json.loads(urllib.request.urlopen(f"{lab.url('a')}/servers").read())
     assert len(listed["servers"]) == 2, listed
+
+    # Removed while only cut off (paused here), b registers again at its next heartbeat.
+    b_id = servers["b"]["id"]
+    for s in json.loads(lab.cli("--json", "session", "list").stdout):
+        if (s["owner"] or s["placed_on"]) == b_id:
+            lab.cli("session", "close", s["id"])
+    lab.servers["b"].proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for("b to look gone", lambda: lab.listed()["b"]["state"] == "gone", timeout=10)
+        lab.cli("server", "rm", "b")
+        assert set(lab.listed()) == {"a"}
+    finally:
+        lab.servers["b"].proc.send_signal(signal.SIGCONT)
+    wait_for("b to register again", lambda: lab.listed().get("b", {}).get("state") == "alive", timeout=10)
+    assert "registered this server in the catalog again" in lab.servers["b"].log.read_text()
 
 
 def test_a_server_started_with_a_copied_server_id_is_refused_and_harms_nobody(lab, tmp_path):

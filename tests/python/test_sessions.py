@@ -122,6 +122,12 @@ def test_tokens_are_checked(lab):
     assert 'vdisk "win11" is not assigned to client aa:bb:cc:00:00:01' in refusal(uri)
     log = lab.log.read_text()
     assert "session export refused" in log and "peer" in log
+    # A client retrying (each time from a new port) is logged once per 30 s, not per try.
+    for _ in range(5):
+        refusal(uri)
+    log = lab.log.read_text()
+    assert log.count("is not assigned to client aa:bb:cc:00:00:01") == 1, log
+    assert "NBD connection closed during handshake" not in log, log
 
 
 def test_a_new_boot_replaces_the_old_session_and_its_overlay(lab):

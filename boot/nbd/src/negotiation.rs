@@ -12,6 +12,11 @@ use crate::proto::{
 };
 use crate::refusals;
 
+/// Why a handshake ended when the client left cleanly (as `nbdinfo --list` does).
+pub(crate) const CLIENT_ABORTED: &str = "client sent NBD_OPT_ABORT";
+/// Why a handshake ended when its export was refused (the refusal is logged already).
+pub(crate) const EXPORT_REFUSED: &str = "export refused";
+
 /// What the connection does after an option.
 pub(crate) enum Step {
     /// Read the next option.
@@ -153,7 +158,7 @@ impl<'a> Negotiation<'a> {
         match parsed {
             ClientOption::Abort => {
                 proto::put_option_reply(out, option, rep::ACK, &[]);
-                Step::Close("client sent NBD_OPT_ABORT")
+                Step::Close(CLIENT_ABORTED)
             }
             ClientOption::StartTls => self.start_tls(option, data, out),
             ClientOption::Unsupported(code) => {
@@ -191,7 +196,7 @@ impl<'a> Negotiation<'a> {
                     Step::Transmit(Box::new(attached))
                 }
                 // NBD_OPT_EXPORT_NAME has no error reply: the connection closes.
-                Err(_) => Step::Close("export refused"),
+                Err(_) => Step::Close(EXPORT_REFUSED),
             },
         }
     }

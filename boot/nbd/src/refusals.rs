@@ -71,7 +71,7 @@ pub(crate) fn log(peer: &str, export: &str, reason: &str, is_session: bool) {
     let admitted = REFUSALS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .admit(export, reason, Instant::now());
+        .admit(export, &without_peer(reason, peer), Instant::now());
     let Some(left_out) = admitted else { return };
     let export = loggable_export_name(export);
     let what = if is_session {
@@ -82,13 +82,19 @@ pub(crate) fn log(peer: &str, export: &str, reason: &str, is_session: bool) {
     match (is_session, left_out) {
         (true, 0) => tracing::warn!(%peer, %export, %reason, "{what}"),
         (true, n) => {
-            tracing::warn!(%peer, %export, %reason, "{what} ({n} more like it in the last {}s, not logged)", WINDOW.as_secs())
+            tracing::warn!(%peer, %export, %reason, "{what} ({n} more like it since the last such line)")
         }
         (false, 0) => tracing::info!(%peer, %export, %reason, "{what}"),
         (false, n) => {
-            tracing::info!(%peer, %export, %reason, "{what} ({n} more like it in the last {}s, not logged)", WINDOW.as_secs())
+            tracing::info!(%peer, %export, %reason, "{what} ({n} more like it since the last such line)")
         }
     }
+}
+
+/// `reason` with the peer's address taken out: a retry comes from a new port, and the
+/// reason may quote it, which must not make every repeat look new.
+fn without_peer(reason: &str, peer: &str) -> String {
+    reason.replace(peer, "PEER")
 }
 
 #[cfg(test)]
@@ -114,6 +120,17 @@ mod tests {
             repeats.admit("s/abc", "held by a", start + WINDOW * 2),
             Some(0)
         );
+    }
+
+    #[test]
+    fn retries_from_new_ports_are_the_same_refusal() {
+        let reason = |port| format!("conflict: held by server a (peer: 10.0.0.5:{port})");
+        let mut repeats = Repeats::default();
+        let now = Instant::now();
+        let first = without_peer(&reason(50_001), "10.0.0.5:50001");
+        let again = without_peer(&reason(50_002), "10.0.0.5:50002");
+        assert_eq!(repeats.admit("s/abc", &first, now), Some(0));
+        assert_eq!(repeats.admit("s/abc", &again, now), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::NbdConfig;
-use crate::negotiation::{Attached, Negotiation, Step, TlsPhase};
+use crate::negotiation::{Attached, CLIENT_ABORTED, EXPORT_REFUSED, Negotiation, Step, TlsPhase};
 use crate::proto::{self, OptionHeader, Request, cmd, errno};
 use crate::tls::{ServerTls, TlsMode};
 use crate::transmission::{Failure, Reply, Transmission, command_name};
@@ -521,8 +521,16 @@ fn warn_about_the_certificate(config: &NbdConfig, bound: &[String]) {
         return;
     };
     let address = config.public_address_for(bound);
-    let host = address.as_deref().map(crate::tls::host_of);
-    match crate::tls::certificate_warnings(certificate, host, std::time::SystemTime::now()) {
+    let client_address = address.as_deref().map(|address| crate::tls::ClientAddress {
+        host: crate::tls::host_of(address),
+        from: if config.public_address.is_some() {
+            "the [nbd] public_address"
+        } else {
+            "the listener's address; set [nbd] public_address if clients use another"
+        },
+    });
+    let now = std::time::SystemTime::now();
+    match crate::tls::certificate_warnings(certificate, client_address, now) {
         Ok(warnings) => {
             for warning in warnings {
                 tracing::warn!("{warning}");
@@ -616,6 +624,12 @@ where
         outcome = handshake => match outcome {
             Err(_) => {
                 tracing::warn!(%peer, timeout = %shared.config.handshake_timeout, "NBD handshake timed out; closing");
+                None
+            }
+            // A clean abort or a refusal (logged where it was decided) is routine: a
+            // client retrying a refused export every second must not fill the log.
+            Ok(Err(reason)) if reason == CLIENT_ABORTED || reason == EXPORT_REFUSED => {
+                tracing::debug!(%peer, %reason, "NBD connection closed during handshake");
                 None
             }
             Ok(Err(reason)) => {

@@ -171,16 +171,25 @@ pub fn client_connector(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<C
     Ok(ClientTls(TlsConnector::from(Arc::new(config))))
 }
 
+/// The host clients connect to, and where the server got it from (for the admin).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress<'a> {
+    /// A host name or address, as a certificate would name it.
+    pub host: &'a str,
+    /// Where it comes from, in words: `[nbd] public_address`, or the listener's address.
+    pub from: &'a str,
+}
+
 /// A certificate this close to its end is warned about at start.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
 /// What an admin should hear about the server's certificate (the first in the file at
 /// `certificate`) at start, when clients would fail the handshake for it: it expired or
-/// expires within [`EXPIRY_WARNING`] of `now`, or it does not name `client_host`, the
-/// host clients connect to (`public_address`). Empty when all is well.
+/// expires within [`EXPIRY_WARNING`] of `now`, or its subjectAltName does not name the
+/// host clients connect to. Empty when all is well.
 pub fn certificate_warnings(
     certificate: &Path,
-    client_host: Option<&str>,
+    client_address: Option<ClientAddress<'_>>,
     now: SystemTime,
 ) -> Result<Vec<String>> {
     let chain = load_certificates("nbd.tls_certificate", certificate)?;
@@ -200,7 +209,7 @@ pub fn certificate_warnings(
         Some(end) if end - now <= EXPIRY_WARNING.as_secs() as i64 => warnings.push(format!(
             "the TLS certificate {} expires in {} day(s): renew it before clients refuse the handshake",
             certificate.display(),
-            (end - now) / 86_400
+            (end - now + 86_399) / 86_400
         )),
         Some(_) => {}
         None => warnings.push(format!(
@@ -208,13 +217,15 @@ pub fn certificate_warnings(
             certificate.display()
         )),
     }
-    if let Some(host) = client_host {
+    if let Some(ClientAddress { host, from }) = client_address {
         let name = server_name(host)?;
         let named = ParsedCertificate::try_from(leaf)
             .and_then(|parsed| rustls::client::verify_server_name(&parsed, &name));
-        if let Err(err) = named {
+        if named.is_err() {
             warnings.push(format!(
-                "the TLS certificate {} does not name {host}, the address clients connect to                  ([nbd] public_address): they refuse the handshake unless told another name;                  add it to the certificate's subjectAltName ({err})",
+                "the TLS certificate {} does not name {host} in its subjectAltName, and {host} is \
+                 what clients connect to ({from}): clients that check the name refuse the \
+                 handshake unless told another one; add it to the certificate's subjectAltName",
                 certificate.display()
             ));
         }
@@ -326,6 +337,13 @@ mod tests {
             .join(name)
     }
 
+    fn public(host: &str) -> ClientAddress<'_> {
+        ClientAddress {
+            host,
+            from: "the [nbd] public_address",
+        }
+    }
+
     fn at(days_since_epoch: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs((days_since_epoch * 86_400) as u64)
     }
@@ -350,7 +368,8 @@ mod tests {
     #[test]
     fn a_certificate_that_clients_would_refuse_is_named() {
         let expired = fixture("expired-2020-boot.lab.pem");
-        let warnings = certificate_warnings(&expired, Some("boot.lab"), at(20_000)).unwrap();
+        let warnings =
+            certificate_warnings(&expired, Some(public("boot.lab")), at(20_000)).unwrap();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
             warnings[0].contains("expired 1707 day(s) ago"),
@@ -360,21 +379,25 @@ mod tests {
         let good = fixture("until-2099-boot.lab.pem");
         let now = SystemTime::now();
         assert_eq!(
-            certificate_warnings(&good, Some("boot.lab"), now).unwrap(),
+            certificate_warnings(&good, Some(public("boot.lab")), now).unwrap(),
             Vec::<String>::new()
         );
         assert!(
-            certificate_warnings(&good, Some("10.0.0.1"), now)
+            certificate_warnings(&good, Some(public("10.0.0.1")), now)
                 .unwrap()
                 .is_empty()
         );
-        let wrong = certificate_warnings(&good, Some("10.0.0.2"), now).unwrap();
+        let wrong = certificate_warnings(&good, Some(public("10.0.0.2")), now).unwrap();
         assert!(
-            wrong.len() == 1 && wrong[0].contains("does not name 10.0.0.2"),
+            wrong.len() == 1
+                && wrong[0].contains("does not name 10.0.0.2 in its subjectAltName")
+                && wrong[0].contains("(the [nbd] public_address)"),
             "{wrong:?}"
         );
-        // Two weeks before its end.
-        let soon = certificate_warnings(&good, None, at(4_102_444_799 / 86_400 - 3)).unwrap();
+        // Three days and a minute before its end (a `-days 3` certificate): 3 days left.
+        let end = UNIX_EPOCH + Duration::from_secs(4_102_444_799);
+        let soon =
+            certificate_warnings(&good, None, end - Duration::from_secs(3 * 86_400 - 60)).unwrap();
         assert!(
             soon.len() == 1 && soon[0].contains("expires in 3 day(s)"),
             "{soon:?}"

@@ -210,15 +210,23 @@ impl SqlCatalog {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(|e| db_error(e, "heartbeat"))?;
-            let why = if registered.is_some() {
-                "was taken by another osstream instance; two servers must not share one data_dir"
+            return Err(if registered.is_some() {
+                Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "server id {} was taken by another osstream instance; two servers must not share one data_dir",
+                        me.id
+                    ),
+                )
             } else {
-                "was removed from the catalog (osstream server rm) while this server was not heard from; restart it to register again"
-            };
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!("server id {} {why}", me.id),
-            ));
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "server id {} was removed from the catalog (osstream server rm) while this server was not heard from",
+                        me.id
+                    ),
+                )
+            });
         }
         Ok(())
     }

@@ -30,7 +30,8 @@ pub use model::{
     WriteCache, validate_name,
 };
 pub use placement::{
-    BYTES_PER_SECOND_PER_SESSION, ServerOffer, Subnet, choose as choose_server, load as server_load,
+    BYTES_PER_SECOND_PER_SESSION, Registration, ServerOffer, Subnet, choose as choose_server,
+    load as server_load,
 };
 pub use retired::RetiredImage;
 pub use sql::SqlCatalog;

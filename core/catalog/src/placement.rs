@@ -142,7 +142,29 @@ pub fn choose(
     })
 }
 
+/// Everything a server records of itself in the catalog at start, kept to record it again
+/// when an admin removed it while it was not heard from (`server rm` of a server that
+/// was only cut off).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    /// Its name (`[cluster] name`).
+    pub name: String,
+    /// The `HOST:PORT` clients reach its NBD listener at.
+    pub nbd_address: Option<String>,
+    /// What it offers new sessions.
+    pub offer: ServerOffer,
+}
+
 impl SqlCatalog {
+    /// Registers this server again as it registered at start (a drain set before it was
+    /// removed is not restored).
+    pub async fn rejoin(&self, me: &ServerRef, registration: &Registration) -> Result<()> {
+        self.register_server(me, &registration.name).await?;
+        self.set_server_address(me, registration.nbd_address.as_deref())
+            .await?;
+        self.offer_server(me, &registration.offer).await
+    }
+
     /// Records what this server offers new sessions (at start-up, after it registered).
     pub async fn offer_server(&self, me: &ServerRef, offer: &ServerOffer) -> Result<()> {
         let subnets: Vec<String> = offer.subnets.iter().map(Subnet::to_string).collect();
@@ -190,7 +212,7 @@ impl SqlCatalog {
                 format!(
                     "{named} is alive (its heartbeat is {:.1}s old): stop it first; `osstream server drain {}` sends it no new sessions until its clients have moved",
                     found.heartbeat_age.max(0) as f64 / 1000.0,
-                    found.name
+                    self.handle(&found).await?
                 ),
             ));
         }
@@ -198,7 +220,9 @@ impl SqlCatalog {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
-                    "{named} still has {} open session(s): they move or end as their clients come back or the grace period passes, or close them (osstream session list; osstream session close ID)",
+                    "{named} still has {} open session(s): they move or end on their own (a \
+                     disconnected one after the grace period, one never connected after the \
+                     lease), or close them (osstream session list; osstream session close ID)",
                     found.sessions
                 ),
             ));
@@ -206,7 +230,8 @@ impl SqlCatalog {
         // Checked again in the statement itself: the server may have started, or been
         // sent a session, since it was read.
         let removed = sqlx::query(sql(format!(
-            "DELETE FROM servers WHERE id = $1 AND (stopped_at IS NOT NULL OR heartbeat_at < {})              AND {SESSIONS_OF_SERVER} = 0",
+            "DELETE FROM servers WHERE id = $1 AND (stopped_at IS NOT NULL OR heartbeat_at < {}) \
+             AND {SESSIONS_OF_SERVER} = 0",
             self.ago_sql(timeout_ms)
         )))
         .bind(&found.id)
@@ -224,6 +249,20 @@ impl SqlCatalog {
         Ok(found)
     }
 
+    /// What names `server` on the command line: its name, or its id when another server
+    /// has the same name.
+    async fn handle(&self, server: &Server) -> Result<String> {
+        let servers = self.servers().await?;
+        let shared = servers
+            .iter()
+            .any(|other| other.name == server.name && other.id != server.id);
+        Ok(if shared {
+            server.id.clone()
+        } else {
+            server.name.clone()
+        })
+    }
+
     /// The server with this id, or the only one with this name.
     pub async fn server_named(&self, server: &str) -> Result<Server> {
         let servers = self.servers().await?;
@@ -236,7 +275,7 @@ impl SqlCatalog {
             [] => Err(Error::new(
                 ErrorKind::NotFound,
                 format!(
-                    "no server is named {server:?} (osstream server list shows them; ids work too)"
+                    "no server is named {server:?} or has that id (osstream server list shows both)"
                 ),
             )),
             _ => Err(Error::new(

@@ -905,16 +905,31 @@ async fn retired_server_removed(catalog: &SqlCatalog) {
     assert!(!registered().await);
     let err = catalog.remove_server("host-e", timeout).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    // Its old instance is told why its heartbeat fails; started again, it is back.
+    // Its old instance, only cut off, is told why its heartbeat fails and registers again.
     let err = catalog.heartbeat(&server).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
     assert!(
         err.to_string().contains("was removed from the catalog"),
         "{err}"
     );
-    catalog
-        .register_server(&me("srv-e", "e2"), "host-e")
-        .await
-        .unwrap();
+    let registration = osstream_catalog::Registration {
+        name: "host-e".into(),
+        nbd_address: Some("10.0.0.5:10809".into()),
+        offer: osstream_catalog::ServerOffer {
+            http_url: None,
+            capacity: 2.0,
+            subnets: Vec::new(),
+            shared_overlays: false,
+            server_timeout_ms: timeout,
+        },
+    };
+    catalog.rejoin(&server, &registration).await.unwrap();
+    catalog.heartbeat(&server).await.unwrap();
+    let back = catalog.server_named("host-e").await.unwrap();
+    assert_eq!(
+        (back.nbd_address.as_deref(), back.capacity),
+        (Some("10.0.0.5:10809"), 2.0)
+    );
     assert!(registered().await);
 }
 
