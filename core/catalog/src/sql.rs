@@ -268,10 +268,23 @@ impl SqlCatalog {
         };
         let pool = Self::connect(&with_mode(url, flavour), flavour).await?;
         if flavour == "sqlite" {
-            sqlx::raw_sql("PRAGMA journal_mode = WAL;")
-                .execute(&pool)
-                .await
-                .map_err(|e| db_error(e, "enable WAL"))?;
+            // Switching a new file to WAL needs it to itself; programs opening one new
+            // catalog together (servers started at once) were seen to get "database is
+            // locked" here despite busy_timeout, so they retry for up to 10 s.
+            let mut tries = 0;
+            loop {
+                match sqlx::raw_sql("PRAGMA journal_mode = WAL;")
+                    .execute(&pool)
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) if tries < 100 && e.to_string().contains("database is locked") => {
+                        tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(db_error(e, "enable WAL")),
+                }
+            }
         }
         Ok(SqlCatalog { pool, flavour })
     }
