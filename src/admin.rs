@@ -112,8 +112,8 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
         VdiskCommand::Add(add) => {
             let key = add.key.clone().unwrap_or_else(|| add.name.clone());
             let backend = backend_named(config, &add.backend, Some(&catalog))?;
-            match backend.stat(&key).await {
-                Ok(_) => {}
+            let stat = match backend.stat(&key).await {
+                Ok(stat) => stat,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     // `--key win.img` for the file win.img: keys are image names, which
                     // leave the backend's file extension out.
@@ -129,10 +129,10 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
                     ));
                 }
                 Err(e) => return Err(e),
-            }
+            };
             let image_id = backend.identity(&key)?;
             fill_image_ids(config, &catalog).await?;
-            let vdisk = register_vdisk(&catalog, &backend, &add, key, image_id).await?;
+            let vdisk = register_vdisk(&catalog, &backend, &add, key, &stat, image_id).await?;
             warn_missing_boot_files(config, &backend, &vdisk).await;
             output(
                 json,
@@ -211,7 +211,8 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
             if changes.mode == Some(VdiskMode::Private) {
                 let vdisk = catalog.vdisk(&set.name).await?;
                 let backend = backend_named(config, &vdisk.backend, Some(&catalog))?;
-                crate::wiring::check_private(&backend, &vdisk.name, &vdisk.key).await?;
+                let stat = backend.stat(&vdisk.key).await?;
+                crate::wiring::check_private(&backend, &vdisk.name, &stat).await?;
             }
             let vdisk = catalog.update_vdisk(&set.name, &changes).await?;
             if let Ok(backend) = backend_named(config, &vdisk.backend, Some(&catalog)) {

@@ -503,7 +503,7 @@ pub async fn import(config: &Config, catalog: &SqlCatalog, import: &VdiskImport)
             };
             catalog.update_vdisk(&add.name, &changes).await
         }
-        None => register_vdisk(catalog, &backend, add, key, image_id).await,
+        None => register_vdisk(catalog, &backend, add, key, &stat, image_id).await,
     }
 }
 

@@ -101,12 +101,12 @@ pub async fn register_vdisk(
     backend: &osstream_core::DynBackend,
     add: &VdiskAdd,
     key: String,
+    stat: &osstream_core::ImageStat,
     image_id: String,
 ) -> Result<Vdisk> {
     let mode = add.mode.parse::<VdiskMode>()?;
-    let stat = backend.stat(&key).await?;
     if mode == VdiskMode::Private {
-        check_private(backend, &add.name, &key).await?;
+        check_private(backend, &add.name, stat).await?;
     }
     let vdisk = Vdisk {
         name: add.name.clone(),
@@ -129,15 +129,15 @@ pub async fn register_vdisk(
     catalog.vdisk(&vdisk.name).await
 }
 
-/// Refuses to make `vdisk` private unless its client could write `key` on `backend`
-/// (a read-only backend, a file with hard links): refused here, not at the client's
-/// first connection.
+/// Refuses to make `vdisk` private unless its client could write the image `stat`
+/// describes on `backend` (a read-only backend, a file with hard links): refused here,
+/// not at the client's first connection.
 pub async fn check_private(
     backend: &osstream_core::DynBackend,
     vdisk: &str,
-    key: &str,
+    stat: &osstream_core::ImageStat,
 ) -> Result<()> {
-    backend.check_private(key).await.map_err(|err| {
+    backend.check_private(stat).await.map_err(|err| {
         Error::new(
             err.kind(),
             format!("vdisk {vdisk:?} cannot be private: {}", err.message()),

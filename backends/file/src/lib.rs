@@ -148,21 +148,9 @@ impl ImageBackend for FileBackend {
         self.stat_path(image, &path)
     }
 
-    async fn check_private(&self, image: &str) -> Result<()> {
-        let path = self.path_of(image)?;
-        let stat = self.stat_path(image, &path)?;
-        if !stat.writable {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!(
-                    "backend {:?} serves {image:?} read-only; a private vdisk is written by its \
-                     client: set writable = true in [backends.{}]",
-                    self.name, self.name
-                ),
-            )
-            .with_op("check_private"));
-        }
-        refuse_hard_links(image, &path)
+    async fn check_private(&self, stat: &ImageStat) -> Result<()> {
+        osstream_core::refuse_read_only(&self.name, stat)?;
+        refuse_hard_links(&stat.name, &self.path_of(&stat.name)?)
     }
 
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource> {

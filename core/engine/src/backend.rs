@@ -45,6 +45,24 @@ pub struct ImageStat {
     pub writable: bool,
 }
 
+/// Refuses an image `stat` says its backend (named `backend`) serves read-only: a private
+/// vdisk is written by its client. The common part of every
+/// [`ImageBackend::check_private`].
+pub fn refuse_read_only(backend: &str, stat: &ImageStat) -> Result<()> {
+    if stat.writable {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::ReadOnly,
+        format!(
+            "backend {backend:?} serves {:?} read-only; a private vdisk is written by its \
+             client: set writable = true in [backends.{backend}]",
+            stat.name
+        ),
+    )
+    .with_op("check_private"))
+}
+
 /// One storage system holding images.
 ///
 /// # Contract
@@ -85,25 +103,13 @@ pub trait ImageBackend: Send + Sync + Debug {
     /// Opens one image as a block source.
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource>;
 
-    /// Whether a private vdisk's session could write `image`: what `open` in
-    /// [`OpenMode::Locked`] would refuse about the image itself (a file with hard links),
-    /// checked when an admin makes a vdisk private, not at its client's first
-    /// connection. Opens nothing and writes nothing. The default: `stat` says writable.
-    async fn check_private(&self, image: &str) -> Result<()> {
-        let stat = self.stat(image).await?;
-        if stat.writable {
-            return Ok(());
-        }
-        Err(Error::new(
-            ErrorKind::ReadOnly,
-            format!(
-                "backend {:?} serves {image:?} read-only; a private vdisk is written by its \
-                 client: set writable = true in [backends.{}]",
-                self.name(),
-                self.name()
-            ),
-        )
-        .with_op("check_private"))
+    /// Whether a private vdisk's session could write the image `stat` (made just now)
+    /// describes: what `open` in [`OpenMode::Locked`] would refuse about the image itself
+    /// (a file with hard links), checked when an admin makes a vdisk private, not at its
+    /// client's first connection. Opens nothing and writes nothing. The default:
+    /// [`refuse_read_only`].
+    async fn check_private(&self, stat: &ImageStat) -> Result<()> {
+        refuse_read_only(self.name(), stat)
     }
 
     /// Opens the image `stat` describes, a stat the caller made just now: a backend whose

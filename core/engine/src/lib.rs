@@ -74,7 +74,7 @@ pub use attach::{
 };
 pub use backend::{
     DynBackend, ImageBackend, ImageStat, ImportOptions, OpenMode, ProgressFn, file_identity,
-    validate_image_name,
+    refuse_read_only, validate_image_name,
 };
 pub use blocking::run_blocking;
 pub use boot::{
