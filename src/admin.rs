@@ -702,6 +702,8 @@ pub async fn server(config: &Config, command: &ServerCommand, json: bool) -> Res
                 .iter()
                 .map(|l| {
                     let s = l.server;
+                    // A gone or stopped server's last report is no traffic now.
+                    let alive = s.alive(timeout);
                     vec![
                         s.name.clone(),
                         l.state.to_owned(),
@@ -714,13 +716,12 @@ pub async fn server(config: &Config, command: &ServerCommand, json: bool) -> Res
                             s.subnets.join(",")
                         },
                         s.sessions.to_string(),
-                        // A gone or stopped server's last report is no traffic now.
-                        if s.alive(timeout) {
+                        if alive {
                             format!("{}/s", ByteSize(s.bytes_per_sec).human())
                         } else {
                             "-".to_owned()
                         },
-                        if s.alive(timeout) {
+                        if alive {
                             format!("{:.2}", l.load)
                         } else {
                             "-".to_owned()

@@ -200,6 +200,14 @@ fn validate_optional_name(what: &str, name: &Option<String>) -> Result<()> {
     name.as_deref().map_or(Ok(()), |n| validate_name(what, n))
 }
 
+/// SQLite's "database is locked" (SQLITE_BUSY, or one of its extended codes).
+fn sqlite_busy(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| code & 0xff == 5)
+}
+
 impl SqlCatalog {
     /// Connects to the catalog at `url` only if it was created before (by [`open`]):
     /// admin commands pointed at the wrong place must not leave an empty catalog there.
@@ -278,7 +286,7 @@ impl SqlCatalog {
                     .await
                 {
                     Ok(_) => break,
-                    Err(e) if tries < 100 && e.to_string().contains("database is locked") => {
+                    Err(e) if tries < 100 && sqlite_busy(&e) => {
                         tries += 1;
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
@@ -1131,5 +1139,32 @@ impl Catalog for SqlCatalog {
             .await
             .map_err(|e| db_error(e, "write settings"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_busy;
+
+    /// A write while another connection holds the file exclusively, without waiting:
+    /// the error the WAL switch retries on.
+    #[tokio::test]
+    async fn a_locked_sqlite_file_reads_as_busy() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
+        let holder = sqlx::AnyPool::connect(&url).await.unwrap();
+        let mut held = holder.acquire().await.unwrap();
+        sqlx::raw_sql("CREATE TABLE t (x INTEGER); BEGIN EXCLUSIVE;")
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        let other = sqlx::AnyPool::connect(&url).await.unwrap();
+        let err = sqlx::raw_sql("PRAGMA busy_timeout = 0; INSERT INTO t VALUES (1);")
+            .execute(&other)
+            .await
+            .unwrap_err();
+        assert!(sqlite_busy(&err), "{err}");
+        assert!(!sqlite_busy(&sqlx::Error::RowNotFound));
     }
 }

@@ -430,8 +430,6 @@ pub fn parse_section<T: DeserializeOwned>(config: &Figment, section: &str) -> Re
     parse_figment(section, focused, true)
 }
 
-/// Extracts `T`; with `name_origin`, each error says where its value was set (a file, the
-/// environment), as the configuration's own provider metadata records it.
 /// ` (from FILE)` or ` (from ENVIRONMENT VARIABLE)`: where a configuration value came
 /// from, a file by its whole path (figment's own display shortens it relative to the
 /// working folder, which reads as a wrong path from anywhere else).
@@ -443,6 +441,8 @@ pub fn value_origin(m: &figment::Metadata) -> String {
     }
 }
 
+/// Extracts `T`; with `name_origin`, each error says where its value was set (a file, the
+/// environment), as the configuration's own provider metadata records it.
 fn parse_figment<T: DeserializeOwned>(
     section: &str,
     figment: Figment,
