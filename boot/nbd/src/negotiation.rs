@@ -10,7 +10,7 @@ use osstream_core::{
 use crate::proto::{
     self, BASE_ALLOCATION, BASE_ALLOCATION_ID, ClientOption, info, opt, rep, tflag,
 };
-use crate::refusals;
+use crate::refusals::Refusals;
 
 /// Why a handshake ended when the client left cleanly (as `nbdinfo --list` does).
 pub(crate) const CLIENT_ABORTED: &str = "client sent NBD_OPT_ABORT";
@@ -52,13 +52,21 @@ pub(crate) struct Attached {
     pub base_allocation: bool,
 }
 
+/// What the server offers every connection's negotiation.
+#[derive(Clone, Copy)]
+pub(crate) struct Offer<'a> {
+    pub exports: &'a Exports,
+    /// Where refused exports are logged, once per repeat window.
+    pub refusals: &'a Refusals,
+    pub base_exports: bool,
+    pub default_export: Option<&'a str>,
+    pub max_request: u32,
+}
+
 /// Negotiation state of one connection.
 pub(crate) struct Negotiation<'a> {
-    exports: &'a Exports,
+    offer: Offer<'a>,
     peer: &'a str,
-    base_exports: bool,
-    default_export: Option<&'a str>,
-    max_request: u32,
     pub no_zeroes: bool,
     structured: bool,
     /// Export name for which `base:allocation` was selected, if any.
@@ -99,21 +107,10 @@ pub(crate) fn transmission_flags(source: &DynSource, structured: bool) -> u16 {
 }
 
 impl<'a> Negotiation<'a> {
-    pub(crate) fn new(
-        exports: &'a Exports,
-        peer: &'a str,
-        base_exports: bool,
-        default_export: Option<&'a str>,
-        max_request: u32,
-        client_flags: u32,
-        tls: TlsPhase,
-    ) -> Self {
+    pub(crate) fn new(offer: Offer<'a>, peer: &'a str, client_flags: u32, tls: TlsPhase) -> Self {
         Negotiation {
-            exports,
+            offer,
             peer,
-            base_exports,
-            default_export,
-            max_request,
             no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
             structured: false,
             meta_for: None,
@@ -220,11 +217,11 @@ impl<'a> Negotiation<'a> {
     }
 
     async fn list(&self, option: u32, out: &mut BytesMut) {
-        if !self.base_exports {
+        if !self.offer.base_exports {
             proto::put_option_reply(out, option, rep::ACK, &[]);
             return;
         }
-        match self.exports.list().await {
+        match self.offer.exports.list().await {
             Ok(entries) => {
                 for entry in entries {
                     proto::put_option_reply(
@@ -326,7 +323,7 @@ impl<'a> Negotiation<'a> {
             );
         }
         let geometry = attached.attachment.source.geometry();
-        let maximum = geometry.maximum.min(self.max_request);
+        let maximum = geometry.maximum.min(self.offer.max_request);
         proto::put_option_reply(
             out,
             option,
@@ -342,18 +339,20 @@ impl<'a> Negotiation<'a> {
     }
 
     /// Opens `name` as the client would get it; on refusal, the option error and message
-    /// (logged, but a refusal repeated within [`refusals::WINDOW`] only once).
+    /// (logged, but a refusal repeated within [`crate::refusals::WINDOW`] only once).
     async fn attach(&self, name: &str, go: bool) -> Result<Attached, (u32, String)> {
         let attached = self.attach_unlogged(name, go).await;
         if let Err((_, message)) = &attached {
             let is_session = matches!(ExportName::parse(name), ExportName::Session(_));
-            refusals::log(self.peer, name, message, is_session);
+            self.offer
+                .refusals
+                .log(self.peer, name, message, is_session);
         }
         attached
     }
 
     async fn attach_unlogged(&self, name: &str, go: bool) -> Result<Attached, (u32, String)> {
-        let resolved = match (name, self.default_export) {
+        let resolved = match (name, self.offer.default_export) {
             ("", Some(default)) => default,
             ("", None) => {
                 return Err((
@@ -364,7 +363,7 @@ impl<'a> Negotiation<'a> {
             _ => name,
         };
         let is_session = matches!(ExportName::parse(resolved), ExportName::Session(_));
-        if !is_session && !self.base_exports {
+        if !is_session && !self.offer.base_exports {
             return Err((
                 rep::ERR_POLICY,
                 format!(
@@ -381,7 +380,7 @@ impl<'a> Negotiation<'a> {
             protocol: crate::KIND,
             intent: if go { Intent::Use } else { Intent::Probe },
         };
-        let attachment = self.exports.attach(request).await.map_err(|err| {
+        let attachment = self.offer.exports.attach(request).await.map_err(|err| {
             let code = match err.kind() {
                 ErrorKind::PermissionDenied => rep::ERR_POLICY,
                 ErrorKind::Conflict if is_session => rep::ERR_POLICY,

@@ -4,7 +4,7 @@
 //! were left out.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use osstream_core::loggable_export_name;
@@ -62,31 +62,36 @@ impl Repeats {
     }
 }
 
-static REFUSALS: LazyLock<Mutex<Repeats>> = LazyLock::new(Mutex::default);
+/// One server's refusals as logged so far.
+#[derive(Default)]
+pub(crate) struct Refusals(Mutex<Repeats>);
 
-/// Logs that `export` was refused to `peer` for `reason`, unless the same refusal was
-/// logged less than [`WINDOW`] ago. Session exports log as warnings (a booting machine
-/// is turned away), plain names as information.
-pub(crate) fn log(peer: &str, export: &str, reason: &str, is_session: bool) {
-    let admitted = REFUSALS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .admit(export, &without_peer(reason, peer), Instant::now());
-    let Some(left_out) = admitted else { return };
-    let export = loggable_export_name(export);
-    let what = if is_session {
-        "session export refused"
-    } else {
-        "export refused"
-    };
-    match (is_session, left_out) {
-        (true, 0) => tracing::warn!(%peer, %export, %reason, "{what}"),
-        (true, n) => {
-            tracing::warn!(%peer, %export, %reason, "{what} ({n} more like it since the last such line)")
-        }
-        (false, 0) => tracing::info!(%peer, %export, %reason, "{what}"),
-        (false, n) => {
-            tracing::info!(%peer, %export, %reason, "{what} ({n} more like it since the last such line)")
+impl Refusals {
+    /// Logs that `export` was refused to `peer` for `reason`, unless the same refusal was
+    /// logged less than [`WINDOW`] ago. Session exports log as warnings (a booting
+    /// machine is turned away), plain names as information.
+    pub(crate) fn log(&self, peer: &str, export: &str, reason: &str, is_session: bool) {
+        let admitted = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(export, &without_peer(reason, peer), Instant::now());
+        let Some(left_out) = admitted else { return };
+        let export = loggable_export_name(export);
+        let what = if is_session {
+            "session export refused"
+        } else {
+            "export refused"
+        };
+        match (is_session, left_out) {
+            (true, 0) => tracing::warn!(%peer, %export, %reason, "{what}"),
+            (true, n) => {
+                tracing::warn!(%peer, %export, %reason, "{what} ({n} more like it since the last such line)")
+            }
+            (false, 0) => tracing::info!(%peer, %export, %reason, "{what}"),
+            (false, n) => {
+                tracing::info!(%peer, %export, %reason, "{what} ({n} more like it since the last such line)")
+            }
         }
     }
 }

@@ -22,8 +22,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::NbdConfig;
-use crate::negotiation::{Attached, CLIENT_ABORTED, EXPORT_REFUSED, Negotiation, Step, TlsPhase};
+use crate::negotiation::{
+    Attached, CLIENT_ABORTED, EXPORT_REFUSED, Negotiation, Offer, Step, TlsPhase,
+};
 use crate::proto::{self, OptionHeader, Request, cmd, errno};
+use crate::refusals::Refusals;
 use crate::tls::{ServerTls, TlsMode};
 use crate::transmission::{Failure, Reply, Transmission, command_name};
 
@@ -166,6 +169,7 @@ impl BootProtocol for NbdServer {
             config: self.config,
             connections_by_export: std::sync::Mutex::default(),
             tls: self.tls,
+            refusals: Refusals::default(),
         });
         let tracker = TaskTracker::new();
         let mut sockets = Vec::new();
@@ -237,6 +241,7 @@ struct Shared {
     /// [`wait_for_broken_connections`]).
     connections_by_export: std::sync::Mutex<HashMap<String, Vec<TaskTracker>>>,
     tls: Option<ServerTls>,
+    refusals: Refusals,
 }
 
 impl Shared {
@@ -759,15 +764,14 @@ where
     if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
         return Err(format!("unknown client flags {client_flags:#x}"));
     }
-    let mut negotiation = Negotiation::new(
-        &shared.exports,
-        peer,
-        shared.base_exports,
-        shared.config.default_export.as_deref(),
-        shared.max_request,
-        client_flags,
-        tls,
-    );
+    let offer = Offer {
+        exports: &shared.exports,
+        refusals: &shared.refusals,
+        base_exports: shared.base_exports,
+        default_export: shared.config.default_export.as_deref(),
+        max_request: shared.max_request,
+    };
+    let mut negotiation = Negotiation::new(offer, peer, client_flags, tls);
     let mut data = Vec::new();
     loop {
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
