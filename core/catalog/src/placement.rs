@@ -155,6 +155,39 @@ pub struct Registration {
     pub offer: ServerOffer,
 }
 
+/// What names `server` among `servers` on the command line: its name, or its id when
+/// another server has the same name.
+fn handle<'a>(servers: &[Server], server: &'a Server) -> &'a str {
+    let shared = servers
+        .iter()
+        .any(|other| other.name == server.name && other.id != server.id);
+    if shared { &server.id } else { &server.name }
+}
+
+/// The server among `servers` with this id, or the only one with this name.
+fn named<'a>(servers: &'a [Server], server: &str) -> Result<&'a Server> {
+    if let Some(found) = servers.iter().find(|s| s.id == server) {
+        return Ok(found);
+    }
+    let named: Vec<&Server> = servers.iter().filter(|s| s.name == server).collect();
+    match named.as_slice() {
+        [one] => Ok(one),
+        [] => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no server is named {server:?} or has that id (osstream server list shows both)"
+            ),
+        )),
+        _ => Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "{} servers are named {server:?}: name one by its id (osstream server list)",
+                named.len()
+            ),
+        )),
+    }
+}
+
 impl SqlCatalog {
     /// Registers this server again as it registered at start (a drain set before it was
     /// removed is not restored).
@@ -204,15 +237,16 @@ impl SqlCatalog {
     /// no session is left pointing at a server nobody knows. A removed server that starts
     /// again registers anew.
     pub async fn remove_server(&self, server: &str, timeout_ms: i64) -> Result<Server> {
-        let found = self.server_named(server).await?;
-        let named = format!("server {} ({})", found.name, found.id);
+        let servers = self.servers().await?;
+        let found = named(&servers, server)?.clone();
+        let who = format!("server {} ({})", found.name, found.id);
         if found.alive(timeout_ms) {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
-                    "{named} is alive (its heartbeat is {:.1}s old): stop it first; `osstream server drain {}` sends it no new sessions until its clients have moved",
+                    "{who} is alive (its heartbeat is {:.1}s old): stop it first; `osstream server drain {}` sends it no new sessions until its clients have moved",
                     found.heartbeat_age.max(0) as f64 / 1000.0,
-                    self.handle(&found).await?
+                    handle(&servers, &found)
                 ),
             ));
         }
@@ -220,7 +254,7 @@ impl SqlCatalog {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
-                    "{named} still has {} open session(s): they move or end on their own (a \
+                    "{who} still has {} open session(s): they move or end on their own (a \
                      disconnected one after the grace period, one never connected after the \
                      lease), or close them (osstream session list; osstream session close ID)",
                     found.sessions
@@ -242,50 +276,16 @@ impl SqlCatalog {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
-                    "{named} started or took a session while it was being removed; it was kept"
+                    "{who} started or took a session while it was being removed; it was kept"
                 ),
             ));
         }
         Ok(found)
     }
 
-    /// What names `server` on the command line: its name, or its id when another server
-    /// has the same name.
-    async fn handle(&self, server: &Server) -> Result<String> {
-        let servers = self.servers().await?;
-        let shared = servers
-            .iter()
-            .any(|other| other.name == server.name && other.id != server.id);
-        Ok(if shared {
-            server.id.clone()
-        } else {
-            server.name.clone()
-        })
-    }
-
     /// The server with this id, or the only one with this name.
     pub async fn server_named(&self, server: &str) -> Result<Server> {
-        let servers = self.servers().await?;
-        if let Some(found) = servers.iter().find(|s| s.id == server) {
-            return Ok(found.clone());
-        }
-        let named: Vec<&Server> = servers.iter().filter(|s| s.name == server).collect();
-        match named.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "no server is named {server:?} or has that id (osstream server list shows both)"
-                ),
-            )),
-            _ => Err(Error::new(
-                ErrorKind::Conflict,
-                format!(
-                    "{} servers are named {server:?}: name one by its id (osstream server list)",
-                    named.len()
-                ),
-            )),
-        }
+        named(&self.servers().await?, server).cloned()
     }
 
     /// Records the server a new session was placed on; it counts in that server's load
