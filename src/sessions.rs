@@ -454,8 +454,21 @@ pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &
     let Some(shared) = overlays.shared_dir.clone() else {
         return;
     };
+    // Listed off the runtime's threads: the shared folder is a network mount.
+    let listed = {
+        let shared = shared.clone();
+        osstream_core::run_blocking("list shared overlays", move || Ok(session_folders(&shared)))
+            .await
+    };
+    let folders = match listed {
+        Ok(folders) => folders,
+        Err(err) => {
+            tracing::warn!(%err, "cannot list the shared write overlays");
+            return;
+        }
+    };
     let mut ended = std::collections::HashSet::new();
-    for id in session_folders(&shared) {
+    for id in folders {
         if live.contains(&id) {
             continue;
         }
@@ -481,37 +494,45 @@ pub async fn sweep_overlays(catalog: &SqlCatalog, exports: &Exports, overlays: &
 /// The session ids of the `<client>/<vdisk>/session-<id>` folders under `overlays`.
 fn session_folders(overlays: &std::path::Path) -> Vec<String> {
     let mut ids = Vec::new();
-    let folders = std::fs::read_dir(overlays)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|client| {
-            std::fs::read_dir(client.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .flat_map(|vdisk| {
-            std::fs::read_dir(vdisk.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        });
-    for folder in folders {
-        if let Some(id) = folder
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_prefix("session-"))
-        {
-            ids.push(id.to_owned());
-        }
-    }
+    walk_session_folders(overlays, &mut |id, _| ids.push(id.to_owned()));
     ids
 }
 
 /// Removes the `session-<id>` folders under `overlays` whose session `keep` rejects,
 /// then empty client and vdisk folders.
 fn remove_ended_overlays(overlays: &std::path::Path, keep: &dyn Fn(&str) -> bool) {
+    walk_session_folders(overlays, &mut |id, folder| {
+        if keep(id) {
+            return;
+        }
+        match std::fs::remove_dir_all(folder) {
+            Ok(()) => {
+                tracing::info!(session = id, folder = %folder.display(), "removed the write overlay of an ended session")
+            }
+            Err(err) => {
+                tracing::warn!(folder = %folder.display(), %err, "cannot remove an old write overlay")
+            }
+        }
+    });
+    let Ok(clients) = std::fs::read_dir(overlays) else {
+        return;
+    };
+    for client in clients.flatten() {
+        for vdisk in std::fs::read_dir(client.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            // Fails (and keeps the folder) while anything is left in it.
+            let _ = std::fs::remove_dir(vdisk.path());
+        }
+        let _ = std::fs::remove_dir(client.path());
+    }
+}
+
+/// Calls `visit(id, folder)` for each `<client>/<vdisk>/session-<id>` folder under
+/// `overlays` (persistent overlays and anything else are passed over).
+fn walk_session_folders(overlays: &std::path::Path, visit: &mut dyn FnMut(&str, &std::path::Path)) {
     let Ok(clients) = std::fs::read_dir(overlays) else {
         return;
     };
@@ -525,25 +546,11 @@ fn remove_ended_overlays(overlays: &std::path::Path, keep: &dyn Fn(&str) -> bool
             };
             for folder in folders.flatten() {
                 let name = folder.file_name();
-                let Some(id) = name.to_str().and_then(|n| n.strip_prefix("session-")) else {
-                    continue;
-                };
-                if keep(id) {
-                    continue;
-                }
-                match std::fs::remove_dir_all(folder.path()) {
-                    Ok(()) => {
-                        tracing::info!(session = id, folder = %folder.path().display(), "removed the write overlay of an ended session")
-                    }
-                    Err(err) => {
-                        tracing::warn!(folder = %folder.path().display(), %err, "cannot remove an old write overlay")
-                    }
+                if let Some(id) = name.to_str().and_then(|n| n.strip_prefix("session-")) {
+                    visit(id, &folder.path());
                 }
             }
-            // Fails (and keeps the folder) while anything is left in it.
-            let _ = std::fs::remove_dir(vdisk.path());
         }
-        let _ = std::fs::remove_dir(client.path());
     }
 }
 

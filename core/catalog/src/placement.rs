@@ -275,9 +275,7 @@ impl SqlCatalog {
         if removed.rows_affected() == 0 {
             return Err(Error::new(
                 ErrorKind::Conflict,
-                format!(
-                    "{who} started or took a session while it was being removed; it was kept"
-                ),
+                format!("{who} started or took a session while it was being removed; it was kept"),
             ));
         }
         Ok(found)
