@@ -200,25 +200,6 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
         }
     }
 
-    // A file backend's folder inside data_dir (a relative root) is this server's own
-    // state, made on the first start as data_dir is; an absolute root (a NAS mount) is
-    // the admin's and must exist.
-    for table in config.backends.values() {
-        let text = |key: &str| table.get(key).and_then(|v| v.as_str());
-        if text("kind") == Some("file")
-            && let Some(root) = text("root").map(std::path::Path::new)
-            && root.is_relative()
-        {
-            let folder = ctx.resolve(root);
-            std::fs::create_dir_all(&folder).map_err(|e| {
-                Error::from_io(
-                    e,
-                    format!("cannot create the image folder {}", folder.display()),
-                )
-            })?;
-        }
-    }
-
     let registry = crate::wiring::registry();
     // Before anything is registered or served: a protocol's own files (TLS certificates
     // and keys) that do not load stop the server here.
@@ -235,6 +216,7 @@ async fn serve(config: Config, reloader: Reloader) -> Result<()> {
     let mut backends: Vec<DynBackend> = Vec::new();
     for (name, table) in &config.backends {
         let backend = registry.build_backend(&ctx, name, table.clone())?;
+        backend.prepare().await?;
         let images = backend.list().await.map_err(|e| {
             Error::new(
                 ErrorKind::Config,

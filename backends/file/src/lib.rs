@@ -148,6 +148,20 @@ impl ImageBackend for FileBackend {
         self.stat_path(image, &path)
     }
 
+    /// A relative root lies inside `data_dir`: this server's own state, made on the first
+    /// start. An absolute root (a NAS mount) is the admin's and must exist.
+    async fn prepare(&self) -> Result<()> {
+        if !self.config.root.is_relative() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.root).map_err(|e| {
+            Error::from_io(
+                e,
+                format!("cannot create the image folder {}", self.root.display()),
+            )
+        })
+    }
+
     async fn check_private(&self, stat: &ImageStat) -> Result<()> {
         osstream_core::refuse_read_only(&self.name, stat)?;
         refuse_hard_links(&stat.name, &self.path_of(&stat.name)?)

@@ -103,6 +103,14 @@ pub trait ImageBackend: Send + Sync + Debug {
     /// Opens one image as a block source.
     async fn open(&self, image: &str, mode: OpenMode) -> Result<DynSource>;
 
+    /// Makes what the backend keeps inside the server's own state, as the server starts
+    /// (a `file` backend's folder inside `data_dir`, made on the first start as
+    /// `data_dir` is). Called by the server before it serves, never by admin commands;
+    /// storage the admin provides (a mount, a bucket) is not made. The default: nothing.
+    async fn prepare(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether a private vdisk's session could write the image `stat` (made just now)
     /// describes: what `open` in [`OpenMode::Locked`] would refuse about the image itself
     /// (a file with hard links), checked when an admin makes a vdisk private, not at its
