@@ -126,6 +126,24 @@ def test_plain_names_never_serve_an_image_a_private_session_writes(make_server):
     owner.shutdown()
 
 
+def test_a_name_two_backends_hold_stays_qualified_while_one_is_hidden(make_server):
+    """While a private session writes images/dev, more/dev (another file of the same name)
+    is still listed as more/dev: the bare name would be refused as ambiguous."""
+    s = writable_lab(make_server, '[backends.more]\nkind = "file"\nroot = "more"\n')
+    random_image(s.data_dir / "more" / "dev.img", 2 * MIB, seed=22)
+    owner = nbd.NBD()
+    owner.connect_uri(s.cli("session", "open", "aa:bb:cc:00:00:71", "devbox").stdout.strip())
+    owner.pwrite(b"OWNER", 0)
+    owner.flush()
+    listing = subprocess.run(["nbdinfo", "--list", "--json", s.uri()], check=True, capture_output=True, text=True)
+    import json
+    names = [e["export-name"] for e in json.loads(listing.stdout)["exports"]]
+    assert "more/dev" in names and "dev" not in names and "images/dev" not in names, names
+    size = subprocess.run(["nbdinfo", "--size", s.uri("more/dev")], check=True, capture_output=True, text=True)
+    assert size.stdout.strip() == str(2 * MIB)
+    owner.shutdown()
+
+
 def test_one_image_is_never_registered_under_two_modes(make_server, tmp_path):
     s = make_server('[backends.a]\nkind = "file"\nroot = "images"\nwritable = true\n'
                     f'[backends.b]\nkind = "file"\nroot = "{tmp_path / "alias"}"\n', start=False, demo=False)

@@ -461,6 +461,12 @@ impl Exports {
             return Ok(vec![entry.clone()]);
         }
         let mut images = self.all_images().await?;
+        // Counted before images a private session writes are left out: a name is bare
+        // only when it resolves to one image, as `resolve` sees them all.
+        let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, stat) in &images {
+            *owners.entry(stat.name.clone()).or_default() += 1;
+        }
         if let Some((directory, _)) = &self.sessions {
             let mut kept = Vec::with_capacity(images.len());
             for (backend, stat) in images {
@@ -473,10 +479,6 @@ impl Exports {
                 }
             }
             images = kept;
-        }
-        let mut owners: BTreeMap<&str, usize> = BTreeMap::new();
-        for (_, stat) in &images {
-            *owners.entry(stat.name.as_str()).or_default() += 1;
         }
         let mut entries: Vec<ExportEntry> = images
             .iter()
