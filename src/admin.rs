@@ -153,6 +153,7 @@ pub async fn vdisk(config: &Config, command: &VdiskCommand, json: bool) -> Resul
         VdiskCommand::Export(export) => {
             let vdisk = catalog.vdisk(&export.name).await?;
             let backend = backend_named(config, &vdisk.backend, Some(&catalog))?;
+            refuse_overwriting_an_image(config, &catalog, &export.file).await?;
             let report = crate::transfer::export(backend, &vdisk, &export).await?;
             if json {
                 print_json(&report)?;
@@ -645,6 +646,50 @@ const SERVER_HEADERS: &[&str] = &[
     "HEARTBEAT",
     "ID",
 ];
+
+/// `vdisk export` (with `--force` too) never writes over a vdisk's image, by whatever name
+/// the target reaches it: its path or a symlink (the same identity), or a hard link (any
+/// file with more than one name is refused: its other names would change with it).
+/// Writing there would truncate the disk being read, or replace another vdisk's.
+async fn refuse_overwriting_an_image(
+    config: &Config,
+    catalog: &SqlCatalog,
+    file: &std::path::Path,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(file) else {
+        return Ok(()); // nothing there yet
+    };
+    if meta.nlink() > 1 {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "{} has {} hard links: writing it would change the file under its other names \
+                 too (a vdisk's image, perhaps); export to a new file",
+                file.display(),
+                meta.nlink()
+            ),
+        ));
+    }
+    fill_image_ids(config, catalog).await?;
+    let identity = osstream_core::file_identity(file);
+    let vdisks = catalog.vdisks().await?;
+    match vdisks
+        .iter()
+        .find(|v| v.image_id.as_deref() == Some(identity.as_str()))
+    {
+        Some(owner) => Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "{} is the image of vdisk {:?}: exporting over it would destroy that disk; \
+                 export to another file",
+                file.display(),
+                owner.name
+            ),
+        )),
+        None => Ok(()),
+    }
+}
 
 /// A `shared-disk` vdisk's session that no running server could serve (none has the
 /// shared overlay folder) is refused when opened, not at its client's connection; with

@@ -144,6 +144,29 @@ def test_a_name_two_backends_hold_stays_qualified_while_one_is_hidden(make_serve
     owner.shutdown()
 
 
+def test_an_export_never_writes_over_a_vdisk_image(make_server, tmp_path):
+    """`vdisk export --force` to a vdisk's own image (or another's), by its path, a
+    symlink or a hard link, is refused and changes nothing."""
+    s = writable_lab(make_server)
+    random_image(s.images / "other.img", 1 * MIB, seed=23)
+    s.cli("vdisk", "add", "otherbox", "--backend", "images", "--key", "other")
+    image = s.images / "dev.img"
+    before = sha256(image)
+    (tmp_path / "link.img").symlink_to(image)
+
+    def refused(vdisk, target):
+        return s.cli("vdisk", "export", vdisk, str(target), "--force", "--quiet", ok=False).stderr
+
+    for vdisk, target in (("devbox", image), ("otherbox", image), ("devbox", tmp_path / "link.img")):
+        assert 'is the image of vdisk "devbox"' in refused(vdisk, target)
+    os.link(image, tmp_path / "hard.img")
+    assert "has 2 hard links" in refused("otherbox", tmp_path / "hard.img")
+    assert sha256(image) == before and image.stat().st_size == 4 * MIB
+    os.unlink(tmp_path / "hard.img")
+    s.cli("vdisk", "export", "devbox", str(tmp_path / "copy.img"), "--quiet")
+    assert sha256(tmp_path / "copy.img") == before
+
+
 def test_one_image_is_never_registered_under_two_modes(make_server, tmp_path):
     s = make_server('[backends.a]\nkind = "file"\nroot = "images"\nwritable = true\n'
                     f'[backends.b]\nkind = "file"\nroot = "{tmp_path / "alias"}"\n', start=False, demo=False)
